@@ -1,0 +1,79 @@
+// BlobService: content-addressed byte strings, identified by their BLAKE3.
+import type { B3Digest } from './digest.js';
+
+/** Random access to one blob without ever holding it whole in memory. */
+export interface BlobReader {
+  readonly size: number;
+  /**
+   * Reads up to `length` bytes of the blob at `position` into
+   * `target[offset..]`. Returns the number of bytes read: 0 at the end.
+   */
+  read(target: Uint8Array, offset: number, length: number, position: number): Promise<number>;
+  close(): Promise<void>;
+}
+
+/** Hashes while it writes; the blob becomes visible only when close() resolves. */
+export interface BlobWriter {
+  write(chunk: Uint8Array): Promise<void>;
+  /** Makes the blob visible under its digest and returns the digest. */
+  close(): Promise<B3Digest>;
+  /** Discards what was written. Safe to call after a failure or twice. */
+  abort(): Promise<void>;
+}
+
+export interface BlobStat {
+  size: number;
+}
+
+export interface BlobService {
+  has(digest: B3Digest): Promise<boolean>;
+  stat(digest: B3Digest): Promise<BlobStat | undefined>;
+  openReader(digest: B3Digest): Promise<BlobReader | undefined>;
+  /** The blob as a stream of chunks of at most `chunkSize` bytes. */
+  readStream(digest: B3Digest, chunkSize?: number): Promise<AsyncIterable<Buffer> | undefined>;
+  openWriter(): BlobWriter;
+  close(): Promise<void>;
+}
+
+export const DEFAULT_CHUNK_SIZE = 1024 * 1024;
+
+/** A chunked stream over any BlobReader; closes the reader when done or abandoned. */
+export async function* streamBlobReader(reader: BlobReader, chunkSize = DEFAULT_CHUNK_SIZE): AsyncGenerator<Buffer> {
+  try {
+    let position = 0;
+    while (position < reader.size) {
+      const chunk = Buffer.allocUnsafe(Math.min(chunkSize, reader.size - position));
+      let filled = 0;
+      while (filled < chunk.length) {
+        const n = await reader.read(chunk, filled, chunk.length - filled, position + filled);
+        if (n === 0) throw new Error(`blob ended after ${position + filled} of ${reader.size} bytes`);
+        filled += n;
+      }
+      position += filled;
+      yield chunk;
+    }
+  } finally {
+    await reader.close();
+  }
+}
+
+/** Writes a whole buffer as one blob (tests, small metadata). */
+export async function putBlob(service: BlobService, data: Uint8Array): Promise<B3Digest> {
+  const writer = service.openWriter();
+  try {
+    await writer.write(data);
+    return await writer.close();
+  } catch (err) {
+    await writer.abort();
+    throw err;
+  }
+}
+
+/** Reads a whole blob into memory (tests, small metadata); undefined when absent. */
+export async function getBlob(service: BlobService, digest: B3Digest): Promise<Buffer | undefined> {
+  const stream = await service.readStream(digest);
+  if (!stream) return undefined;
+  const chunks: Buffer[] = [];
+  for await (const chunk of stream) chunks.push(chunk);
+  return Buffer.concat(chunks);
+}

@@ -1,0 +1,17 @@
+// Error kinds every service and transport agrees on. Transports map them to
+// their own codes (gRPC: INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE).
+
+/** The caller sent something invalid; nothing of it was stored. */
+export class InvalidInputError extends Error {
+  override name = 'InvalidInputError';
+}
+
+/** The requested blob, directory or path is not in the store. */
+export class NotFoundError extends Error {
+  override name = 'NotFoundError';
+}
+
+/** A backing service could not be reached; the same call may succeed later. */
+export class UnavailableError extends Error {
+  override name = 'UnavailableError';
+}
