@@ -34,9 +34,8 @@ function processIsAlive(pid: number): boolean {
 }
 
 export class LocalStore {
-  readonly blobs: LocalBlobService;
-  readonly directories: LocalDirectoryService;
   private readonly env: RootDatabase;
+  private readonly directoryDb: Database<Buffer, Buffer>;
   private users = 0;
 
   private constructor(readonly root: string) {
@@ -53,8 +52,7 @@ export class LocalStore {
     }
     this.removeAbandonedTempFiles();
     this.env = openLmdb({ path: join(root, 'metadata'), maxDbs: 8, compression: false });
-    this.blobs = new LocalBlobService(root);
-    this.directories = new LocalDirectoryService(this.env.openDB({ name: 'directories', encoding: 'binary', keyEncoding: 'binary' }));
+    this.directoryDb = this.env.openDB({ name: 'directories', encoding: 'binary', keyEncoding: 'binary' });
   }
 
   /** Temp files of writers that no longer run (killed mid-write) are garbage. */
@@ -75,7 +73,7 @@ export class LocalStore {
   private static readonly open = new Map<string, LocalStore>();
 
   /** One LocalStore per directory per process, shared by every service that names it. */
-  static acquire(root: string): LocalStore {
+  private static acquire(root: string): LocalStore {
     let store = LocalStore.open.get(root);
     if (!store) {
       store = new LocalStore(root);
@@ -85,7 +83,19 @@ export class LocalStore {
     return store;
   }
 
-  async release(): Promise<void> {
+  /** A BlobService on the store at `root`; closing it releases the store. */
+  static blobService(root: string): LocalBlobService {
+    const store = LocalStore.acquire(root);
+    return new LocalBlobService(root, () => store.release());
+  }
+
+  /** A DirectoryService on the store at `root`; closing it releases the store. */
+  static directoryService(root: string): LocalDirectoryService {
+    const store = LocalStore.acquire(root);
+    return new LocalDirectoryService(store.directoryDb, () => store.release());
+  }
+
+  private async release(): Promise<void> {
     if (--this.users > 0) return;
     LocalStore.open.delete(this.root);
     await this.env.close();

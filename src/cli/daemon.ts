@@ -1,0 +1,49 @@
+// `nixcas daemon`: serve the store over gRPC until SIGINT/SIGTERM.
+import { unlinkSync } from 'node:fs';
+import { Command } from 'commander';
+import { createServer, grpcListenTarget, listen } from '../grpc/server.js';
+import { addStoreOptions, openServices } from './store-options.js';
+
+export const DEFAULT_LISTEN = '[::1]:8000';
+
+export function daemonCommand(): Command {
+  const command = new Command('daemon')
+    .summary('serve the store over gRPC (tvix.castore.v1 and snix.castore.v1)')
+    .description(
+      'Serve BlobService and DirectoryService under tvix.castore.v1 and snix.castore.v1, with the ' +
+        'standard gRPC health and reflection services. These services carry no authentication: ' +
+        `the default address is loopback only (${DEFAULT_LISTEN}); listening elsewhere exposes the ` +
+        'store to whoever can reach that address.',
+    )
+    .option('-l, --listen <address>', 'host:port, [ipv6]:port, or a unix socket path', DEFAULT_LISTEN);
+  return addStoreOptions(command).action(async (options) => {
+    const services = openServices(options);
+    const server = createServer(services);
+    const port = await listen(server, options.listen);
+    const { socketPath } = grpcListenTarget(options.listen);
+    const where = socketPath ?? options.listen.replace(/:0$/, `:${port}`);
+    console.error(`nixcas daemon: listening on ${where} (blobs: ${services.addresses.blob}, directories: ${services.addresses.directory})`);
+
+    let stopping = false;
+    const stop = (signal: string) => {
+      if (stopping) return;
+      stopping = true;
+      console.error(`nixcas daemon: ${signal}, shutting down`);
+      const forced = setTimeout(() => server.forceShutdown(), 5000);
+      server.tryShutdown(async () => {
+        clearTimeout(forced);
+        await services.close();
+        if (socketPath) {
+          try {
+            unlinkSync(socketPath);
+          } catch {
+            // already gone
+          }
+        }
+        process.exit(0);
+      });
+    };
+    process.on('SIGINT', () => stop('SIGINT'));
+    process.on('SIGTERM', () => stop('SIGTERM'));
+  });
+}

@@ -1,0 +1,18 @@
+#!/usr/bin/env node
+// The nixcas command line: one file per subcommand, wired here.
+import { createRequire } from 'node:module';
+import { Command } from 'commander';
+import { daemonCommand } from './daemon.js';
+
+const { version } = createRequire(import.meta.url)('../../package.json') as { version: string };
+
+const program = new Command('nixcas')
+  .description('A content-addressed Nix store, served over gRPC (tvix-compatible), FUSE, virtio-fs and HTTP.')
+  .version(version)
+  .showHelpAfterError()
+  .addCommand(daemonCommand());
+
+program.parseAsync(process.argv).catch((err: Error) => {
+  console.error(`nixcas: ${err.message}`);
+  process.exit(1);
+});

@@ -1,0 +1,36 @@
+// The store flags every subcommand shares, and opening what they name.
+import { type Command, Option } from 'commander';
+import type { BlobService } from '../castore/blobservice.js';
+import type { DirectoryService } from '../castore/directoryservice.js';
+import {
+  type AddressOptions, type ServiceAddresses, defaultStoreDir, openBlobService, openDirectoryService, resolveAddresses,
+} from '../services/addresses.js';
+
+export function addStoreOptions(command: Command): Command {
+  return command
+    .addOption(new Option('--store <dir>', `local store directory for all services (env NIXCAS_STORE; default ${defaultStoreDir()})`))
+    .addOption(new Option('--blob-service-addr <url>', 'blob service URL (env BLOB_SERVICE_ADDR)'))
+    .addOption(new Option('--directory-service-addr <url>', 'directory service URL (env DIRECTORY_SERVICE_ADDR)'));
+}
+
+export interface OpenServices {
+  addresses: ServiceAddresses;
+  blobs: BlobService;
+  directories: DirectoryService;
+  close(): Promise<void>;
+}
+
+export function openServices(options: AddressOptions): OpenServices {
+  const addresses = resolveAddresses(options);
+  const blobs = openBlobService(addresses.blob);
+  const directories = openDirectoryService(addresses.directory);
+  return {
+    addresses,
+    blobs,
+    directories,
+    close: async () => {
+      await blobs.close();
+      await directories.close();
+    },
+  };
+}

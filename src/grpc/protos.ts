@@ -1,0 +1,45 @@
+// The wire schema, loaded from protos/ at start-up. Loading (instead of
+// generating code) keeps the descriptors that server reflection serves.
+import { fileURLToPath } from 'node:url';
+import * as grpc from '@grpc/grpc-js';
+import * as protoLoader from '@grpc/proto-loader';
+
+export const PROTO_ROOT = fileURLToPath(new URL('../../protos', import.meta.url));
+
+/** Both names the same services answer to: tvix's, and its maintained fork's. */
+export const PACKAGE_PREFIXES = ['tvix', 'snix'] as const;
+export type PackagePrefix = (typeof PACKAGE_PREFIXES)[number];
+
+const PROTO_FILES = PACKAGE_PREFIXES.flatMap((prefix) => [
+  `${prefix}/castore/v1/castore.proto`,
+  `${prefix}/castore/v1/rpc_blobstore.proto`,
+  `${prefix}/castore/v1/rpc_directory.proto`,
+]);
+
+export const LOADER_OPTIONS: protoLoader.Options = {
+  keepCase: true,
+  longs: String, // uint64 arrives as a decimal string, checked before use
+  enums: String,
+  bytes: Buffer,
+  defaults: true,
+  oneofs: true,
+  includeDirs: [PROTO_ROOT],
+};
+
+let loaded: protoLoader.PackageDefinition | undefined;
+
+export function packageDefinition(): protoLoader.PackageDefinition {
+  return (loaded ??= protoLoader.loadSync(PROTO_FILES, LOADER_OPTIONS));
+}
+
+export function serviceDefinition(prefix: PackagePrefix, service: string): grpc.ServiceDefinition {
+  const name = `${prefix}.castore.v1.${service}`;
+  const definition = packageDefinition()[name];
+  if (!definition || 'format' in definition) throw new Error(`no service ${name} in protos/`);
+  return definition as grpc.ServiceDefinition;
+}
+
+/** A client constructor for one service, for nixcas's own gRPC backends. */
+export function clientConstructor(prefix: PackagePrefix, service: string): grpc.ServiceClientConstructor {
+  return grpc.makeClientConstructor(serviceDefinition(prefix, service), `${prefix}.castore.v1.${service}`);
+}

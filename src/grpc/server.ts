@@ -1,0 +1,72 @@
+// One gRPC server exposing the castore services under tvix's and snix's
+// package names, plus the standard health and reflection services.
+import { existsSync, statSync, unlinkSync } from 'node:fs';
+import { connect } from 'node:net';
+import * as grpc from '@grpc/grpc-js';
+import { ReflectionService } from '@grpc/reflection';
+import { HealthImplementation } from 'grpc-health-check';
+import type { BlobService } from '../castore/blobservice.js';
+import type { DirectoryService } from '../castore/directoryservice.js';
+import { blobServiceHandlers, directoryServiceHandlers } from './castore-server.js';
+import { PACKAGE_PREFIXES, packageDefinition, serviceDefinition } from './protos.js';
+
+export interface CastoreServices {
+  blobs: BlobService;
+  directories: DirectoryService;
+}
+
+const MAX_MESSAGE_BYTES = 64 * 1024 * 1024;
+
+export function createServer(services: CastoreServices): grpc.Server {
+  const server = new grpc.Server({
+    'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
+    'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
+  });
+  const blobHandlers = blobServiceHandlers(services.blobs);
+  const directoryHandlers = directoryServiceHandlers(services.directories);
+  const serving: Record<string, 'SERVING'> = { '': 'SERVING' };
+  for (const prefix of PACKAGE_PREFIXES) {
+    server.addService(serviceDefinition(prefix, 'BlobService'), blobHandlers);
+    server.addService(serviceDefinition(prefix, 'DirectoryService'), directoryHandlers);
+    serving[`${prefix}.castore.v1.BlobService`] = 'SERVING';
+    serving[`${prefix}.castore.v1.DirectoryService`] = 'SERVING';
+  }
+  new HealthImplementation(serving).addToServer(server);
+  new ReflectionService(packageDefinition()).addToServer(server);
+  return server;
+}
+
+/** A listen address: a unix socket path, or host:port (IPv6 hosts in brackets). */
+export function grpcListenTarget(address: string): { target: string; socketPath?: string } {
+  if (address.startsWith('unix:')) return { target: address, socketPath: address.replace(/^unix:(\/\/)?/, '') };
+  if (address.includes('/')) return { target: `unix:${address}`, socketPath: address };
+  if (!/^(\[[0-9a-fA-F:.]+\]|[^:\s]+):\d+$/.test(address)) {
+    throw new Error(`listen address must be host:port, [ipv6]:port or a unix socket path, got ${JSON.stringify(address)}`);
+  }
+  return { target: address };
+}
+
+/** Removes a socket file left by a daemon that is gone; refuses to steal a live one. */
+async function clearStaleSocket(path: string): Promise<void> {
+  if (!existsSync(path)) return;
+  if (!statSync(path).isSocket()) throw new Error(`${path} exists and is not a socket`);
+  const alive = await new Promise<boolean>((resolve) => {
+    const probe = connect(path);
+    probe.once('connect', () => {
+      probe.destroy();
+      resolve(true);
+    });
+    probe.once('error', () => resolve(false));
+  });
+  if (alive) throw new Error(`${path}: another server is already listening there`);
+  unlinkSync(path);
+}
+
+/** Binds the server; resolves with the bound port (0 for unix sockets). */
+export async function listen(server: grpc.Server, address: string): Promise<number> {
+  const { target, socketPath } = grpcListenTarget(address);
+  if (socketPath) await clearStaleSocket(socketPath);
+  return new Promise((resolve, reject) => {
+    server.bindAsync(target, grpc.ServerCredentials.createInsecure(), (err, port) => (err ? reject(err) : resolve(port)));
+  });
+}
