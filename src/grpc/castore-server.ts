@@ -32,6 +32,14 @@ function watchCancellation(call: grpc.ServerReadableStream<unknown, unknown>): (
   return () => cancelled || call.cancelled;
 }
 
+/** Answers a client-streaming call; a call the client cut off gets CANCELLED, not an error log. */
+function reply(callback: grpc.sendUnaryData<unknown>, cancelled: () => boolean, work: Promise<unknown>): void {
+  work.then(
+    (response) => callback(null, response),
+    (err) => callback(cancelled() ? { code: grpc.status.CANCELLED, details: 'cut off by the client; nothing stored' } : toServiceError(err)),
+  );
+}
+
 function requestDigest(raw: Buffer | undefined, what: string): Buffer {
   const digest = raw ?? Buffer.alloc(0);
   checkDigestLength(digest, what);
@@ -68,7 +76,7 @@ export function blobServiceHandlers(blobs: BlobService, chunkSize = DEFAULT_CHUN
     Put(call: grpc.ServerReadableStream<{ data?: Buffer }, unknown>, callback: grpc.sendUnaryData<unknown>) {
       const cancelled = watchCancellation(call);
       const writer = blobs.openWriter();
-      (async () => {
+      const work = (async () => {
         try {
           for await (const chunk of call) {
             const data = (chunk as { data?: Buffer }).data;
@@ -80,7 +88,8 @@ export function blobServiceHandlers(blobs: BlobService, chunkSize = DEFAULT_CHUN
           await writer.abort();
           throw err;
         }
-      })().then((response) => callback(null, response), (err) => callback(toServiceError(err)));
+      })();
+      reply(callback, cancelled, work);
     },
   };
 }
@@ -106,12 +115,13 @@ export function directoryServiceHandlers(directories: DirectoryService): grpc.Un
 
     Put(call: grpc.ServerReadableStream<WireDirectory, unknown>, callback: grpc.sendUnaryData<unknown>) {
       const cancelled = watchCancellation(call);
-      (async () => {
+      const work = (async () => {
         const batch: Directory[] = [];
         for await (const wire of call) batch.push(directoryFromWire(wire as WireDirectory));
         if (cancelled()) throw new InvalidInputError('upload cut off before it was complete');
         return { root_digest: await directories.put(batch) };
-      })().then((response) => callback(null, response), (err) => callback(toServiceError(err)));
+      })();
+      reply(callback, cancelled, work);
     },
   };
 }
