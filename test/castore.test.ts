@@ -1,0 +1,113 @@
+// The data model: canonical encoding, digests, validation, size rules.
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { blake3, blake3Implementations, formatDigest, parseDigest } from '../src/castore/digest.js';
+import { DirectoryBatch, directoryDigest } from '../src/castore/directoryservice.js';
+import { InvalidInputError } from '../src/castore/errors.js';
+import { type Directory, directorySize, emptyDirectory, legacyDirectorySize } from '../src/castore/model.js';
+import { DirectoryValidationError, validateDirectory } from '../src/castore/validate.js';
+import { decodeDirectory, encodeDirectory } from '../src/castore/wire.js';
+
+const D = (byte: number) => Buffer.alloc(32, byte);
+const name = (s: string | number[]) => (typeof s === 'string' ? Buffer.from(s) : Buffer.from(s));
+
+test('the empty directory has the well-known digest', () => {
+  assert.equal(directoryDigest(emptyDirectory()).toString('hex'), 'af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262');
+});
+
+test('native and wasm BLAKE3 agree', () => {
+  const data = Buffer.alloc(1_000_003);
+  for (let i = 0; i < data.length; i++) data[i] = (i * 31) & 0xff;
+  const native = blake3Implementations.native().create();
+  const wasm = blake3Implementations.wasm().create();
+  native.update(data);
+  wasm.update(data);
+  assert.deepEqual(native.digest(), wasm.digest());
+});
+
+test('digests print and parse as b3:<base64>', () => {
+  const digest = blake3(Buffer.from('x'));
+  const text = formatDigest(digest);
+  assert.match(text, /^b3:[A-Za-z0-9+/]{43}=$/);
+  assert.deepEqual(parseDigest(text), digest);
+  assert.deepEqual(parseDigest(digest.toString('hex')), digest);
+  assert.deepEqual(parseDigest('b3:' + digest.toString('base64url')), digest);
+  assert.throws(() => parseDigest('b3:AAAA'), /32 bytes/);
+  assert.throws(() => parseDigest('sha256:xyz'), InvalidInputError);
+});
+
+test('canonical encoding: field order, defaults omitted, decode round trip with non-UTF-8 names', () => {
+  const directory: Directory = {
+    directories: [{ name: name('d'), digest: D(1), size: 0 }],
+    files: [
+      { name: name([0xff, 0xfe]), digest: D(2), size: 0, executable: false },
+      { name: name([0xff, 0xff]), digest: D(3), size: 300, executable: true },
+    ],
+    symlinks: [{ name: name('s'), target: name([0x80, 0x2f]) }],
+  };
+  const encoded = encodeDirectory(directory);
+  // DirectoryNode with size 0: name and digest only (0x0a len 'd', 0x12 len digest), no size field.
+  assert.equal(encoded.subarray(0, 4).toString('hex'), '0a250a01');
+  assert.ok(!encoded.subarray(2, 2 + 0x25).includes(Buffer.from([0x18, 0x00])), 'a zero size is omitted');
+  assert.deepEqual(decodeDirectory(encoded), directory);
+  assert.deepEqual(encodeDirectory(decodeDirectory(encoded)), encoded);
+});
+
+test('decoding skips unknown fields, so identity comes from the canonical re-encoding', () => {
+  const canonical = encodeDirectory({ directories: [], files: [], symlinks: [{ name: name('a'), target: name('b') }] });
+  const withUnknown = Buffer.concat([canonical, Buffer.from([0x20, 0x07])]); // field 4, varint 7
+  assert.deepEqual(encodeDirectory(decodeDirectory(withUnknown)), canonical);
+  assert.throws(() => decodeDirectory(Buffer.from([0x0a, 0x05, 0x01])), /truncated/);
+});
+
+test('validation names each problem', () => {
+  const file = (n: Buffer | string, digest = D(1)) => ({ name: typeof n === 'string' ? name(n) : n, digest, size: 1, executable: false });
+  const cases: [string, Directory, RegExp][] = [
+    ['unsorted', { directories: [], files: [file('b'), file('a')], symlinks: [] }, /not sorted/],
+    ['duplicate', { directories: [], files: [file('a'), file('a')], symlinks: [] }, /duplicate/],
+    ['across lists', { directories: [{ name: name('a'), digest: D(1), size: 0 }], files: [file('a')], symlinks: [] }, /more than one list/],
+    ['dot', { directories: [], files: [file('.')], symlinks: [] }, /'\.'/],
+    ['slash', { directories: [], files: [file('a/b')], symlinks: [] }, /'\/'/],
+    ['long', { directories: [], files: [file('x'.repeat(256))], symlinks: [] }, /longer than 255/],
+    ['digest', { directories: [], files: [file('a', Buffer.alloc(31))], symlinks: [] }, /31 bytes/],
+    ['target NUL', { directories: [], files: [], symlinks: [{ name: name('l'), target: Buffer.from([0x61, 0]) }] }, /NUL/],
+    ['target long', { directories: [], files: [], symlinks: [{ name: name('l'), target: Buffer.alloc(4096, 0x61) }] }, /longer than 4095/],
+  ];
+  for (const [what, directory, message] of cases) {
+    assert.throws(() => validateDirectory(directory), (err: Error) => err instanceof DirectoryValidationError && message.test(err.message), what);
+  }
+  validateDirectory({ directories: [], files: [file('x'.repeat(255))], symlinks: [{ name: name('l'), target: Buffer.alloc(4095, 0x61) }] });
+});
+
+test('size: the documented rule is written, the legacy Rust rule accepted, anything else refused', async () => {
+  const leaf: Directory = { directories: [], files: [{ name: name('f'), digest: D(1), size: 1, executable: false }], symlinks: [{ name: name('s'), target: name('t') }] };
+  const mid: Directory = { directories: [{ name: name('leaf'), digest: directoryDigest(leaf), size: directorySize(leaf) }], files: [], symlinks: [] };
+  assert.equal(directorySize(leaf), 2);
+  assert.equal(directorySize(mid), 3);
+  assert.equal(legacyDirectorySize(leaf), 4);
+  const parentWith = (size: number): Directory => ({ directories: [{ name: name('m'), digest: directoryDigest(mid), size }], files: [], symlinks: [] });
+  for (const size of [directorySize(mid), legacyDirectorySize(mid)]) {
+    const batch = new DirectoryBatch();
+    [leaf, mid, parentWith(size)].forEach((d) => batch.add(d));
+    await batch.finish(async () => undefined);
+  }
+  const batch = new DirectoryBatch();
+  [leaf, mid].forEach((d) => batch.add(d));
+  assert.throws(() => batch.add(parentWith(legacyDirectorySize(mid) + 1)), /size 5 is wrong, the directory has size 3/);
+});
+
+test('a batch needs its references and exactly one root', async () => {
+  const a: Directory = { directories: [], files: [], symlinks: [{ name: name('a'), target: name('x') }] };
+  const b: Directory = { directories: [], files: [], symlinks: [{ name: name('b'), target: name('x') }] };
+  const two = new DirectoryBatch();
+  two.add(a);
+  two.add(b);
+  await assert.rejects(two.finish(async () => undefined), /exactly one root, this one has 2/);
+  const dangling = new DirectoryBatch();
+  dangling.add({ directories: [{ name: name('c'), digest: D(9), size: 0 }], files: [], symlinks: [] });
+  await assert.rejects(dangling.finish(async () => undefined), /neither earlier in the batch nor stored/);
+  const stored = new DirectoryBatch();
+  stored.add({ directories: [{ name: name('c'), digest: directoryDigest(a), size: 1 }], files: [], symlinks: [] });
+  await stored.finish(async () => a);
+  await assert.rejects(new DirectoryBatch().finish(async () => undefined), /no directories/);
+});

@@ -1,0 +1,68 @@
+// Crash safety: processes writing into one local store at the same time are
+// SIGKILLed at random points. Afterwards the store opens, holds no partial
+// blob, every stored directory's closure is complete, and every root a
+// writer reported as committed is there.
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { randomInt } from 'node:crypto';
+import { readdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { LocalStore } from '../src/castore/backends/local.js';
+import { ROOT, removeDir, tempDir, verifyLocalStore } from './helpers.js';
+
+const WRITER = join(ROOT, 'test/fixtures/store-writer.ts');
+const ROUNDS = 6;
+const WRITERS_PER_ROUND = 2;
+
+function runAndKill(store: string): Promise<string[]> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, ['--import', 'tsx', WRITER, store], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    let err = '';
+    child.stdout.on('data', (d) => {
+      out += d;
+      if (out.startsWith('ready\n') && !child.killed) {
+        // Kill somewhere between 50 ms and 1.5 s into the writing.
+        setTimeout(() => child.kill('SIGKILL'), randomInt(50, 1500)).unref();
+        out = out.replace('ready\n', '');
+      }
+    });
+    child.stderr.on('data', (d) => (err += d));
+    child.on('exit', (code, signal) => {
+      if (signal !== 'SIGKILL') return reject(new Error(`writer ended with ${code ?? signal}: ${err}`));
+      // A line cut off by the kill is not a report of a commit.
+      resolve(out.split('\n').filter((l) => /^committed [0-9a-f]{64}$/.test(l)).map((l) => l.slice(10)));
+    });
+  });
+}
+
+test('SIGKILLed writers leave a consistent store', { timeout: 180_000 }, async () => {
+  const store = tempDir('crash');
+  try {
+    const committed: string[] = [];
+    for (let round = 0; round < ROUNDS; round++) {
+      const results = await Promise.all(Array.from({ length: WRITERS_PER_ROUND }, () => runAndKill(store)));
+      committed.push(...results.flat());
+    }
+    const state = await verifyLocalStore(store);
+    assert.deepEqual(state.problems, []);
+    assert.ok(state.blobs > 0 && state.directories > 0, `the writers wrote nothing (${JSON.stringify(state)})`);
+    assert.ok(committed.length > 0, 'no writer committed a batch before being killed; the test proves nothing');
+
+    const directories = LocalStore.directoryService(store);
+    try {
+      for (const root of committed) {
+        let seen = 0;
+        for await (const _ of directories.getRecursive(Buffer.from(root, 'hex'))) seen++;
+        assert.ok(seen > 0);
+      }
+    } finally {
+      await directories.close();
+    }
+    // Opening the store removed the temp files the killed writers left behind.
+    assert.deepEqual(readdirSync(join(store, 'tmp')), []);
+  } finally {
+    removeDir(store);
+  }
+});

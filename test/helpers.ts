@@ -1,0 +1,95 @@
+// Shared test plumbing: temp dirs, a real `nixcas daemon` process, store checks.
+import { type ChildProcess, spawn } from 'node:child_process';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { blake3, digestKey } from '../src/castore/digest.js';
+import { LocalStore } from '../src/castore/backends/local.js';
+
+export const ROOT = fileURLToPath(new URL('..', import.meta.url));
+export const CLI = join(ROOT, 'dist/cli/main.js');
+
+export function tempDir(prefix: string): string {
+  return mkdtempSync(join(tmpdir(), `nixcas-${prefix}-`));
+}
+
+export interface Daemon {
+  process: ChildProcess;
+  output: () => string;
+  stop(signal?: NodeJS.Signals): Promise<number | null>;
+}
+
+/** Starts `nixcas daemon` with `args` and waits until it says it listens. */
+export async function startDaemon(args: string[], env: NodeJS.ProcessEnv = {}): Promise<Daemon> {
+  const child = spawn(process.execPath, [CLI, 'daemon', ...args], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+  let output = '';
+  child.stdout!.on('data', (d) => (output += d));
+  child.stderr!.on('data', (d) => (output += d));
+  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  await new Promise<void>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`daemon did not start: ${output}`)), 15000);
+    const check = () => {
+      if (output.includes('listening on')) {
+        clearTimeout(timer);
+        resolve();
+      }
+    };
+    child.stderr!.on('data', check);
+    child.once('exit', (code) => {
+      clearTimeout(timer);
+      reject(new Error(`daemon exited with ${code}: ${output}`));
+    });
+  });
+  return {
+    process: child,
+    output: () => output,
+    stop: async (signal = 'SIGTERM') => {
+      if (child.exitCode === null) child.kill(signal);
+      return exited;
+    },
+  };
+}
+
+/**
+ * Checks a local store directory from the outside: every blob file's BLAKE3
+ * is its name (no partial blob), and every stored directory's children are
+ * stored (complete closures). Returns the counts.
+ */
+export async function verifyLocalStore(dir: string): Promise<{ blobs: number; directories: number; problems: string[] }> {
+  const problems: string[] = [];
+  let blobs = 0;
+  const blobRoot = join(dir, 'blobs');
+  for (const prefix of existsSync(blobRoot) ? readdirSync(blobRoot) : []) {
+    for (const name of readdirSync(join(blobRoot, prefix))) {
+      blobs++;
+      const actual = digestKey(blake3(readFileSync(join(blobRoot, prefix, name))));
+      if (actual !== name) problems.push(`blob file ${name} holds content with digest ${actual}`);
+    }
+  }
+  const directories = LocalStore.directoryService(dir);
+  const blobService = LocalStore.blobService(dir);
+  let count = 0;
+  try {
+    for (const digest of directories.digests()) {
+      count++;
+      const directory = (await directories.get(digest))!;
+      for (const child of directory.directories) {
+        if (!(await directories.get(child.digest))) problems.push(`directory ${digestKey(digest)} lacks child ${digestKey(child.digest)}`);
+      }
+      for (const file of directory.files) {
+        const stat = await blobService.stat(file.digest);
+        if (!stat) problems.push(`directory ${digestKey(digest)} lacks blob ${digestKey(file.digest)}`);
+        else if (stat.size !== file.size) problems.push(`blob ${digestKey(file.digest)} has size ${stat.size}, not ${file.size}`);
+      }
+    }
+  } finally {
+    await directories.close();
+    await blobService.close();
+  }
+  return { blobs, directories: count, problems };
+}
+
+export function removeDir(dir: string): void {
+  rmSync(dir, { recursive: true, force: true });
+}
