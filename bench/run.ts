@@ -1,0 +1,144 @@
+// `npm run bench`: each capability measured side by side with its peer in
+// one run, reported as a ratio (ours / peer; higher is better).
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import * as grpc from '@grpc/grpc-js';
+import { blake3Implementations } from '../src/castore/digest.js';
+import { clientConstructor } from '../src/grpc/protos.js';
+
+const ROOT = fileURLToPath(new URL('..', import.meta.url));
+const BLOB_BYTES = Number(process.env.BENCH_BLOB_MIB ?? 256) * 1024 * 1024;
+const REPEATS = Number(process.env.BENCH_REPEATS ?? 3);
+const CHUNK = 1024 * 1024;
+
+interface Row {
+  capability: string;
+  ours: number;
+  peer: number;
+  unit: string;
+  peerName: string;
+  target?: number;
+}
+const rows: Row[] = [];
+
+function median(values: number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  return sorted[Math.floor(sorted.length / 2)]!;
+}
+
+function startServer(args: string[], label: string): Promise<ChildProcess> {
+  const child = spawn(process.execPath, args, { cwd: ROOT, stdio: ['ignore', 'ignore', 'pipe'] });
+  return new Promise((resolve, reject) => {
+    let err = '';
+    child.stderr!.on('data', (d) => {
+      err += d;
+      if (err.includes('listening on')) resolve(child);
+    });
+    child.once('exit', (code) => reject(new Error(`${label} exited with ${code}: ${err}`)));
+  });
+}
+
+type Client = grpc.Client & Record<string, (...a: unknown[]) => unknown>;
+
+function blobClient(socket: string): Client {
+  const C = clientConstructor('tvix', 'BlobService');
+  return new C(`unix://${socket}`, grpc.credentials.createInsecure(), { 'grpc.max_receive_message_length': 64 << 20 }) as unknown as Client;
+}
+
+/** Uploads `bytes` of distinct content (so nothing deduplicates); returns MB/s. */
+async function putThroughput(client: Client, seed: number): Promise<{ mbps: number; digest: Buffer }> {
+  const chunk = Buffer.alloc(CHUNK);
+  const start = process.hrtime.bigint();
+  const digest = await new Promise<Buffer>((resolve, reject) => {
+    const call = client.Put!((err: Error | null, res: { digest: Buffer }) => (err ? reject(err) : resolve(res.digest))) as grpc.ClientWritableStream<unknown>;
+    let sent = 0;
+    const pump = () => {
+      while (sent < BLOB_BYTES) {
+        chunk.writeUInt32LE(seed, 0);
+        chunk.writeUInt32LE(sent / CHUNK, 4);
+        sent += CHUNK;
+        if (!call.write({ data: Buffer.from(chunk) })) return void call.once('drain', pump);
+      }
+      call.end();
+    };
+    pump();
+  });
+  const seconds = Number(process.hrtime.bigint() - start) / 1e9;
+  return { mbps: BLOB_BYTES / 1e6 / seconds, digest };
+}
+
+async function readThroughput(client: Client, digest: Buffer): Promise<number> {
+  const start = process.hrtime.bigint();
+  let received = 0;
+  const call = client.Read!({ digest }) as grpc.ClientReadableStream<{ data: Buffer }>;
+  for await (const message of call) received += (message as { data: Buffer }).data.length;
+  if (received !== BLOB_BYTES) throw new Error(`read ${received} bytes, expected ${BLOB_BYTES}`);
+  return BLOB_BYTES / 1e6 / (Number(process.hrtime.bigint() - start) / 1e9);
+}
+
+async function benchBlobs(): Promise<void> {
+  const work = mkdtempSync(join(tmpdir(), 'nixcas-bench-'));
+  const oursSocket = join(work, 'nixcas.sock');
+  const bareSocket = join(work, 'bare.sock');
+  const ours = await startServer([join(ROOT, 'dist/cli/main.js'), 'daemon', '--store', join(work, 'store'), '--listen', oursSocket], 'nixcas daemon');
+  const bare = await startServer(['--import', 'tsx', join(ROOT, 'bench/bare-blob-server.ts'), bareSocket, String(BLOB_BYTES)], 'bare server');
+  try {
+    const oursClient = blobClient(oursSocket);
+    const bareClient = blobClient(bareSocket);
+    const put = { ours: [] as number[], peer: [] as number[] };
+    const read = { ours: [] as number[], peer: [] as number[] };
+    for (let i = 0; i < REPEATS; i++) {
+      // Alternate who goes first so neither always gets the warmer machine.
+      const order = i % 2 === 0 ? ['ours', 'peer'] as const : ['peer', 'ours'] as const;
+      for (const who of order) {
+        const client = who === 'ours' ? oursClient : bareClient;
+        const { mbps, digest } = await putThroughput(client, i * 2 + (who === 'ours' ? 0 : 1));
+        put[who].push(mbps);
+        read[who].push(await readThroughput(client, digest));
+      }
+    }
+    const mib = BLOB_BYTES / 1024 / 1024;
+    rows.push({ capability: `blob Put, ${mib} MiB over a unix socket`, ours: median(put.ours), peer: median(put.peer), unit: 'MB/s', peerName: 'bare grpc-js, no storage', target: 0.7 });
+    rows.push({ capability: `blob Read, ${mib} MiB over a unix socket`, ours: median(read.ours), peer: median(read.peer), unit: 'MB/s', peerName: 'bare grpc-js, from memory', target: 0.7 });
+    oursClient.close();
+    bareClient.close();
+  } finally {
+    ours.kill('SIGTERM');
+    bare.kill('SIGTERM');
+    await new Promise((r) => setTimeout(r, 300));
+    rmSync(work, { recursive: true, force: true });
+  }
+}
+
+function benchBlake3(): void {
+  const data = Buffer.alloc(BLOB_BYTES);
+  for (let i = 0; i < data.length; i += 4096) data[i] = i & 0xff;
+  const measure = (create: () => { update(d: Uint8Array): void; digest(): Buffer }) => {
+    const samples: number[] = [];
+    for (let r = 0; r < REPEATS; r++) {
+      const hasher = create();
+      const start = process.hrtime.bigint();
+      for (let off = 0; off < data.length; off += CHUNK) hasher.update(data.subarray(off, off + CHUNK));
+      hasher.digest();
+      samples.push(data.length / 1e6 / (Number(process.hrtime.bigint() - start) / 1e9));
+    }
+    return median(samples);
+  };
+  const native = blake3Implementations.native();
+  const wasm = blake3Implementations.wasm();
+  rows.push({ capability: 'BLAKE3 hashing, 1 MiB updates', ours: measure(native.create), peer: measure(wasm.create), unit: 'MB/s', peerName: 'blake3-wasm (fallback)' });
+}
+
+await benchBlobs();
+benchBlake3();
+
+console.log('\n| capability | nixcas | peer | ratio | target |');
+console.log('|---|---|---|---|---|');
+for (const r of rows) {
+  const ratio = r.ours / r.peer;
+  const verdict = r.target === undefined ? '' : `${ratio >= r.target ? 'met' : 'MISSED'} (≥ ${r.target})`;
+  console.log(`| ${r.capability} | ${r.ours.toFixed(0)} ${r.unit} | ${r.peer.toFixed(0)} ${r.unit} (${r.peerName}) | ${ratio.toFixed(2)} | ${verdict} |`);
+}
