@@ -14,6 +14,10 @@ export interface BlobReader {
 
 /** Hashes while it writes; the blob becomes visible only when close() resolves. */
 export interface BlobWriter {
+  /**
+   * Appends `chunk`. The writer may hold on to the chunk until close()
+   * resolves, as a Node Writable does: do not modify it after passing it.
+   */
   write(chunk: Uint8Array): Promise<void>;
   /** Makes the blob visible under its digest and returns the digest. */
   close(): Promise<B3Digest>;

@@ -105,7 +105,7 @@ export class LocalStore {
 export class LocalBlobService implements BlobService {
   private readonly knownPrefixDirs = new Set<string>();
 
-  constructor(private readonly root: string, private readonly onClose?: () => Promise<void>) {}
+  constructor(private readonly root: string, readonly onClose?: () => Promise<void>) {}
 
   private pathOf(digest: B3Digest): string {
     const hex = digestKey(digest);
@@ -149,43 +149,7 @@ export class LocalBlobService implements BlobService {
 
   openWriter(): BlobWriter {
     const tmpPath = join(this.root, 'tmp', `${process.pid}-${randomBytes(8).toString('hex')}`);
-    const hasher = createBlake3();
-    let handle: Promise<fs.FileHandle> | undefined;
-    let state: 'open' | 'closed' | 'aborted' = 'open';
-    const file = () => (handle ??= fs.open(tmpPath, 'wx', 0o444));
-    const discard = async () => {
-      if (!handle) return;
-      await (await handle.catch(() => undefined))?.close().catch(() => {});
-      await fs.unlink(tmpPath).catch(() => {});
-    };
-    return {
-      write: async (chunk) => {
-        if (state !== 'open') throw new Error(`blob writer is ${state}`);
-        hasher.update(chunk);
-        const fh = await file();
-        let written = 0;
-        while (written < chunk.length) {
-          written += (await fh.write(chunk, written, chunk.length - written)).bytesWritten;
-        }
-      },
-      close: async () => {
-        if (state !== 'open') throw new Error(`blob writer is ${state}`);
-        state = 'closed';
-        const digest = hasher.digest();
-        const fh = await file();
-        try {
-          await fh.sync();
-        } finally {
-          await fh.close();
-        }
-        await this.publish(tmpPath, digest);
-        return digest;
-      },
-      abort: async () => {
-        if (state === 'open') state = 'aborted';
-        await discard();
-      },
-    };
+    return new LocalBlobWriter(tmpPath, (digest) => this.publish(tmpPath, digest));
   }
 
   /** Moves a complete, synced temp file to its content address. */
@@ -210,12 +174,80 @@ export class LocalBlobService implements BlobService {
   }
 
   async close() {
-    await this.onClose?.();
+    await releaseOnce(this);
+  }
+}
+
+/**
+ * Writes a blob to its temp file. Disk writes are queued rather than awaited
+ * one by one, so the next chunk can arrive (from the network, a NAR) while
+ * the previous one is written; write() waits only when too much is queued.
+ */
+class LocalBlobWriter implements BlobWriter {
+  private static readonly MAX_QUEUED_BYTES = 8 * 1024 * 1024;
+  private readonly hasher = createBlake3();
+  private readonly file: Promise<fs.FileHandle>;
+  private queue: Promise<void>;
+  private queuedBytes = 0;
+  private failure: unknown;
+  private state: 'open' | 'closed' | 'aborted' = 'open';
+
+  constructor(private readonly tmpPath: string, private readonly publish: (digest: B3Digest) => Promise<void>) {
+    this.file = fs.open(tmpPath, 'wx', 0o444);
+    this.file.catch(() => {}); // surfaced through the queue
+    this.queue = this.file.then(() => {});
+  }
+
+  async write(chunk: Uint8Array): Promise<void> {
+    if (this.state !== 'open') throw new Error(`blob writer is ${this.state}`);
+    if (this.failure) throw this.failure;
+    this.hasher.update(chunk);
+    this.queuedBytes += chunk.length;
+    this.queue = this.queue.then(async () => {
+      const fh = await this.file;
+      for (let written = 0; written < chunk.length; ) {
+        written += (await fh.write(chunk, written, chunk.length - written)).bytesWritten;
+      }
+      this.queuedBytes -= chunk.length;
+    });
+    this.queue.catch((err) => (this.failure ??= err));
+    if (this.queuedBytes > LocalBlobWriter.MAX_QUEUED_BYTES) await this.queue;
+  }
+
+  async close(): Promise<B3Digest> {
+    if (this.state !== 'open') throw new Error(`blob writer is ${this.state}`);
+    this.state = 'closed';
+    const digest = this.hasher.digest();
+    try {
+      await this.queue;
+      const fh = await this.file;
+      try {
+        await fh.sync();
+      } finally {
+        await fh.close();
+      }
+      await this.publish(digest);
+      return digest;
+    } catch (err) {
+      await this.discard();
+      throw err;
+    }
+  }
+
+  async abort(): Promise<void> {
+    if (this.state === 'open') this.state = 'aborted';
+    await this.discard();
+  }
+
+  private async discard(): Promise<void> {
+    await this.queue.catch(() => {});
+    await (await this.file.catch(() => undefined))?.close().catch(() => {});
+    await fs.unlink(this.tmpPath).catch(() => {});
   }
 }
 
 export class LocalDirectoryService implements DirectoryService {
-  constructor(private readonly db: Database<Buffer, Buffer>, private readonly onClose?: () => Promise<void>) {}
+  constructor(private readonly db: Database<Buffer, Buffer>, readonly onClose?: () => Promise<void>) {}
 
   async get(digest: B3Digest): Promise<Directory | undefined> {
     const encoded = this.db.get(digest);
@@ -242,6 +274,15 @@ export class LocalDirectoryService implements DirectoryService {
   }
 
   async close() {
-    await this.onClose?.();
+    await releaseOnce(this);
   }
+}
+
+const released = new WeakSet<object>();
+
+/** Gives a service's share of its LocalStore back exactly once, however often close() is called. */
+async function releaseOnce(service: { onClose?: () => Promise<void> }): Promise<void> {
+  if (released.has(service)) return;
+  released.add(service);
+  await service.onClose?.();
 }
