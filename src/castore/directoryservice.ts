@@ -107,6 +107,16 @@ export class DirectoryBatch {
   }
 }
 
+/** Validates a whole Put batch against `lookup`; returns the root and the directories to store, in order. */
+export async function checkBatch(
+  batch: Iterable<Directory>,
+  lookup: (digest: B3Digest) => Promise<Directory | undefined>,
+): Promise<{ root: CheckedDirectory; ordered: CheckedDirectory[] }> {
+  const checked = new DirectoryBatch();
+  for (const directory of batch) checked.add(directory);
+  return { root: await checked.finish(lookup), ordered: checked.ordered };
+}
+
 function checkChildSize(claimed: number, child: Directory, name: Buffer | undefined, parent: string): void {
   const documented = directorySize(child);
   if (claimed === documented || claimed === legacyDirectorySize(child)) return;

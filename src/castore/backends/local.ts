@@ -17,7 +17,7 @@ import { join } from 'node:path';
 import { type Database, type RootDatabase, open as openLmdb } from 'lmdb';
 import { type BlobReader, type BlobService, type BlobWriter, streamBlobReader } from '../blobservice.js';
 import { type B3Digest, createBlake3, digestKey } from '../digest.js';
-import { type DirectoryService, DirectoryBatch, walkDirectories } from '../directoryservice.js';
+import { type DirectoryService, checkBatch, walkDirectories } from '../directoryservice.js';
 import type { Directory } from '../model.js';
 import { decodeDirectory } from '../wire.js';
 
@@ -259,11 +259,9 @@ export class LocalDirectoryService implements DirectoryService {
   }
 
   async put(batch: Iterable<Directory>): Promise<B3Digest> {
-    const checked = new DirectoryBatch();
-    for (const directory of batch) checked.add(directory);
-    const root = await checked.finish((d) => this.get(d));
+    const { root, ordered } = await checkBatch(batch, (d) => this.get(d));
     await this.db.transaction(() => {
-      for (const { digest, encoded } of checked.ordered) this.db.put(digest, encoded);
+      for (const { digest, encoded } of ordered) this.db.put(digest, encoded);
     });
     return root.digest;
   }

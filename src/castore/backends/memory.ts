@@ -1,7 +1,7 @@
 // In-memory services: for tests and short-lived daemons (`memory://`).
 import { type BlobReader, type BlobService, type BlobWriter, streamBlobReader } from '../blobservice.js';
 import { type B3Digest, createBlake3, digestKey } from '../digest.js';
-import { type DirectoryService, DirectoryBatch, walkDirectories } from '../directoryservice.js';
+import { type DirectoryService, checkBatch, walkDirectories } from '../directoryservice.js';
 import type { Directory } from '../model.js';
 import { decodeDirectory } from '../wire.js';
 
@@ -74,10 +74,8 @@ export class MemoryDirectoryService implements DirectoryService {
   }
 
   async put(batch: Iterable<Directory>): Promise<B3Digest> {
-    const checked = new DirectoryBatch();
-    for (const directory of batch) checked.add(directory);
-    const root = await checked.finish((d) => this.get(d));
-    for (const { digest, encoded } of checked.ordered) this.directories.set(digestKey(digest), encoded);
+    const { root, ordered } = await checkBatch(batch, (d) => this.get(d));
+    for (const { digest, encoded } of ordered) this.directories.set(digestKey(digest), encoded);
     return root.digest;
   }
 
