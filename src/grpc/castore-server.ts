@@ -6,6 +6,7 @@ import type { DirectoryService } from '../castore/directoryservice.js';
 import { InvalidInputError, NotFoundError } from '../castore/errors.js';
 import type { Directory } from '../castore/model.js';
 import { type WireDirectory, directoryFromWire, directoryToWire } from './convert.js';
+import { requireWellFormed } from './protos.js';
 import { toServiceError } from './status.js';
 
 /** Writes one message, waiting for the transport to drain when it asks to. */
@@ -28,7 +29,7 @@ async function writeWithBackpressure(call: grpc.ServerWritableStream<unknown, un
 function watchCancellation(call: grpc.ServerReadableStream<unknown, unknown>): () => boolean {
   let cancelled = false;
   call.on('cancelled', () => (cancelled = true));
-  call.on('error', () => (cancelled = true));
+  call.on('error', () => {}); // a stream the handler stops reading errors; the outcome is reported by reply()
   return () => cancelled || call.cancelled;
 }
 
@@ -50,7 +51,7 @@ export function blobServiceHandlers(blobs: BlobService, chunkSize = DEFAULT_CHUN
   return {
     Stat(call: grpc.ServerUnaryCall<{ digest?: Buffer; send_chunks?: boolean }, unknown>, callback: grpc.sendUnaryData<unknown>) {
       (async () => {
-        const digest = requestDigest(call.request.digest, 'Stat');
+        const digest = requestDigest(requireWellFormed(call.request).digest, 'Stat');
         const stat = await blobs.stat(digest);
         if (!stat) throw new NotFoundError(`blob ${formatDigest(digest)} not found`);
         // Blobs are stored whole: asked for chunks, the blob is its own single
@@ -62,7 +63,7 @@ export function blobServiceHandlers(blobs: BlobService, chunkSize = DEFAULT_CHUN
 
     Read(call: grpc.ServerWritableStream<{ digest?: Buffer }, unknown>) {
       (async () => {
-        const digest = requestDigest(call.request.digest, 'Read');
+        const digest = requestDigest(requireWellFormed(call.request).digest, 'Read');
         const stream = await blobs.readStream(digest, chunkSize);
         if (!stream) throw new NotFoundError(`blob ${formatDigest(digest)} not found`);
         for await (const data of stream) {
@@ -79,7 +80,7 @@ export function blobServiceHandlers(blobs: BlobService, chunkSize = DEFAULT_CHUN
       const work = (async () => {
         try {
           for await (const chunk of call) {
-            const data = (chunk as { data?: Buffer }).data;
+            const data = requireWellFormed(chunk as { data?: Buffer }).data;
             if (data && data.length > 0) await writer.write(data);
           }
           if (cancelled()) throw new InvalidInputError('upload cut off before it was complete');
@@ -98,7 +99,7 @@ export function directoryServiceHandlers(directories: DirectoryService): grpc.Un
   return {
     Get(call: grpc.ServerWritableStream<{ digest?: Buffer; recursive?: boolean }, unknown>) {
       (async () => {
-        const digest = requestDigest(call.request.digest, 'Get');
+        const digest = requestDigest(requireWellFormed(call.request).digest, 'Get');
         if (call.request.recursive) {
           for await (const directory of directories.getRecursive(digest)) {
             if (call.cancelled) break;
@@ -117,7 +118,7 @@ export function directoryServiceHandlers(directories: DirectoryService): grpc.Un
       const cancelled = watchCancellation(call);
       const work = (async () => {
         const batch: Directory[] = [];
-        for await (const wire of call) batch.push(directoryFromWire(wire as WireDirectory));
+        for await (const wire of call) batch.push(directoryFromWire(requireWellFormed(wire as WireDirectory)));
         if (cancelled()) throw new InvalidInputError('upload cut off before it was complete');
         return { root_digest: await directories.put(batch) };
       })();

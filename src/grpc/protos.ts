@@ -3,6 +3,7 @@
 import { fileURLToPath } from 'node:url';
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
+import { InvalidInputError } from '../castore/errors.js';
 
 export const PROTO_ROOT = fileURLToPath(new URL('../../protos', import.meta.url));
 
@@ -37,6 +38,38 @@ export function serviceDefinition(prefix: PackagePrefix, service: string): grpc.
   const definition = packageDefinition()[name];
   if (!definition || 'format' in definition) throw new Error(`no service ${name} in protos/`);
   return definition as grpc.ServiceDefinition;
+}
+
+const MALFORMED = Symbol('malformed request');
+
+/**
+ * The service with request decoding that never throws: grpc-js answers a
+ * decode failure with a bare INTERNAL, but malformed input is the client's
+ * fault, so handlers turn it into INVALID_ARGUMENT (see requireWellFormed).
+ */
+export function tolerantServiceDefinition(prefix: PackagePrefix, service: string): grpc.ServiceDefinition {
+  const definition = serviceDefinition(prefix, service);
+  const tolerant: Record<string, grpc.MethodDefinition<unknown, unknown>> = {};
+  for (const [method, spec] of Object.entries(definition)) {
+    tolerant[method] = {
+      ...spec,
+      requestDeserialize: (bytes: Buffer) => {
+        try {
+          return spec.requestDeserialize(bytes);
+        } catch (err) {
+          return { [MALFORMED]: `malformed ${method} message: ${(err as Error).message}` };
+        }
+      },
+    };
+  }
+  return tolerant as grpc.ServiceDefinition;
+}
+
+/** Throws InvalidInputError for a request tolerantServiceDefinition could not decode. */
+export function requireWellFormed<T>(message: T): T {
+  const problem = (message as { [MALFORMED]?: string } | undefined)?.[MALFORMED];
+  if (problem) throw new InvalidInputError(problem);
+  return message;
 }
 
 /** A client constructor for one service, for nixcas's own gRPC backends. */

@@ -8,7 +8,7 @@ import { HealthImplementation } from 'grpc-health-check';
 import type { BlobService } from '../castore/blobservice.js';
 import type { DirectoryService } from '../castore/directoryservice.js';
 import { blobServiceHandlers, directoryServiceHandlers } from './castore-server.js';
-import { PACKAGE_PREFIXES, packageDefinition, serviceDefinition } from './protos.js';
+import { PACKAGE_PREFIXES, packageDefinition, tolerantServiceDefinition } from './protos.js';
 
 export interface CastoreServices {
   blobs: BlobService;
@@ -26,8 +26,8 @@ export function createServer(services: CastoreServices): grpc.Server {
   const directoryHandlers = directoryServiceHandlers(services.directories);
   const serving: Record<string, 'SERVING'> = { '': 'SERVING' };
   for (const prefix of PACKAGE_PREFIXES) {
-    server.addService(serviceDefinition(prefix, 'BlobService'), blobHandlers);
-    server.addService(serviceDefinition(prefix, 'DirectoryService'), directoryHandlers);
+    server.addService(tolerantServiceDefinition(prefix, 'BlobService'), blobHandlers);
+    server.addService(tolerantServiceDefinition(prefix, 'DirectoryService'), directoryHandlers);
     serving[`${prefix}.castore.v1.BlobService`] = 'SERVING';
     serving[`${prefix}.castore.v1.DirectoryService`] = 'SERVING';
   }

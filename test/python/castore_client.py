@@ -210,6 +210,17 @@ ok("a DirectoryNode size by the legacy Rust rule is accepted")
 
 # ---- health and reflection, as generic clients see them (no generated stubs)
 identity = dict(request_serializer=lambda b: b, response_deserializer=lambda b: b)
+
+# Bytes that are not protobuf at all: INVALID_ARGUMENT, not a crash or INTERNAL.
+truncated = b"\x0a\xff\xff"  # a length-delimited field claiming more bytes than follow
+expect_code(grpc.StatusCode.INVALID_ARGUMENT, lambda: channel.unary_unary("/tvix.castore.v1.BlobService/Stat", **identity)(truncated), "Stat with malformed protobuf")
+expect_code(grpc.StatusCode.INVALID_ARGUMENT, lambda: list(channel.unary_stream("/tvix.castore.v1.DirectoryService/Get", **identity)(truncated)), "Get with malformed protobuf")
+expect_code(grpc.StatusCode.INVALID_ARGUMENT, lambda: channel.stream_unary("/tvix.castore.v1.BlobService/Put", **identity)(iter([b"\x0a\x01a", truncated])), "blob Put with a malformed chunk")
+expect_code(grpc.StatusCode.INVALID_ARGUMENT, lambda: channel.stream_unary("/snix.castore.v1.DirectoryService/Put", **identity)(iter([truncated])), "directory Put with a malformed message")
+too_big = N.Directory(files=[N.FileNode(name=b"huge", digest=d, size=2**60)])
+expect_code(grpc.StatusCode.INVALID_ARGUMENT, lambda: dirs.Put(iter([too_big])), "Put with a file size beyond 2^53")
+assert blobs.Put(chunks(b"still serving", 4)).digest == b3(b"still serving")
+ok("the daemon keeps serving after malformed input")
 health = channel.unary_unary("/grpc.health.v1.Health/Check", **identity)
 assert health(b"") == b"\x08\x01", "overall health is not SERVING"
 name = b"tvix.castore.v1.BlobService"
