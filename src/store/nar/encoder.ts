@@ -1,0 +1,155 @@
+// NAR serialisation, event by event. A NAR is a sequence of strings, each a
+// little-endian u64 length, the bytes, and zero padding to 8 bytes:
+//   "nix-archive-1" node
+//   node = "(" "type" ( "regular" ["executable" ""] "contents" <data>
+//                     | "symlink" "target" <target>
+//                     | "directory" ("entry" "(" "name" <name> "node" node ")")* ) ")"
+// Directory entries come sorted by name bytes. The encoder coalesces the
+// many small strings into output chunks and passes large file data through.
+
+export const NAR_MAGIC = 'nix-archive-1';
+const OUTPUT_CHUNK = 64 * 1024;
+
+/** The padding after `length` bytes of string data. */
+export function padding(length: number): number {
+  return (8 - (length % 8)) % 8;
+}
+
+function narString(text: string | Uint8Array): Buffer {
+  const bytes = typeof text === 'string' ? Buffer.from(text) : text;
+  const out = Buffer.alloc(8 + bytes.length + padding(bytes.length));
+  out.writeBigUInt64LE(BigInt(bytes.length));
+  out.set(bytes, 8);
+  return out;
+}
+
+/** The fixed token sequences, encoded once. */
+export const TOKENS = {
+  magic: narString(NAR_MAGIC),
+  open: narString('('),
+  close: narString(')'),
+  type: narString('type'),
+  regular: narString('regular'),
+  executable: narString('executable'),
+  empty: narString(''),
+  contents: narString('contents'),
+  symlink: narString('symlink'),
+  target: narString('target'),
+  directory: narString('directory'),
+  entry: narString('entry'),
+  name: narString('name'),
+  node: narString('node'),
+};
+const ZEROS = Buffer.alloc(8);
+
+export type NarSink = (chunk: Buffer) => void;
+
+export class NarEncoder {
+  private buffer = Buffer.allocUnsafe(OUTPUT_CHUNK);
+  private used = 0;
+  private started = false;
+  private fileRemaining = 0;
+  private fileSize = 0;
+  /** Total bytes emitted so far. */
+  size = 0;
+
+  constructor(private readonly sink: NarSink) {}
+
+  private put(bytes: Uint8Array): void {
+    this.size += bytes.length;
+    if (bytes.length > this.buffer.length - this.used) {
+      this.flush();
+      if (bytes.length >= OUTPUT_CHUNK / 2) {
+        this.sink(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.length));
+        return;
+      }
+    }
+    this.buffer.set(bytes, this.used);
+    this.used += bytes.length;
+  }
+
+  private putString(bytes: Uint8Array): void {
+    const header = Buffer.allocUnsafe(8);
+    header.writeBigUInt64LE(BigInt(bytes.length));
+    this.put(header);
+    this.put(bytes);
+    this.put(ZEROS.subarray(0, padding(bytes.length)));
+  }
+
+  private startNode(): void {
+    if (!this.started) {
+      this.started = true;
+      this.put(TOKENS.magic);
+    }
+    this.put(TOKENS.open);
+    this.put(TOKENS.type);
+  }
+
+  /** Passes buffered bytes to the sink. */
+  flush(): void {
+    if (this.used === 0) return;
+    this.sink(this.buffer.subarray(0, this.used));
+    this.buffer = Buffer.allocUnsafe(OUTPUT_CHUNK);
+    this.used = 0;
+  }
+
+  /** Starts a regular file of `size` bytes; follow with fileData() totalling `size`, then fileEnd(). */
+  fileStart(executable: boolean, size: number): void {
+    this.startNode();
+    this.put(TOKENS.regular);
+    if (executable) {
+      this.put(TOKENS.executable);
+      this.put(TOKENS.empty);
+    }
+    this.put(TOKENS.contents);
+    const header = Buffer.allocUnsafe(8);
+    header.writeBigUInt64LE(BigInt(size));
+    this.put(header);
+    this.fileSize = size;
+    this.fileRemaining = size;
+  }
+
+  fileData(chunk: Uint8Array): void {
+    if (chunk.length > this.fileRemaining) throw new Error(`file data exceeds its declared size of ${this.fileSize} bytes`);
+    this.fileRemaining -= chunk.length;
+    this.put(chunk);
+  }
+
+  fileEnd(): void {
+    if (this.fileRemaining !== 0) {
+      throw new Error(`file data ended ${this.fileRemaining} bytes short of its declared size of ${this.fileSize} bytes`);
+    }
+    this.put(ZEROS.subarray(0, padding(this.fileSize)));
+    this.put(TOKENS.close);
+  }
+
+  symlink(target: Uint8Array): void {
+    this.startNode();
+    this.put(TOKENS.symlink);
+    this.put(TOKENS.target);
+    this.putString(target);
+    this.put(TOKENS.close);
+  }
+
+  directoryStart(): void {
+    this.startNode();
+    this.put(TOKENS.directory);
+  }
+
+  /** Starts the entry `name` of the current directory; its node follows. */
+  entryStart(name: Uint8Array): void {
+    this.put(TOKENS.entry);
+    this.put(TOKENS.open);
+    this.put(TOKENS.name);
+    this.putString(name);
+    this.put(TOKENS.node);
+  }
+
+  entryEnd(): void {
+    this.put(TOKENS.close);
+  }
+
+  directoryEnd(): void {
+    this.put(TOKENS.close);
+  }
+}

@@ -1,0 +1,103 @@
+// Renders a castore node as a NAR, streaming: file contents are read from the
+// blob service chunk by chunk as the consumer pulls, never held whole.
+import { createHash } from 'node:crypto';
+import type { BlobService } from '../../castore/blobservice.js';
+import { digestKey, formatDigest } from '../../castore/digest.js';
+import { type DirectoryService, directoryDigest } from '../../castore/directoryservice.js';
+import { NotFoundError } from '../../castore/errors.js';
+import type { Directory, DirectoryNode, FileNode, Node } from '../../castore/model.js';
+import { displayName } from '../../castore/model.js';
+import { NarEncoder } from './encoder.js';
+
+export interface CastoreServices {
+  blobs: BlobService;
+  directories: DirectoryService;
+}
+
+/** A directory's entries merged into the one sorted order a NAR needs. */
+export function sortedEntries(directory: Directory): Node[] {
+  const entries: Node[] = [
+    ...directory.directories.map((node) => ({ kind: 'directory', node }) as const),
+    ...directory.files.map((node) => ({ kind: 'file', node }) as const),
+    ...directory.symlinks.map((node) => ({ kind: 'symlink', node }) as const),
+  ];
+  const lists = [directory.directories, directory.files, directory.symlinks].filter((list) => list.length > 0).length;
+  if (lists > 1) entries.sort((a, b) => Buffer.compare(a.node.name, b.node.name));
+  return entries;
+}
+
+/** Every directory below `root`, fetched in one recursive request. */
+async function fetchTree(services: CastoreServices, root: DirectoryNode): Promise<Map<string, Directory>> {
+  const tree = new Map<string, Directory>();
+  for await (const directory of services.directories.getRecursive(root.digest)) {
+    tree.set(digestKey(directoryDigest(directory)), directory);
+  }
+  return tree;
+}
+
+/** The NAR of `root` as a stream of chunks. Throws NotFoundError when a blob or directory is missing. */
+export async function* renderNar(root: Node, services: CastoreServices): AsyncGenerator<Buffer> {
+  const out: Buffer[] = [];
+  const encoder = new NarEncoder((chunk) => out.push(chunk));
+  const tree = root.kind === 'directory' ? await fetchTree(services, root.node) : new Map<string, Directory>();
+  const where: string[] = [];
+
+  async function* file(node: FileNode): AsyncGenerator<Buffer> {
+    encoder.fileStart(node.executable, node.size);
+    if (node.size > 0) {
+      const stream = await services.blobs.readStream(node.digest);
+      if (!stream) throw new NotFoundError(`${where.join('/') || 'root'}: blob ${formatDigest(node.digest)} is missing`);
+      let seen = 0;
+      for await (const chunk of stream) {
+        seen += chunk.length;
+        if (seen > node.size) throw new Error(`${where.join('/')}: blob ${formatDigest(node.digest)} is longer than the ${node.size} bytes its node says`);
+        encoder.fileData(chunk);
+        if (out.length) yield* out.splice(0);
+      }
+    }
+    encoder.fileEnd();
+  }
+
+  async function* directory(node: DirectoryNode): AsyncGenerator<Buffer> {
+    const listing = tree.get(digestKey(node.digest));
+    if (!listing) throw new NotFoundError(`${where.join('/') || 'root'}: directory ${formatDigest(node.digest)} is missing`);
+    encoder.directoryStart();
+    for (const entry of sortedEntries(listing)) {
+      encoder.entryStart(entry.node.name);
+      where.push(displayName(entry.node.name));
+      yield* any(entry);
+      where.pop();
+      encoder.entryEnd();
+    }
+    encoder.directoryEnd();
+  }
+
+  async function* any(node: Node): AsyncGenerator<Buffer> {
+    switch (node.kind) {
+      case 'file': yield* file(node.node); break;
+      case 'symlink': encoder.symlink(node.node.target); break;
+      case 'directory': yield* directory(node.node); break;
+    }
+    if (out.length) yield* out.splice(0);
+  }
+
+  yield* any(root);
+  encoder.flush();
+  yield* out.splice(0);
+}
+
+export interface NarSummary {
+  size: number;
+  sha256: Buffer;
+}
+
+/** The NAR's size and SHA-256, without keeping it. */
+export async function calculateNar(root: Node, services: CastoreServices): Promise<NarSummary> {
+  const hash = createHash('sha256');
+  let size = 0;
+  for await (const chunk of renderNar(root, services)) {
+    hash.update(chunk);
+    size += chunk.length;
+  }
+  return { size, sha256: hash.digest() };
+}
