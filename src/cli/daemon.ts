@@ -8,9 +8,9 @@ export const DEFAULT_LISTEN = '[::1]:8000';
 
 export function daemonCommand(): Command {
   const command = new Command('daemon')
-    .summary('serve the store over gRPC (tvix.castore.v1 and snix.castore.v1)')
+    .summary('serve the store over gRPC (tvix and snix castore.v1 and store.v1)')
     .description(
-      'Serve BlobService and DirectoryService under tvix.castore.v1 and snix.castore.v1, with the ' +
+      'Serve BlobService and DirectoryService (tvix.castore.v1, snix.castore.v1) and PathInfoService (tvix.store.v1, snix.store.v1), with the ' +
         'standard gRPC health and reflection services. These services carry no authentication: ' +
         `the default address is loopback only (${DEFAULT_LISTEN}); listening elsewhere exposes the ` +
         'store to whoever can reach that address.',
@@ -22,7 +22,7 @@ export function daemonCommand(): Command {
     const port = await listen(server, options.listen);
     const { socketPath } = grpcListenTarget(options.listen);
     const where = socketPath ?? options.listen.replace(/:0$/, `:${port}`);
-    console.error(`nixcas daemon: listening on ${where} (blobs: ${services.addresses.blob}, directories: ${services.addresses.directory})`);
+    console.error(`nixcas daemon: listening on ${where} (blobs: ${services.addresses.blob}, directories: ${services.addresses.directory}, path infos: ${services.addresses.pathInfo})`);
 
     let stopping = false;
     const stop = (signal: string) => {

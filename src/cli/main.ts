@@ -3,6 +3,8 @@
 import { createRequire } from 'node:module';
 import { Command } from 'commander';
 import { daemonCommand } from './daemon.js';
+import { importCommand } from './import.js';
+import { narCommand } from './nar.js';
 
 const { version } = createRequire(import.meta.url)('../../package.json') as { version: string };
 
@@ -10,7 +12,9 @@ const program = new Command('nixcas')
   .description('A content-addressed Nix store, served over gRPC (tvix-compatible), FUSE, virtio-fs and HTTP.')
   .version(version)
   .showHelpAfterError()
-  .addCommand(daemonCommand());
+  .addCommand(daemonCommand())
+  .addCommand(importCommand())
+  .addCommand(narCommand());
 
 program.parseAsync(process.argv).catch((err: Error) => {
   console.error(`nixcas: ${err.message}`);

@@ -10,7 +10,7 @@ import { requireWellFormed } from './protos.js';
 import { toServiceError } from './status.js';
 
 /** Writes one message, waiting for the transport to drain when it asks to. */
-async function writeWithBackpressure(call: grpc.ServerWritableStream<unknown, unknown>, message: unknown): Promise<void> {
+export async function writeWithBackpressure(call: grpc.ServerWritableStream<unknown, unknown>, message: unknown): Promise<void> {
   if (call.write(message)) return;
   await new Promise<void>((resolve) => {
     const done = () => {

@@ -15,7 +15,23 @@ const PROTO_FILES = PACKAGE_PREFIXES.flatMap((prefix) => [
   `${prefix}/castore/v1/castore.proto`,
   `${prefix}/castore/v1/rpc_blobstore.proto`,
   `${prefix}/castore/v1/rpc_directory.proto`,
+  `${prefix}/store/v1/pathinfo.proto`,
+  `${prefix}/store/v1/rpc_pathinfo.proto`,
 ]);
+
+/** Which package (castore or store) each service lives in. */
+const SERVICE_PACKAGES: Record<string, 'castore' | 'store'> = {
+  BlobService: 'castore',
+  DirectoryService: 'castore',
+  PathInfoService: 'store',
+};
+
+/** The fully qualified service name, e.g. tvix.castore.v1.BlobService. */
+export function qualifiedServiceName(prefix: PackagePrefix, service: string): string {
+  const pkg = SERVICE_PACKAGES[service];
+  if (!pkg) throw new Error(`unknown service ${service}`);
+  return `${prefix}.${pkg}.v1.${service}`;
+}
 
 export const LOADER_OPTIONS: protoLoader.Options = {
   keepCase: true,
@@ -34,7 +50,7 @@ export function packageDefinition(): protoLoader.PackageDefinition {
 }
 
 export function serviceDefinition(prefix: PackagePrefix, service: string): grpc.ServiceDefinition {
-  const name = `${prefix}.castore.v1.${service}`;
+  const name = qualifiedServiceName(prefix, service);
   const definition = packageDefinition()[name];
   if (!definition || 'format' in definition) throw new Error(`no service ${name} in protos/`);
   return definition as grpc.ServiceDefinition;
@@ -74,5 +90,5 @@ export function requireWellFormed<T>(message: T): T {
 
 /** A client constructor for one service, for nixcas's own gRPC backends. */
 export function clientConstructor(prefix: PackagePrefix, service: string): grpc.ServiceClientConstructor {
-  return grpc.makeClientConstructor(serviceDefinition(prefix, service), `${prefix}.castore.v1.${service}`);
+  return grpc.makeClientConstructor(serviceDefinition(prefix, service), qualifiedServiceName(prefix, service));
 }

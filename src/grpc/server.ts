@@ -8,16 +8,19 @@ import { HealthImplementation } from 'grpc-health-check';
 import type { BlobService } from '../castore/blobservice.js';
 import type { DirectoryService } from '../castore/directoryservice.js';
 import { blobServiceHandlers, directoryServiceHandlers } from './castore-server.js';
-import { PACKAGE_PREFIXES, packageDefinition, tolerantServiceDefinition } from './protos.js';
+import { PACKAGE_PREFIXES, packageDefinition, qualifiedServiceName, tolerantServiceDefinition } from './protos.js';
+import type { PathInfoService } from '../store/pathinfoservice.js';
+import { pathInfoServiceHandlers } from './store-server.js';
 
-export interface CastoreServices {
+export interface StoreServices {
   blobs: BlobService;
   directories: DirectoryService;
+  pathInfos: PathInfoService;
 }
 
 const MAX_MESSAGE_BYTES = 64 * 1024 * 1024;
 
-export function createServer(services: CastoreServices): grpc.Server {
+export function createServer(services: StoreServices): grpc.Server {
   const server = new grpc.Server({
     'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
     'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
@@ -28,8 +31,10 @@ export function createServer(services: CastoreServices): grpc.Server {
   for (const prefix of PACKAGE_PREFIXES) {
     server.addService(tolerantServiceDefinition(prefix, 'BlobService'), blobHandlers);
     server.addService(tolerantServiceDefinition(prefix, 'DirectoryService'), directoryHandlers);
-    serving[`${prefix}.castore.v1.BlobService`] = 'SERVING';
-    serving[`${prefix}.castore.v1.DirectoryService`] = 'SERVING';
+    server.addService(tolerantServiceDefinition(prefix, 'PathInfoService'), pathInfoServiceHandlers(services, prefix));
+    for (const service of ['BlobService', 'DirectoryService', 'PathInfoService']) {
+      serving[qualifiedServiceName(prefix, service)] = 'SERVING';
+    }
   }
   new HealthImplementation(serving).addToServer(server);
   new ReflectionService(packageDefinition()).addToServer(server);

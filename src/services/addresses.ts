@@ -14,10 +14,15 @@ import type { DirectoryService } from '../castore/directoryservice.js';
 import { MemoryBlobService, MemoryDirectoryService } from '../castore/backends/memory.js';
 import { LocalStore } from '../castore/backends/local.js';
 import { GrpcBlobService, GrpcDirectoryService } from '../grpc/castore-client.js';
+import type { PathInfoService } from '../store/pathinfoservice.js';
+import { MemoryPathInfoService } from '../store/backends/memory.js';
+import { LocalPathInfoService } from '../store/backends/local.js';
+import { GrpcPathInfoService } from '../grpc/store-client.js';
 
 export interface ServiceAddresses {
   blob: string;
   directory: string;
+  pathInfo: string;
 }
 
 /** Where the local store lives unless --store or NIXCAS_STORE says otherwise. */
@@ -33,6 +38,7 @@ export interface AddressOptions {
   store?: string;
   blobServiceAddr?: string;
   directoryServiceAddr?: string;
+  pathInfoServiceAddr?: string;
 }
 
 /**
@@ -45,6 +51,7 @@ export function resolveAddresses(options: AddressOptions, env: NodeJS.ProcessEnv
   return {
     blob: options.blobServiceAddr || flagStore || env.BLOB_SERVICE_ADDR || fallback,
     directory: options.directoryServiceAddr || flagStore || env.DIRECTORY_SERVICE_ADDR || fallback,
+    pathInfo: options.pathInfoServiceAddr || flagStore || env.PATH_INFO_SERVICE_ADDR || fallback,
   };
 }
 
@@ -81,5 +88,16 @@ export function openDirectoryService(raw: string): DirectoryService {
     case 'grpc+unix:':
     case 'grpc+http:': return new GrpcDirectoryService(raw);
     default: throw new Error(`${raw}: unknown directory service scheme ${url.protocol}`);
+  }
+}
+
+export function openPathInfoService(raw: string): PathInfoService {
+  const url = schemeOf(raw);
+  switch (url.protocol) {
+    case 'memory:': return new MemoryPathInfoService();
+    case 'local:': return new LocalPathInfoService(localPath(url, raw));
+    case 'grpc+unix:':
+    case 'grpc+http:': return new GrpcPathInfoService(raw);
+    default: throw new Error(`${raw}: unknown path info service scheme ${url.protocol}`);
   }
 }

@@ -4,7 +4,7 @@
 //   STORE/nixcas-store          marker with the layout version
 //   STORE/blobs/ab/abcd…        one file per blob, named by the hex digest
 //   STORE/tmp/<pid>-<random>    blobs being written
-//   STORE/metadata/             LMDB: directories (and, later, path infos)
+//   STORE/metadata/             LMDB: directories; path infos (store/backends/local.ts)
 //
 // A blob is written to tmp/, fsynced, then renamed into blobs/ and the
 // directory fsynced: a reader sees a complete blob or none, whatever kills
@@ -93,6 +93,16 @@ export class LocalStore {
   static directoryService(root: string): LocalDirectoryService {
     const store = LocalStore.acquire(root);
     return new LocalDirectoryService(store.directoryDb, () => store.release());
+  }
+
+  /**
+   * Another named database in the store's LMDB environment, for the layers
+   * above castore (store/ keeps PathInfos here). Call release() when done.
+   */
+  static metadataDb<V>(root: string, name: string, options: { encoding: 'msgpack' | 'binary' }): { db: Database<V, Buffer>; release: () => Promise<void> } {
+    const store = LocalStore.acquire(root);
+    const db = store.env.openDB<V, Buffer>({ name, keyEncoding: 'binary', ...options, useRecords: false } as never);
+    return { db, release: () => store.release() };
   }
 
   private async release(): Promise<void> {

@@ -1,0 +1,46 @@
+// `nixcas import PATH…`: add local trees as content-addressed store paths.
+import { Command } from 'commander';
+import { importPath } from '../store/import.js';
+import { formatStorePath } from '../store/storepath.js';
+import { Progress, formatBytes } from './progress.js';
+import { addStoreOptions, openServices } from './store-options.js';
+
+export function importCommand(): Command {
+  const command = new Command('import')
+    .summary('add directories or files as store paths, like nix-store --add')
+    .description(
+      'Import each PATH (a directory, file or symlink) into the store and print its store path, one per ' +
+        'line: the same /nix/store path `nix-store --add PATH` would create (a NAR-hashed "source" path named ' +
+        'after the basename). Executable bits, symlinks and non-UTF-8 names are kept; other metadata is not.',
+    )
+    .argument('<paths...>', 'files or directories to import')
+    .option('--name <name>', 'store path name instead of the basename (only with one PATH)');
+  return addStoreOptions(command).action(async (paths: string[], options) => {
+    if (options.name && paths.length > 1) throw new Error('--name works with one PATH only');
+    const services = openServices(options);
+    const progress = new Progress();
+    let failed = 0;
+    try {
+      for (const path of paths) {
+        try {
+          const { storePath } = await importPath(path, services, {
+            name: options.name,
+            onProgress: (bytes, files) => progress.update(`importing ${path}: ${files} files, ${formatBytes(bytes)}`),
+          });
+          progress.clear();
+          console.log(formatStorePath(storePath));
+        } catch (err) {
+          progress.clear();
+          failed++;
+          console.error(`nixcas import: ${path}: ${(err as Error).message}`);
+        }
+      }
+    } finally {
+      await services.close();
+    }
+    if (failed) {
+      console.error(`nixcas import: ${failed} of ${paths.length} paths failed`);
+      process.exitCode = 1;
+    }
+  });
+}

@@ -1,0 +1,55 @@
+// PathInfos in the local store's LMDB environment, next to the directories,
+// keyed by the 20-byte digest. Values are msgpack (lmdb's own encoding,
+// which keeps Buffers as binary), tagged with a format version.
+import type { Database } from 'lmdb';
+import { LocalStore } from '../../castore/backends/local.js';
+import { type PathInfo, validatePathInfo } from '../pathinfo.js';
+import type { PathInfoService } from '../pathinfoservice.js';
+
+const FORMAT_VERSION = 1;
+
+interface StoredPathInfo {
+  v: number;
+  info: PathInfo;
+}
+
+function revive(stored: StoredPathInfo | undefined): PathInfo | undefined {
+  if (!stored) return undefined;
+  if (stored.v !== FORMAT_VERSION) throw new Error(`stored PathInfo has format ${stored.v}, this nixcas reads ${FORMAT_VERSION}`);
+  return stored.info;
+}
+
+export class LocalPathInfoService implements PathInfoService {
+  private readonly db: Database<StoredPathInfo, Buffer>;
+  private readonly release: () => Promise<void>;
+  private closed = false;
+
+  constructor(root: string) {
+    const { db, release } = LocalStore.metadataDb<StoredPathInfo>(root, 'pathinfos', { encoding: 'msgpack' });
+    this.db = db;
+    this.release = release;
+  }
+
+  async get(digest: Buffer) {
+    return revive(this.db.get(digest));
+  }
+
+  async put(info: PathInfo) {
+    const path = validatePathInfo(info);
+    await this.db.put(path.digest, { v: FORMAT_VERSION, info });
+    return info;
+  }
+
+  async *list() {
+    for (const { value } of this.db.getRange()) {
+      const info = revive(value);
+      if (info) yield info;
+    }
+  }
+
+  async close() {
+    if (this.closed) return;
+    this.closed = true;
+    await this.release();
+  }
+}
