@@ -3,6 +3,7 @@
 import { createRequire } from 'node:module';
 import { Command } from 'commander';
 import { daemonCommand } from './daemon.js';
+import { copyCommand } from './copy.js';
 import { importCommand } from './import.js';
 import { narCommand } from './nar.js';
 
@@ -14,6 +15,7 @@ const program = new Command('nixcas')
   .showHelpAfterError()
   .addCommand(daemonCommand())
   .addCommand(importCommand())
+  .addCommand(copyCommand())
   .addCommand(narCommand());
 
 program.parseAsync(process.argv).catch((err: Error) => {
