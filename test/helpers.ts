@@ -1,5 +1,5 @@
 // Shared test plumbing: temp dirs, a real `nixcas daemon` process, store checks.
-import { type ChildProcess, spawn } from 'node:child_process';
+import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -92,4 +92,46 @@ export async function verifyLocalStore(dir: string): Promise<{ blobs: number; di
 
 export function removeDir(dir: string): void {
   rmSync(dir, { recursive: true, force: true });
+}
+
+export interface Run {
+  status: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs `nixcas ARGS…` to completion. */
+export function nixcas(args: string[], options: { env?: NodeJS.ProcessEnv; input?: string | Buffer } = {}): Run {
+  const result = spawnSync(process.execPath, [CLI, ...args], {
+    env: { ...process.env, ...options.env },
+    input: options.input,
+    maxBuffer: 1 << 30,
+    timeout: 300_000,
+  });
+  if (result.error) throw result.error;
+  return { status: result.status, stdout: result.stdout.toString('latin1'), stderr: result.stderr.toString() };
+}
+
+/** Runs `nixcas ARGS…` and returns stdout as bytes (for NARs). */
+export function nixcasBytes(args: string[], env: NodeJS.ProcessEnv = {}): Buffer {
+  const result = spawnSync(process.execPath, [CLI, ...args], { env: { ...process.env, ...env }, maxBuffer: 1 << 30, timeout: 300_000 });
+  if (result.status !== 0) throw new Error(`nixcas ${args.join(' ')} failed: ${result.stderr}`);
+  return result.stdout;
+}
+
+/** Runs a Nix command; fails the test with its stderr when it fails. */
+export function nix(command: string, args: string[]): Buffer {
+  const result = spawnSync(command, args, { maxBuffer: 1 << 30, timeout: 300_000 });
+  if (result.error) throw new Error(`${command}: ${result.error.message} (is nix-bin installed?)`);
+  if (result.status !== 0) throw new Error(`${command} ${args.join(' ')} failed: ${result.stderr}`);
+  return result.stdout;
+}
+
+/** Builds test/fixtures/closure.nix with real Nix; returns the .attrs.json path. */
+export function buildClosureFixture(outLink: string): string {
+  nix('nix-build', [
+    '--option', 'sandbox', 'false', '--option', 'substituters', '',
+    join(ROOT, 'test/fixtures/closure.nix'), '-o', outLink,
+  ]);
+  return outLink;
 }

@@ -37,7 +37,8 @@ export function copyCommand(): Command {
     } catch (err) {
       throw new Error(`${source}: not JSON: ${(err as Error).message}`);
     }
-    const entries = parseClosure(json);
+    const { entries, problems } = parseClosure(json);
+    for (const { path, error } of problems) console.error(`nixcas copy: ${path}: ${error.message}`);
     const services = openServices(options);
     const progress = new Progress();
     let done = 0;
@@ -66,9 +67,9 @@ export function copyCommand(): Command {
       const seconds = ((Date.now() - started) / 1000).toFixed(1);
       console.error(
         `nixcas copy: ${summary.copied.length} copied (${formatBytes(bytes)}), ${summary.present.length} already present, ` +
-          `${summary.failed.length} failed, in ${seconds} s`,
+          `${summary.failed.length + problems.length} failed, in ${seconds} s`,
       );
-      if (summary.failed.length) process.exitCode = 1;
+      if (summary.failed.length || problems.length) process.exitCode = 1;
     } finally {
       await services.close();
     }

@@ -63,7 +63,6 @@ function looksLikeEntry(value: unknown): value is Record<string, unknown> {
 function entryFrom(raw: Record<string, unknown>, pathFromKey?: string): ClosureEntry {
   const pathText = (raw.path as string | undefined) ?? pathFromKey;
   if (typeof pathText !== 'string') throw new InvalidInputError(`closure entry without a path: ${JSON.stringify(raw).slice(0, 200)}`);
-  const where = (what: string) => `${pathText}: ${what}`;
   try {
     const path = parseStorePath(pathText);
     const narSize = raw.narSize;
@@ -88,16 +87,23 @@ function entryFrom(raw: Record<string, unknown>, pathFromKey?: string): ClosureE
       ca: typeof raw.ca === 'string' && raw.ca ? parseContentAddress(raw.ca) : undefined,
     };
   } catch (err) {
-    throw new InvalidInputError(where((err as Error).message));
+    throw err instanceof InvalidInputError ? err : new InvalidInputError((err as Error).message);
   }
+}
+
+export interface ParsedClosure {
+  entries: ClosureEntry[];
+  /** Entries that could not be parsed, by the path they name (or their position). */
+  problems: { path: string; error: Error }[];
 }
 
 /**
  * The entries of a closure description, each path once. Accepts a
  * structured-attrs file (every top-level list of entries is taken), a
- * path-info list, or a path-info object keyed by path.
+ * path-info list, or a path-info object keyed by path. An entry that does
+ * not parse is reported in `problems` and does not stop the others.
  */
-export function parseClosure(json: unknown): ClosureEntry[] {
+export function parseClosure(json: unknown): ParsedClosure {
   const raws: { raw: Record<string, unknown>; key?: string }[] = [];
   const take = (list: unknown[]) => {
     for (const item of list) if (looksLikeEntry(item)) raws.push({ raw: item });
@@ -114,9 +120,15 @@ export function parseClosure(json: unknown): ClosureEntry[] {
     throw new InvalidInputError('no closure entries found: expected exportReferencesGraph entries or `nix path-info --json` output');
   }
   const byPath = new Map<string, ClosureEntry>();
-  for (const { raw, key } of raws) {
-    const entry = entryFrom(raw, key);
-    byPath.set(formatStorePath(entry.path), entry);
+  const problems: ParsedClosure['problems'] = [];
+  for (const [index, { raw, key }] of raws.entries()) {
+    try {
+      const entry = entryFrom(raw, key);
+      byPath.set(formatStorePath(entry.path), entry);
+    } catch (err) {
+      const named = (raw.path as string | undefined) ?? key;
+      problems.push({ path: typeof named === 'string' ? named : `entry #${index}`, error: err as Error });
+    }
   }
-  return [...byPath.values()];
+  return { entries: [...byPath.values()], problems };
 }

@@ -1,0 +1,194 @@
+// The Nix layer against real Nix (Debian's nix-bin): store paths, NARs and
+// closures must be exactly what Nix itself produces.
+import assert from 'node:assert/strict';
+import { createHash, randomBytes } from 'node:crypto';
+import { chmodSync, mkdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { LocalStore } from '../src/castore/backends/local.js';
+import { LocalPathInfoService } from '../src/store/backends/local.js';
+import { ingestNar } from '../src/store/nar/ingest.js';
+import { renderNar } from '../src/store/nar/render.js';
+import * as nixbase32 from '../src/store/nixbase32.js';
+import { formatStorePath, parseStorePath } from '../src/store/storepath.js';
+import { buildClosureFixture, nix, nixcas, nixcasBytes, removeDir, tempDir, verifyLocalStore } from './helpers.js';
+
+async function collect(stream: AsyncIterable<Buffer>): Promise<Buffer> {
+  const chunks: Buffer[] = [];
+  for await (const chunk of stream) chunks.push(Buffer.from(chunk));
+  return Buffer.concat(chunks);
+}
+
+function closurePaths(attrsJson: string): string[] {
+  return (JSON.parse(readFileSync(attrsJson, 'utf8')).closure as { path: string }[]).map((e) => e.path);
+}
+
+test('copy a closure built by nix-build: NARs, hashes and references match Nix', async () => {
+  const work = tempDir('nix-copy');
+  try {
+    const attrs = buildClosureFixture(join(work, 'result'));
+    const store = join(work, 'store');
+    const env = { NIXCAS_STORE: store };
+    const first = nixcas(['copy', attrs], { env });
+    assert.equal(first.status, 0, first.stderr);
+    assert.match(first.stderr, /3 copied .* 0 already present, 0 failed/);
+
+    const pathInfos = new LocalPathInfoService(store);
+    try {
+      for (const path of closurePaths(attrs)) {
+        const nar = nixcasBytes(['nar', path], env);
+        assert.ok(nar.equals(nix('nix-store', ['--dump', path])), `NAR of ${path} differs from nix-store --dump`);
+        const info = (await pathInfos.get(parseStorePath(path).digest))!;
+        assert.ok(info, `${path} not registered`);
+        const nixHash = nix('nix-hash', ['--type', 'sha256', '--base32', path]).toString().trim();
+        assert.equal(nixbase32.encode(info.narSha256), nixHash);
+        assert.equal(nixbase32.encode(createHash('sha256').update(nar).digest()), nixHash);
+        assert.equal(info.narSize, nar.length);
+        const nixRefs = nix('nix-store', ['-q', '--references', path]).toString().trim().split('\n').filter(Boolean).sort();
+        assert.deepEqual(info.references.map(formatStorePath).sort(), nixRefs);
+      }
+    } finally {
+      await pathInfos.close();
+    }
+
+    const again = nixcas(['copy', '-'], { env, input: readFileSync(attrs) });
+    assert.equal(again.status, 0, again.stderr);
+    assert.match(again.stderr, /0 copied .* 3 already present, 0 failed/);
+
+    // `nix path-info --json --recursive` output is accepted too, into a fresh store.
+    const mid = closurePaths(attrs).find((p) => p.endsWith('-mid'))!;
+    const pathInfoJson = nix('nix', ['--extra-experimental-features', 'nix-command', 'path-info', '--json', '--recursive', mid]);
+    const fresh = nixcas(['copy', '-'], { env: { NIXCAS_STORE: join(work, 'store2') }, input: pathInfoJson });
+    assert.equal(fresh.status, 0, fresh.stderr);
+    assert.match(fresh.stderr, /3 copied/);
+    const deriverInfos = new LocalPathInfoService(join(work, 'store2'));
+    try {
+      const info = (await deriverInfos.get(parseStorePath(mid).digest))!;
+      assert.ok(info.deriver, 'deriver from nix path-info is kept');
+      assert.match(formatStorePath(info.deriver!), /-mid$/);
+    } finally {
+      await deriverInfos.close();
+    }
+    assert.deepEqual((await verifyLocalStore(store)).problems, []);
+  } finally {
+    removeDir(work);
+  }
+});
+
+test('copy: a wrong NAR hash or size, a missing path, an invalid path fail alone, with clear errors', async () => {
+  const work = tempDir('nix-copy-bad');
+  try {
+    const attrs = buildClosureFixture(join(work, 'result'));
+    const closure = JSON.parse(readFileSync(attrs, 'utf8'));
+    const entries = closure.closure as { path: string; narHash: string; narSize: number; references: string[] }[];
+    const leaf = entries.find((e) => e.path.endsWith('-leaf'))!;
+    const file = entries.find((e) => e.path.endsWith('-just-a-file'))!;
+    const mid = entries.find((e) => e.path.endsWith('-mid'))!;
+    // just-a-file gets a wrong hash; mid refers to it, so mid cannot be registered either.
+    file.narHash = `sha256:${nixbase32.encode(Buffer.alloc(32, 7))}`;
+    entries.push(
+      { path: `/nix/store/${nixbase32.encode(Buffer.alloc(20, 1))}-not-there`, narHash: leaf.narHash, narSize: 8, references: [] },
+      { path: '/nix/store/not-a-store-path', narHash: leaf.narHash, narSize: 8, references: [] },
+      { path: leaf.path.replace('-leaf', '-leaf-size'), narHash: leaf.narHash, narSize: leaf.narSize, references: [] },
+    );
+    const store = join(work, 'store');
+    const run = nixcas(['copy', '-'], { env: { NIXCAS_STORE: store }, input: JSON.stringify(closure) });
+    assert.equal(run.status, 1);
+    assert.match(run.stderr, new RegExp(`${file.path}: NAR hash mismatch: the closure says sha256:\\w+, the path on disk hashes to ${leaf.narHash.length ? 'sha256:' : ''}`));
+    assert.match(run.stderr, new RegExp(`${mid.path}: its reference ${file.path} could not be copied`));
+    assert.match(run.stderr, /-not-there: cannot read \/nix\/store\/\w+-not-there: no such path/);
+    assert.match(run.stderr, /not-a-store-path: .*not a store path basename/);
+    assert.match(run.stderr, /1 copied .* 0 already present, 5 failed/);
+
+    const pathInfos = new LocalPathInfoService(store);
+    try {
+      assert.ok(await pathInfos.get(parseStorePath(leaf.path).digest), 'the good path is copied');
+      for (const bad of [file.path, mid.path]) assert.equal(await pathInfos.get(parseStorePath(bad).digest), undefined, `${bad} must not be registered`);
+    } finally {
+      await pathInfos.close();
+    }
+
+    // A size that does not match (with the right hash).
+    const sized = { closure: [{ ...leaf, narSize: leaf.narSize + 8 }] };
+    const sizeRun = nixcas(['copy', '-'], { env: { NIXCAS_STORE: join(work, 'store3') }, input: JSON.stringify(sized) });
+    assert.equal(sizeRun.status, 1);
+    assert.match(sizeRun.stderr, new RegExp(`NAR size mismatch: the closure says ${leaf.narSize + 8} bytes, the path on disk is ${leaf.narSize}`));
+  } finally {
+    removeDir(work);
+  }
+});
+
+/** A tree with everything a NAR can hold, and then some. */
+function makeAwkwardTree(root: string, bigFileBytes: number): void {
+  mkdirSync(join(root, 'bin'), { recursive: true });
+  writeFileSync(join(root, 'bin/tool'), '#!/bin/sh\necho tool\n');
+  chmodSync(join(root, 'bin/tool'), 0o755);
+  writeFileSync(join(root, 'bin/not-executable'), 'data');
+  chmodSync(join(root, 'bin/not-executable'), 0o644);
+  writeFileSync(join(root, 'empty-file'), '');
+  mkdirSync(join(root, 'empty-dir'));
+  symlinkSync('bin/tool', join(root, 'relative-link'));
+  symlinkSync('/etc/hostname', join(root, 'absolute-link'));
+  symlinkSync('does/not/exist', join(root, 'dangling-link'));
+  let deep = join(root, 'deep');
+  for (let i = 0; i < 40; i++) deep = join(deep, `level${i}`);
+  mkdirSync(deep, { recursive: true });
+  writeFileSync(join(deep, 'bottom'), 'deep down');
+  const latin1Name = Buffer.concat([Buffer.from(root + '/'), Buffer.from([0x6e, 0xe4, 0x6d, 0x65, 0xff])]);
+  writeFileSync(latin1Name, 'not UTF-8 named');
+  for (let i = 0; i < 300; i++) writeFileSync(join(root, `small-${String(i).padStart(3, '0')}`), `file ${i}\n`.repeat(i));
+  const big = randomBytes(1024 * 1024);
+  const chunks = Array.from({ length: bigFileBytes / big.length }, (_, i) => (i % 2 ? big : Buffer.from(big).reverse()));
+  writeFileSync(join(root, 'big.bin'), Buffer.concat(chunks));
+}
+
+test('import prints the path nix-store --add creates, for awkward trees, single files and a 64 MiB file', async () => {
+  const work = tempDir('nix-import');
+  try {
+    const tree = join(work, 'awkward-tree');
+    makeAwkwardTree(tree, 64 * 1024 * 1024);
+    writeFileSync(join(work, 'single.txt'), 'one file\n');
+    const script = join(work, 'script.sh');
+    writeFileSync(script, '#!/bin/sh\n');
+    chmodSync(script, 0o755);
+    symlinkSync('single.txt', join(work, 'top-link'));
+    const inputs = [tree, join(work, 'single.txt'), script, join(work, 'top-link')];
+    const env = { NIXCAS_STORE: join(work, 'store') };
+    const run = nixcas(['import', ...inputs], { env });
+    assert.equal(run.status, 0, run.stderr);
+    const ours = run.stdout.trim().split('\n');
+    const theirs = inputs.map((input) => nix('nix-store', ['--add', input]).toString().trim());
+    assert.deepEqual(ours, theirs);
+    for (const path of ours) {
+      assert.ok(nixcasBytes(['nar', path], env).equals(nix('nix-store', ['--dump', path])), `NAR of ${path}`);
+    }
+    assert.deepEqual((await verifyLocalStore(join(work, 'store'))).problems, []);
+  } finally {
+    removeDir(work);
+  }
+});
+
+test('NAR round trip: nix-store --dump, ingested, rendered again, is identical', async () => {
+  const work = tempDir('nix-roundtrip');
+  const root = join(work, 'store');
+  const services = { blobs: LocalStore.blobService(root), directories: LocalStore.directoryService(root) };
+  try {
+    const tree = join(work, 'tree');
+    makeAwkwardTree(tree, 8 * 1024 * 1024);
+    const attrs = buildClosureFixture(join(work, 'result'));
+    for (const source of [tree, ...closurePaths(attrs), '/bin/sh']) {
+      const nar = nix('nix-store', ['--dump', source]);
+      // Fed in odd-sized pieces, so tokens straddle chunk boundaries.
+      const pieces: Buffer[] = [];
+      for (let at = 0; at < nar.length; at += 4093) pieces.push(nar.subarray(at, at + 4093));
+      const ingested = await ingestNar(pieces, services);
+      assert.equal(ingested.narSize, nar.length);
+      assert.ok(ingested.narSha256.equals(createHash('sha256').update(nar).digest()));
+      assert.ok((await collect(renderNar(ingested.root, services))).equals(nar), `round trip of ${source}`);
+    }
+  } finally {
+    await services.blobs.close();
+    await services.directories.close();
+    removeDir(work);
+  }
+});
