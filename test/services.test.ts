@@ -9,7 +9,14 @@ import { blake3, digestKey } from '../src/castore/digest.js';
 import { type DirectoryService, directoryDigest } from '../src/castore/directoryservice.js';
 import { InvalidInputError } from '../src/castore/errors.js';
 import { type Directory, directorySize } from '../src/castore/model.js';
-import { openBlobService, openDirectoryService } from '../src/services/addresses.js';
+import { openBlobService, openDirectoryService, openPathInfoService } from '../src/services/addresses.js';
+import { GrpcPathInfoService } from '../src/grpc/store-client.js';
+import { importPath } from '../src/store/import.js';
+import { calculateNar } from '../src/store/nar/render.js';
+import type { PathInfo } from '../src/store/pathinfo.js';
+import type { PathInfoService } from '../src/store/pathinfoservice.js';
+import { makeSourcePath, formatBasename } from '../src/store/storepath.js';
+import { mkdirSync, writeFileSync } from 'node:fs';
 import { type Daemon, removeDir, startDaemon, tempDir } from './helpers.js';
 
 const work = tempDir('services');
@@ -35,13 +42,56 @@ for (const [name, url] of backends) {
   describe(`${name} backend`, () => {
     let blobs: BlobService;
     let directories: DirectoryService;
+    let pathInfos: PathInfoService;
     before(() => {
       blobs = openBlobService(url());
       directories = openDirectoryService(url());
+      pathInfos = openPathInfoService(url());
     });
     after(async () => {
       await blobs.close();
       await directories.close();
+      await pathInfos.close();
+    });
+
+    test('path infos: put after the tree, get, list, NAR calculation; invalid ones refused', async () => {
+      const tree = join(work, `tree-${name.replace(/\W+/g, '-')}`);
+      mkdirSync(join(tree, 'sub'), { recursive: true });
+      writeFileSync(join(tree, 'sub/file'), `content for ${name}`);
+      const { storePath, info } = await importPath(tree, { blobs, directories, pathInfos });
+      const fetched = (await pathInfos.get(storePath.digest))!;
+      assert.deepEqual(fetched, info);
+      const listed: PathInfo[] = [];
+      for await (const one of pathInfos.list()) listed.push(one);
+      assert.ok(listed.some((one) => one.node.node.name.equals(info.node.node.name)));
+      assert.equal(await pathInfos.get(Buffer.alloc(20, 9)), undefined);
+      const nar = await calculateNar(info.node, { blobs, directories });
+      assert.equal(nar.size, info.narSize);
+      assert.deepEqual(nar.sha256, info.narSha256);
+      if (pathInfos instanceof GrpcPathInfoService) {
+        assert.deepEqual(await pathInfos.calculateNar({ ...info.node, node: { ...info.node.node, name: Buffer.alloc(0) } } as PathInfo['node']), nar);
+      }
+
+      const withReference: PathInfo = { ...info, references: [storePath], signatures: [{ name: 'test-1', data: Buffer.alloc(64, 1) }] };
+      assert.deepEqual(await pathInfos.put(withReference), withReference);
+      assert.deepEqual((await pathInfos.get(storePath.digest))!.references, [storePath]);
+
+      const invalid: [string, PathInfo][] = [
+        ['NAR SHA-256 is 31 bytes', { ...info, narSha256: Buffer.alloc(31) }],
+        ['not a store path basename', { ...info, node: { kind: 'symlink', node: { name: Buffer.from('no-hash'), target: Buffer.from('x') } } }],
+        ['signature by "k" is 10 bytes', { ...info, signatures: [{ name: 'k', data: Buffer.alloc(10) }] }],
+        ['reference #0 is 19 bytes', { ...info, references: [{ digest: Buffer.alloc(19), name: 'x' }] }],
+      ];
+      for (const [problem, bad] of invalid) {
+        await assert.rejects(pathInfos.put(bad), (err: Error) => err instanceof InvalidInputError && err.message.includes(problem), problem);
+      }
+      if (name.startsWith('grpc')) {
+        // The daemon refuses a PathInfo whose tree it does not have.
+        const ghost = makeSourcePath(Buffer.alloc(32, 3), 'ghost');
+        const orphan: PathInfo = { ...info, node: { kind: 'directory', node: { name: Buffer.from(formatBasename(ghost)), digest: blake3(bytes('ghost')), size: 1 } } };
+        await assert.rejects(pathInfos.put(orphan), /is not in the store: upload its tree before its PathInfo/);
+        assert.equal(await pathInfos.get(ghost.digest), undefined);
+      }
     });
 
     test('blobs: put, stat, stream, random access, absent', async () => {

@@ -101,8 +101,8 @@ export function pathInfoFromWire(wire: WirePathInfo, prefix: PackagePrefix): Pat
     narSize: toSafeInteger(narinfo.nar_size, 'NAR size'),
     narSha256: narinfo.nar_sha256 ?? EMPTY,
     signatures: (narinfo.signatures ?? []).map((s) => ({ name: s.name ?? '', data: s.data ?? EMPTY })),
-    deriver: narinfo.deriver ? storePathFromWire(narinfo.deriver, 'deriver') : undefined,
-    ca: narinfo.ca ? { type: caTypeFromWire(narinfo.ca.type), digest: narinfo.ca.digest ?? EMPTY } : undefined,
+    ...(narinfo.deriver ? { deriver: storePathFromWire(narinfo.deriver, 'deriver') } : {}),
+    ...(narinfo.ca ? { ca: { type: caTypeFromWire(narinfo.ca.type), digest: narinfo.ca.digest ?? EMPTY } } : {}),
   };
 }
 

@@ -1,0 +1,147 @@
+// The Nix layer's building blocks: nixbase32, store paths, the NAR reader's
+// refusals, closure parsing. (Agreement with real Nix is in nix.test.ts.)
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { MemoryBlobService, MemoryDirectoryService } from '../src/castore/backends/memory.js';
+import { InvalidInputError } from '../src/castore/errors.js';
+import { parseClosure, parseContentAddress, parseNixHash } from '../src/store/closure.js';
+import { NarEncoder } from '../src/store/nar/encoder.js';
+import { NarFormatError, ingestNar } from '../src/store/nar/ingest.js';
+import * as nixbase32 from '../src/store/nixbase32.js';
+import { compressHash, formatStorePath, parseStorePath } from '../src/store/storepath.js';
+
+test('nixbase32: the vectors from Nix and tvix, both ways; bad input refused', () => {
+  const vectors: [string, string][] = [
+    ['', ''],
+    ['1f', '0z'],
+    ['8a12321522fd91efbd60ebb2481af88580f61600', '00bgd045z0d4icpbc2yyz4gx48ak44la'],
+    ['13a8cf7ca57f68a9f1752acee36a72a55187d3a954443c112818926f26109d91', '14cx20k6z4hq508kqi2lm79qfld5f9mf7kiafpqsjs3zlmycza0k'],
+  ];
+  for (const [hex, text] of vectors) {
+    assert.equal(nixbase32.encode(Buffer.from(hex, 'hex')), text);
+    assert.equal(nixbase32.decode(text).toString('hex'), hex);
+  }
+  assert.throws(() => nixbase32.decode('00bgd045z0d4icpbc2yyz4gx48ak44le'), /"e" is not a nixbase32 character/);
+  assert.throws(() => nixbase32.decode('0'.repeat(33)), /not a nixbase32 length/);
+  assert.throws(() => nixbase32.decode('zz'), /bits set beyond its length/);
+});
+
+test('store paths: parse, format, refuse bad ones', () => {
+  const path = '/nix/store/00bgd045z0d4icpbc2yyz4gx48ak44la-net-tools-1.60_p20170221182432';
+  const parsed = parseStorePath(path);
+  assert.equal(parsed.digest.toString('hex'), '8a12321522fd91efbd60ebb2481af88580f61600');
+  assert.equal(parsed.name, 'net-tools-1.60_p20170221182432');
+  assert.equal(formatStorePath(parsed), path);
+  const bad: [string, RegExp][] = [
+    ['/nix/store/00bgd045z0d4icpbc2yyz4gx48ak44la', /not a store path basename/],
+    ['/nix/store/00bgd045z0d4icpbc2yyz4gx48ak44la-', /not a store path basename/],
+    ['/nix/store/00bgd045z0d4icpbc2yyz4gx48ak44le-x', /hash part is not nixbase32/],
+    ['/nix/store/00bgd045z0d4icpbc2yyz4gx48ak44la-a b', /contains " "/],
+    [`/nix/store/00bgd045z0d4icpbc2yyz4gx48ak44la-${'x'.repeat(212)}`, /longer than 211/],
+    ['/nix/store/00bgd045z0d4icpbc2yyz4gx48ak44la-x/bin', /inside a store path/],
+    ['/usr/bin/00bgd045z0d4icpbc2yyz4gx48ak44la-x', /is not in \/nix\/store/],
+    ['/nix/store/00bgd045z0d4icpbc2yyz4gx48ak44la-..', /the name is "\.\."/],
+  ];
+  for (const [text, why] of bad) assert.throws(() => parseStorePath(text), (err: Error) => err instanceof InvalidInputError && why.test(err.message), text);
+  assert.deepEqual([...compressHash(Buffer.from([1, 2, 3, 4, 5]), 2)], [1 ^ 3 ^ 5, 2 ^ 4]);
+});
+
+test('Nix hashes and content addresses in their textual forms', () => {
+  const digest = Buffer.from('13a8cf7ca57f68a9f1752acee36a72a55187d3a954443c112818926f26109d91', 'hex');
+  for (const text of [
+    'sha256:14cx20k6z4hq508kqi2lm79qfld5f9mf7kiafpqsjs3zlmycza0k',
+    `sha256:${digest.toString('hex')}`,
+    `sha256-${digest.toString('base64')}`,
+  ]) assert.deepEqual(parseNixHash(text).digest, digest, text);
+  assert.throws(() => parseNixHash('sha256:abc'), /not a sha256 digest/);
+  assert.throws(() => parseNixHash('sha1-AAAA', 'sha256'), /not a sha1 digest|expected a sha256/);
+  assert.deepEqual(parseContentAddress(`fixed:r:sha256:${digest.toString('hex')}`), { type: 'NAR_SHA256', digest });
+  assert.deepEqual(parseContentAddress(`fixed:sha256:${digest.toString('hex')}`), { type: 'FLAT_SHA256', digest });
+  assert.deepEqual(parseContentAddress(`text:sha256:${digest.toString('hex')}`), { type: 'TEXT_SHA256', digest });
+});
+
+test('closure descriptions: attrs.json, path-info list and object; bad entries reported alone', () => {
+  const entry = {
+    path: '/nix/store/00bgd045z0d4icpbc2yyz4gx48ak44la-x',
+    narHash: 'sha256:14cx20k6z4hq508kqi2lm79qfld5f9mf7kiafpqsjs3zlmycza0k',
+    narSize: 120,
+    references: ['/nix/store/00bgd045z0d4icpbc2yyz4gx48ak44la-x'],
+  };
+  assert.equal(parseClosure({ closure: [entry], name: 'x' }).entries.length, 1);
+  assert.equal(parseClosure([entry, entry]).entries.length, 1);
+  const { path, ...rest } = entry;
+  assert.equal(parseClosure({ [path]: rest }).entries[0]!.path.name, 'x');
+  const mixed = parseClosure([entry, { ...entry, path: '/nix/store/bad', narSize: 1 }, { ...entry, path: entry.path + 'y', narSize: -1 }]);
+  assert.equal(mixed.entries.length, 1);
+  assert.deepEqual(mixed.problems.map((p) => p.path), ['/nix/store/bad', entry.path + 'y']);
+  assert.throws(() => parseClosure({ name: 'nothing' }), /no closure entries found/);
+});
+
+/** A NAR of a small tree, written with the encoder. */
+function sampleNar(): Buffer {
+  const chunks: Buffer[] = [];
+  const e = new NarEncoder((c) => chunks.push(Buffer.from(c)));
+  e.directoryStart();
+  e.entryStart(Buffer.from('a'));
+  e.fileStart(true, 5);
+  e.fileData(Buffer.from('hello'));
+  e.fileEnd();
+  e.entryEnd();
+  e.entryStart(Buffer.from('b'));
+  e.symlink(Buffer.from('a'));
+  e.entryEnd();
+  e.directoryEnd();
+  e.flush();
+  return Buffer.concat(chunks);
+}
+
+function narString(text: string): Buffer {
+  const bytes = Buffer.from(text);
+  const out = Buffer.alloc(8 + Math.ceil(bytes.length / 8) * 8);
+  out.writeBigUInt64LE(BigInt(bytes.length));
+  bytes.copy(out, 8);
+  return out;
+}
+
+function nar(...tokens: (string | Buffer)[]): Buffer {
+  return Buffer.concat(tokens.map((t) => (typeof t === 'string' ? narString(t) : t)));
+}
+
+test('NAR reader: refuses malformed NARs with a clear error and registers no directory', async () => {
+  const good = sampleNar();
+  const services = () => ({ blobs: new MemoryBlobService(), directories: new MemoryDirectoryService() });
+  const ok = await ingestNar([good], services());
+  assert.equal(ok.narSize, good.length);
+
+  const file = (contents: string, ...before: string[]) => ['(', 'type', 'regular', ...before, 'contents', narString(contents), ')'];
+  const dir = (...entries: (string | Buffer)[][]) => ['(', 'type', 'directory', ...entries.flat(), ')'];
+  const entry = (name: string | Buffer, node: (string | Buffer)[]) => ['entry', '(', 'name', typeof name === 'string' ? narString(name) : name, 'node', ...node, ')'];
+  const badPadding = Buffer.concat([Buffer.from([3, 0, 0, 0, 0, 0, 0, 0]), Buffer.from('abc'), Buffer.from([0, 0, 0, 0, 1])]);
+  const cases: [string, Buffer, RegExp][] = [
+    ['truncated', good.subarray(0, good.length - 9), /NAR is truncated/],
+    ['cut inside contents', good.subarray(0, 150), /NAR is truncated/],
+    ['not a NAR', nar('nix-archive-2', ...file('x')), /does not start with "nix-archive-1"/],
+    ['trailing data', Buffer.concat([good, narString('x')]), /trailing data/],
+    ['unsorted', nar('nix-archive-1', ...dir(entry('b', file('1')), entry('a', file('2')))), /entry "a" comes after "b"/],
+    ['duplicate', nar('nix-archive-1', ...dir(entry('a', file('1')), entry('a', file('2')))), /entry "a" appears twice/],
+    ['slash in name', nar('nix-archive-1', ...dir(entry('a/b', file('1')))), /entry name "a\/b"/],
+    ['dot-dot name', nar('nix-archive-1', ...dir(entry('..', file('1')))), /entry name "\.\."/],
+    ['empty name', nar('nix-archive-1', ...dir(entry('', file('1')))), /entry name/],
+    ['executable after contents', nar('nix-archive-1', '(', 'type', 'regular', 'contents', narString('x'), 'executable', '', ')'), /expected "\)", found "executable"/],
+    ['bad padding', nar('nix-archive-1', '(', 'type', 'symlink', 'target', badPadding, ')'), /non-zero padding/],
+    ['unknown type', nar('nix-archive-1', '(', 'type', 'fifo', ')'), /unknown node type "fifo"/],
+    ['huge length', nar('nix-archive-1', '(', 'type', 'regular', 'contents', Buffer.from([0, 0, 0, 0, 0, 0, 0, 0x80])), /too large/],
+    ['empty symlink target', nar('nix-archive-1', '(', 'type', 'symlink', 'target', '', ')'), /symlink target/],
+  ];
+  for (const [what, bytes, why] of cases) {
+    const s = services();
+    let puts = 0;
+    const put = s.directories.put.bind(s.directories);
+    s.directories.put = (batch) => {
+      puts++;
+      return put(batch);
+    };
+    await assert.rejects(ingestNar([bytes], s), (err: Error) => err instanceof NarFormatError && why.test(err.message), `${what}: ${why}`);
+    assert.equal(puts, 0, `${what}: no directory stored`);
+  }
+});
