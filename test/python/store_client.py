@@ -1,0 +1,142 @@
+"""An independent PathInfoService client: Debian's python3-grpcio against `nixcas daemon`.
+
+Usage: store_client.py SOCKET GENERATED_DIR STORE_PATH NAR_FILE
+STORE_PATH was imported into the daemon's store beforehand; NAR_FILE holds
+`nix-store --dump` of the same tree, from which the expected NAR size and
+SHA-256 are computed here. nixbase32 is decoded here, independently.
+Prints one line per check; exits 1 on the first failure.
+"""
+import hashlib
+import sys
+
+import grpc
+
+SOCKET, GENERATED, STORE_PATH, NAR_FILE = sys.argv[1:5]
+sys.path.insert(0, GENERATED)
+
+from tvix.castore.v1 import castore_pb2 as tvix_castore  # noqa: E402
+from tvix.store.v1 import pathinfo_pb2 as tvix_pathinfo  # noqa: E402
+from tvix.store.v1 import rpc_pathinfo_pb2 as tvix_rpc  # noqa: E402
+from tvix.store.v1 import rpc_pathinfo_pb2_grpc as tvix_grpc  # noqa: E402
+from snix.store.v1 import rpc_pathinfo_pb2 as snix_rpc  # noqa: E402
+from snix.store.v1 import rpc_pathinfo_pb2_grpc as snix_grpc  # noqa: E402
+
+ALPHABET = "0123456789abcdfghijklmnpqrsvwxyz"
+
+
+def nixbase32_decode(text: str) -> bytes:
+    out = bytearray(len(text) * 5 // 8)
+    for n, char in enumerate(reversed(text)):
+        digit = ALPHABET.index(char)
+        bit = n * 5
+        i, shift = bit // 8, bit % 8
+        out[i] |= (digit << shift) & 0xFF
+        if i + 1 < len(out):
+            out[i + 1] |= digit >> (8 - shift)
+    return bytes(out)
+
+
+def ok(what):
+    print("ok", what, flush=True)
+
+
+def expect_code(code, fn, what):
+    try:
+        fn()
+    except grpc.RpcError as err:
+        if err.code() != code:
+            raise AssertionError(f"{what}: expected {code}, got {err.code()}: {err.details()}")
+        ok(f"{what} -> {code.name}: {err.details()}")
+        return
+    raise AssertionError(f"{what}: expected {code}, but the call succeeded")
+
+
+channel = grpc.insecure_channel("unix://" + SOCKET)
+tvix = tvix_grpc.PathInfoServiceStub(channel)
+snix = snix_grpc.PathInfoServiceStub(channel)
+
+basename = STORE_PATH.split("/")[-1]
+output_hash = nixbase32_decode(basename[:32])
+nar = open(NAR_FILE, "rb").read()
+
+info = tvix.Get(tvix_rpc.GetPathInfoRequest(by_output_hash=output_hash))
+assert info.node.WhichOneof("node") == "directory", info
+assert info.node.directory.name == basename.encode(), info.node.directory.name
+assert info.narinfo.nar_size == len(nar), (info.narinfo.nar_size, len(nar))
+assert info.narinfo.nar_sha256 == hashlib.sha256(nar).digest()
+assert info.narinfo.ca.type == tvix_pathinfo.NARInfo.CA.NAR_SHA256
+assert info.narinfo.ca.digest == hashlib.sha256(nar).digest()
+ok(f"Get {basename}: node, NAR size {len(nar)} and SHA-256 match nix-store --dump")
+
+snix_info = snix.Get(snix_rpc.GetPathInfoRequest(by_output_hash=output_hash))
+assert snix_info.entry.directory.name == basename.encode()
+ok("Get under snix.store.v1 answers with the snix field names")
+
+unnamed = tvix_castore.Node()
+unnamed.CopyFrom(info.node)
+unnamed.directory.name = b""
+calculated = tvix.CalculateNAR(unnamed)
+assert calculated.nar_size == len(nar) and calculated.nar_sha256 == hashlib.sha256(nar).digest()
+ok("CalculateNAR matches nix-store --dump")
+
+listed = [p.node.directory.name for p in tvix.List(tvix_rpc.ListPathInfoRequest())]
+assert basename.encode() in listed, listed
+ok(f"List streams {len(listed)} path(s), including {basename}")
+
+expect_code(grpc.StatusCode.NOT_FOUND, lambda: tvix.Get(tvix_rpc.GetPathInfoRequest(by_output_hash=b"\x01" * 20)), "Get of an unknown path")
+expect_code(grpc.StatusCode.INVALID_ARGUMENT, lambda: tvix.Get(tvix_rpc.GetPathInfoRequest(by_output_hash=b"\x01" * 19)), "Get with a 19-byte hash")
+
+# Re-register with a self-reference and a signature, as a substituter would.
+signed = tvix_pathinfo.PathInfo()
+signed.CopyFrom(info)
+signed.references.append(output_hash)
+signed.narinfo.reference_names.append(basename)
+signed.narinfo.signatures.add(name="python-test-1", data=b"\x07" * 64)
+signed.narinfo.deriver.name = "made-by"
+signed.narinfo.deriver.digest = b"\x02" * 20
+stored = tvix.Put(signed)
+assert list(stored.references) == [output_hash]
+again = tvix.Get(tvix_rpc.GetPathInfoRequest(by_output_hash=output_hash))
+assert again.narinfo.reference_names == [basename] and again.narinfo.signatures[0].name == "python-test-1"
+assert again.narinfo.deriver.name == "made-by"
+ok("Put with references, a signature and a deriver; Get returns them")
+
+
+def broken(mutate):
+    bad = tvix_pathinfo.PathInfo()
+    bad.CopyFrom(info)
+    mutate(bad)
+    return lambda: tvix.Put(bad)
+
+
+def unnamed_reference(p):
+    p.references.append(output_hash)
+
+
+def short_sha(p):
+    p.narinfo.nar_sha256 = b"\x00" * 31
+
+
+def not_a_store_path(p):
+    p.node.directory.name = b"not-a-store-path"
+
+
+def no_narinfo(p):
+    p.ClearField("narinfo")
+
+
+def missing_tree(p):
+    p.node.directory.digest = b"\x05" * 32
+
+
+def short_signature(p):
+    p.narinfo.signatures.add(name="k", data=b"\x01" * 10)
+
+
+for mutate in [unnamed_reference, short_sha, not_a_store_path, no_narinfo, missing_tree, short_signature]:
+    expect_code(grpc.StatusCode.INVALID_ARGUMENT, broken(mutate), f"Put with {mutate.__name__.replace('_', ' ')}")
+
+final = tvix.Get(tvix_rpc.GetPathInfoRequest(by_output_hash=output_hash))
+assert final.node.directory.digest == info.node.directory.digest
+ok("refused Puts changed nothing")
+print("all checks passed")
