@@ -8,26 +8,14 @@ import { fileURLToPath } from 'node:url';
 import * as grpc from '@grpc/grpc-js';
 import { blake3Implementations } from '../src/castore/digest.js';
 import { clientConstructor } from '../src/grpc/protos.js';
+import { type Row, benchNix, median } from './nix.js';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const BLOB_BYTES = Number(process.env.BENCH_BLOB_MIB ?? 256) * 1024 * 1024;
 const REPEATS = Number(process.env.BENCH_REPEATS ?? 3);
 const CHUNK = 1024 * 1024;
 
-interface Row {
-  capability: string;
-  ours: number;
-  peer: number;
-  unit: string;
-  peerName: string;
-  target?: number;
-}
 const rows: Row[] = [];
-
-function median(values: number[]): number {
-  const sorted = [...values].sort((a, b) => a - b);
-  return sorted[Math.floor(sorted.length / 2)]!;
-}
 
 function startServer(args: string[], label: string): Promise<ChildProcess> {
   const child = spawn(process.execPath, args, { cwd: ROOT, stdio: ['ignore', 'ignore', 'pipe'] });
@@ -132,13 +120,22 @@ function benchBlake3(): void {
   rows.push({ capability: 'BLAKE3 hashing, 1 MiB updates', ours: measure(native.create), peer: measure(wasm.create), unit: 'MB/s', peerName: 'blake3-wasm (fallback)' });
 }
 
-await benchBlobs();
-benchBlake3();
+const only = process.env.BENCH_ONLY; // e.g. BENCH_ONLY=nix
+if (!only || only === 'blobs') await benchBlobs();
+if (!only || only === 'blake3') benchBlake3();
+if (!only || only === 'nix') {
+  const work = mkdtempSync(join(tmpdir(), 'nixcas-bench-nix-'));
+  try {
+    benchNix(rows, work, REPEATS, join(ROOT, 'dist/cli/main.js'));
+  } finally {
+    rmSync(work, { recursive: true, force: true });
+  }
+}
 
 console.log('\n| capability | nixcas | peer | ratio | target |');
 console.log('|---|---|---|---|---|');
 for (const r of rows) {
   const ratio = r.ours / r.peer;
-  const verdict = r.target === undefined ? '' : `${ratio >= r.target ? 'met' : 'MISSED'} (≥ ${r.target})`;
+  const verdict = r.note ?? (r.target === undefined ? '' : `${ratio >= r.target ? 'met' : 'MISSED'} (≥ ${r.target})`);
   console.log(`| ${r.capability} | ${r.ours.toFixed(0)} ${r.unit} | ${r.peer.toFixed(0)} ${r.unit} (${r.peerName}) | ${ratio.toFixed(2)} | ${verdict} |`);
 }

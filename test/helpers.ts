@@ -71,6 +71,11 @@ export async function verifyLocalStore(dir: string): Promise<{ blobs: number; di
   const blobService = LocalStore.blobService(dir);
   let count = 0;
   try {
+    for (const { digest, data } of blobService.smallBlobEntries()) {
+      blobs++;
+      const actual = digestKey(blake3(data));
+      if (actual !== digestKey(digest)) problems.push(`small blob ${digestKey(digest)} holds content with digest ${actual}`);
+    }
     for (const digest of directories.digests()) {
       count++;
       const directory = (await directories.get(digest))!;

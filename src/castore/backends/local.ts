@@ -2,15 +2,18 @@
 // processes may share at once, without a daemon.
 //
 //   STORE/nixcas-store          marker with the layout version
-//   STORE/blobs/ab/abcd…        one file per blob, named by the hex digest
-//   STORE/tmp/<pid>-<random>    blobs being written
-//   STORE/metadata/             LMDB: directories; path infos (store/backends/local.ts)
+//   STORE/blobs/ab/abcd…        one file per blob larger than SMALL_BLOB_MAX, named by the hex digest
+//   STORE/tmp/<pid>-<random>    large blobs being written
+//   STORE/metadata/             LMDB: small blobs; directories; path infos (store/backends/local.ts)
 //
-// A blob is written to tmp/, fsynced, then renamed into blobs/ and the
+// A large blob is written to tmp/, fsynced, then renamed into blobs/ and the
 // directory fsynced: a reader sees a complete blob or none, whatever kills
-// the writer. Directories are committed to LMDB in one transaction per batch,
-// after their references were checked, so a stored directory's closure is
-// always complete. LMDB is multi-process safe by design.
+// the writer. Small blobs (most files of a Nix store) live in LMDB: creating
+// a file costs ~0.5 ms here, an LMDB put a few µs, and puts made together
+// share one commit. Directories are committed to LMDB in one transaction per
+// batch, after their references were checked, so a stored directory's closure
+// is always complete. LMDB commits are ordered, so a directory is never
+// durable before the small blobs it names. LMDB is multi-process safe.
 import { randomBytes } from 'node:crypto';
 import { constants, promises as fs, readdirSync, unlinkSync, mkdirSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -22,7 +25,12 @@ import type { Directory } from '../model.js';
 import { decodeDirectory } from '../wire.js';
 
 const LAYOUT_MARKER = 'nixcas-store';
-const LAYOUT_VERSION = 1;
+/** Version 2 added small blobs in LMDB; version 1 stores are read as they are and upgraded. */
+const LAYOUT_VERSION = 2;
+const READABLE_LAYOUTS = [1, 2];
+
+/** Blobs up to this size are kept in LMDB rather than as files. */
+export const SMALL_BLOB_MAX = 64 * 1024;
 
 function processIsAlive(pid: number): boolean {
   try {
@@ -36,6 +44,7 @@ function processIsAlive(pid: number): boolean {
 export class LocalStore {
   private readonly env: RootDatabase;
   private readonly directoryDb: Database<Buffer, Buffer>;
+  private readonly smallBlobDb: Database<Buffer, Buffer>;
   private users = 0;
 
   private constructor(readonly root: string) {
@@ -44,15 +53,17 @@ export class LocalStore {
     const marker = join(root, LAYOUT_MARKER);
     if (existsSync(marker)) {
       const version = Number(readFileSync(marker, 'utf8').trim().split(' ')[1]);
-      if (version !== LAYOUT_VERSION) {
-        throw new Error(`${root}: store layout version ${version}, this nixcas reads version ${LAYOUT_VERSION}`);
+      if (!READABLE_LAYOUTS.includes(version)) {
+        throw new Error(`${root}: store layout version ${version}, this nixcas reads versions ${READABLE_LAYOUTS.join(' and ')}`);
       }
+      if (version !== LAYOUT_VERSION) writeFileSync(marker, `${LAYOUT_MARKER} ${LAYOUT_VERSION}\n`);
     } else {
       writeFileSync(marker, `${LAYOUT_MARKER} ${LAYOUT_VERSION}\n`);
     }
     this.removeAbandonedTempFiles();
     this.env = openLmdb({ path: join(root, 'metadata'), maxDbs: 8, compression: false });
     this.directoryDb = this.env.openDB({ name: 'directories', encoding: 'binary', keyEncoding: 'binary' });
+    this.smallBlobDb = this.env.openDB({ name: 'small-blobs', encoding: 'binary', keyEncoding: 'binary' });
   }
 
   /** Temp files of writers that no longer run (killed mid-write) are garbage. */
@@ -86,7 +97,7 @@ export class LocalStore {
   /** A BlobService on the store at `root`; closing it releases the store. */
   static blobService(root: string): LocalBlobService {
     const store = LocalStore.acquire(root);
-    return new LocalBlobService(root, () => store.release());
+    return new LocalBlobService(root, store.smallBlobDb, () => store.release());
   }
 
   /** A DirectoryService on the store at `root`; closing it releases the store. */
@@ -112,10 +123,26 @@ export class LocalStore {
   }
 }
 
+/** A reader over a blob held in memory. */
+function bufferReader(blob: Buffer): BlobReader {
+  return {
+    size: blob.length,
+    read: async (target, offset, length, position) => {
+      if (position >= blob.length) return 0;
+      return blob.copy(target, offset, position, Math.min(blob.length, position + length));
+    },
+    close: async () => {},
+  };
+}
+
 export class LocalBlobService implements BlobService {
   private readonly knownPrefixDirs = new Set<string>();
 
-  constructor(private readonly root: string, readonly onClose?: () => Promise<void>) {}
+  constructor(
+    private readonly root: string,
+    private readonly smallBlobs: Database<Buffer, Buffer>,
+    readonly onClose?: () => Promise<void>,
+  ) {}
 
   private pathOf(digest: B3Digest): string {
     const hex = digestKey(digest);
@@ -127,6 +154,8 @@ export class LocalBlobService implements BlobService {
   }
 
   async stat(digest: B3Digest) {
+    const small = this.smallBlobs.get(digest);
+    if (small) return { size: small.length };
     try {
       const st = await fs.stat(this.pathOf(digest));
       return { size: st.size };
@@ -137,6 +166,8 @@ export class LocalBlobService implements BlobService {
   }
 
   async openReader(digest: B3Digest): Promise<BlobReader | undefined> {
+    const small = this.smallBlobs.get(digest);
+    if (small) return bufferReader(small);
     let handle: fs.FileHandle;
     try {
       handle = await fs.open(this.pathOf(digest), constants.O_RDONLY);
@@ -153,13 +184,30 @@ export class LocalBlobService implements BlobService {
   }
 
   async readStream(digest: B3Digest, chunkSize?: number) {
+    const small = this.smallBlobs.get(digest);
+    if (small && small.length <= (chunkSize ?? Infinity)) return (async function* () { yield small; })();
     const reader = await this.openReader(digest);
     return reader && streamBlobReader(reader, chunkSize);
   }
 
   openWriter(): BlobWriter {
     const tmpPath = join(this.root, 'tmp', `${process.pid}-${randomBytes(8).toString('hex')}`);
-    return new LocalBlobWriter(tmpPath, (digest) => this.publish(tmpPath, digest));
+    return new LocalBlobWriter(
+      tmpPath,
+      (digest) => this.publish(tmpPath, digest),
+      (digest, data) => this.publishSmall(digest, data),
+    );
+  }
+
+  /** Stores a small blob in LMDB; puts made in the same tick share one commit. */
+  private async publishSmall(digest: B3Digest, data: Buffer): Promise<void> {
+    if (this.smallBlobs.doesExist(digest)) return;
+    await this.smallBlobs.put(digest, data);
+  }
+
+  /** Every small blob (for consistency checks). */
+  *smallBlobEntries(): Iterable<{ digest: Buffer; data: Buffer }> {
+    for (const { key, value } of this.smallBlobs.getRange()) yield { digest: key as Buffer, data: value };
   }
 
   /** Moves a complete, synced temp file to its content address. */
@@ -189,45 +237,74 @@ export class LocalBlobService implements BlobService {
 }
 
 /**
- * Writes a blob to its temp file. Disk writes are queued rather than awaited
- * one by one, so the next chunk can arrive (from the network, a NAR) while
- * the previous one is written; write() waits only when too much is queued.
+ * Writes a blob. The first SMALL_BLOB_MAX bytes are held in memory; a blob
+ * that stays that small goes to LMDB and never touches a file. Past that, a
+ * temp file is opened and disk writes are queued rather than awaited one by
+ * one, so the next chunk can arrive (from the network, a NAR) while the
+ * previous one is written; write() waits only when too much is queued.
  */
 class LocalBlobWriter implements BlobWriter {
   private static readonly MAX_QUEUED_BYTES = 8 * 1024 * 1024;
   private readonly hasher = createBlake3();
-  private readonly file: Promise<fs.FileHandle>;
-  private queue: Promise<void>;
+  private held: Uint8Array[] = [];
+  private heldBytes = 0;
+  private file?: Promise<fs.FileHandle>;
+  private queue: Promise<void> = Promise.resolve();
   private queuedBytes = 0;
   private failure: unknown;
   private state: 'open' | 'closed' | 'aborted' = 'open';
 
-  constructor(private readonly tmpPath: string, private readonly publish: (digest: B3Digest) => Promise<void>) {
-    this.file = fs.open(tmpPath, 'wx', 0o444);
-    this.file.catch(() => {}); // surfaced through the queue
-    this.queue = this.file.then(() => {});
-  }
+  constructor(
+    private readonly tmpPath: string,
+    private readonly publish: (digest: B3Digest) => Promise<void>,
+    private readonly publishSmall: (digest: B3Digest, data: Buffer) => Promise<void>,
+  ) {}
 
   async write(chunk: Uint8Array): Promise<void> {
     if (this.state !== 'open') throw new Error(`blob writer is ${this.state}`);
     if (this.failure) throw this.failure;
     this.hasher.update(chunk);
+    if (!this.file) {
+      this.held.push(chunk);
+      this.heldBytes += chunk.length;
+      if (this.heldBytes <= SMALL_BLOB_MAX) return;
+      // Too big for LMDB: continue as a file, starting with what was held.
+      const file = fs.open(this.tmpPath, 'wx', 0o444);
+      file.catch(() => {}); // surfaced through the queue
+      this.file = file;
+      this.queue = file.then(() => {});
+      const held = this.held;
+      this.held = [];
+      this.heldBytes = 0;
+      for (const piece of held) this.enqueue(piece);
+    } else {
+      this.enqueue(chunk);
+    }
+    if (this.queuedBytes > LocalBlobWriter.MAX_QUEUED_BYTES) await this.queue;
+  }
+
+  private enqueue(chunk: Uint8Array): void {
     this.queuedBytes += chunk.length;
     this.queue = this.queue.then(async () => {
-      const fh = await this.file;
+      const fh = await this.file!;
       for (let written = 0; written < chunk.length; ) {
         written += (await fh.write(chunk, written, chunk.length - written)).bytesWritten;
       }
       this.queuedBytes -= chunk.length;
     });
     this.queue.catch((err) => (this.failure ??= err));
-    if (this.queuedBytes > LocalBlobWriter.MAX_QUEUED_BYTES) await this.queue;
   }
 
   async close(): Promise<B3Digest> {
     if (this.state !== 'open') throw new Error(`blob writer is ${this.state}`);
     this.state = 'closed';
     const digest = this.hasher.digest();
+    if (!this.file) {
+      const data = this.held.length === 1 ? Buffer.from(this.held[0]!) : Buffer.concat(this.held);
+      this.held = [];
+      await this.publishSmall(digest, data);
+      return digest;
+    }
     try {
       await this.queue;
       const fh = await this.file;
@@ -250,6 +327,8 @@ class LocalBlobWriter implements BlobWriter {
   }
 
   private async discard(): Promise<void> {
+    this.held = [];
+    if (!this.file) return;
     await this.queue.catch(() => {});
     await (await this.file.catch(() => undefined))?.close().catch(() => {});
     await fs.unlink(this.tmpPath).catch(() => {});
