@@ -43,10 +43,10 @@ for (const [name, url] of backends) {
     let blobs: BlobService;
     let directories: DirectoryService;
     let pathInfos: PathInfoService;
-    before(() => {
-      blobs = openBlobService(url());
-      directories = openDirectoryService(url());
-      pathInfos = openPathInfoService(url());
+    before(async () => {
+      blobs = await openBlobService(url());
+      directories = await openDirectoryService(url());
+      pathInfos = await openPathInfoService(url());
     });
     after(async () => {
       await blobs.close();

@@ -41,22 +41,36 @@ export interface BlobService {
 
 export const DEFAULT_CHUNK_SIZE = 1024 * 1024;
 
-/** A chunked stream over any BlobReader; closes the reader when done or abandoned. */
+/**
+ * A chunked stream over any BlobReader; closes the reader when done or
+ * abandoned. The next chunk is read while the consumer handles the current
+ * one, so disk reads overlap with whatever the consumer does (writing to a
+ * pipe or socket).
+ */
 export async function* streamBlobReader(reader: BlobReader, chunkSize = DEFAULT_CHUNK_SIZE): AsyncGenerator<Buffer> {
+  const readChunk = async (position: number): Promise<Buffer> => {
+    const chunk = Buffer.allocUnsafe(Math.min(chunkSize, reader.size - position));
+    let filled = 0;
+    while (filled < chunk.length) {
+      const n = await reader.read(chunk, filled, chunk.length - filled, position + filled);
+      if (n === 0) throw new Error(`blob ended after ${position + filled} of ${reader.size} bytes`);
+      filled += n;
+    }
+    return chunk;
+  };
+  let next: Promise<Buffer> | undefined;
   try {
     let position = 0;
-    while (position < reader.size) {
-      const chunk = Buffer.allocUnsafe(Math.min(chunkSize, reader.size - position));
-      let filled = 0;
-      while (filled < chunk.length) {
-        const n = await reader.read(chunk, filled, chunk.length - filled, position + filled);
-        if (n === 0) throw new Error(`blob ended after ${position + filled} of ${reader.size} bytes`);
-        filled += n;
-      }
-      position += filled;
+    next = position < reader.size ? readChunk(0) : undefined;
+    while (next) {
+      const chunk = await next;
+      position += chunk.length;
+      next = position < reader.size ? readChunk(position) : undefined;
+      next?.catch(() => {}); // awaited on the next turn, or abandoned with the stream
       yield chunk;
     }
   } finally {
+    await next?.catch(() => {});
     await reader.close();
   }
 }

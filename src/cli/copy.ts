@@ -39,7 +39,7 @@ export function copyCommand(): Command {
     }
     const { entries, problems } = parseClosure(json);
     for (const { path, error } of problems) console.error(`nixcas copy: ${path}: ${error.message}`);
-    const services = openServices(options);
+    const services = await openServices(options);
     const progress = new Progress();
     let done = 0;
     let bytes = 0;

@@ -1,7 +1,6 @@
 // `nixcas daemon`: serve the store over gRPC until SIGINT/SIGTERM.
 import { unlinkSync } from 'node:fs';
 import { Command } from 'commander';
-import { createServer, grpcListenTarget, listen } from '../grpc/server.js';
 import { addStoreOptions, openServices } from './store-options.js';
 
 export const DEFAULT_LISTEN = '[::1]:8000';
@@ -17,7 +16,8 @@ export function daemonCommand(): Command {
     )
     .option('-l, --listen <address>', 'host:port, [ipv6]:port, or a unix socket path', DEFAULT_LISTEN);
   return addStoreOptions(command).action(async (options) => {
-    const services = openServices(options);
+    const { createServer, grpcListenTarget, listen } = await import('../grpc/server.js'); // loaded only when serving
+    const services = await openServices(options);
     const server = createServer(services);
     const port = await listen(server, options.listen);
     const { socketPath } = grpcListenTarget(options.listen);

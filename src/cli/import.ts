@@ -17,7 +17,7 @@ export function importCommand(): Command {
     .option('--name <name>', 'store path name instead of the basename (only with one PATH)');
   return addStoreOptions(command).action(async (paths: string[], options) => {
     if (options.name && paths.length > 1) throw new Error('--name works with one PATH only');
-    const services = openServices(options);
+    const services = await openServices(options);
     const progress = new Progress();
     let failed = 0;
     try {

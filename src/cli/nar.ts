@@ -17,7 +17,7 @@ export function narCommand(): Command {
   return addStoreOptions(command).action(async (raw: string, options) => {
     const storePath = parseStorePath(raw.includes('/') ? raw : `/nix/store/${raw}`);
     if (process.stdout.isTTY) throw new Error('refusing to write a NAR to a terminal; redirect stdout');
-    const services = openServices(options);
+    const services = await openServices(options);
     try {
       const info = await services.pathInfos.get(storePath.digest);
       if (!info) throw new Error(`${formatStorePath(storePath)} is not in the store (${services.addresses.pathInfo})`);

@@ -24,11 +24,11 @@ export interface OpenServices {
   close(): Promise<void>;
 }
 
-export function openServices(options: AddressOptions): OpenServices {
+export async function openServices(options: AddressOptions): Promise<OpenServices> {
   const addresses = resolveAddresses(options);
-  const blobs = openBlobService(addresses.blob);
-  const directories = openDirectoryService(addresses.directory);
-  const pathInfos = openPathInfoService(addresses.pathInfo);
+  const blobs = await openBlobService(addresses.blob);
+  const directories = await openDirectoryService(addresses.directory);
+  const pathInfos = await openPathInfoService(addresses.pathInfo);
   return {
     addresses,
     blobs,

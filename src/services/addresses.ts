@@ -11,13 +11,13 @@ import { isAbsolute, join, resolve } from 'node:path';
 import envPaths from 'env-paths';
 import type { BlobService } from '../castore/blobservice.js';
 import type { DirectoryService } from '../castore/directoryservice.js';
-import { MemoryBlobService, MemoryDirectoryService } from '../castore/backends/memory.js';
-import { LocalStore } from '../castore/backends/local.js';
-import { GrpcBlobService, GrpcDirectoryService } from '../grpc/castore-client.js';
 import type { PathInfoService } from '../store/pathinfoservice.js';
-import { MemoryPathInfoService } from '../store/backends/memory.js';
-import { LocalPathInfoService } from '../store/backends/local.js';
-import { GrpcPathInfoService } from '../grpc/store-client.js';
+
+// Backends are loaded when a URL names them: a command that only uses the
+// local store never pays for loading gRPC (or the other way round).
+const memoryCastore = () => import('../castore/backends/memory.js');
+const localCastore = () => import('../castore/backends/local.js');
+const grpcCastore = () => import('../grpc/castore-client.js');
 
 export interface ServiceAddresses {
   blob: string;
@@ -69,35 +69,35 @@ function schemeOf(raw: string): URL {
   }
 }
 
-export function openBlobService(raw: string): BlobService {
+export async function openBlobService(raw: string): Promise<BlobService> {
   const url = schemeOf(raw);
   switch (url.protocol) {
-    case 'memory:': return new MemoryBlobService();
-    case 'local:': return LocalStore.blobService(localPath(url, raw));
+    case 'memory:': return new (await memoryCastore()).MemoryBlobService();
+    case 'local:': return (await localCastore()).LocalStore.blobService(localPath(url, raw));
     case 'grpc+unix:':
-    case 'grpc+http:': return new GrpcBlobService(raw);
+    case 'grpc+http:': return new (await grpcCastore()).GrpcBlobService(raw);
     default: throw new Error(`${raw}: unknown blob service scheme ${url.protocol}`);
   }
 }
 
-export function openDirectoryService(raw: string): DirectoryService {
+export async function openDirectoryService(raw: string): Promise<DirectoryService> {
   const url = schemeOf(raw);
   switch (url.protocol) {
-    case 'memory:': return new MemoryDirectoryService();
-    case 'local:': return LocalStore.directoryService(localPath(url, raw));
+    case 'memory:': return new (await memoryCastore()).MemoryDirectoryService();
+    case 'local:': return (await localCastore()).LocalStore.directoryService(localPath(url, raw));
     case 'grpc+unix:':
-    case 'grpc+http:': return new GrpcDirectoryService(raw);
+    case 'grpc+http:': return new (await grpcCastore()).GrpcDirectoryService(raw);
     default: throw new Error(`${raw}: unknown directory service scheme ${url.protocol}`);
   }
 }
 
-export function openPathInfoService(raw: string): PathInfoService {
+export async function openPathInfoService(raw: string): Promise<PathInfoService> {
   const url = schemeOf(raw);
   switch (url.protocol) {
-    case 'memory:': return new MemoryPathInfoService();
-    case 'local:': return new LocalPathInfoService(localPath(url, raw));
+    case 'memory:': return new (await import('../store/backends/memory.js')).MemoryPathInfoService();
+    case 'local:': return new (await import('../store/backends/local.js')).LocalPathInfoService(localPath(url, raw));
     case 'grpc+unix:':
-    case 'grpc+http:': return new GrpcPathInfoService(raw);
+    case 'grpc+http:': return new (await import('../grpc/store-client.js')).GrpcPathInfoService(raw);
     default: throw new Error(`${raw}: unknown path info service scheme ${url.protocol}`);
   }
 }

@@ -40,17 +40,18 @@ export async function* renderNar(root: Node, services: CastoreServices): AsyncGe
   const out: Buffer[] = [];
   const encoder = new NarEncoder((chunk) => out.push(chunk));
   const tree = root.kind === 'directory' ? await fetchTree(services, root.node) : new Map<string, Directory>();
-  const where: string[] = [];
+  const where: Buffer[] = []; // names from the root to the current node, formatted only for errors
+  const here = () => (where.length ? where.map((name) => displayName(name).slice(1, -1)).join('/') : 'root');
 
   async function* file(node: FileNode): AsyncGenerator<Buffer> {
     encoder.fileStart(node.executable, node.size);
     if (node.size > 0) {
       const stream = await services.blobs.readStream(node.digest);
-      if (!stream) throw new NotFoundError(`${where.join('/') || 'root'}: blob ${formatDigest(node.digest)} is missing`);
+      if (!stream) throw new NotFoundError(`${here()}: blob ${formatDigest(node.digest)} is missing`);
       let seen = 0;
       for await (const chunk of stream) {
         seen += chunk.length;
-        if (seen > node.size) throw new Error(`${where.join('/')}: blob ${formatDigest(node.digest)} is longer than the ${node.size} bytes its node says`);
+        if (seen > node.size) throw new Error(`${here()}: blob ${formatDigest(node.digest)} is longer than the ${node.size} bytes its node says`);
         encoder.fileData(chunk);
         if (out.length) yield* out.splice(0);
       }
@@ -60,11 +61,11 @@ export async function* renderNar(root: Node, services: CastoreServices): AsyncGe
 
   async function* directory(node: DirectoryNode): AsyncGenerator<Buffer> {
     const listing = tree.get(digestKey(node.digest));
-    if (!listing) throw new NotFoundError(`${where.join('/') || 'root'}: directory ${formatDigest(node.digest)} is missing`);
+    if (!listing) throw new NotFoundError(`${here()}: directory ${formatDigest(node.digest)} is missing`);
     encoder.directoryStart();
     for (const entry of sortedEntries(listing)) {
       encoder.entryStart(entry.node.name);
-      where.push(displayName(entry.node.name));
+      where.push(entry.node.name);
       yield* any(entry);
       where.pop();
       encoder.entryEnd();
