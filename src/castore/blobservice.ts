@@ -75,6 +75,18 @@ export async function* streamBlobReader(reader: BlobReader, chunkSize = DEFAULT_
   }
 }
 
+/** A reader over a blob held in memory. */
+export function bufferReader(blob: Buffer): BlobReader {
+  return {
+    size: blob.length,
+    read: async (target, offset, length, position) => {
+      if (position >= blob.length) return 0;
+      return blob.copy(target, offset, position, Math.min(blob.length, position + length));
+    },
+    close: async () => {},
+  };
+}
+
 /** Writes a whole buffer as one blob (tests, small metadata). */
 export async function putBlob(service: BlobService, data: Uint8Array): Promise<B3Digest> {
   const writer = service.openWriter();

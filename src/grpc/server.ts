@@ -5,18 +5,10 @@ import { connect } from 'node:net';
 import * as grpc from '@grpc/grpc-js';
 import { ReflectionService } from '@grpc/reflection';
 import { HealthImplementation } from 'grpc-health-check';
-import type { BlobService } from '../castore/blobservice.js';
-import type { DirectoryService } from '../castore/directoryservice.js';
 import { blobServiceHandlers, directoryServiceHandlers } from './castore-server.js';
 import { PACKAGE_PREFIXES, packageDefinition, qualifiedServiceName, tolerantServiceDefinition } from './protos.js';
-import type { PathInfoService } from '../store/pathinfoservice.js';
+import type { StoreServices } from '../store/import.js';
 import { pathInfoServiceHandlers } from './store-server.js';
-
-export interface StoreServices {
-  blobs: BlobService;
-  directories: DirectoryService;
-  pathInfos: PathInfoService;
-}
 
 const MAX_MESSAGE_BYTES = 64 * 1024 * 1024;
 

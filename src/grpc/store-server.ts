@@ -1,24 +1,17 @@
 // gRPC handlers for PathInfoService (tvix.store.v1 / snix.store.v1) over any backend.
 import * as grpc from '@grpc/grpc-js';
-import type { BlobService } from '../castore/blobservice.js';
 import { formatDigest } from '../castore/digest.js';
-import type { DirectoryService } from '../castore/directoryservice.js';
 import { InvalidInputError, NotFoundError } from '../castore/errors.js';
 import type { Node } from '../castore/model.js';
 import { calculateNar } from '../store/nar/render.js';
 import { validatePathInfo } from '../store/pathinfo.js';
-import type { PathInfoService } from '../store/pathinfoservice.js';
+import type { StoreServices } from '../store/import.js';
 import { formatStorePath } from '../store/storepath.js';
 import { type PackagePrefix, requireWellFormed } from './protos.js';
 import { toServiceError } from './status.js';
 import { type WireNode, type WirePathInfo, nodeFromWire, pathInfoFromWire, pathInfoToWire } from './store-convert.js';
 import { writeWithBackpressure } from './castore-server.js';
 
-export interface StoreServices {
-  blobs: BlobService;
-  directories: DirectoryService;
-  pathInfos: PathInfoService;
-}
 
 function answer<T>(callback: grpc.sendUnaryData<unknown>, work: () => Promise<T>): void {
   work().then((response) => callback(null, response), (err) => callback(toServiceError(err)));

@@ -14,6 +14,8 @@ import grpc
 SOCKET, GENERATED = sys.argv[1], sys.argv[2]
 sys.path.insert(0, GENERATED)
 
+from checks import expect_code, ok  # noqa: E402
+
 from tvix.castore.v1 import castore_pb2 as tvix_pb  # noqa: E402
 from tvix.castore.v1 import rpc_blobstore_pb2 as tvix_blob_pb  # noqa: E402
 from tvix.castore.v1 import rpc_blobstore_pb2_grpc as tvix_blob_grpc  # noqa: E402
@@ -34,20 +36,6 @@ def b3(data: bytes) -> bytes:
     assert len(out) == 32, out
     return out
 
-
-def ok(what):
-    print("ok", what, flush=True)
-
-
-def expect_code(code, fn, what):
-    try:
-        fn()
-    except grpc.RpcError as err:
-        if err.code() != code:
-            raise AssertionError(f"{what}: expected {code}, got {err.code()}: {err.details()}")
-        ok(f"{what} -> {code.name}: {err.details()}")
-        return err.details()
-    raise AssertionError(f"{what}: expected {code}, but the call succeeded")
 
 
 # ---- blobs

@@ -14,6 +14,8 @@ import grpc
 SOCKET, GENERATED, STORE_PATH, NAR_FILE = sys.argv[1:5]
 sys.path.insert(0, GENERATED)
 
+from checks import expect_code, ok  # noqa: E402
+
 from tvix.castore.v1 import castore_pb2 as tvix_castore  # noqa: E402
 from tvix.store.v1 import pathinfo_pb2 as tvix_pathinfo  # noqa: E402
 from tvix.store.v1 import rpc_pathinfo_pb2 as tvix_rpc  # noqa: E402
@@ -35,20 +37,6 @@ def nixbase32_decode(text: str) -> bytes:
             out[i + 1] |= digit >> (8 - shift)
     return bytes(out)
 
-
-def ok(what):
-    print("ok", what, flush=True)
-
-
-def expect_code(code, fn, what):
-    try:
-        fn()
-    except grpc.RpcError as err:
-        if err.code() != code:
-            raise AssertionError(f"{what}: expected {code}, got {err.code()}: {err.details()}")
-        ok(f"{what} -> {code.name}: {err.details()}")
-        return
-    raise AssertionError(f"{what}: expected {code}, but the call succeeded")
 
 
 channel = grpc.insecure_channel("unix://" + SOCKET)

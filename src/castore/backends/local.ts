@@ -18,7 +18,7 @@ import { randomBytes } from 'node:crypto';
 import { constants, promises as fs, readdirSync, unlinkSync, mkdirSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { type Database, type RootDatabase, open as openLmdb } from 'lmdb';
-import { type BlobReader, type BlobService, type BlobWriter, streamBlobReader } from '../blobservice.js';
+import { type BlobReader, type BlobService, type BlobWriter, bufferReader, streamBlobReader } from '../blobservice.js';
 import { type B3Digest, createBlake3, digestKey } from '../digest.js';
 import { type DirectoryService, checkBatch, walkDirectories } from '../directoryservice.js';
 import type { Directory } from '../model.js';
@@ -121,18 +121,6 @@ export class LocalStore {
     LocalStore.open.delete(this.root);
     await this.env.close();
   }
-}
-
-/** A reader over a blob held in memory. */
-function bufferReader(blob: Buffer): BlobReader {
-  return {
-    size: blob.length,
-    read: async (target, offset, length, position) => {
-      if (position >= blob.length) return 0;
-      return blob.copy(target, offset, position, Math.min(blob.length, position + length));
-    },
-    close: async () => {},
-  };
 }
 
 export class LocalBlobService implements BlobService {

@@ -1,5 +1,5 @@
 // In-memory services: for tests and short-lived daemons (`memory://`).
-import { type BlobReader, type BlobService, type BlobWriter, streamBlobReader } from '../blobservice.js';
+import { type BlobReader, type BlobService, type BlobWriter, bufferReader, streamBlobReader } from '../blobservice.js';
 import { type B3Digest, createBlake3, digestKey } from '../digest.js';
 import { type DirectoryService, checkBatch, walkDirectories } from '../directoryservice.js';
 import type { Directory } from '../model.js';
@@ -19,15 +19,7 @@ export class MemoryBlobService implements BlobService {
 
   async openReader(digest: B3Digest): Promise<BlobReader | undefined> {
     const blob = this.blobs.get(digestKey(digest));
-    if (!blob) return undefined;
-    return {
-      size: blob.length,
-      read: async (target, offset, length, position) => {
-        if (position >= blob.length) return 0;
-        return blob.copy(target, offset, position, Math.min(blob.length, position + length));
-      },
-      close: async () => {},
-    };
+    return blob && bufferReader(blob);
   }
 
   async readStream(digest: B3Digest, chunkSize?: number) {
