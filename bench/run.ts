@@ -126,7 +126,7 @@ if (!only || only === 'blake3') benchBlake3();
 if (!only || only === 'nix') {
   const work = mkdtempSync(join(tmpdir(), 'nixcas-bench-nix-'));
   try {
-    benchNix(rows, work, REPEATS, join(ROOT, 'dist/cli/main.js'));
+    await benchNix(rows, work, REPEATS, join(ROOT, 'dist/cli/main.js'));
   } finally {
     rmSync(work, { recursive: true, force: true });
   }

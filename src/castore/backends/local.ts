@@ -224,6 +224,12 @@ export class LocalBlobService implements BlobService {
   }
 }
 
+/** The chunk itself when it owns its memory; a copy when it is a view into a larger buffer it would keep alive. */
+function ownedCopy(chunk: Uint8Array): Buffer {
+  const view = Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength);
+  return chunk.byteLength === chunk.buffer.byteLength ? view : Buffer.from(view);
+}
+
 /**
  * Writes a blob. The first SMALL_BLOB_MAX bytes are held in memory; a blob
  * that stays that small goes to LMDB and never touches a file. Past that, a
@@ -288,7 +294,7 @@ class LocalBlobWriter implements BlobWriter {
     this.state = 'closed';
     const digest = this.hasher.digest();
     if (!this.file) {
-      const data = this.held.length === 1 ? Buffer.from(this.held[0]!) : Buffer.concat(this.held);
+      const data = this.held.length === 1 ? ownedCopy(this.held[0]!) : Buffer.concat(this.held);
       this.held = [];
       await this.publishSmall(digest, data);
       return digest;
