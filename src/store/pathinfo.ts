@@ -4,7 +4,7 @@
 import { checkDigestLength } from '../castore/digest.js';
 import { InvalidInputError } from '../castore/errors.js';
 import type { Node } from '../castore/model.js';
-import { nameProblem, symlinkTargetProblem } from '../castore/validate.js';
+import { symlinkTargetProblem } from '../castore/validate.js';
 import { HASH_PART_BYTES, type StorePath, formatBasename, formatStorePath, parseBasename } from './storepath.js';
 
 export class InvalidPathInfoError extends InvalidInputError {}
@@ -69,8 +69,6 @@ export function validatePathInfo(info: PathInfo): StorePath {
     const problem = symlinkTargetProblem(node.node.target);
     if (problem) fail(`root symlink: ${problem}`);
   }
-  const nameIssue = nameProblem(rawName);
-  if (nameIssue) fail(`root node name: ${nameIssue}`);
   for (const [i, ref] of info.references.entries()) {
     if (ref.digest.length !== HASH_PART_BYTES) fail(`reference #${i} is ${ref.digest.length} bytes, not ${HASH_PART_BYTES}`);
     try {

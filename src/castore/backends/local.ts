@@ -138,6 +138,7 @@ export class LocalBlobService implements BlobService {
   }
 
   async has(digest: B3Digest) {
+    if (this.smallBlobs.doesExist(digest)) return true;
     return (await this.stat(digest)) !== undefined;
   }
 

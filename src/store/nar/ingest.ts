@@ -115,8 +115,8 @@ export async function ingestNar(
 ): Promise<IngestedNar> {
   const source = new NarSource(stream);
   const window = new BlobWriteWindow();
-  const where: string[] = [];
-  const at = () => (where.length ? `at /${where.join('/')}` : 'at the root');
+  const where: Buffer[] = []; // names from the root down, formatted only for errors
+  const at = () => (where.length ? `at /${where.map((name) => displayName(name).slice(1, -1)).join('/')}` : 'at the root');
   const fail = (message: string): never => {
     throw new NarFormatError(`malformed NAR ${at()} (byte ${source.position}): ${message}`);
   };
@@ -207,7 +207,7 @@ export async function ingestNar(
           }
           previous = childName;
           await expect('node');
-          where.push(displayName(childName).slice(1, -1));
+          where.push(childName);
           entries.push(await node(childName, depth + 1));
           where.pop();
           await expect(')');
