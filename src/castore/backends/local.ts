@@ -61,7 +61,9 @@ export class LocalStore {
       writeFileSync(marker, `${LAYOUT_MARKER} ${LAYOUT_VERSION}\n`);
     }
     this.removeAbandonedTempFiles();
-    this.env = openLmdb({ path: join(root, 'metadata'), maxDbs: 8, compression: false });
+    // overlappingSync off: with it, a SIGKILL was seen to leave a directory durable without a small blob
+    // committed before it (test/crash.test.ts). Plain LMDB commits are durable and ordered when they resolve.
+    this.env = openLmdb({ path: join(root, 'metadata'), maxDbs: 8, compression: false, overlappingSync: false });
     this.directoryDb = this.env.openDB({ name: 'directories', encoding: 'binary', keyEncoding: 'binary' });
     this.smallBlobDb = this.env.openDB({ name: 'small-blobs', encoding: 'binary', keyEncoding: 'binary' });
   }
