@@ -1,0 +1,44 @@
+// Loads the N-API addon (src/native/nixcas_native.c, built by node-gyp on `npm ci`).
+import { createRequire } from 'node:module';
+
+export interface Watch {
+  readonly __watch: unique symbol;
+}
+
+export interface NativeAddon {
+  /** Calls `onReady` whenever `fd` is readable (or in error); `status` < 0 is a libuv error. */
+  watch(fd: number, onReady: (status: number, events: number) => void): Watch;
+  unwatch(handle: Watch): void;
+  /** Bytes read, or -errno (-EAGAIN when a non-blocking fd has nothing). */
+  read(fd: number, buffer: Uint8Array): number;
+  /** One writev(2): bytes written, or -errno. */
+  writev(fd: number, buffers: Uint8Array[]): number;
+  mount(source: string, target: string | Buffer, fstype: string, flags: number, data: string): number;
+  umount2(target: string | Buffer, flags: number): number;
+  socketpair(): [number, number] | number;
+  /** Blocks until a file descriptor arrives with SCM_RIGHTS; -errno on failure. */
+  receiveFd(socket: number): number;
+}
+
+let addon: NativeAddon | undefined;
+
+/** The addon, loaded on first use so commands that never need it start without it. */
+export function native(): NativeAddon {
+  if (!addon) {
+    const require = createRequire(import.meta.url);
+    // Both src/native/ (tsx) and dist/native/ sit two levels below the package root.
+    try {
+      addon = require('../../build/Release/nixcas_native.node') as NativeAddon;
+    } catch (err) {
+      throw new Error(
+        `the nixcas native addon is not built (${(err as Error).message.split('\n')[0]}); run \`npm ci\` or \`npx node-gyp rebuild\``,
+      );
+    }
+  }
+  return addon;
+}
+
+export const MS_RDONLY = 1;
+export const MS_NOSUID = 2;
+export const MS_NODEV = 4;
+export const MNT_DETACH = 2;
