@@ -5,6 +5,7 @@ import { Command } from 'commander';
 import { daemonCommand } from './daemon.js';
 import { copyCommand } from './copy.js';
 import { importCommand } from './import.js';
+import { mountCommand } from './mount.js';
 import { narCommand } from './nar.js';
 
 const { version } = createRequire(import.meta.url)('../../package.json') as { version: string };
@@ -16,7 +17,8 @@ const program = new Command('nixcas')
   .addCommand(daemonCommand())
   .addCommand(importCommand())
   .addCommand(copyCommand())
-  .addCommand(narCommand());
+  .addCommand(narCommand())
+  .addCommand(mountCommand());
 
 program.parseAsync(process.argv).catch((err: Error) => {
   console.error(`nixcas: ${err.message}`);

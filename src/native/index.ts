@@ -13,6 +13,7 @@ export interface NativeAddon {
   read(fd: number, buffer: Uint8Array): number;
   /** One writev(2): bytes written, or -errno. */
   writev(fd: number, buffers: Uint8Array[]): number;
+  setNonBlocking(fd: number): number;
   mount(source: string, target: string | Buffer, fstype: string, flags: number, data: string): number;
   umount2(target: string | Buffer, flags: number): number;
   socketpair(): [number, number] | number;

@@ -6,6 +6,7 @@
 // Everything here is a thin wrapper: policy lives in TypeScript.
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <node_api.h>
 #include <stdlib.h>
 #include <string.h>
@@ -194,6 +195,17 @@ static napi_value writev_fd(napi_env env, napi_callback_info info) {
   return make_int(env, n < 0 ? -errno : n);
 }
 
+// setNonBlocking(fd) -> 0 or -errno. For fds that arrive from elsewhere
+// (fusermount3), which Node cannot open with O_NONBLOCK itself.
+static napi_value set_non_blocking(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  int64_t fd;
+  if (!get_args(env, info, 1, argv) || !get_int(env, argv[0], &fd)) return NULL;
+  int flags = fcntl((int)fd, F_GETFL);
+  if (flags < 0 || fcntl((int)fd, F_SETFL, flags | O_NONBLOCK) < 0) return make_int(env, -errno);
+  return make_int(env, 0);
+}
+
 // --- mounts ----------------------------------------------------------------
 
 // mount(source, target, fstype, flags, data) -> 0 or -errno.
@@ -270,6 +282,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"unwatch", NULL, unwatch, NULL, NULL, NULL, napi_default, NULL},
       {"read", NULL, read_fd, NULL, NULL, NULL, napi_default, NULL},
       {"writev", NULL, writev_fd, NULL, NULL, NULL, napi_default, NULL},
+      {"setNonBlocking", NULL, set_non_blocking, NULL, NULL, NULL, napi_default, NULL},
       {"mount", NULL, mount_fs, NULL, NULL, NULL, napi_default, NULL},
       {"umount2", NULL, umount_fs, NULL, NULL, NULL, napi_default, NULL},
       {"socketpair", NULL, socket_pair, NULL, NULL, NULL, napi_default, NULL},

@@ -1,0 +1,79 @@
+// Decoded directories, kept while they are used. A lookup in a directory of
+// 100k entries must not decode it again, and a listing needs its entries in
+// one sorted array so that a readdir offset is an index.
+import type { B3Digest } from '../castore/digest.js';
+import type { Directory, Node } from '../castore/model.js';
+import type { DirectoryService } from '../castore/directoryservice.js';
+
+export interface LoadedDirectory {
+  /** All entries, sorted by name bytes. */
+  readonly children: readonly Node[];
+  readonly subdirectories: number;
+}
+
+/** The three sorted lists merged into one sorted array. */
+export function mergeEntries(directory: Directory): Node[] {
+  const lists: Node[][] = [
+    directory.directories.map((node) => ({ kind: 'directory' as const, node })),
+    directory.files.map((node) => ({ kind: 'file' as const, node })),
+    directory.symlinks.map((node) => ({ kind: 'symlink' as const, node })),
+  ];
+  return lists.flat().sort((a, b) => Buffer.compare(a.node.name, b.node.name));
+}
+
+/** Binary search of a name among sorted children. */
+export function findChild(children: readonly Node[], name: Uint8Array): Node | undefined {
+  let low = 0;
+  let high = children.length - 1;
+  while (low <= high) {
+    const middle = (low + high) >>> 1;
+    const order = Buffer.compare(children[middle].node.name, name);
+    if (order === 0) return children[middle];
+    if (order < 0) low = middle + 1;
+    else high = middle - 1;
+  }
+  return undefined;
+}
+
+export class DirectoryCache {
+  private readonly loaded = new Map<string, LoadedDirectory>();
+  private readonly loading = new Map<string, Promise<LoadedDirectory | undefined>>();
+  private cachedEntries = 0;
+
+  constructor(
+    private readonly directories: DirectoryService,
+    /** Total entries kept; the least recently used directories go first. */
+    private readonly capacity = 200_000,
+  ) {}
+
+  /** The directory, or undefined when the store does not have it. */
+  get(digest: B3Digest): Promise<LoadedDirectory | undefined> {
+    const key = Buffer.from(digest).toString('latin1');
+    const hit = this.loaded.get(key);
+    if (hit) {
+      this.loaded.delete(key); // re-insert: Map order is the recency order
+      this.loaded.set(key, hit);
+      return Promise.resolve(hit);
+    }
+    let pending = this.loading.get(key);
+    if (!pending) {
+      pending = this.load(key, digest).finally(() => this.loading.delete(key));
+      this.loading.set(key, pending);
+    }
+    return pending;
+  }
+
+  private async load(key: string, digest: B3Digest): Promise<LoadedDirectory | undefined> {
+    const directory = await this.directories.get(digest);
+    if (!directory) return undefined;
+    const loaded: LoadedDirectory = { children: mergeEntries(directory), subdirectories: directory.directories.length };
+    this.loaded.set(key, loaded);
+    this.cachedEntries += loaded.children.length + 1;
+    for (const [oldKey, old] of this.loaded) {
+      if (this.cachedEntries <= this.capacity || oldKey === key) break;
+      this.loaded.delete(oldKey);
+      this.cachedEntries -= old.children.length + 1;
+    }
+    return loaded;
+  }
+}

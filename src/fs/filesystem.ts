@@ -1,0 +1,332 @@
+// The read-only filesystem over castore nodes, independent of any transport:
+// FUSE over /dev/fuse and virtio-fs both drive it with plain values.
+//
+// Inodes are handed out per (parent, name), so the same content at two places
+// is two inodes (and a file's mode never leaks to an identical file with
+// another executable bit). The kernel counts its references to an inode
+// (every lookup, every readdirplus entry) and gives them back with forget;
+// an inode whose count drops to zero is dropped, so memory follows what the
+// kernel holds, not what was ever visited.
+import type { BlobReader, BlobService } from '../castore/blobservice.js';
+import { formatDigest } from '../castore/digest.js';
+import type { DirectoryService } from '../castore/directoryservice.js';
+import { displayName, type Node } from '../castore/model.js';
+import {
+  IMMUTABLE_TIMEOUT,
+  ROOT_ATTRIBUTE_TIMEOUT,
+  nodeAttributes,
+  rootAttributes,
+  type Attributes,
+  type Entry,
+} from './attributes.js';
+import { DirectoryCache, findChild, type LoadedDirectory } from './directory-cache.js';
+import { FsError } from './errors.js';
+
+export const ROOT_INODE = 1;
+
+/** The top level: which names exist (store path basenames) and what each one is. */
+export interface RootProvider {
+  lookup(name: Buffer): Promise<Node | undefined>;
+  list(): AsyncIterable<Node>;
+}
+
+export interface FilesystemOptions {
+  /** Allow listing the root; lookups of known names work either way. */
+  listRoot?: boolean;
+  /** Entries of decoded directories kept in memory. */
+  directoryCacheEntries?: number;
+}
+
+interface Inode {
+  readonly ino: number;
+  /** undefined for the root. */
+  readonly node?: Node;
+  readonly parent?: Inode;
+  /** References the kernel holds. */
+  lookups: number;
+  /** Children the kernel knows, by name bytes (latin1), so a name keeps its inode. */
+  children?: Map<string, Inode>;
+}
+
+/** One entry of a directory listing; `offset` is where the next listing call resumes. */
+export interface ListingEntry {
+  name: Buffer;
+  kind: 'directory' | 'file' | 'symlink';
+  /** The inode when the kernel already knows this child, otherwise 0. */
+  ino: number;
+  offset: number;
+  /** The child itself; undefined for "." and "..". */
+  node?: Node;
+}
+
+interface DirectoryHandle {
+  inode: Inode;
+  /** A snapshot taken at opendir, so offsets stay stable while the listing is read. */
+  entries: ListingEntry[];
+}
+
+interface FileHandle {
+  inode: Inode;
+  reader: BlobReader;
+}
+
+export interface FilesystemStats {
+  blockSize: number;
+  nameMax: number;
+}
+
+export const XATTR_DIRECTORY_DIGEST = 'user.tvix.castore.directory.digest';
+export const XATTR_BLOB_DIGEST = 'user.tvix.castore.blob.digest';
+
+export class ReadOnlyFilesystem {
+  private readonly inodes = new Map<number, Inode>();
+  private readonly files = new Map<number, FileHandle>();
+  private readonly directoryHandles = new Map<number, DirectoryHandle>();
+  private readonly cache: DirectoryCache;
+  private nextIno = ROOT_INODE + 1;
+  private nextHandle = 1;
+
+  constructor(
+    private readonly blobs: BlobService,
+    directories: DirectoryService,
+    private readonly root: RootProvider,
+    private readonly options: FilesystemOptions = {},
+  ) {
+    this.cache = new DirectoryCache(directories, options.directoryCacheEntries);
+    this.inodes.set(ROOT_INODE, { ino: ROOT_INODE, lookups: 1 });
+  }
+
+  /** Inodes currently known to the kernel (root included). */
+  get inodeCount(): number {
+    return this.inodes.size;
+  }
+
+  get openHandles(): number {
+    return this.files.size + this.directoryHandles.size;
+  }
+
+  /** Finds `name` in the directory `parent`; counts one kernel reference to the result. */
+  async lookup(parent: number, name: Buffer): Promise<Entry> {
+    const dir = this.inode(parent);
+    let child = dir.children?.get(name.toString('latin1'));
+    if (!child) {
+      const node = await this.findNode(dir, name);
+      if (!node) throw new FsError('ENOENT');
+      child = this.adopt(dir, node);
+    }
+    const entry = await this.entryOf(child);
+    child.lookups++;
+    return entry;
+  }
+
+  /** The kernel dropped `count` references to `ino`. */
+  forget(ino: number, count: number): void {
+    const inode = this.inodes.get(ino);
+    if (!inode || ino === ROOT_INODE) return;
+    inode.lookups -= count;
+    if (inode.lookups > 0) return;
+    this.inodes.delete(ino);
+    const siblings = inode.parent?.children;
+    const key = inode.node!.node.name.toString('latin1');
+    if (siblings?.get(key) === inode) siblings.delete(key);
+  }
+
+  async getattr(ino: number): Promise<{ attributes: Attributes; timeout: number }> {
+    const inode = this.inode(ino);
+    if (!inode.node) return { attributes: rootAttributes(ROOT_INODE), timeout: ROOT_ATTRIBUTE_TIMEOUT };
+    return { attributes: (await this.entryOf(inode)).attributes, timeout: IMMUTABLE_TIMEOUT };
+  }
+
+  readlink(ino: number): Buffer {
+    const node = this.inode(ino).node;
+    if (node?.kind !== 'symlink') throw new FsError('EINVAL');
+    return node.node.target;
+  }
+
+  /** Opens a file for reading; the handle reads at any offset until released. */
+  async open(ino: number): Promise<number> {
+    const inode = this.inode(ino);
+    const node = inode.node;
+    if (node?.kind !== 'file') throw new FsError(node?.kind === 'symlink' ? 'EINVAL' : 'EISDIR');
+    const where = `${this.pathOf(inode)} (blob ${formatDigest(node.node.digest)})`;
+    let reader: BlobReader | undefined;
+    try {
+      reader = await this.blobs.openReader(node.node.digest);
+    } catch (err) {
+      throw new FsError('EIO', `${where}: ${(err as Error).message}`, { cause: err });
+    }
+    if (!reader) throw new FsError('EIO', `${where}: the blob is missing from the store`);
+    if (reader.size !== node.node.size) {
+      await reader.close();
+      throw new FsError('EIO', `${where}: the blob has ${reader.size} bytes, the directory says ${node.node.size}`);
+    }
+    const handle = this.nextHandle++;
+    this.files.set(handle, { inode, reader });
+    return handle;
+  }
+
+  /** Reads up to `length` bytes at `position` into `target[offset..]`; short only at the end. */
+  async read(handle: number, target: Uint8Array, offset: number, length: number, position: number): Promise<number> {
+    const file = this.files.get(handle);
+    if (!file) throw new FsError('EBADF');
+    const end = Math.min(file.reader.size, position + length);
+    let filled = 0;
+    try {
+      while (position + filled < end) {
+        const n = await file.reader.read(target, offset + filled, end - position - filled, position + filled);
+        if (n === 0) throw new Error(`the blob ended after ${position + filled} bytes`);
+        filled += n;
+      }
+    } catch (err) {
+      throw new FsError('EIO', `${this.pathOf(file.inode)}: ${(err as Error).message}`, { cause: err });
+    }
+    return filled;
+  }
+
+  async release(handle: number): Promise<void> {
+    const file = this.files.get(handle);
+    this.files.delete(handle);
+    await file?.reader.close();
+  }
+
+  /** Takes a snapshot of the directory's entries, to be listed with `list`. */
+  async opendir(ino: number): Promise<number> {
+    const inode = this.inode(ino);
+    const parentIno = inode.parent?.ino ?? ROOT_INODE;
+    const entries: ListingEntry[] = [
+      { name: Buffer.from('.'), kind: 'directory', ino, offset: 1 },
+      { name: Buffer.from('..'), kind: 'directory', ino: parentIno, offset: 2 },
+    ];
+    const add = (node: Node) =>
+      entries.push({
+        name: node.node.name,
+        kind: node.kind,
+        ino: inode.children?.get(node.node.name.toString('latin1'))?.ino ?? 0,
+        offset: entries.length + 1,
+        node,
+      });
+    if (!inode.node) {
+      if (!this.options.listRoot) throw new FsError('EPERM');
+      for await (const node of this.root.list()) add(node);
+    } else if (inode.node.kind === 'directory') {
+      for (const node of (await this.loadDirectory(inode)).children) add(node);
+    } else {
+      throw new FsError('ENOTDIR');
+    }
+    const handle = this.nextHandle++;
+    this.directoryHandles.set(handle, { inode, entries });
+    return handle;
+  }
+
+  /** The entries from `offset` on (0 is the start); the caller stops when its buffer is full. */
+  list(handle: number, offset: number): ListingEntry[] {
+    const dir = this.directoryHandles.get(handle);
+    if (!dir) throw new FsError('EBADF');
+    return dir.entries.slice(offset, offset + 1024);
+  }
+
+  /**
+   * The entry of a listed child, for readdirplus: like a lookup, it counts a
+   * kernel reference. Undefined for "." and "..", which the kernel resolves itself.
+   */
+  async listedEntry(handle: number, listed: ListingEntry): Promise<Entry | undefined> {
+    const dir = this.directoryHandles.get(handle);
+    if (!dir) throw new FsError('EBADF');
+    if (!listed.node) return undefined;
+    const child = dir.inode.children?.get(listed.name.toString('latin1')) ?? this.adopt(dir.inode, listed.node);
+    const entry = await this.entryOf(child);
+    child.lookups++;
+    listed.ino = child.ino;
+    return entry;
+  }
+
+  releasedir(handle: number): void {
+    this.directoryHandles.delete(handle);
+  }
+
+  statfs(): FilesystemStats {
+    return { blockSize: 4096, nameMax: 255 };
+  }
+
+  /** The digest xattr names of an inode. */
+  listxattr(ino: number): string[] {
+    const node = this.inode(ino).node;
+    if (node?.kind === 'directory') return [XATTR_DIRECTORY_DIGEST];
+    if (node?.kind === 'file') return [XATTR_BLOB_DIGEST];
+    return [];
+  }
+
+  /** The `b3:<base64>` digest behind an inode; ENODATA for any other name. */
+  getxattr(ino: number, name: string): Buffer {
+    const node = this.inode(ino).node;
+    if (node?.kind === 'directory' && name === XATTR_DIRECTORY_DIGEST) return Buffer.from(formatDigest(node.node.digest));
+    if (node?.kind === 'file' && name === XATTR_BLOB_DIGEST) return Buffer.from(formatDigest(node.node.digest));
+    throw new FsError('ENODATA');
+  }
+
+  /** Closes every handle (the session ended). */
+  async close(): Promise<void> {
+    const files = [...this.files.values()];
+    this.files.clear();
+    this.directoryHandles.clear();
+    await Promise.allSettled(files.map((file) => file.reader.close()));
+  }
+
+  private inode(ino: number): Inode {
+    const inode = this.inodes.get(ino);
+    if (!inode) throw new FsError('ENOENT', `inode ${ino} is not known (forgotten already?)`);
+    return inode;
+  }
+
+  private adopt(parent: Inode, node: Node): Inode {
+    const child: Inode = { ino: this.nextIno++, node, parent, lookups: 0 };
+    this.inodes.set(child.ino, child);
+    (parent.children ??= new Map()).set(node.node.name.toString('latin1'), child);
+    return child;
+  }
+
+  private async findNode(dir: Inode, name: Buffer): Promise<Node | undefined> {
+    if (!dir.node) {
+      const node = await this.root.lookup(name).catch((err: Error) => {
+        throw new FsError('EIO', `looking up ${displayName(name)}: ${err.message}`, { cause: err });
+      });
+      return node && node.node.name.equals(name) ? node : undefined;
+    }
+    if (dir.node.kind !== 'directory') throw new FsError('ENOTDIR');
+    return findChild((await this.loadDirectory(dir)).children, name);
+  }
+
+  private async entryOf(inode: Inode): Promise<Entry> {
+    const node = inode.node!;
+    const counts =
+      node.kind === 'directory'
+        ? await this.loadDirectory(inode).then((d) => ({ entries: d.children.length, subdirectories: d.subdirectories }))
+        : undefined;
+    return {
+      attributes: nodeAttributes(inode.ino, node, counts),
+      entryTimeout: IMMUTABLE_TIMEOUT,
+      attributeTimeout: IMMUTABLE_TIMEOUT,
+    };
+  }
+
+  private async loadDirectory(inode: Inode): Promise<LoadedDirectory> {
+    const node = inode.node;
+    if (node?.kind !== 'directory') throw new FsError('ENOTDIR');
+    const where = () => `${this.pathOf(inode)} (directory ${formatDigest(node.node.digest)})`;
+    let loaded: LoadedDirectory | undefined;
+    try {
+      loaded = await this.cache.get(node.node.digest);
+    } catch (err) {
+      throw new FsError('EIO', `${where()}: ${(err as Error).message}`, { cause: err });
+    }
+    if (!loaded) throw new FsError('EIO', `${where()}: the directory is missing from the store`);
+    return loaded;
+  }
+
+  /** A readable path for log messages. */
+  private pathOf(inode: Inode): string {
+    const names: string[] = [];
+    for (let at: Inode | undefined = inode; at?.node; at = at.parent) names.push(displayName(at.node.node.name));
+    return names.reverse().join('/');
+  }
+}

@@ -1,0 +1,469 @@
+// The FUSE protocol, shared by both transports (/dev/fuse and virtio-fs):
+// decodes a request message, asks the filesystem core, encodes the reply.
+// Requests are handled concurrently and answered in whatever order they
+// finish; each reply carries the request's unique id.
+import { constants } from 'node:os';
+import type { Attributes, Entry } from '../fs/attributes.js';
+import { FsError } from '../fs/errors.js';
+import type { ListingEntry, ReadOnlyFilesystem } from '../fs/filesystem.js';
+import {
+  ATTR_OUT_SIZE,
+  DIRENT_HEADER_SIZE,
+  DT_DIR,
+  DT_LNK,
+  DT_REG,
+  ENTRY_OUT_SIZE,
+  FORGET_ONE_SIZE,
+  FUSE_KERNEL_MINOR_VERSION,
+  FUSE_KERNEL_VERSION,
+  FUSE_MIN_MINOR_VERSION,
+  GETXATTR_OUT_SIZE,
+  IN_HEADER_SIZE,
+  INIT_OUT_SIZE,
+  InitFlag,
+  OPEN_OUT_SIZE,
+  OUT_HEADER_SIZE,
+  OpenFlag,
+  Opcode,
+  STATFS_OUT_SIZE,
+  WRITING_OPCODES,
+  direntSize,
+} from './abi.js';
+
+/** Where replies go: one complete message (out header included) per call. */
+export interface ReplySink {
+  send(reply: Buffer): void;
+}
+
+export interface FuseServerOptions {
+  /** Called for requests that failed for a reason worth telling (EIO, malformed requests). */
+  log?: (message: string) => void;
+  /** The kernel said DESTROY (virtio-fs at umount): the session is over. */
+  onDestroy?: () => void;
+  /** Largest READ we ask the kernel for, in 4 KiB pages (FUSE_MAX_PAGES). */
+  maxPages?: number;
+}
+
+/** The INIT flags we ask for, where the kernel offers them. */
+const WANTED_FLAGS =
+  InitFlag.ASYNC_READ |
+  InitFlag.DO_READDIRPLUS |
+  InitFlag.PARALLEL_DIROPS |
+  InitFlag.MAX_PAGES |
+  InitFlag.CACHE_SYMLINKS |
+  InitFlag.ASYNC_DIO;
+
+const UNKNOWN_INO = 0xffffffff;
+const O_ACCMODE = 3;
+const W_OK = 2;
+export const MAX_WRITE = 128 * 1024;
+
+/** The request's arguments and where its reply goes. */
+class Request {
+  constructor(
+    readonly message: Buffer,
+    readonly sink: ReplySink,
+  ) {}
+  get opcode(): number {
+    return this.message.readUInt32LE(4);
+  }
+  get nodeid(): number {
+    return readU64(this.message, 16);
+  }
+  /** The arguments after the header, bounded by the header's length field. */
+  get args(): Buffer {
+    return this.message.subarray(IN_HEADER_SIZE);
+  }
+  /** A reply buffer with room for `size` bytes after the out header. */
+  allocate(size: number): Buffer {
+    return Buffer.allocUnsafe(OUT_HEADER_SIZE + size);
+  }
+  /** Sends `reply[0..OUT_HEADER_SIZE + size)` as a success. */
+  ok(reply: Buffer, size: number): void {
+    const message = reply.length === OUT_HEADER_SIZE + size ? reply : reply.subarray(0, OUT_HEADER_SIZE + size);
+    message.writeUInt32LE(message.length, 0);
+    message.writeInt32LE(0, 4);
+    this.message.copy(message, 8, 8, 16);
+    this.sink.send(message);
+  }
+  empty(): void {
+    this.ok(this.allocate(0), 0);
+  }
+  error(errno: number): void {
+    const message = Buffer.alloc(OUT_HEADER_SIZE);
+    message.writeUInt32LE(OUT_HEADER_SIZE, 0);
+    message.writeInt32LE(-errno, 4);
+    this.message.copy(message, 8, 8, 16);
+    this.sink.send(message);
+  }
+}
+
+/** A request whose arguments are shorter than its opcode needs. */
+class MalformedRequest extends Error {}
+
+export class FuseServer {
+  private initialized = false;
+  private minor = 0;
+  private readonly log: (message: string) => void;
+
+  constructor(
+    private readonly fs: ReadOnlyFilesystem,
+    private readonly options: FuseServerOptions = {},
+  ) {
+    this.log = options.log ?? (() => {});
+  }
+
+  /** The protocol minor agreed in INIT (0 before). */
+  get negotiatedMinor(): number {
+    return this.minor;
+  }
+
+  /**
+   * Handles one request message. The reply, if the opcode has one, goes to
+   * `sink` when ready. Never throws: a malformed message is logged and, when
+   * it carries a unique id, answered EINVAL.
+   */
+  handle(message: Buffer, sink: ReplySink): void {
+    if (message.length < IN_HEADER_SIZE || message.readUInt32LE(0) !== message.length) {
+      this.log(`malformed FUSE request: ${message.length} bytes, header says ${message.length >= 4 ? message.readUInt32LE(0) : '?'}`);
+      if (message.length >= 16) new Request(message, sink).error(errno.EINVAL);
+      return;
+    }
+    const request = new Request(message, sink);
+    let pending: Promise<void> | void;
+    try {
+      pending = this.dispatch(request);
+    } catch (err) {
+      this.fail(request, err);
+      return;
+    }
+    pending?.catch((err: unknown) => this.fail(request, err));
+  }
+
+  private fail(request: Request, err: unknown): void {
+    if (err instanceof FsError) {
+      if (err.detail) this.log(`${opcodeName(request.opcode)}: ${err.message}`);
+      request.error(err.errno);
+    } else if (err instanceof MalformedRequest) {
+      this.log(`malformed ${opcodeName(request.opcode)} request: ${err.message}`);
+      request.error(errno.EINVAL);
+    } else {
+      this.log(`${opcodeName(request.opcode)} failed: ${(err as Error)?.stack ?? err}`);
+      request.error(errno.EIO);
+    }
+  }
+
+  private dispatch(request: Request): Promise<void> | void {
+    const opcode = request.opcode;
+    if (opcode === Opcode.INIT) return this.init(request);
+    if (!this.initialized) throw new FsError('EIO', 'request before INIT');
+    switch (opcode) {
+      case Opcode.LOOKUP:
+        return this.lookup(request);
+      case Opcode.FORGET:
+        return this.forget(request);
+      case Opcode.BATCH_FORGET:
+        return this.batchForget(request);
+      case Opcode.GETATTR:
+        return this.getattr(request);
+      case Opcode.READLINK:
+        return this.readlink(request);
+      case Opcode.OPEN:
+        return this.open(request);
+      case Opcode.READ:
+        return this.read(request);
+      case Opcode.RELEASE:
+        return this.release(request);
+      case Opcode.OPENDIR:
+        return this.opendir(request);
+      case Opcode.READDIR:
+        return this.readdir(request, false);
+      case Opcode.READDIRPLUS:
+        return this.readdir(request, true);
+      case Opcode.RELEASEDIR:
+        this.fs.releasedir(readU64(need(request, 8), 0));
+        return request.empty();
+      case Opcode.STATFS:
+        return this.statfs(request);
+      case Opcode.GETXATTR:
+        return this.getxattr(request);
+      case Opcode.LISTXATTR:
+        return this.listxattr(request);
+      case Opcode.ACCESS:
+        if (need(request, 4).readUInt32LE(0) & W_OK) throw new FsError('EROFS');
+        return request.empty();
+      case Opcode.FLUSH:
+      case Opcode.FSYNC:
+      case Opcode.FSYNCDIR:
+        return request.empty();
+      case Opcode.INTERRUPT:
+        return; // requests finish quickly; the kernel gets their normal reply
+      case Opcode.DESTROY:
+        request.empty();
+        this.options.onDestroy?.();
+        return;
+      default:
+        if (WRITING_OPCODES.has(opcode)) throw new FsError('EROFS');
+        throw new FsError('ENOSYS');
+    }
+  }
+
+  private init(request: Request): void {
+    const args = need(request, 16);
+    const major = args.readUInt32LE(0);
+    const minor = args.readUInt32LE(4);
+    const maxReadahead = args.readUInt32LE(8);
+    const flags = args.readUInt32LE(12);
+    if (major > FUSE_KERNEL_VERSION) {
+      // The kernel then asks again with our major.
+      const reply = request.allocate(8);
+      reply.writeUInt32LE(FUSE_KERNEL_VERSION, OUT_HEADER_SIZE);
+      reply.writeUInt32LE(FUSE_KERNEL_MINOR_VERSION, OUT_HEADER_SIZE + 4);
+      return request.ok(reply, 8);
+    }
+    if (major < FUSE_KERNEL_VERSION || minor < FUSE_MIN_MINOR_VERSION) {
+      throw new FsError('EPROTO', `the kernel speaks FUSE ${major}.${minor}; nixcas needs 7.${FUSE_MIN_MINOR_VERSION} or newer`);
+    }
+    this.minor = Math.min(minor, FUSE_KERNEL_MINOR_VERSION);
+    const reply = request.allocate(INIT_OUT_SIZE).fill(0);
+    const o = OUT_HEADER_SIZE;
+    reply.writeUInt32LE(FUSE_KERNEL_VERSION, o);
+    reply.writeUInt32LE(this.minor, o + 4);
+    reply.writeUInt32LE(maxReadahead, o + 8);
+    reply.writeUInt32LE((flags & WANTED_FLAGS) >>> 0, o + 12);
+    reply.writeUInt16LE(64, o + 16); // max_background
+    reply.writeUInt16LE(48, o + 18); // congestion_threshold
+    reply.writeUInt32LE(MAX_WRITE, o + 20);
+    reply.writeUInt32LE(1, o + 24); // time_gran: ns
+    reply.writeUInt16LE(this.options.maxPages ?? 256, o + 28);
+    this.initialized = true;
+    request.ok(reply, INIT_OUT_SIZE);
+  }
+
+  private async lookup(request: Request): Promise<void> {
+    const entry = await this.fs.lookup(request.nodeid, cString(request.args));
+    const reply = request.allocate(ENTRY_OUT_SIZE);
+    writeEntry(reply, OUT_HEADER_SIZE, entry);
+    request.ok(reply, ENTRY_OUT_SIZE);
+  }
+
+  private forget(request: Request): void {
+    this.fs.forget(request.nodeid, readU64(need(request, 8), 0));
+  }
+
+  private batchForget(request: Request): void {
+    const args = need(request, 8);
+    const count = args.readUInt32LE(0);
+    if (args.length < 8 + count * FORGET_ONE_SIZE) throw new MalformedRequest(`BATCH_FORGET of ${count} entries in ${args.length} bytes`);
+    for (let i = 0, at = 8; i < count; i++, at += FORGET_ONE_SIZE) {
+      this.fs.forget(readU64(args, at), readU64(args, at + 8));
+    }
+  }
+
+  private async getattr(request: Request): Promise<void> {
+    const { attributes, timeout } = await this.fs.getattr(request.nodeid);
+    const reply = request.allocate(ATTR_OUT_SIZE).fill(0, OUT_HEADER_SIZE, OUT_HEADER_SIZE + 16);
+    writeU64(reply, OUT_HEADER_SIZE, timeout);
+    writeAttributes(reply, OUT_HEADER_SIZE + 16, attributes);
+    request.ok(reply, ATTR_OUT_SIZE);
+  }
+
+  private readlink(request: Request): void {
+    const target = this.fs.readlink(request.nodeid);
+    const reply = request.allocate(target.length);
+    target.copy(reply, OUT_HEADER_SIZE);
+    request.ok(reply, target.length);
+  }
+
+  private async open(request: Request): Promise<void> {
+    if ((need(request, 4).readUInt32LE(0) & O_ACCMODE) !== 0) throw new FsError('EROFS');
+    const handle = await this.fs.open(request.nodeid);
+    this.replyOpen(request, handle, OpenFlag.KEEP_CACHE);
+  }
+
+  private replyOpen(request: Request, handle: number, flags: number): void {
+    const reply = request.allocate(OPEN_OUT_SIZE).fill(0, OUT_HEADER_SIZE);
+    writeU64(reply, OUT_HEADER_SIZE, handle);
+    reply.writeUInt32LE(flags, OUT_HEADER_SIZE + 8);
+    request.ok(reply, OPEN_OUT_SIZE);
+  }
+
+  private async read(request: Request): Promise<void> {
+    const args = need(request, 24);
+    const handle = readU64(args, 0);
+    const position = readU64(args, 8);
+    const size = args.readUInt32LE(16);
+    if (size > MAX_READ) throw new MalformedRequest(`READ of ${size} bytes`);
+    // The blob bytes go straight into the reply buffer, after the header.
+    const reply = request.allocate(size);
+    const n = await this.fs.read(handle, reply, OUT_HEADER_SIZE, size, position);
+    request.ok(reply, n);
+  }
+
+  private async release(request: Request): Promise<void> {
+    await this.fs.release(readU64(need(request, 8), 0));
+    request.empty();
+  }
+
+  private async opendir(request: Request): Promise<void> {
+    const ino = request.nodeid;
+    const handle = await this.fs.opendir(ino);
+    // A store path's directories never change: let the kernel cache their listings.
+    this.replyOpen(request, handle, ino === 1 ? 0 : OpenFlag.CACHE_DIR | OpenFlag.KEEP_CACHE);
+  }
+
+  private async readdir(request: Request, plus: boolean): Promise<void> {
+    const args = need(request, 24);
+    const handle = readU64(args, 0);
+    let offset = readU64(args, 8);
+    const size = Math.min(args.readUInt32LE(16), MAX_READ);
+    // First decide which entries fit, then resolve their entries (plus) concurrently.
+    const chosen: ListingEntry[] = [];
+    let used = 0;
+    for (let batch = this.fs.list(handle, offset); batch.length > 0; batch = this.fs.list(handle, offset)) {
+      let full = false;
+      for (const listed of batch) {
+        const need = (plus ? ENTRY_OUT_SIZE : 0) + direntSize(listed.name.length);
+        if (used + need > size) {
+          full = true;
+          break;
+        }
+        chosen.push(listed);
+        used += need;
+        offset = listed.offset;
+      }
+      if (full) break;
+    }
+    const entries = plus
+      ? await Promise.all(
+          chosen.map((listed) =>
+            this.fs.listedEntry(handle, listed).catch((err: unknown) => {
+              // The kernel will look the name up itself and get the error then.
+              if (err instanceof FsError && err.detail) this.log(`READDIRPLUS: ${err.message}`);
+              return undefined;
+            }),
+          ),
+        )
+      : [];
+    const reply = request.allocate(used);
+    let at = OUT_HEADER_SIZE;
+    chosen.forEach((listed, i) => {
+      if (plus) {
+        const entry = entries[i];
+        if (entry) writeEntry(reply, at, entry);
+        else reply.fill(0, at, at + ENTRY_OUT_SIZE);
+        at += ENTRY_OUT_SIZE;
+      }
+      at = writeDirent(reply, at, listed);
+    });
+    request.ok(reply, used);
+  }
+
+  private statfs(request: Request): void {
+    const stats = this.fs.statfs();
+    const reply = request.allocate(STATFS_OUT_SIZE).fill(0, OUT_HEADER_SIZE);
+    const o = OUT_HEADER_SIZE + 40; // blocks, bfree, bavail, files, ffree: all 0
+    reply.writeUInt32LE(stats.blockSize, o);
+    reply.writeUInt32LE(stats.nameMax, o + 4);
+    reply.writeUInt32LE(stats.blockSize, o + 8);
+    request.ok(reply, STATFS_OUT_SIZE);
+  }
+
+  private getxattr(request: Request): void {
+    const args = need(request, 9);
+    const value = this.fs.getxattr(request.nodeid, cString(args.subarray(8)).toString('latin1'));
+    this.replyXattr(request, args.readUInt32LE(0), value);
+  }
+
+  private listxattr(request: Request): void {
+    const names = this.fs.listxattr(request.nodeid);
+    this.replyXattr(request, need(request, 4).readUInt32LE(0), Buffer.from(names.map((name) => name + '\0').join('')));
+  }
+
+  /** The xattr convention: size 0 asks for the length, a too-small size is ERANGE. */
+  private replyXattr(request: Request, size: number, value: Buffer): void {
+    if (size === 0) {
+      const reply = request.allocate(GETXATTR_OUT_SIZE).fill(0, OUT_HEADER_SIZE);
+      reply.writeUInt32LE(value.length, OUT_HEADER_SIZE);
+      return request.ok(reply, GETXATTR_OUT_SIZE);
+    }
+    if (size < value.length) throw new FsError('ERANGE');
+    const reply = request.allocate(value.length);
+    value.copy(reply, OUT_HEADER_SIZE);
+    request.ok(reply, value.length);
+  }
+}
+
+/** The largest READ or READDIR answered: 256 pages of 4 KiB plus slack. */
+const MAX_READ = 1024 * 1024 + 4096;
+
+const errno = constants.errno;
+
+function need(request: Request, size: number): Buffer {
+  const args = request.args;
+  if (args.length < size) throw new MalformedRequest(`${args.length} bytes of arguments, ${size} needed`);
+  return args;
+}
+
+/** A NUL-terminated name from the arguments (the NUL is required). */
+function cString(args: Buffer): Buffer {
+  const end = args.indexOf(0);
+  if (end < 0) throw new MalformedRequest('a name without its terminating NUL');
+  return args.subarray(0, end);
+}
+
+function readU64(buffer: Buffer, at: number): number {
+  const high = buffer.readUInt32LE(at + 4);
+  if (high >= 0x200000) return Number.MAX_SAFE_INTEGER; // past 2^53: no such inode, handle or offset
+  return high * 0x1_0000_0000 + buffer.readUInt32LE(at);
+}
+
+function writeU64(buffer: Buffer, at: number, value: number): void {
+  buffer.writeUInt32LE(value >>> 0, at);
+  buffer.writeUInt32LE(Math.floor(value / 0x1_0000_0000), at + 4);
+}
+
+/** fuse_attr */
+function writeAttributes(buffer: Buffer, at: number, a: Attributes): void {
+  writeU64(buffer, at, a.ino);
+  writeU64(buffer, at + 8, a.size);
+  writeU64(buffer, at + 16, a.blocks);
+  writeU64(buffer, at + 24, 0); // atime
+  writeU64(buffer, at + 32, a.mtime);
+  writeU64(buffer, at + 40, 0); // ctime
+  buffer.fill(0, at + 48, at + 60); // the three nanosecond fields
+  buffer.writeUInt32LE(a.mode, at + 60);
+  buffer.writeUInt32LE(a.nlink, at + 64);
+  buffer.writeUInt32LE(a.uid, at + 68);
+  buffer.writeUInt32LE(a.gid, at + 72);
+  buffer.writeUInt32LE(0, at + 76); // rdev
+  buffer.writeUInt32LE(a.blksize, at + 80);
+  buffer.writeUInt32LE(0, at + 84); // flags
+}
+
+/** fuse_entry_out */
+function writeEntry(buffer: Buffer, at: number, entry: Entry): void {
+  writeU64(buffer, at, entry.attributes.ino);
+  writeU64(buffer, at + 8, 0); // generation: inode numbers are never reused
+  writeU64(buffer, at + 16, entry.entryTimeout);
+  writeU64(buffer, at + 24, entry.attributeTimeout);
+  buffer.fill(0, at + 32, at + 40);
+  writeAttributes(buffer, at + 40, entry.attributes);
+}
+
+/** fuse_dirent, padded; returns the offset after it. */
+function writeDirent(buffer: Buffer, at: number, listed: ListingEntry): number {
+  const size = direntSize(listed.name.length);
+  writeU64(buffer, at, listed.ino || UNKNOWN_INO);
+  writeU64(buffer, at + 8, listed.offset);
+  buffer.writeUInt32LE(listed.name.length, at + 16);
+  buffer.writeUInt32LE(listed.kind === 'directory' ? DT_DIR : listed.kind === 'file' ? DT_REG : DT_LNK, at + 20);
+  listed.name.copy(buffer, at + DIRENT_HEADER_SIZE);
+  buffer.fill(0, at + DIRENT_HEADER_SIZE + listed.name.length, at + size);
+  return at + size;
+}
+
+const OPCODE_NAMES = new Map<number, string>(Object.entries(Opcode).map(([name, value]) => [value, name]));
+function opcodeName(opcode: number): string {
+  return OPCODE_NAMES.get(opcode) ?? `opcode ${opcode}`;
+}
