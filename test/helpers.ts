@@ -21,16 +21,21 @@ export interface Daemon {
 }
 
 /** Starts `nixcas daemon` with `args` and waits until it says it listens. */
-export async function startDaemon(args: string[], env: NodeJS.ProcessEnv = {}): Promise<Daemon> {
-  const child = spawn(process.execPath, [CLI, 'daemon', ...args], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+export function startDaemon(args: string[], env: NodeJS.ProcessEnv = {}): Promise<Daemon> {
+  return startNixcas(['daemon', ...args], 'listening on', env);
+}
+
+/** Starts a long-running `nixcas ARGS…` and waits until its stderr says `ready`. */
+export async function startNixcas(args: string[], ready: string, env: NodeJS.ProcessEnv = {}): Promise<Daemon> {
+  const child = spawn(process.execPath, [CLI, ...args], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
   let output = '';
   child.stdout!.on('data', (d) => (output += d));
   child.stderr!.on('data', (d) => (output += d));
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
   await new Promise<void>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`daemon did not start: ${output}`)), 15000);
+    const timer = setTimeout(() => reject(new Error(`nixcas ${args[0]} did not start: ${output}`)), 15000);
     const check = () => {
-      if (output.includes('listening on')) {
+      if (output.includes(ready)) {
         clearTimeout(timer);
         resolve();
       }
@@ -38,7 +43,7 @@ export async function startDaemon(args: string[], env: NodeJS.ProcessEnv = {}): 
     child.stderr!.on('data', check);
     child.once('exit', (code) => {
       clearTimeout(timer);
-      reject(new Error(`daemon exited with ${code}: ${output}`));
+      reject(new Error(`nixcas ${args[0]} exited with ${code}: ${output}`));
     });
   });
   return {

@@ -54,6 +54,7 @@ const WANTED_FLAGS =
   InitFlag.ASYNC_DIO;
 
 const UNKNOWN_INO = 0xffffffff;
+const NO_REPLY: ReadonlySet<number> = new Set([Opcode.FORGET, Opcode.BATCH_FORGET, Opcode.INTERRUPT]);
 const O_ACCMODE = 3;
 const W_OK = 2;
 export const MAX_WRITE = 128 * 1024;
@@ -141,6 +142,10 @@ export class FuseServer {
   }
 
   private fail(request: Request, err: unknown): void {
+    if (NO_REPLY.has(request.opcode)) {
+      this.log(`${opcodeName(request.opcode)} failed: ${(err as Error)?.message ?? err}`);
+      return; // the kernel expects no reply to these (on virtio-fs there is nowhere to write one)
+    }
     if (err instanceof FsError) {
       if (err.detail) this.log(`${opcodeName(request.opcode)}: ${err.message}`);
       request.error(err.errno);
