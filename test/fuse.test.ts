@@ -333,6 +333,32 @@ describe('nixcas mount: root listing off, faults, unmounting', () => {
     assert.match(mounted.output(), /unmounted/);
   });
 
+  test('as an ordinary user, through fusermount3', async () => {
+    // fusermount3 opens /dev/fuse as the calling user: most distributions make it 0666.
+    const devMode = statSync('/dev/fuse').mode & 0o777;
+    const user = join(work, 'user');
+    mkdirSync(user);
+    chmodSync(work, 0o755);
+    writeFileSync(join(user, 'f'), 'mounted by nobody\n');
+    const base = importPath(join(user, 'store'), join(user, 'f'));
+    mkdirSync(join(user, 'mnt'));
+    spawnSync('chown', ['-R', 'nobody:nogroup', user]);
+    chmodSync('/dev/fuse', 0o666);
+    const asNobody = ['setpriv', '--reuid=65534', '--regid=65534', '--clear-groups'];
+    let mounted: Daemon | undefined;
+    try {
+      mounted = await startNixcas(['mount', '--store', join(user, 'store'), join(user, 'mnt')], 'mounted at', { HOME: user }, asNobody);
+      const mountLine = readFileSync('/proc/mounts', 'utf8').split('\n').find((line) => line.split(' ')[1] === join(user, 'mnt'));
+      assert.match(mountLine ?? '', /fuse\.nixcas ro,nosuid,nodev.*user_id=65534/);
+      const read = spawnSync(asNobody[0], [...asNobody.slice(1), 'cat', join(user, 'mnt', base)], { encoding: 'utf8' });
+      assert.equal(read.stdout, 'mounted by nobody\n', read.stderr);
+    } finally {
+      chmodSync('/dev/fuse', devMode);
+      if (mounted) assert.equal(await mounted.stop(), 0, mounted.output());
+    }
+    assert.ok(!isMounted(join(user, 'mnt')));
+  });
+
   test('clear errors: a missing mountpoint, a file as mountpoint', () => {
     const missing = nixcas(['mount', '--store', store, join(work, 'no-such-dir')]);
     assert.equal(missing.status, 1);

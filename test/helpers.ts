@@ -25,9 +25,13 @@ export function startDaemon(args: string[], env: NodeJS.ProcessEnv = {}): Promis
   return startNixcas(['daemon', ...args], 'listening on', env);
 }
 
-/** Starts a long-running `nixcas ARGS…` and waits until its stderr says `ready`. */
-export async function startNixcas(args: string[], ready: string, env: NodeJS.ProcessEnv = {}): Promise<Daemon> {
-  const child = spawn(process.execPath, [CLI, ...args], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+/**
+ * Starts a long-running `nixcas ARGS…` and waits until its stderr says
+ * `ready`; `wrapper` runs it through another command (setpriv, to change user).
+ */
+export async function startNixcas(args: string[], ready: string, env: NodeJS.ProcessEnv = {}, wrapper: string[] = []): Promise<Daemon> {
+  const argv = [...wrapper, process.execPath, CLI, ...args];
+  const child = spawn(argv[0], argv.slice(1), { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
   let output = '';
   child.stdout!.on('data', (d) => (output += d));
   child.stderr!.on('data', (d) => (output += d));
