@@ -216,6 +216,15 @@ describe('nixcas mount: a tree of every kind of entry', () => {
     assert.throws(() => statSync(`${mnt}/not-a-store-path`), { code: 'ENOENT' });
   });
 
+  test('the inode table shrinks when the kernel forgets', async () => {
+    const inodes = () => Number(spawnSync('stat', ['-f', '-c', '%c', mnt], { encoding: 'utf8' }).stdout.trim());
+    readdirSync(`${mnt}/${base}/wide`).forEach((name) => statSync(`${mnt}/${base}/wide/${name}`));
+    assert.ok(inodes() > WIDE_ENTRIES, `after visiting: ${inodes()}`);
+    // Make the kernel drop its dentries and inodes: it sends FORGETs for them.
+    writeFileSync('/proc/sys/vm/drop_caches', '2');
+    await waitFor(() => inodes() < WIDE_ENTRIES / 2, `inodes after drop_caches: ${inodes()}`);
+  });
+
   test('writes are refused: the mount is read-only', () => {
     assert.throws(() => writeFileSync(`${mnt}/${base}/plain.txt`, 'x'), { code: 'EROFS' });
     assert.throws(() => mkdirSync(`${mnt}/new-dir`), { code: 'EROFS' });

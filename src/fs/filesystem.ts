@@ -73,6 +73,8 @@ interface FileHandle {
 export interface FilesystemStats {
   blockSize: number;
   nameMax: number;
+  /** Inodes the kernel holds now (statfs's f_files): shows forgets at work. */
+  files: number;
 }
 
 export const XATTR_DIRECTORY_DIGEST = 'user.tvix.castore.directory.digest';
@@ -245,7 +247,7 @@ export class ReadOnlyFilesystem {
   }
 
   statfs(): FilesystemStats {
-    return { blockSize: 4096, nameMax: 255 };
+    return { blockSize: 4096, nameMax: 255, files: this.inodes.size };
   }
 
   /** The digest xattr names of an inode. */

@@ -367,7 +367,8 @@ export class FuseServer {
   private statfs(request: Request): void {
     const stats = this.fs.statfs();
     const reply = request.allocate(STATFS_OUT_SIZE).fill(0, OUT_HEADER_SIZE);
-    const o = OUT_HEADER_SIZE + 40; // blocks, bfree, bavail, files, ffree: all 0
+    writeU64(reply, OUT_HEADER_SIZE + 24, stats.files); // blocks, bfree, bavail and ffree stay 0
+    const o = OUT_HEADER_SIZE + 40;
     reply.writeUInt32LE(stats.blockSize, o);
     reply.writeUInt32LE(stats.nameMax, o + 4);
     reply.writeUInt32LE(stats.blockSize, o + 8);
