@@ -9,6 +9,7 @@ import * as grpc from '@grpc/grpc-js';
 import { blake3Implementations } from '../src/castore/digest.js';
 import { clientConstructor } from '../src/grpc/protos.js';
 import { type Row, benchNix, median } from './nix.js';
+import { benchFuse } from './fuse.js';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const BLOB_BYTES = Number(process.env.BENCH_BLOB_MIB ?? 256) * 1024 * 1024;
@@ -120,13 +121,22 @@ function benchBlake3(): void {
   rows.push({ capability: 'BLAKE3 hashing, 1 MiB updates', ours: measure(native.create), peer: measure(wasm.create), unit: 'MB/s', peerName: 'blake3-wasm (fallback)' });
 }
 
-const only = process.env.BENCH_ONLY; // e.g. BENCH_ONLY=nix
+const only = process.env.BENCH_ONLY; // e.g. BENCH_ONLY=nix (blobs, blake3, nix, fuse)
 if (!only || only === 'blobs') await benchBlobs();
 if (!only || only === 'blake3') benchBlake3();
 if (!only || only === 'nix') {
   const work = mkdtempSync(join(tmpdir(), 'nixcas-bench-nix-'));
   try {
     await benchNix(rows, work, REPEATS, join(ROOT, 'dist/cli/main.js'));
+  } finally {
+    rmSync(work, { recursive: true, force: true });
+  }
+}
+
+if (!only || only === 'fuse') {
+  const work = mkdtempSync(join(tmpdir(), 'nixcas-bench-fuse-'));
+  try {
+    await benchFuse(rows, work, REPEATS, join(ROOT, 'dist/cli/main.js'));
   } finally {
     rmSync(work, { recursive: true, force: true });
   }

@@ -63,6 +63,8 @@ interface DirectoryHandle {
   inode: Inode;
   /** A snapshot taken at opendir, so offsets stay stable while the listing is read. */
   entries: ListingEntry[];
+  /** The root without --list-root: listing it is refused. */
+  unlistable: boolean;
 }
 
 interface FileHandle {
@@ -208,15 +210,20 @@ export class ReadOnlyFilesystem {
         node,
       });
     if (!inode.node) {
-      if (!this.options.listRoot) throw new FsError('EPERM');
+      // Without --list-root the root opens (so `cd`, `tar -C` and openat work) but does not list.
+      if (!this.options.listRoot) return this.newDirectoryHandle(inode, entries, true);
       for await (const node of this.root.list()) add(node);
     } else if (inode.node.kind === 'directory') {
       for (const node of (await this.loadDirectory(inode)).children) add(node);
     } else {
       throw new FsError('ENOTDIR');
     }
+    return this.newDirectoryHandle(inode, entries, false);
+  }
+
+  private newDirectoryHandle(inode: Inode, entries: ListingEntry[], unlistable: boolean): number {
     const handle = this.nextHandle++;
-    this.directoryHandles.set(handle, { inode, entries });
+    this.directoryHandles.set(handle, { inode, entries, unlistable });
     return handle;
   }
 
@@ -224,6 +231,7 @@ export class ReadOnlyFilesystem {
   list(handle: number, offset: number): ListingEntry[] {
     const dir = this.directoryHandles.get(handle);
     if (!dir) throw new FsError('EBADF');
+    if (dir.unlistable) throw new FsError('EPERM');
     return dir.entries.slice(offset, offset + 1024);
   }
 

@@ -200,7 +200,9 @@ export class FuseServer {
       case Opcode.FLUSH:
       case Opcode.FSYNC:
       case Opcode.FSYNCDIR:
-        return request.empty();
+        // Nothing to flush in a read-only store. ENOSYS tells the kernel so for
+        // good: it stops sending these, which saves a round trip per close.
+        throw new FsError('ENOSYS');
       case Opcode.INTERRUPT:
         return; // requests finish quickly; the kernel gets their normal reply
       case Opcode.DESTROY:
