@@ -2,8 +2,9 @@
 // some (without blocking the event loop), hands them to the protocol layer,
 // writes the replies, and unmounts.
 import { spawn, spawnSync } from 'node:child_process';
-import { closeSync, constants as fsConstants, openSync, statSync } from 'node:fs';
+import { closeSync, constants as fsConstants, openSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
+import { resolve } from 'node:path';
 import { MNT_DETACH, MS_NODEV, MS_NOSUID, MS_RDONLY, native, type Watch } from '../native/index.js';
 import type { FuseServer, ReplySink } from './protocol.js';
 import { MAX_WRITE } from './protocol.js';
@@ -23,6 +24,14 @@ export class MountError extends Error {
   override name = 'MountError';
 }
 
+/**
+ * The kernel gives a FUSE mount 128 KiB of readahead and lets a server only
+ * lower it in INIT; as root we raise it afterwards through sysfs, so that
+ * sequential reads come as 1 MiB requests (max_pages 256): a quarter of the
+ * round trips.
+ */
+const READ_AHEAD_KB = 1024;
+
 /** The kernel needs a read buffer for the largest request it may send (a WRITE of max_write). */
 const READ_BUFFER_SIZE = MAX_WRITE + 64 * 1024;
 
@@ -30,6 +39,7 @@ export class DevFuseSession implements ReplySink {
   private watch?: Watch;
   private readonly readBuffer = Buffer.allocUnsafe(READ_BUFFER_SIZE);
   private finished = false;
+  private initialized = false;
   private resolveClosed!: () => void;
   /** Resolves when the kernel ended the connection (unmounted) or the session was closed. */
   readonly closed = new Promise<void>((resolve) => (this.resolveClosed = resolve));
@@ -84,6 +94,12 @@ export class DevFuseSession implements ReplySink {
       if (n > 0) {
         // Requests are handled asynchronously: give each its own copy.
         this.server.handle(Buffer.from(this.readBuffer.subarray(0, n)), this);
+        if (!this.initialized) {
+          // The first request is INIT, answered synchronously: the kernel has set
+          // the mount's readahead by now, so raising it will stick.
+          this.initialized = true;
+          if (!this.viaFusermount) raiseReadahead(this.options.mountpoint, this.log.bind(this));
+        }
         continue;
       }
       if (n === -errno.EAGAIN || n === -errno.ENOENT) return; // nothing queued / request interrupted
@@ -168,6 +184,28 @@ async function mountWithFusermount(options: MountOptions): Promise<number> {
   }
   native().setNonBlocking(fd);
   return fd;
+}
+
+/** Sets the readahead of the FUSE mount at `mountpoint` (its backing device info in sysfs). */
+function raiseReadahead(mountpoint: string, log: (message: string) => void): void {
+  try {
+    // No stat or realpath of the mountpoint: it is mounted now, so they would
+    // wait for this very process to answer. mountinfo does not touch the mount.
+    const target = resolve(mountpoint);
+    const line = readFileSync('/proc/self/mountinfo', 'utf8')
+      .split('\n')
+      .map((l) => l.split(' '))
+      .filter((fields) => unescapeMountinfo(fields[4] ?? '') === target && fields.includes('fuse.nixcas'))
+      .pop();
+    if (line) writeFileSync(`/sys/class/bdi/${line[2]}/read_ahead_kb`, String(READ_AHEAD_KB));
+  } catch (err) {
+    log(`could not raise the readahead to ${READ_AHEAD_KB} KiB (${(err as Error).message}); sequential reads will be slower`);
+  }
+}
+
+/** mountinfo writes space, tab, newline and backslash as octal escapes. */
+function unescapeMountinfo(field: string): string {
+  return field.replace(/\\([0-7]{3})/g, (_, octal: string) => String.fromCharCode(parseInt(octal, 8)));
 }
 
 function errnoName(code: number): string {
