@@ -87,8 +87,17 @@ async function waitFor(condition: () => boolean, what: string): Promise<void> {
   assert.ok(condition(), what);
 }
 
+/** getxattr(2) through Python (Debian's python3 is always there; getfattr is not). */
 function getxattr(path: string, name: string): string {
-  const run = spawnSync('/usr/bin/python3', ['-c', 'import os,sys; sys.stdout.write(os.getxattr(sys.argv[1], sys.argv[2]).decode())', path, name], { encoding: 'utf8' });
+  return python('sys.stdout.write(os.getxattr(sys.argv[1], sys.argv[2]).decode())', path, name);
+}
+
+function listxattr(path: string): string[] {
+  return JSON.parse(python('sys.stdout.write(json.dumps(os.listxattr(sys.argv[1], follow_symlinks=False)))', path)) as string[];
+}
+
+function python(code: string, ...args: string[]): string {
+  const run = spawnSync('/usr/bin/python3', ['-c', `import json, os, sys; ${code}`, ...args], { encoding: 'utf8' });
   if (run.status !== 0) throw new Error(run.stderr.trim().split('\n').pop());
   return run.stdout;
 }
@@ -213,6 +222,9 @@ describe('nixcas mount: a tree of every kind of entry', () => {
     assert.equal(getxattr(file, 'user.tvix.castore.blob.digest'), formatDigest(blake3(readFileSync(file))));
     assert.match(getxattr(`${mnt}/${base}`, 'user.tvix.castore.directory.digest'), /^b3:[A-Za-z0-9+/]{43}=$/);
     assert.throws(() => getxattr(file, 'user.other'), /No data available/);
+    assert.deepEqual(listxattr(file), ['user.tvix.castore.blob.digest']);
+    assert.deepEqual(listxattr(`${mnt}/${base}/bin`), ['user.tvix.castore.directory.digest']);
+    assert.deepEqual(listxattr(`${mnt}/${base}/relative-link`), []);
   });
 
   test('the root lists every store path with --list-root', () => {
