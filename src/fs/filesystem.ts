@@ -118,8 +118,11 @@ export class ReadOnlyFilesystem {
       if (!node) throw new FsError('ENOENT');
       child = this.adopt(dir, node);
     }
-    const entry = await this.entryOf(child);
-    child.lookups++;
+    const entry = await this.entryOf(child).catch((err: unknown) => {
+      this.dropIfUnreferenced(child!);
+      throw err;
+    });
+    this.reference(child);
     return entry;
   }
 
@@ -128,8 +131,27 @@ export class ReadOnlyFilesystem {
     const inode = this.inodes.get(ino);
     if (!inode || ino === ROOT_INODE) return;
     inode.lookups -= count;
-    if (inode.lookups > 0) return;
-    this.inodes.delete(ino);
+    this.dropIfUnreferenced(inode);
+  }
+
+  /**
+   * Counts a kernel reference. A FORGET may have dropped the inode while this
+   * lookup was waiting for the store: the kernel is about to hold it again, so
+   * it goes back into the table.
+   */
+  private reference(inode: Inode): void {
+    inode.lookups++;
+    if (this.inodes.has(inode.ino)) return;
+    this.inodes.set(inode.ino, inode);
+    const siblings = (inode.parent!.children ??= new Map());
+    const key = inode.node!.node.name.toString('latin1');
+    if (!siblings.has(key)) siblings.set(key, inode);
+  }
+
+  /** Drops an inode the kernel holds no reference to (forgotten, or a lookup that failed). */
+  private dropIfUnreferenced(inode: Inode): void {
+    if (inode.lookups > 0 || inode.ino === ROOT_INODE) return;
+    this.inodes.delete(inode.ino);
     const siblings = inode.parent?.children;
     const key = inode.node!.node.name.toString('latin1');
     if (siblings?.get(key) === inode) siblings.delete(key);
@@ -244,8 +266,11 @@ export class ReadOnlyFilesystem {
     if (!dir) throw new FsError('EBADF');
     if (!listed.node) return undefined;
     const child = dir.inode.children?.get(listed.name.toString('latin1')) ?? this.adopt(dir.inode, listed.node);
-    const entry = await this.entryOf(child);
-    child.lookups++;
+    const entry = await this.entryOf(child).catch((err: unknown) => {
+      this.dropIfUnreferenced(child);
+      throw err;
+    });
+    this.reference(child);
     listed.ino = child.ino;
     return entry;
   }
