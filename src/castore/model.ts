@@ -41,6 +41,18 @@ export function emptyDirectory(): Directory {
   return { directories: [], files: [], symlinks: [] };
 }
 
+/** A directory's entries merged into one list sorted by name bytes (NAR order, readdir order). */
+export function sortedEntries(directory: Directory): Node[] {
+  const entries: Node[] = [
+    ...directory.directories.map((node) => ({ kind: 'directory', node }) as const),
+    ...directory.files.map((node) => ({ kind: 'file', node }) as const),
+    ...directory.symlinks.map((node) => ({ kind: 'symlink', node }) as const),
+  ];
+  const lists = [directory.directories, directory.files, directory.symlinks].filter((list) => list.length > 0).length;
+  if (lists > 1) entries.sort((a, b) => Buffer.compare(a.node.name, b.node.name));
+  return entries;
+}
+
 export function entryCount(directory: Directory): number {
   return directory.directories.length + directory.files.length + directory.symlinks.length;
 }

@@ -2,23 +2,13 @@
 // 100k entries must not decode it again, and a listing needs its entries in
 // one sorted array so that a readdir offset is an index.
 import type { B3Digest } from '../castore/digest.js';
-import type { Directory, Node } from '../castore/model.js';
+import { type Node, sortedEntries } from '../castore/model.js';
 import type { DirectoryService } from '../castore/directoryservice.js';
 
 export interface LoadedDirectory {
   /** All entries, sorted by name bytes. */
   readonly children: readonly Node[];
   readonly subdirectories: number;
-}
-
-/** The three sorted lists merged into one sorted array. */
-export function mergeEntries(directory: Directory): Node[] {
-  const lists: Node[][] = [
-    directory.directories.map((node) => ({ kind: 'directory' as const, node })),
-    directory.files.map((node) => ({ kind: 'file' as const, node })),
-    directory.symlinks.map((node) => ({ kind: 'symlink' as const, node })),
-  ];
-  return lists.flat().sort((a, b) => Buffer.compare(a.node.name, b.node.name));
 }
 
 /** Binary search of a name among sorted children. */
@@ -66,7 +56,7 @@ export class DirectoryCache {
   private async load(key: string, digest: B3Digest): Promise<LoadedDirectory | undefined> {
     const directory = await this.directories.get(digest);
     if (!directory) return undefined;
-    const loaded: LoadedDirectory = { children: mergeEntries(directory), subdirectories: directory.directories.length };
+    const loaded: LoadedDirectory = { children: sortedEntries(directory), subdirectories: directory.directories.length };
     this.loaded.set(key, loaded);
     this.cachedEntries += loaded.children.length + 1;
     for (const [oldKey, old] of this.loaded) {

@@ -6,24 +6,12 @@ import { digestKey, formatDigest } from '../../castore/digest.js';
 import { type DirectoryService, directoryDigest } from '../../castore/directoryservice.js';
 import { NotFoundError } from '../../castore/errors.js';
 import type { Directory, DirectoryNode, FileNode, Node } from '../../castore/model.js';
-import { displayName } from '../../castore/model.js';
+import { displayName, sortedEntries } from '../../castore/model.js';
 import { NarEncoder } from './encoder.js';
 
 export interface CastoreServices {
   blobs: BlobService;
   directories: DirectoryService;
-}
-
-/** A directory's entries merged into the one sorted order a NAR needs. */
-export function sortedEntries(directory: Directory): Node[] {
-  const entries: Node[] = [
-    ...directory.directories.map((node) => ({ kind: 'directory', node }) as const),
-    ...directory.files.map((node) => ({ kind: 'file', node }) as const),
-    ...directory.symlinks.map((node) => ({ kind: 'symlink', node }) as const),
-  ];
-  const lists = [directory.directories, directory.files, directory.symlinks].filter((list) => list.length > 0).length;
-  if (lists > 1) entries.sort((a, b) => Buffer.compare(a.node.name, b.node.name));
-  return entries;
 }
 
 /** Every directory below `root`, fetched in one recursive request. */
