@@ -19,6 +19,24 @@ export interface NativeAddon {
   socketpair(): [number, number] | number;
   /** Blocks until a file descriptor arrives with SCM_RIGHTS; -errno on failure. */
   receiveFd(socket: number): number;
+  /** A listening AF_UNIX stream socket (non-blocking), or -errno. */
+  listenUnix(path: string | Buffer): number;
+  /** A connected AF_UNIX stream socket (blocking), or -errno. */
+  connectUnix(path: string | Buffer): number;
+  /** The next connection (non-blocking), or -errno (-EAGAIN when nobody is waiting). */
+  accept(listener: number): number;
+  /** `[bytes or -errno, ...fds]`: one recvmsg(2); -EMSGSIZE when more fds came than fit (32). */
+  recvmsg(fd: number, buffer: Uint8Array): number[];
+  /** One sendmsg(2) of the buffers with `fds` attached (SCM_RIGHTS): bytes sent, or -errno. */
+  sendmsg(fd: number, buffers: Uint8Array[], fds: number[]): number;
+  /** A MAP_SHARED mapping of `fd` as an ArrayBuffer, or -errno. */
+  mmap(fd: number, length: number, offset: number, writable: boolean): ArrayBuffer | number;
+  /** Unmaps a buffer `mmap` returned, at once; it becomes detached (length 0). */
+  munmap(buffer: ArrayBuffer): void;
+  /** A non-blocking eventfd, or -errno. */
+  eventfd(): number;
+  /** A memfd of `size` bytes, or -errno. */
+  memfd(name: string, size: number): number;
 }
 
 let addon: NativeAddon | undefined;

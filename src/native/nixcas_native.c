@@ -1,7 +1,8 @@
-// The few system calls Node does not offer, for the FUSE session (and, later,
-// vhost-user): readiness of a file descriptor on the event loop, reads and
-// gathered writes that report errno as a negative number instead of throwing,
-// mount(2)/umount2(2), and receiving a file descriptor over a unix socket.
+// The few system calls Node does not offer, for the FUSE session and the
+// vhost-user backend: readiness of a file descriptor on the event loop, reads
+// and gathered writes that report errno as a negative number instead of
+// throwing, mount(2)/umount2(2), unix sockets that carry file descriptors
+// (SCM_RIGHTS), shared memory mappings (guest RAM) and eventfds.
 //
 // Everything here is a thin wrapper: policy lives in TypeScript.
 #define _GNU_SOURCE
@@ -10,9 +11,12 @@
 #include <node_api.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <sys/un.h>
 #include <unistd.h>
 #include <uv.h>
 
@@ -276,6 +280,238 @@ static napi_value receive_fd(napi_env env, napi_callback_info info) {
   return make_int(env, fd);
 }
 
+// --- unix sockets that carry file descriptors (vhost-user) -----------------
+
+#define MAX_FDS 32
+
+static int unix_address(napi_env env, napi_value value, struct sockaddr_un *address) {
+  char *path = get_bytes_z(env, value);
+  if (!path) return 0;
+  memset(address, 0, sizeof(*address));
+  address->sun_family = AF_UNIX;
+  size_t length = strlen(path);
+  if (length >= sizeof(address->sun_path)) {
+    free(path);
+    napi_throw_range_error(env, NULL, "nixcas native: unix socket path longer than 107 bytes");
+    return 0;
+  }
+  memcpy(address->sun_path, path, length);
+  free(path);
+  return 1;
+}
+
+// listenUnix(path) -> listening fd (non-blocking, close-on-exec) or -errno.
+static napi_value listen_unix(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  struct sockaddr_un address;
+  if (!get_args(env, info, 1, argv) || !unix_address(env, argv[0], &address)) return NULL;
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) return make_int(env, -errno);
+  if (bind(fd, (struct sockaddr *)&address, sizeof(address)) != 0 || listen(fd, 16) != 0) {
+    int error = errno;
+    close(fd);
+    return make_int(env, -error);
+  }
+  return make_int(env, fd);
+}
+
+// connectUnix(path) -> connected fd (blocking, close-on-exec) or -errno.
+static napi_value connect_unix(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  struct sockaddr_un address;
+  if (!get_args(env, info, 1, argv) || !unix_address(env, argv[0], &address)) return NULL;
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return make_int(env, -errno);
+  int rc;
+  do rc = connect(fd, (struct sockaddr *)&address, sizeof(address));
+  while (rc != 0 && errno == EINTR);
+  if (rc != 0) {
+    int error = errno;
+    close(fd);
+    return make_int(env, -error);
+  }
+  return make_int(env, fd);
+}
+
+// accept(fd) -> connected fd (non-blocking, close-on-exec) or -errno (-EAGAIN: nobody waiting).
+static napi_value accept_unix(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  int64_t fd;
+  if (!get_args(env, info, 1, argv) || !get_int(env, argv[0], &fd)) return NULL;
+  int client;
+  do client = accept4((int)fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+  while (client < 0 && errno == EINTR);
+  return make_int(env, client < 0 ? -errno : client);
+}
+
+// recvmsg(fd, buffer) -> [bytes or -errno, ...fds received with them (close-on-exec)].
+// Fds that do not fit are closed by the kernel (MSG_CTRUNC), reported as -EMSGSIZE.
+static napi_value recvmsg_fds(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  int64_t fd;
+  if (!get_args(env, info, 2, argv) || !get_int(env, argv[0], &fd)) return NULL;
+  void *data;
+  size_t length;
+  CHECK(napi_get_buffer_info(env, argv[1], &data, &length));
+  struct iovec iov = {.iov_base = data, .iov_len = length};
+  union {
+    struct cmsghdr align;
+    char buf[CMSG_SPACE(sizeof(int) * MAX_FDS)];
+  } control;
+  struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf, .msg_controllen = sizeof(control.buf)};
+  ssize_t n;
+  do n = recvmsg((int)fd, &msg, MSG_CMSG_CLOEXEC);
+  while (n < 0 && errno == EINTR);
+  if (n < 0) n = -errno;
+  napi_value result;
+  CHECK(napi_create_array(env, &result));
+  uint32_t count = 0;
+  if (n >= 0) {
+    for (struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg); cmsg; cmsg = CMSG_NXTHDR(&msg, cmsg)) {
+      if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS) continue;
+      size_t fds = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+      for (size_t i = 0; i < fds; i++) {
+        int received;
+        memcpy(&received, CMSG_DATA(cmsg) + i * sizeof(int), sizeof(int));
+        napi_set_element(env, result, ++count, make_int(env, received));
+      }
+    }
+    if (msg.msg_flags & MSG_CTRUNC) n = -EMSGSIZE;
+  }
+  napi_set_element(env, result, 0, make_int(env, n));
+  return result;
+}
+
+// sendmsg(fd, buffers[], fds[]) -> bytes sent or -errno; the fds travel with the first byte.
+static napi_value sendmsg_fds(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  int64_t fd;
+  if (!get_args(env, info, 3, argv) || !get_int(env, argv[0], &fd)) return NULL;
+  uint32_t count, fd_count;
+  CHECK(napi_get_array_length(env, argv[1], &count));
+  CHECK(napi_get_array_length(env, argv[2], &fd_count));
+  if (count > MAX_IOVECS || fd_count > MAX_FDS) {
+    napi_throw_range_error(env, NULL, "nixcas native: too many buffers or fds for one sendmsg");
+    return NULL;
+  }
+  struct iovec iov[MAX_IOVECS];
+  for (uint32_t i = 0; i < count; i++) {
+    napi_value element;
+    CHECK(napi_get_element(env, argv[1], i, &element));
+    CHECK(napi_get_buffer_info(env, element, &iov[i].iov_base, &iov[i].iov_len));
+  }
+  union {
+    struct cmsghdr align;
+    char buf[CMSG_SPACE(sizeof(int) * MAX_FDS)];
+  } control;
+  memset(&control, 0, sizeof(control));
+  struct msghdr msg = {.msg_iov = iov, .msg_iovlen = count};
+  if (fd_count > 0) {
+    msg.msg_control = control.buf;
+    msg.msg_controllen = CMSG_SPACE(sizeof(int) * fd_count);
+    struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
+    cmsg->cmsg_level = SOL_SOCKET;
+    cmsg->cmsg_type = SCM_RIGHTS;
+    cmsg->cmsg_len = CMSG_LEN(sizeof(int) * fd_count);
+    for (uint32_t i = 0; i < fd_count; i++) {
+      napi_value element;
+      int64_t value;
+      CHECK(napi_get_element(env, argv[2], i, &element));
+      if (!get_int(env, element, &value)) return NULL;
+      int one = (int)value;
+      memcpy(CMSG_DATA(cmsg) + i * sizeof(int), &one, sizeof(int));
+    }
+  }
+  ssize_t n;
+  do n = sendmsg((int)fd, &msg, MSG_NOSIGNAL);
+  while (n < 0 && errno == EINTR);
+  return make_int(env, n < 0 ? -errno : n);
+}
+
+// --- shared memory (guest RAM) and eventfds ---------------------------------
+
+typedef struct {
+  void *address;
+  size_t length;
+  int mapped;
+} mapping_t;
+
+static void mapping_finalize(napi_env env, void *data, void *hint) {
+  mapping_t *m = hint;
+  if (m->mapped) munmap(m->address, m->length);
+  free(m);
+}
+
+// mmap(fd, length, offset, writable) -> ArrayBuffer over a MAP_SHARED mapping, or -errno.
+// munmap(buffer) releases it at once; otherwise the garbage collector does.
+static napi_value mmap_fd(napi_env env, napi_callback_info info) {
+  napi_value argv[4];
+  int64_t fd, length, offset;
+  bool writable;
+  if (!get_args(env, info, 4, argv) || !get_int(env, argv[0], &fd) || !get_int(env, argv[1], &length) ||
+      !get_int(env, argv[2], &offset))
+    return NULL;
+  CHECK(napi_get_value_bool(env, argv[3], &writable));
+  if (length <= 0 || offset < 0) return make_int(env, -EINVAL);
+  int protection = PROT_READ | (writable ? PROT_WRITE : 0);
+  void *address = mmap(NULL, (size_t)length, protection, MAP_SHARED | MAP_NORESERVE, (int)fd, (off_t)offset);
+  if (address == MAP_FAILED) return make_int(env, -errno);
+  mapping_t *m = malloc(sizeof(*m));
+  m->address = address;
+  m->length = (size_t)length;
+  m->mapped = 1;
+  napi_value buffer;
+  if (napi_create_external_arraybuffer(env, address, (size_t)length, mapping_finalize, m, &buffer) != napi_ok) {
+    // The finalizer has run already (and freed `m`).
+    napi_throw_error(env, NULL, "nixcas native: cannot wrap a mapping in an ArrayBuffer");
+    return NULL;
+  }
+  napi_wrap(env, buffer, m, NULL, NULL, NULL);
+  return buffer;
+}
+
+// munmap(buffer): unmaps a buffer from mmap() now and detaches it (its length becomes 0).
+static napi_value munmap_buffer(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (!get_args(env, info, 1, argv)) return NULL;
+  mapping_t *m;
+  if (napi_unwrap(env, argv[0], (void **)&m) != napi_ok) {
+    napi_throw_type_error(env, NULL, "nixcas native: munmap of a buffer mmap() did not make");
+    return NULL;
+  }
+  // Detaching frees the backing store, whose finalizer frees `m`: unmap first.
+  CHECK(napi_remove_wrap(env, argv[0], NULL));
+  munmap(m->address, m->length);
+  m->mapped = 0;
+  CHECK(napi_detach_arraybuffer(env, argv[0]));
+  return NULL;
+}
+
+// eventfd() -> a non-blocking, close-on-exec eventfd, or -errno.
+static napi_value event_fd(napi_env env, napi_callback_info info) {
+  (void)info;
+  int fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  return make_int(env, fd < 0 ? -errno : fd);
+}
+
+// memfd(name, size) -> a close-on-exec memfd of `size` bytes, or -errno (front ends in tests).
+static napi_value memfd(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  int64_t size;
+  if (!get_args(env, info, 2, argv) || !get_int(env, argv[1], &size)) return NULL;
+  char *name = get_bytes_z(env, argv[0]);
+  if (!name) return NULL;
+  int fd = memfd_create(name, MFD_CLOEXEC);
+  free(name);
+  if (fd < 0) return make_int(env, -errno);
+  if (ftruncate(fd, (off_t)size) != 0) {
+    int error = errno;
+    close(fd);
+    return make_int(env, -error);
+  }
+  return make_int(env, fd);
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"watch", NULL, watch, NULL, NULL, NULL, napi_default, NULL},
@@ -287,6 +523,15 @@ static napi_value init(napi_env env, napi_value exports) {
       {"umount2", NULL, umount_fs, NULL, NULL, NULL, napi_default, NULL},
       {"socketpair", NULL, socket_pair, NULL, NULL, NULL, napi_default, NULL},
       {"receiveFd", NULL, receive_fd, NULL, NULL, NULL, napi_default, NULL},
+      {"listenUnix", NULL, listen_unix, NULL, NULL, NULL, napi_default, NULL},
+      {"connectUnix", NULL, connect_unix, NULL, NULL, NULL, napi_default, NULL},
+      {"accept", NULL, accept_unix, NULL, NULL, NULL, napi_default, NULL},
+      {"recvmsg", NULL, recvmsg_fds, NULL, NULL, NULL, napi_default, NULL},
+      {"sendmsg", NULL, sendmsg_fds, NULL, NULL, NULL, napi_default, NULL},
+      {"mmap", NULL, mmap_fd, NULL, NULL, NULL, napi_default, NULL},
+      {"munmap", NULL, munmap_buffer, NULL, NULL, NULL, napi_default, NULL},
+      {"eventfd", NULL, event_fd, NULL, NULL, NULL, napi_default, NULL},
+      {"memfd", NULL, memfd, NULL, NULL, NULL, napi_default, NULL},
   };
   CHECK(napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props));
   return exports;
