@@ -6,6 +6,7 @@ import { daemonCommand } from './daemon.js';
 import { copyCommand } from './copy.js';
 import { importCommand } from './import.js';
 import { mountCommand } from './mount.js';
+import { virtiofsCommand } from './virtiofs.js';
 import { narCommand } from './nar.js';
 
 const { version } = createRequire(import.meta.url)('../../package.json') as { version: string };
@@ -18,7 +19,8 @@ const program = new Command('nixcas')
   .addCommand(importCommand())
   .addCommand(copyCommand())
   .addCommand(narCommand())
-  .addCommand(mountCommand());
+  .addCommand(mountCommand())
+  .addCommand(virtiofsCommand());
 
 program.parseAsync(process.argv).catch((err: Error) => {
   console.error(`nixcas: ${err.message}`);

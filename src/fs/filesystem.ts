@@ -35,6 +35,8 @@ export interface FilesystemOptions {
   listRoot?: boolean;
   /** Entries of decoded directories kept in memory. */
   directoryCacheEntries?: number;
+  /** A cache shared with other filesystems over the same store (one per VM with virtio-fs). */
+  directoryCache?: DirectoryCache;
 }
 
 interface Inode {
@@ -96,7 +98,7 @@ export class ReadOnlyFilesystem {
     private readonly root: RootProvider,
     private readonly options: FilesystemOptions = {},
   ) {
-    this.cache = new DirectoryCache(directories, options.directoryCacheEntries);
+    this.cache = options.directoryCache ?? new DirectoryCache(directories, options.directoryCacheEntries);
     this.inodes.set(ROOT_INODE, { ino: ROOT_INODE, lookups: 1 });
   }
 

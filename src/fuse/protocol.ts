@@ -59,6 +59,18 @@ const O_ACCMODE = 3;
 const W_OK = 2;
 export const MAX_WRITE = 128 * 1024;
 
+/**
+ * Whether FuseServer.handle will send a reply to `message` (every request
+ * gets exactly one, except FORGET, BATCH_FORGET and INTERRUPT, and messages
+ * too short to name a request). virtio-fs returns the buffers of the others
+ * to the guest at once.
+ */
+export function expectsReply(message: Buffer): boolean {
+  if (message.length < 16) return false;
+  if (message.length < IN_HEADER_SIZE || message.readUInt32LE(0) !== message.length) return true; // answered EINVAL
+  return !NO_REPLY.has(message.readUInt32LE(4));
+}
+
 /** The request's arguments and where its reply goes. */
 class Request {
   constructor(

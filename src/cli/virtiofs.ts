@@ -1,0 +1,75 @@
+// `nixcas virtiofs SOCKET`: the store as /nix/store for VMs, over virtio-fs
+// (a vhost-user-fs back end for QEMU and cloud-hypervisor).
+import { chmodSync } from 'node:fs';
+import { Command, InvalidArgumentError } from 'commander';
+import { addStoreOptions, openServices } from './store-options.js';
+
+export function virtiofsCommand(): Command {
+  const command = new Command('virtiofs')
+    .summary('serve the store to VMs over virtio-fs (a vhost-user-fs back end)')
+    .description(
+      'Listen on the unix socket SOCKET for vhost-user front ends and serve the store, read-only, as a ' +
+        'virtio-fs device: every registered store path appears by its basename. Start a VM with\n' +
+        '  cloud-hypervisor --memory size=1G,shared=on --fs tag=nixstore,socket=SOCKET,num_queues=1 …\n' +
+        'or\n' +
+        '  qemu-system-x86_64 -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\\n' +
+        '    -chardev socket,id=fs,path=SOCKET -device vhost-user-fs-pci,chardev=fs,tag=nixstore,queue-size=1024 …\n' +
+        'and in the guest: mount -t virtiofs -o ro nixstore /nix/store\n' +
+        'Any number of VMs may connect, each its own device; when one shuts down or reboots the socket ' +
+        'stays and it can connect again. Ctrl-C or SIGTERM stops the back end.',
+    )
+    .argument('<socket>', 'path of the unix socket to create, e.g. /run/nixcas-fs.sock')
+    .option('--list-root', 'allow listing the top level (otherwise readdir of the root is refused with EPERM)', false)
+    .option('--num-request-queues <n>', "request queues besides the high-priority one: QEMU's num-request-queues, cloud-hypervisor's num_queues", positiveInteger, 1)
+    .option('--socket-mode <octal>', 'permissions of the socket file, e.g. 0660 to let a group of VM users connect', octalMode);
+  return addStoreOptions(command).action(async (socketPath: string, options) => {
+    const [{ ReadOnlyFilesystem }, { DirectoryCache }, { VirtioFsServer }, { storePathRoot }] = await Promise.all([
+      import('../fs/filesystem.js'),
+      import('../fs/directory-cache.js'),
+      import('../virtiofs/server.js'),
+      import('../store/fs-root.js'),
+    ]);
+    const log = (message: string) => console.error(`nixcas virtiofs: ${message}`);
+    const services = await openServices(options);
+    const root = storePathRoot(services.pathInfos);
+    // One cache of decoded directories for every VM.
+    const directoryCache = new DirectoryCache(services.directories);
+    let server;
+    try {
+      server = VirtioFsServer.listen({
+        socketPath,
+        requestQueues: options.numRequestQueues,
+        makeFilesystem: () => new ReadOnlyFilesystem(services.blobs, services.directories, root, { listRoot: options.listRoot, directoryCache }),
+        log,
+      });
+      if (options.socketMode !== undefined) chmodSync(socketPath, options.socketMode);
+    } catch (err) {
+      server?.close();
+      await services.close();
+      throw err;
+    }
+    log(
+      `listening on ${socketPath} (${options.numRequestQueues} request queue${options.numRequestQueues === 1 ? '' : 's'}; ` +
+        `blobs: ${services.addresses.blob}, directories: ${services.addresses.directory}, path infos: ${services.addresses.pathInfo})`,
+    );
+    const stop = async (signal: string) => {
+      log(`${signal}, stopping`);
+      server.close();
+      await services.close();
+      process.exit(0);
+    };
+    process.once('SIGINT', () => void stop('SIGINT'));
+    process.once('SIGTERM', () => void stop('SIGTERM'));
+  });
+}
+
+function positiveInteger(value: string): number {
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 1 || n > 64) throw new InvalidArgumentError('expected a whole number from 1 to 64');
+  return n;
+}
+
+function octalMode(value: string): number {
+  if (!/^0?[0-7]{3}$/.test(value)) throw new InvalidArgumentError('expected an octal mode such as 0660');
+  return parseInt(value, 8);
+}

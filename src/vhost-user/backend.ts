@@ -1,0 +1,457 @@
+// One vhost-user connection: answers the front end's requests (features,
+// memory table, vrings), starts and stops virtqueues, and hands the chains
+// the guest makes available to a virtio device. A request that breaks the
+// protocol is refused (and logged); it never takes the process down.
+import { native, type Watch } from '../native/index.js';
+import { closeAll, type Message, MessageChannel } from './channel.js';
+import { GuestMemory, GuestMemoryError, hex, type MemoryRegion } from './memory.js';
+import {
+  FLAG_NEED_REPLY,
+  MAX_MEM_SLOTS,
+  MAX_QUEUE_SIZE,
+  OFFERED_PROTOCOL_FEATURES,
+  ProtocolFeature,
+  REGION_SIZE,
+  Request,
+  requestName,
+  VERSION,
+  VERSION_MASK,
+  VirtioFeature,
+  VRING_INDEX_MASK,
+  VRING_NOFD,
+} from './protocol.js';
+import { type DescriptorChain, SplitQueue } from './virtqueue.js';
+
+/** What a virtio device (virtio-fs) gives the transport and gets from it. */
+export interface VirtioDevice {
+  /** How many virtqueues the device has. */
+  readonly queueCount: number;
+  /** Device feature bits beyond the ones the transport offers itself. */
+  readonly deviceFeatures: bigint;
+  /** A chain the guest made available on queue `queue`: complete it exactly once, now or later. */
+  handle(queue: number, chain: DescriptorChain): void;
+  /** The device was reset, or the front end went away: drop all per-guest state. */
+  reset(): void;
+}
+
+export interface BackendOptions {
+  log: (message: string) => void;
+  /** Called once the connection is gone and everything it held is released. */
+  onClosed?: (reason: string) => void;
+}
+
+/** The transport's own features: the ring layouts we implement, and vhost-user's protocol features. */
+const TRANSPORT_FEATURES = VirtioFeature.VERSION_1 | VirtioFeature.INDIRECT_DESC | VirtioFeature.EVENT_IDX | VirtioFeature.PROTOCOL_FEATURES;
+
+/** A request the front end got wrong: answered with a failure ack, logged, and otherwise ignored. */
+class ProtocolError extends Error {}
+
+interface Vring {
+  size: number;
+  /** Front-end virtual addresses from SET_VRING_ADDR. */
+  addresses?: { desc: number; avail: number; used: number };
+  nextAvail: number;
+  kickFd?: number;
+  kickWatch?: Watch;
+  callFd?: number;
+  errFd?: number;
+  enabled: boolean;
+  /** Set while the ring runs: from SET_VRING_KICK until GET_VRING_BASE or a reset. */
+  queue?: SplitQueue;
+}
+
+const KICK_BUFFER = Buffer.alloc(8);
+const INTERRUPT = (() => {
+  const one = Buffer.alloc(8);
+  one.writeBigUInt64LE(1n);
+  return one;
+})();
+
+export class VhostUserBackend {
+  private readonly channel: MessageChannel;
+  private readonly memory = new GuestMemory(MAX_MEM_SLOTS);
+  private readonly vrings: Vring[];
+  private ackedFeatures = 0n;
+  private ackedProtocolFeatures = 0n;
+  private status = 0n;
+  private closed = false;
+
+  constructor(
+    socket: number,
+    private readonly device: VirtioDevice,
+    private readonly options: BackendOptions,
+  ) {
+    this.vrings = Array.from({ length: device.queueCount }, () => newVring());
+    this.channel = new MessageChannel(socket, {
+      message: (message) => this.receive(message),
+      closed: (reason) => this.release(reason),
+    });
+  }
+
+  get offeredFeatures(): bigint {
+    return TRANSPORT_FEATURES | this.device.deviceFeatures;
+  }
+
+  /** Hangs up on the front end and releases everything. */
+  close(reason = 'closed by the back end'): void {
+    this.channel.close(reason);
+  }
+
+  private get replyAck(): boolean {
+    return (this.ackedProtocolFeatures & ProtocolFeature.REPLY_ACK) !== 0n;
+  }
+
+  private receive(message: Message): void {
+    const name = requestName(message.request);
+    let body: Buffer | undefined;
+    let failed = false;
+    try {
+      if ((message.flags & VERSION_MASK) !== VERSION) throw new ProtocolError(`version ${message.flags & VERSION_MASK}, not 1`);
+      body = this.dispatch(message);
+    } catch (err) {
+      failed = true;
+      closeAll(message.fds.splice(0));
+      if (err instanceof ProtocolError || err instanceof GuestMemoryError) this.options.log(`${name} refused: ${err.message}`);
+      else this.options.log(`${name} failed: ${(err as Error)?.stack ?? err}`);
+    }
+    if (body !== undefined) this.channel.reply(message.request, body);
+    else if (REPLY_REQUIRED.has(message.request)) this.channel.reply(message.request, Buffer.alloc(0)); // an empty reply is how failure is said
+    else if (this.replyAck && message.flags & FLAG_NEED_REPLY) this.channel.reply(message.request, u64(failed ? 1n : 0n));
+  }
+
+  /** Handles one request; returns the reply body of requests that have one. Fds not kept are closed. */
+  private dispatch(m: Message): Buffer | undefined {
+    const fds = m.fds;
+    if (!FD_REQUESTS.has(m.request) && fds.length > 0) throw new ProtocolError(`${fds.length} unexpected file descriptor(s)`);
+    switch (m.request) {
+      case Request.GET_FEATURES:
+        return u64(this.offeredFeatures);
+      case Request.SET_FEATURES: {
+        const features = readU64(m.payload, 8);
+        const unknown = features & ~this.offeredFeatures;
+        if (unknown) throw new ProtocolError(`features ${hex(unknown)} were never offered`);
+        this.ackedFeatures = features;
+        return undefined;
+      }
+      case Request.GET_PROTOCOL_FEATURES:
+        return u64(OFFERED_PROTOCOL_FEATURES);
+      case Request.SET_PROTOCOL_FEATURES: {
+        const features = readU64(m.payload, 8);
+        const unknown = features & ~OFFERED_PROTOCOL_FEATURES;
+        if (unknown) throw new ProtocolError(`protocol features ${hex(unknown)} were never offered`);
+        this.ackedProtocolFeatures = features;
+        return undefined;
+      }
+      case Request.SET_OWNER:
+        return undefined;
+      case Request.RESET_OWNER:
+      case Request.RESET_DEVICE:
+        this.reset();
+        return undefined;
+      case Request.GET_QUEUE_NUM:
+        return u64(BigInt(this.vrings.length));
+      case Request.GET_MAX_MEM_SLOTS:
+        return u64(BigInt(MAX_MEM_SLOTS));
+      case Request.SET_MEM_TABLE:
+        this.setMemTable(m.payload, fds);
+        return undefined;
+      case Request.ADD_MEM_REG:
+        this.addMemoryRegion(m.payload, fds);
+        return undefined;
+      case Request.REM_MEM_REG:
+        this.removeMemoryRegion(m.payload, fds);
+        return undefined;
+      case Request.SET_VRING_NUM: {
+        const { vring, value } = this.vringState(m.payload);
+        if (vring.queue) throw new ProtocolError('the ring is running');
+        if (value === 0 || value > MAX_QUEUE_SIZE || (value & (value - 1)) !== 0) throw new ProtocolError(`queue size ${value} (must be a power of two up to ${MAX_QUEUE_SIZE})`);
+        vring.size = value;
+        return undefined;
+      }
+      case Request.SET_VRING_ADDR:
+        this.setVringAddr(m.payload);
+        return undefined;
+      case Request.SET_VRING_BASE: {
+        const { vring, value } = this.vringState(m.payload);
+        if (vring.queue) throw new ProtocolError('the ring is running');
+        if (value > 0xffff) throw new ProtocolError(`base ${value} is not a 16-bit ring index`);
+        vring.nextAvail = value;
+        return undefined;
+      }
+      case Request.GET_VRING_BASE: {
+        const { index, vring } = this.vringState(m.payload);
+        this.stopVring(vring);
+        const reply = Buffer.alloc(8);
+        reply.writeUInt32LE(index, 0);
+        reply.writeUInt32LE(vring.nextAvail, 4);
+        return reply;
+      }
+      case Request.SET_VRING_KICK:
+        this.setVringKick(m.payload, fds);
+        return undefined;
+      case Request.SET_VRING_CALL: {
+        const { vring, fd } = this.vringFd(m.payload, fds);
+        replaceFd(vring.callFd);
+        vring.callFd = fd;
+        return undefined;
+      }
+      case Request.SET_VRING_ERR: {
+        // We never report ring errors through it, but keep it as the front end expects.
+        const { vring, fd } = this.vringFd(m.payload, fds);
+        replaceFd(vring.errFd);
+        vring.errFd = fd;
+        return undefined;
+      }
+      case Request.SET_VRING_ENABLE: {
+        const { index, vring, value } = this.vringState(m.payload);
+        if (value > 1) throw new ProtocolError(`enable ${value}`);
+        if (!(this.ackedFeatures & VirtioFeature.PROTOCOL_FEATURES)) throw new ProtocolError('SET_VRING_ENABLE before PROTOCOL_FEATURES was acked');
+        vring.enabled = value === 1;
+        if (vring.enabled) this.service(index);
+        return undefined;
+      }
+      case Request.SET_STATUS:
+        this.status = readU64(m.payload, 8);
+        if (this.status === 0n) this.reset();
+        return undefined;
+      case Request.GET_STATUS:
+        return u64(this.status);
+      default:
+        // Everything we did not offer: logs, inflight tracking, config space, back-end requests, device state.
+        throw new ProtocolError('not supported by this back end');
+    }
+  }
+
+  private setMemTable(payload: Buffer, fds: number[]): void {
+    if (payload.length < 8) throw new ProtocolError(`payload of ${payload.length} bytes`);
+    const count = payload.readUInt32LE(0);
+    if (count > MAX_MEM_SLOTS || payload.length !== 8 + count * REGION_SIZE) throw new ProtocolError(`${count} regions in ${payload.length} bytes`);
+    if (fds.length !== count) throw new ProtocolError(`${count} regions but ${fds.length} file descriptors`);
+    const regions = Array.from({ length: count }, (_, i) => readRegion(payload, 8 + i * REGION_SIZE));
+    // Rings keep running across a new table (memory hotplug): stop, remap, restart them.
+    const running = this.vrings.map((vring) => vring.queue !== undefined);
+    for (const vring of this.vrings) this.detachQueue(vring);
+    this.memory.clear();
+    try {
+      regions.forEach((region, i) => this.memory.add(region, fds[i]));
+    } finally {
+      closeAll(fds.splice(0));
+    }
+    running.forEach((wasRunning, index) => wasRunning && this.startVring(index));
+  }
+
+  private addMemoryRegion(payload: Buffer, fds: number[]): void {
+    if (payload.length !== 8 + REGION_SIZE) throw new ProtocolError(`payload of ${payload.length} bytes`);
+    if (fds.length !== 1) throw new ProtocolError(`${fds.length} file descriptors, not 1`);
+    try {
+      this.memory.add(readRegion(payload, 8), fds[0]);
+    } finally {
+      closeAll(fds.splice(0));
+    }
+  }
+
+  private removeMemoryRegion(payload: Buffer, fds: number[]): void {
+    // Some front ends send the region's fd along; it is not needed.
+    closeAll(fds.splice(0));
+    if (payload.length !== 8 + REGION_SIZE) throw new ProtocolError(`payload of ${payload.length} bytes`);
+    const region = readRegion(payload, 8);
+    const running = this.vrings.map((vring) => vring.queue !== undefined);
+    for (const vring of this.vrings) this.detachQueue(vring);
+    try {
+      this.memory.remove(region);
+    } finally {
+      running.forEach((wasRunning, index) => wasRunning && this.startVring(index));
+    }
+  }
+
+  private setVringAddr(payload: Buffer): void {
+    if (payload.length !== 40) throw new ProtocolError(`payload of ${payload.length} bytes`);
+    const vring = this.vring(payload.readUInt32LE(0));
+    if (vring.queue) throw new ProtocolError('the ring is running');
+    // {u32 index, u32 flags, u64 desc, u64 used, u64 avail, u64 log}; flags only concern dirty logging.
+    const desc = toNumber(payload.readBigUInt64LE(8), 'descriptor table address');
+    const used = toNumber(payload.readBigUInt64LE(16), 'used ring address');
+    const avail = toNumber(payload.readBigUInt64LE(24), 'avail ring address');
+    vring.addresses = { desc, used, avail };
+  }
+
+  private setVringKick(payload: Buffer, fds: number[]): void {
+    const { index, vring, fd } = this.vringFd(payload, fds);
+    if (fd === undefined) throw new ProtocolError('polling mode (no kick fd) is not supported');
+    this.stopVring(vring);
+    vring.kickFd = fd;
+    const error = native().setNonBlocking(fd);
+    if (error < 0) throw new ProtocolError(`the kick fd: errno ${-error}`);
+    vring.kickWatch = native().watch(fd, () => {
+      // Drain the eventfd's counter, then take whatever the driver added.
+      native().read(fd, KICK_BUFFER);
+      this.service(index);
+    });
+    this.startVring(index);
+  }
+
+  /** Makes the ring's SplitQueue from its size, addresses and base; the kick fd starts it. */
+  private startVring(index: number): void {
+    const vring = this.vrings[index];
+    if (vring.kickFd === undefined) return;
+    if (!vring.addresses) throw new ProtocolError(`ring ${index} started before SET_VRING_ADDR`);
+    if (this.memory.regionCount === 0) throw new ProtocolError(`ring ${index} started before SET_MEM_TABLE`);
+    const { size } = vring;
+    const layout = {
+      size,
+      desc: this.memory.guestAddressOf(vring.addresses.desc, 16 * size),
+      avail: this.memory.guestAddressOf(vring.addresses.avail, 6 + 2 * size),
+      used: this.memory.guestAddressOf(vring.addresses.used, 6 + 8 * size),
+      nextAvail: vring.nextAvail,
+      eventIdx: (this.ackedFeatures & VirtioFeature.EVENT_IDX) !== 0n,
+      indirect: (this.ackedFeatures & VirtioFeature.INDIRECT_DESC) !== 0n,
+    };
+    try {
+      vring.queue = new SplitQueue(this.memory, layout, () => vring.callFd !== undefined && native().writev(vring.callFd, [INTERRUPT]));
+    } catch (err) {
+      throw new ProtocolError(`ring ${index}: ${(err as Error).message}`);
+    }
+    // Without PROTOCOL_FEATURES a ring is enabled as soon as it starts.
+    if (!(this.ackedFeatures & VirtioFeature.PROTOCOL_FEATURES)) vring.enabled = true;
+    this.service(index);
+  }
+
+  /** Takes every chain the driver made available on a running, enabled ring. */
+  private service(index: number): void {
+    const vring = this.vrings[index];
+    const queue = vring.queue;
+    if (!queue || !vring.enabled || this.closed) return;
+    const rejected = (error: Error) => this.options.log(`queue ${index}: request rejected: ${error.message}`);
+    do {
+      for (let chain = queue.pop(rejected); chain; chain = queue.pop(rejected)) this.device.handle(index, chain);
+    } while (queue.enableNotification());
+    if (queue.broken) {
+      this.options.log(`queue ${index} stopped until the front end resets it: ${queue.broken}`);
+      this.detachQueue(vring);
+    }
+  }
+
+  /** Stops the ring (GET_VRING_BASE): no more guest memory writes for it; its kick fd goes. */
+  private stopVring(vring: Vring): void {
+    this.detachQueue(vring);
+    if (vring.kickWatch) native().unwatch(vring.kickWatch);
+    replaceFd(vring.kickFd);
+    vring.kickWatch = undefined;
+    vring.kickFd = undefined;
+  }
+
+  /** Forgets the ring's SplitQueue, remembering where the driver was. */
+  private detachQueue(vring: Vring): void {
+    if (!vring.queue) return;
+    vring.nextAvail = vring.queue.availIndex;
+    vring.queue.deactivate();
+    vring.queue = undefined;
+  }
+
+  private reset(): void {
+    for (const vring of this.vrings) this.resetVring(vring);
+    this.ackedFeatures = 0n;
+    this.status = 0n;
+    this.device.reset();
+  }
+
+  private resetVring(vring: Vring): void {
+    this.stopVring(vring);
+    replaceFd(vring.callFd);
+    replaceFd(vring.errFd);
+    Object.assign(vring, newVring());
+  }
+
+  private release(reason: string): void {
+    if (this.closed) return;
+    this.closed = true;
+    for (const vring of this.vrings) this.resetVring(vring);
+    this.memory.clear();
+    this.device.reset();
+    this.options.onClosed?.(reason);
+  }
+
+  private vring(index: number): Vring {
+    const vring = this.vrings[index];
+    if (!vring) throw new ProtocolError(`queue ${index} does not exist (the device has ${this.vrings.length})`);
+    return vring;
+  }
+
+  /** A vhost_vring_state payload: {u32 index, u32 num}. */
+  private vringState(payload: Buffer): { index: number; vring: Vring; value: number } {
+    if (payload.length !== 8) throw new ProtocolError(`payload of ${payload.length} bytes`);
+    const index = payload.readUInt32LE(0);
+    return { index, vring: this.vring(index), value: payload.readUInt32LE(4) };
+  }
+
+  /** A SET_VRING_KICK/CALL/ERR payload: the index, and an fd unless the no-fd bit is set. */
+  private vringFd(payload: Buffer, fds: number[]): { index: number; vring: Vring; fd?: number } {
+    const value = readU64(payload, 8);
+    const index = Number(value & VRING_INDEX_MASK);
+    const vring = this.vring(index);
+    const noFd = (value & VRING_NOFD) !== 0n;
+    if (fds.length !== (noFd ? 0 : 1)) throw new ProtocolError(`${fds.length} file descriptors with${noFd ? ' the no-fd bit' : 'out the no-fd bit'}`);
+    return { index, vring, fd: noFd ? undefined : fds.splice(0)[0] };
+  }
+}
+
+/** Requests whose reply has a body: an empty one when they fail. */
+const REPLY_REQUIRED: ReadonlySet<number> = new Set([
+  Request.GET_FEATURES,
+  Request.GET_PROTOCOL_FEATURES,
+  Request.GET_VRING_BASE,
+  Request.GET_QUEUE_NUM,
+  Request.GET_CONFIG,
+  Request.GET_INFLIGHT_FD,
+  Request.GET_MAX_MEM_SLOTS,
+  Request.GET_STATUS,
+]);
+
+/** Requests that may carry file descriptors; any other message with fds is refused. */
+const FD_REQUESTS: ReadonlySet<number> = new Set([
+  Request.SET_MEM_TABLE,
+  Request.ADD_MEM_REG,
+  Request.REM_MEM_REG,
+  Request.SET_LOG_BASE,
+  Request.SET_LOG_FD,
+  Request.SET_VRING_KICK,
+  Request.SET_VRING_CALL,
+  Request.SET_VRING_ERR,
+  Request.SET_BACKEND_REQ_FD,
+  Request.SET_INFLIGHT_FD,
+]);
+
+function newVring(): Vring {
+  return { size: 0, nextAvail: 0, enabled: false };
+}
+
+function replaceFd(fd: number | undefined): void {
+  if (fd !== undefined) closeAll([fd]);
+}
+
+function u64(value: bigint): Buffer {
+  const out = Buffer.alloc(8);
+  out.writeBigUInt64LE(value);
+  return out;
+}
+
+/** The payload as one u64; it must be exactly `size` (8) bytes. */
+function readU64(payload: Buffer, size: number): bigint {
+  if (payload.length !== size) throw new ProtocolError(`payload of ${payload.length} bytes, expected ${size}`);
+  return payload.readBigUInt64LE(0);
+}
+
+function readRegion(payload: Buffer, offset: number): MemoryRegion {
+  const field = (at: number, name: string) => toNumber(payload.readBigUInt64LE(offset + at), name);
+  return {
+    guestPhysAddr: field(0, 'guest address'),
+    size: field(8, 'size'),
+    userAddr: field(16, 'front-end address'),
+    mmapOffset: field(24, 'mmap offset'),
+  };
+}
+
+function toNumber(value: bigint, what: string): number {
+  if (value > BigInt(Number.MAX_SAFE_INTEGER)) throw new ProtocolError(`${what} ${hex(value)} is out of range`);
+  return Number(value);
+}

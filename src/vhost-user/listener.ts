@@ -1,0 +1,73 @@
+// The unix socket front ends connect to. Each connection is its own device
+// (one VM); when a VM goes away the socket stays, so the next VM can connect
+// to the same running back end.
+import { lstatSync, unlinkSync } from 'node:fs';
+import { constants } from 'node:os';
+import { closeAll } from './channel.js';
+import { native, type Watch } from '../native/index.js';
+
+export class ListenError extends Error {
+  override name = 'ListenError';
+}
+
+export class UnixListener {
+  private watch?: Watch;
+  private constructor(
+    readonly path: string,
+    private readonly fd: number,
+  ) {}
+
+  /**
+   * Listens at `path`. A socket file left by a back end that is gone is
+   * replaced; one that still answers, or any other kind of file, is an error.
+   */
+  static listen(path: string, onConnection: (fd: number) => void, log: (message: string) => void): UnixListener {
+    removeStaleSocket(path);
+    const fd = native().listenUnix(path);
+    if (fd < 0) throw new ListenError(`cannot listen on ${path}: ${errnoName(-fd)}`);
+    const listener = new UnixListener(path, fd);
+    listener.watch = native().watch(fd, () => {
+      for (;;) {
+        const client = native().accept(fd);
+        if (client === -constants.errno.EAGAIN) return;
+        if (client < 0) return log(`accepting a connection failed: ${errnoName(-client)}`);
+        onConnection(client);
+      }
+    });
+    return listener;
+  }
+
+  /** Stops listening and removes the socket file; connections already made go on. */
+  close(): void {
+    if (this.watch) native().unwatch(this.watch);
+    this.watch = undefined;
+    closeAll([this.fd]);
+    try {
+      unlinkSync(this.path);
+    } catch {
+      // already gone
+    }
+  }
+}
+
+function removeStaleSocket(path: string): void {
+  let isSocket: boolean;
+  try {
+    isSocket = lstatSync(path).isSocket();
+  } catch {
+    return; // nothing there
+  }
+  if (!isSocket) throw new ListenError(`${path} exists and is not a socket; remove it or choose another path`);
+  const probe = native().connectUnix(path);
+  if (probe >= 0) {
+    closeAll([probe]);
+    throw new ListenError(`another process is already listening on ${path}`);
+  }
+  if (probe !== -constants.errno.ECONNREFUSED) throw new ListenError(`cannot check ${path}: ${errnoName(-probe)}`);
+  unlinkSync(path);
+}
+
+export function errnoName(errno: number): string {
+  const name = Object.entries(constants.errno).find(([, value]) => value === errno)?.[0];
+  return name ?? `errno ${errno}`;
+}

@@ -1,0 +1,161 @@
+// Guest memory as the front end shares it: regions of guest physical address
+// space, each backed by a file descriptor we map MAP_SHARED. Every access a
+// guest asks for is checked to lie inside one region; nothing here trusts an
+// address.
+import { native } from '../native/index.js';
+
+export interface MemoryRegion {
+  guestPhysAddr: number;
+  size: number;
+  /** Where the front end (QEMU) has the region in its own address space; ring addresses use this. */
+  userAddr: number;
+  /** Where the region starts in the fd. */
+  mmapOffset: number;
+}
+
+/** A piece of guest memory: `bytes[offset .. offset + length)`. */
+export interface Span {
+  bytes: Uint8Array;
+  offset: number;
+  length: number;
+}
+
+export class GuestMemoryError extends Error {
+  override name = 'GuestMemoryError';
+}
+
+/**
+ * Node caps an ArrayBuffer at 4 GiB, so a region is mapped in chunks of 1 GiB.
+ * Each chunk's mapping runs 1 MiB past its end (both map the same shared
+ * pages), so that any structure of up to 1 MiB that starts in a chunk can be
+ * read through that chunk alone: a virtqueue's rings are at most 512 KiB.
+ */
+const CHUNK = 2 ** 30;
+const CHUNK_OVERLAP = 2 ** 20;
+/** The largest span `contiguous` returns. */
+export const MAX_CONTIGUOUS = CHUNK_OVERLAP;
+
+class MappedRegion implements MemoryRegion {
+  readonly guestPhysAddr: number;
+  readonly size: number;
+  readonly userAddr: number;
+  readonly mmapOffset: number;
+  readonly chunks: Uint8Array[] = [];
+
+  constructor(region: MemoryRegion, fd: number) {
+    this.guestPhysAddr = region.guestPhysAddr;
+    this.size = region.size;
+    this.userAddr = region.userAddr;
+    this.mmapOffset = region.mmapOffset;
+    try {
+      for (let start = 0; start < region.size; start += CHUNK) {
+        const length = Math.min(CHUNK + CHUNK_OVERLAP, region.size - start);
+        const mapped = native().mmap(fd, length, region.mmapOffset + start, true);
+        if (typeof mapped === 'number') throw new GuestMemoryError(`cannot map guest memory at ${hex(region.guestPhysAddr + start)} (${length} bytes): errno ${-mapped}`);
+        this.chunks.push(new Uint8Array(mapped));
+      }
+    } catch (err) {
+      this.unmap();
+      throw err;
+    }
+  }
+
+  unmap(): void {
+    for (const chunk of this.chunks) if (chunk.byteLength > 0) native().munmap(chunk.buffer as ArrayBuffer);
+    this.chunks.length = 0;
+  }
+
+  same(region: MemoryRegion): boolean {
+    return region.guestPhysAddr === this.guestPhysAddr && region.size === this.size && region.userAddr === this.userAddr;
+  }
+}
+
+export class GuestMemory {
+  private regions: MappedRegion[] = [];
+
+  constructor(private readonly maxRegions: number) {}
+
+  get regionCount(): number {
+    return this.regions.length;
+  }
+
+  /** Maps a region from `fd` (which the caller still owns and closes). */
+  add(region: MemoryRegion, fd: number): void {
+    checkRegion(region);
+    if (this.regions.length >= this.maxRegions) throw new GuestMemoryError(`more than ${this.maxRegions} memory regions`);
+    for (const other of this.regions) {
+      if (overlaps(region.guestPhysAddr, region.size, other.guestPhysAddr, other.size)) throw new GuestMemoryError(`region at ${hex(region.guestPhysAddr)} overlaps the one at ${hex(other.guestPhysAddr)}`);
+      if (overlaps(region.userAddr, region.size, other.userAddr, other.size)) throw new GuestMemoryError(`region's front-end address ${hex(region.userAddr)} overlaps another region's`);
+    }
+    this.regions.push(new MappedRegion(region, fd));
+  }
+
+  /** Unmaps the region matching `region` (guest address, size and front-end address). */
+  remove(region: MemoryRegion): void {
+    const index = this.regions.findIndex((r) => r.same(region));
+    if (index < 0) throw new GuestMemoryError(`no memory region at ${hex(region.guestPhysAddr)} of ${region.size} bytes to remove`);
+    this.regions[index].unmap();
+    this.regions.splice(index, 1);
+  }
+
+  /** Unmaps everything. */
+  clear(): void {
+    for (const region of this.regions) region.unmap();
+    this.regions = [];
+  }
+
+  /** The guest physical address of a front-end virtual address (how rings are given). */
+  guestAddressOf(userAddr: number, length: number): number {
+    for (const r of this.regions) {
+      if (userAddr >= r.userAddr && userAddr - r.userAddr + length <= r.size) return userAddr - r.userAddr + r.guestPhysAddr;
+    }
+    throw new GuestMemoryError(`front-end address ${hex(userAddr)} (+${length}) is not in guest memory`);
+  }
+
+  /** `length` bytes at guest address `gpa` as one span (at most MAX_CONTIGUOUS bytes). */
+  contiguous(gpa: number, length: number): Span {
+    if (length > MAX_CONTIGUOUS) throw new GuestMemoryError(`${length} bytes at ${hex(gpa)}: too large for one piece`);
+    const r = this.regionOf(gpa, length);
+    const offset = gpa - r.guestPhysAddr;
+    const chunk = Math.floor(offset / CHUNK);
+    return { bytes: r.chunks[chunk], offset: offset - chunk * CHUNK, length };
+  }
+
+  /** `length` bytes at guest address `gpa`, split where chunks end, appended to `into`. */
+  spans(gpa: number, length: number, into: Span[]): void {
+    const r = this.regionOf(gpa, length);
+    let offset = gpa - r.guestPhysAddr;
+    let left = length;
+    while (left > 0) {
+      const chunk = Math.floor(offset / CHUNK);
+      const within = offset - chunk * CHUNK;
+      const take = Math.min(left, CHUNK - within);
+      into.push({ bytes: r.chunks[chunk], offset: within, length: take });
+      offset += take;
+      left -= take;
+    }
+  }
+
+  private regionOf(gpa: number, length: number): MappedRegion {
+    if (!Number.isSafeInteger(gpa) || !Number.isSafeInteger(length) || gpa < 0 || length < 0) throw new GuestMemoryError(`bad guest address ${gpa} (+${length})`);
+    for (const r of this.regions) {
+      if (gpa >= r.guestPhysAddr && gpa - r.guestPhysAddr + length <= r.size) return r;
+    }
+    throw new GuestMemoryError(`guest address ${hex(gpa)} (+${length}) is outside guest memory`);
+  }
+}
+
+function checkRegion(region: MemoryRegion): void {
+  for (const [name, value] of Object.entries(region)) {
+    if (!Number.isSafeInteger(value) || value < 0) throw new GuestMemoryError(`memory region ${name} ${value} is out of range`);
+  }
+  if (region.size === 0) throw new GuestMemoryError('memory region of size 0');
+}
+
+function overlaps(a: number, aLength: number, b: number, bLength: number): boolean {
+  return a < b + bLength && b < a + aLength;
+}
+
+export function hex(n: number | bigint): string {
+  return `0x${n.toString(16)}`;
+}

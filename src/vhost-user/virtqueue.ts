@@ -1,0 +1,294 @@
+// A split virtqueue (virtio 1.x, 2.7) in shared guest memory, seen from the
+// device side: take the chains the driver made available, give them back
+// through the used ring, and interrupt the driver only when it asked.
+//
+// Memory ordering (x86-64, which is what we run on): the index loads and
+// stores use Atomics, which V8 neither reorders nor lets the CPU reorder:
+// avail.idx is loaded before the ring entries and descriptors it covers
+// (acquire); a used element is written before used.idx is published
+// (release); Atomics.store is a full fence (XCHG), which the spec needs
+// between publishing used.idx and reading used_event, and between
+// publishing avail_event and re-reading avail.idx (else a kick is lost).
+import { GuestMemory, GuestMemoryError, hex, type Span } from './memory.js';
+
+const DESC_F_NEXT = 1;
+const DESC_F_WRITE = 2;
+const DESC_F_INDIRECT = 4;
+const DESC_SIZE = 16;
+const AVAIL_F_NO_INTERRUPT = 1;
+/** A request's readable part is copied into one buffer; FUSE requests are far smaller. */
+const MAX_READABLE = 4 * 1024 * 1024;
+
+export interface QueueLayout {
+  size: number;
+  /** Guest physical addresses of the three parts. */
+  desc: number;
+  avail: number;
+  used: number;
+  /** The first avail index to take (SET_VRING_BASE). */
+  nextAvail: number;
+  eventIdx: boolean;
+  indirect: boolean;
+}
+
+/** A chain that breaks the rules: the device returns it unused and goes on. */
+export class ChainError extends Error {
+  override name = 'ChainError';
+}
+
+/** The queue itself is beyond repair (bogus indices): it stops until the front end resets it. */
+export class QueueError extends Error {
+  override name = 'QueueError';
+}
+
+export class SplitQueue {
+  private readonly mask: number;
+  private readonly descriptors: DataView;
+  /** flags, idx, ring[size], used_event */
+  private readonly avail: Uint16Array;
+  /** flags, idx, then (at 2 + 4·size) avail_event; elements through `usedElements` */
+  private readonly used: Uint16Array;
+  private readonly usedElements: Uint32Array;
+  private readonly availEventIndex: number;
+  private nextAvail: number;
+  private nextUsed: number;
+  private signalledUsed: number;
+  private notifyScheduled = false;
+  private active = true;
+  private brokenReason?: string;
+
+  constructor(
+    private readonly memory: GuestMemory,
+    private readonly layout: QueueLayout,
+    /** Interrupts the driver (writes the call eventfd). */
+    private readonly interrupt: () => void,
+  ) {
+    const { size } = layout;
+    if (size === 0 || (size & (size - 1)) !== 0) throw new QueueError(`queue size ${size} is not a power of two`);
+    this.mask = size - 1;
+    if (layout.desc % 16 !== 0 || layout.avail % 2 !== 0 || layout.used % 4 !== 0) {
+      throw new QueueError(`misaligned rings (descriptors ${hex(layout.desc)}, avail ${hex(layout.avail)}, used ${hex(layout.used)})`);
+    }
+    const desc = this.span(layout.desc, DESC_SIZE * size, 'descriptor table');
+    this.descriptors = new DataView(desc.bytes.buffer, desc.bytes.byteOffset + desc.offset, desc.length);
+    const avail = this.span(layout.avail, 2 * (3 + size), 'avail ring');
+    this.avail = new Uint16Array(avail.bytes.buffer, avail.bytes.byteOffset + avail.offset, 3 + size);
+    const used = this.span(layout.used, 6 + 8 * size, 'used ring');
+    this.used = new Uint16Array(used.bytes.buffer, used.bytes.byteOffset + used.offset, 3 + 4 * size);
+    this.usedElements = new Uint32Array(used.bytes.buffer, used.bytes.byteOffset + used.offset + 4, 2 * size);
+    this.availEventIndex = 2 + 4 * size;
+    this.nextAvail = layout.nextAvail & 0xffff;
+    // The driver may have used entries from before (a reconnect): carry on from its used.idx.
+    this.nextUsed = Atomics.load(this.used, 1);
+    this.signalledUsed = this.nextUsed;
+  }
+
+  get size(): number {
+    return this.layout.size;
+  }
+
+  /** The next avail index to take: what GET_VRING_BASE reports. */
+  get availIndex(): number {
+    return this.nextAvail;
+  }
+
+  /** False once stopped: nothing may be written to guest memory for it any more. */
+  get isActive(): boolean {
+    return this.active;
+  }
+
+  get broken(): string | undefined {
+    return this.brokenReason;
+  }
+
+  /** Stops the queue for good: chains completed later are dropped (the ring may be unmapped). */
+  deactivate(): void {
+    this.active = false;
+  }
+
+  /**
+   * The next chain the driver made available, or null when there is none (or
+   * the queue is broken). A chain that breaks the rules is returned to the
+   * driver unused and reported through `onRejected`; taking goes on.
+   */
+  pop(onRejected: (error: Error) => void): DescriptorChain | null {
+    while (this.active && this.brokenReason === undefined) {
+      const availIdx = Atomics.load(this.avail, 1);
+      if (availIdx === this.nextAvail) return null;
+      const pending = (availIdx - this.nextAvail) & 0xffff;
+      if (pending > this.layout.size) {
+        this.break(`avail.idx ${availIdx} is ${pending} entries ahead of ${this.nextAvail}, more than the queue holds (${this.layout.size})`);
+        return null;
+      }
+      const head = this.avail[2 + (this.nextAvail & this.mask)];
+      this.nextAvail = (this.nextAvail + 1) & 0xffff;
+      if (head >= this.layout.size) {
+        this.break(`avail ring names descriptor ${head}, beyond the queue's ${this.layout.size}`);
+        return null;
+      }
+      try {
+        return this.walk(head);
+      } catch (err) {
+        if (!(err instanceof ChainError || err instanceof GuestMemoryError)) throw err;
+        this.complete(head, 0);
+        onRejected(err);
+      }
+    }
+    return null;
+  }
+
+  /**
+   * Asks the driver to kick again for new chains (EVENT_IDX: avail_event), then
+   * says whether chains arrived meanwhile, which the caller must take: a
+   * driver that added them before seeing avail_event will not kick.
+   */
+  enableNotification(): boolean {
+    if (!this.active || this.brokenReason !== undefined) return false;
+    if (this.layout.eventIdx) Atomics.store(this.used, this.availEventIndex, this.nextAvail);
+    return Atomics.load(this.avail, 1) !== this.nextAvail;
+  }
+
+  /** Puts a chain on the used ring with `length` bytes written; interrupts the driver soon after if it wants that. */
+  complete(head: number, length: number): void {
+    if (!this.active) return;
+    const slot = this.nextUsed & this.mask;
+    this.usedElements[2 * slot] = head;
+    this.usedElements[2 * slot + 1] = length;
+    this.nextUsed = (this.nextUsed + 1) & 0xffff;
+    Atomics.store(this.used, 1, this.nextUsed);
+    if (!this.notifyScheduled) {
+      this.notifyScheduled = true;
+      // Replies finished in the same turn share one interrupt.
+      queueMicrotask(() => this.notify());
+    }
+  }
+
+  private notify(): void {
+    this.notifyScheduled = false;
+    if (!this.active || this.signalledUsed === this.nextUsed) return;
+    const old = this.signalledUsed;
+    const now = this.nextUsed;
+    this.signalledUsed = now;
+    let wanted: boolean;
+    if (this.layout.eventIdx) {
+      const usedEvent = Atomics.load(this.avail, 2 + this.layout.size);
+      wanted = ((now - usedEvent - 1) & 0xffff) < ((now - old) & 0xffff);
+    } else {
+      wanted = (Atomics.load(this.avail, 0) & AVAIL_F_NO_INTERRUPT) === 0;
+    }
+    if (wanted) this.interrupt();
+  }
+
+  private break(reason: string): void {
+    this.brokenReason = reason;
+  }
+
+  /** Follows a chain from `head`, bounded so that loops and overlong chains end. */
+  private walk(head: number): DescriptorChain {
+    const readable: Span[] = [];
+    const writable: Span[] = [];
+    let readableLength = 0;
+    let writableLength = 0;
+    let table = this.descriptors;
+    let tableSize = this.layout.size;
+    let inIndirect = false;
+    let index = head;
+    let seen = 0;
+    for (;;) {
+      if (index >= tableSize) throw new ChainError(`chain from ${head}: descriptor ${index} is beyond its table of ${tableSize}`);
+      if (++seen > tableSize) throw new ChainError(`chain from ${head} is longer than its table of ${tableSize} (a loop?)`);
+      const at = index * DESC_SIZE;
+      const address = table.getUint32(at, true) + table.getUint32(at + 4, true) * 2 ** 32;
+      const length = table.getUint32(at + 8, true);
+      const flags = table.getUint16(at + 12, true);
+      if (flags & DESC_F_INDIRECT) {
+        if (!this.layout.indirect) throw new ChainError(`chain from ${head}: an indirect descriptor, but INDIRECT_DESC was not negotiated`);
+        if (inIndirect) throw new ChainError(`chain from ${head}: an indirect descriptor inside an indirect table`);
+        if (flags & DESC_F_NEXT) throw new ChainError(`chain from ${head}: a descriptor with both INDIRECT and NEXT`);
+        if (length === 0 || length % DESC_SIZE !== 0) throw new ChainError(`chain from ${head}: an indirect table of ${length} bytes`);
+        const span = this.memory.contiguous(address, length);
+        table = new DataView(span.bytes.buffer, span.bytes.byteOffset + span.offset, length);
+        tableSize = length / DESC_SIZE;
+        inIndirect = true;
+        index = 0;
+        seen = 0;
+        continue;
+      }
+      if (flags & DESC_F_WRITE) {
+        this.memory.spans(address, length, writable);
+        writableLength += length;
+      } else {
+        if (writableLength > 0 || writable.length > 0) throw new ChainError(`chain from ${head}: a readable descriptor after a writable one`);
+        readableLength += length;
+        if (readableLength > MAX_READABLE) throw new ChainError(`chain from ${head}: more than ${MAX_READABLE} readable bytes`);
+        this.memory.spans(address, length, readable);
+      }
+      if (!(flags & DESC_F_NEXT)) break;
+      index = table.getUint16(at + 14, true);
+    }
+    return new DescriptorChain(this, head, readable, readableLength, writable, writableLength);
+  }
+
+  private span(address: number, length: number, what: string): Span {
+    try {
+      return this.memory.contiguous(address, length);
+    } catch (err) {
+      throw new QueueError(`${what}: ${(err as Error).message}`);
+    }
+  }
+}
+
+/** One request from the driver: bytes to read, room to write, and a way to hand it back. */
+export class DescriptorChain {
+  private completed = false;
+
+  constructor(
+    private readonly queue: SplitQueue,
+    readonly head: number,
+    private readonly readable: Span[],
+    readonly readableLength: number,
+    private readonly writable: Span[],
+    readonly writableLength: number,
+  ) {}
+
+  /** A copy of the readable part (the guest may change its memory at any time). */
+  read(): Buffer {
+    const out = Buffer.allocUnsafe(this.readableLength);
+    let at = 0;
+    for (const s of this.readable) {
+      out.set(s.bytes.subarray(s.offset, s.offset + s.length), at);
+      at += s.length;
+    }
+    return out;
+  }
+
+  /**
+   * Writes `reply` into the writable part and returns the chain with that
+   * length. Throws ChainError (and writes nothing) when it does not fit.
+   */
+  reply(reply: Uint8Array): void {
+    if (!this.queue.isActive) return void (this.completed = true);
+    if (reply.length > this.writableLength) throw new ChainError(`a reply of ${reply.length} bytes does not fit the ${this.writableLength} writable bytes of chain ${this.head}`);
+    this.write(reply);
+    this.done(reply.length);
+  }
+
+  /** Returns the chain to the driver with `length` bytes written (0: nothing). */
+  done(length = 0): void {
+    if (this.completed) return;
+    this.completed = true;
+    this.queue.complete(this.head, length);
+  }
+
+  private write(reply: Uint8Array): void {
+    let at = 0;
+    for (const s of this.writable) {
+      if (at >= reply.length) break;
+      const take = Math.min(s.length, reply.length - at);
+      // A chain completed after its memory was unmapped finds a detached buffer: drop the bytes.
+      if (s.bytes.byteLength === 0) return;
+      s.bytes.set(reply.subarray(at, at + take), s.offset);
+      at += take;
+    }
+  }
+}

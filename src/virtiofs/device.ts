@@ -1,0 +1,84 @@
+// The virtio-fs device (virtio 1.2, 5.11): queue 0 is the high-priority queue
+// (FORGET and BATCH_FORGET), queues 1..n carry FUSE requests. Each chain's
+// readable part is one FUSE request, its writable part gets the reply; the
+// same protocol layer and filesystem core as the FUSE mount answer them.
+import { ReadOnlyFilesystem } from '../fs/filesystem.js';
+import { expectsReply, FuseServer } from '../fuse/protocol.js';
+import { ChainError, type DescriptorChain, type VirtioDevice } from '../vhost-user/index.js';
+
+/** virtio-fs has no device feature bits we need (notification queue, bit 0, is unused). */
+const NO_FEATURES = 0n;
+const OUT_HEADER_SIZE = 16;
+const EIO = 5;
+
+export interface VirtioFsOptions {
+  /** Request queues besides the high-priority one (the front end's num-request-queues). */
+  requestQueues: number;
+  /** A filesystem for one mount: a guest that unmounts and mounts again gets a fresh one. */
+  makeFilesystem(): ReadOnlyFilesystem;
+  log(message: string): void;
+}
+
+/** One FUSE session: from INIT to DESTROY (umount) or a device reset. */
+interface Session {
+  fs: ReadOnlyFilesystem;
+  server: FuseServer;
+}
+
+export class VirtioFsDevice implements VirtioDevice {
+  readonly queueCount: number;
+  readonly deviceFeatures = NO_FEATURES;
+  private session?: Session;
+
+  constructor(private readonly options: VirtioFsOptions) {
+    if (!Number.isInteger(options.requestQueues) || options.requestQueues < 1) throw new RangeError('virtio-fs needs at least one request queue');
+    this.queueCount = 1 + options.requestQueues;
+  }
+
+  handle(_queue: number, chain: DescriptorChain): void {
+    const message = chain.read();
+    const { server } = this.current();
+    if (!expectsReply(message)) {
+      server.handle(message, { send: () => {} });
+      chain.done(0);
+      return;
+    }
+    server.handle(message, { send: (reply) => this.reply(chain, reply) });
+  }
+
+  reset(): void {
+    this.endSession();
+  }
+
+  private reply(chain: DescriptorChain, reply: Buffer): void {
+    try {
+      chain.reply(reply);
+    } catch (err) {
+      if (!(err instanceof ChainError)) throw err;
+      this.options.log(`request ${reply.readBigUInt64LE(8)}: ${err.message}`);
+      // Tell the guest the request failed, if there is room even for that.
+      if (chain.writableLength < OUT_HEADER_SIZE) return chain.done(0);
+      const failure = Buffer.alloc(OUT_HEADER_SIZE);
+      failure.writeUInt32LE(OUT_HEADER_SIZE, 0);
+      failure.writeInt32LE(-EIO, 4);
+      reply.copy(failure, 8, 8, 16);
+      chain.reply(failure);
+    }
+  }
+
+  private current(): Session {
+    if (!this.session) {
+      const fs = this.options.makeFilesystem();
+      // DESTROY is answered before onDestroy runs: the next request (a new mount's INIT) gets a fresh session.
+      const server = new FuseServer(fs, { log: this.options.log, onDestroy: () => this.endSession() });
+      this.session = { fs, server };
+    }
+    return this.session;
+  }
+
+  private endSession(): void {
+    const session = this.session;
+    this.session = undefined;
+    session?.fs.close().catch((err: unknown) => this.options.log(`closing the filesystem failed: ${(err as Error).message}`));
+  }
+}

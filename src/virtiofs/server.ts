@@ -1,0 +1,55 @@
+// `nixcas virtiofs`: a vhost-user socket where every connection (one VM) gets
+// its own virtio-fs device over the same store. A VM that shuts down or
+// reboots just connects again.
+import type { ReadOnlyFilesystem } from '../fs/filesystem.js';
+import { UnixListener, VhostUserBackend } from '../vhost-user/index.js';
+import { VirtioFsDevice } from './device.js';
+
+export interface VirtioFsServerOptions {
+  socketPath: string;
+  requestQueues: number;
+  /** A fresh filesystem (inode table) for each FUSE session; they may share caches. */
+  makeFilesystem(): ReadOnlyFilesystem;
+  log(message: string): void;
+}
+
+export class VirtioFsServer {
+  private readonly backends = new Set<VhostUserBackend>();
+  private nextConnection = 1;
+  private listener?: UnixListener;
+
+  private constructor(private readonly options: VirtioFsServerOptions) {}
+
+  static listen(options: VirtioFsServerOptions): VirtioFsServer {
+    const server = new VirtioFsServer(options);
+    server.listener = UnixListener.listen(options.socketPath, (fd) => server.accept(fd), options.log);
+    return server;
+  }
+
+  /** Front ends connected now. */
+  get connections(): number {
+    return this.backends.size;
+  }
+
+  /** Stops listening and hangs up on every front end. */
+  close(): void {
+    this.listener?.close();
+    this.listener = undefined;
+    for (const backend of [...this.backends]) backend.close('the back end is shutting down');
+  }
+
+  private accept(fd: number): void {
+    const id = this.nextConnection++;
+    const log = (message: string) => this.options.log(`connection ${id}: ${message}`);
+    const device = new VirtioFsDevice({ requestQueues: this.options.requestQueues, makeFilesystem: this.options.makeFilesystem, log });
+    const backend = new VhostUserBackend(fd, device, {
+      log,
+      onClosed: (reason) => {
+        this.backends.delete(backend);
+        log(`closed (${reason})`);
+      },
+    });
+    this.backends.add(backend);
+    log('front end connected');
+  }
+}
