@@ -295,7 +295,12 @@ export class VhostUserBackend {
     const vring = this.vrings[index];
     if (vring.kickFd === undefined) return;
     if (!vring.addresses) throw new ProtocolError(`ring ${index} started before SET_VRING_ADDR`);
-    if (this.memory.regionCount === 0) throw new ProtocolError(`ring ${index} started before SET_MEM_TABLE`);
+    if (this.memory.regionCount === 0) {
+      throw new ProtocolError(
+        `ring ${index} started, but the front end shared no guest memory: give the VM shared memory ` +
+          '(QEMU: -object memory-backend-memfd,id=mem,size=…,share=on -numa node,memdev=mem; cloud-hypervisor: --memory shared=on)',
+      );
+    }
     const { size } = vring;
     const layout = {
       size,
@@ -323,7 +328,14 @@ export class VhostUserBackend {
     if (!queue || !vring.enabled || this.closed) return;
     const rejected = (error: Error) => this.options.log(`queue ${index}: request rejected: ${error.message}`);
     do {
-      for (let chain = queue.pop(rejected); chain; chain = queue.pop(rejected)) this.device.handle(index, chain);
+      for (let chain = queue.pop(rejected); chain; chain = queue.pop(rejected)) {
+        try {
+          this.device.handle(index, chain);
+        } catch (err) {
+          this.options.log(`queue ${index}: request failed: ${(err as Error)?.stack ?? err}`);
+          chain.done(0);
+        }
+      }
     } while (queue.enableNotification());
     if (queue.broken) {
       this.options.log(`queue ${index} stopped until the front end resets it: ${queue.broken}`);

@@ -3,6 +3,7 @@
 // readable part is one FUSE request, its writable part gets the reply; the
 // same protocol layer and filesystem core as the FUSE mount answer them.
 import { ReadOnlyFilesystem } from '../fs/filesystem.js';
+import { Opcode } from '../fuse/abi.js';
 import { expectsReply, FuseServer } from '../fuse/protocol.js';
 import { ChainError, type DescriptorChain, type VirtioDevice } from '../vhost-user/index.js';
 
@@ -37,6 +38,9 @@ export class VirtioFsDevice implements VirtioDevice {
 
   handle(_queue: number, chain: DescriptorChain): void {
     const message = chain.read();
+    // A kernel sends INIT once per connection: another one means the guest rebooted (or crashed)
+    // without a DESTROY, so whatever it knew of the last session is gone.
+    if (message.length >= 8 && message.readUInt32LE(4) === Opcode.INIT && this.session?.server.negotiatedMinor) this.endSession();
     const { server } = this.current();
     if (!expectsReply(message)) {
       server.handle(message, { send: () => {} });
