@@ -7,7 +7,7 @@ import { MemoryBlobService, MemoryDirectoryService } from '../src/castore/backen
 import { putBlob } from '../src/castore/blobservice.js';
 import type { Node } from '../src/castore/model.js';
 import { ReadOnlyFilesystem } from '../src/fs/filesystem.js';
-import { IN_HEADER_SIZE, Opcode } from '../src/fuse/abi.js';
+import { IN_HEADER_SIZE, InitFlag, Opcode } from '../src/fuse/abi.js';
 import { FuseServer } from '../src/fuse/protocol.js';
 
 const { errno } = constants;
@@ -84,7 +84,7 @@ test('INIT: version negotiation', async () => {
 
 test('malformed requests are answered EINVAL and the server keeps serving', async () => {
   const { init, send, logged, file } = await setup();
-  await init(7, 38);
+  await init(7, 38, 0); // a kernel without NO_OPEN_SUPPORT: files are opened
   assert.equal((await send(Opcode.LOOKUP, 1, Buffer.from('no-terminating-nul')))?.error, -errno.EINVAL);
   assert.equal((await send(Opcode.READ, 1, Buffer.alloc(3)))?.error, -errno.EINVAL);
   assert.equal((await send(Opcode.GETATTR, 1, Buffer.alloc(16), 999))?.error, -errno.EINVAL, 'a length field that lies');
@@ -97,6 +97,7 @@ test('malformed requests are answered EINVAL and the server keeps serving', asyn
   assert.equal((await send(Opcode.GETATTR, 12345, Buffer.alloc(16)))?.error, -errno.ENOENT, 'an inode never handed out');
   const read = Buffer.alloc(40);
   read.writeUInt32LE(4096, 16);
+  read.writeBigUInt64LE(7n, 0);
   assert.equal((await send(Opcode.READ, 2, read))?.error, -errno.EBADF, 'a handle never opened');
   // Still serving: a lookup and a read work.
   const entry = await send(Opcode.LOOKUP, 1, Buffer.concat([file.node.name, Buffer.from([0])]));
@@ -108,6 +109,24 @@ test('malformed requests are answered EINVAL and the server keeps serving', asyn
   const data = await send(Opcode.READ, ino, read);
   assert.equal(data?.body.toString(), 'hello\n');
   assert.equal((await send(Opcode.OPEN, ino, Buffer.from([2, 0, 0, 0, 0, 0, 0, 0])))?.error, -errno.EROFS, 'opening for writing');
+});
+
+test('with NO_OPEN_SUPPORT, OPEN is answered ENOSYS and files are read by inode', async () => {
+  const { init, send, file } = await setup();
+  await init(7, 38, InitFlag.NO_OPEN_SUPPORT);
+  const entry = await send(Opcode.LOOKUP, 1, Buffer.concat([file.node.name, Buffer.from([0])]));
+  const ino = Number(entry!.body.readBigUInt64LE(0));
+  assert.equal((await send(Opcode.OPEN, ino, Buffer.alloc(8)))?.error, -errno.ENOSYS);
+  assert.equal((await send(Opcode.OPEN, ino, Buffer.from([2, 0, 0, 0, 0, 0, 0, 0])))?.error, -errno.EROFS, 'opening for writing');
+  const read = Buffer.alloc(40);
+  read.writeUInt32LE(4096, 16);
+  const data = await send(Opcode.READ, ino, read); // handle 0
+  assert.equal(data?.error, 0);
+  assert.equal(data?.body.toString(), 'hello\n');
+  read.writeBigUInt64LE(3n, 8); // at an offset
+  assert.equal((await send(Opcode.READ, ino, read))?.body.toString(), 'lo\n');
+  assert.equal((await send(Opcode.READ, 1, read))?.error, -errno.EISDIR, 'the root is no file');
+  assert.equal((await send(Opcode.READ, 4242, read))?.error, -errno.ENOENT, 'an inode never handed out');
 });
 
 test('lookups are counted and forgotten inodes are dropped', async () => {

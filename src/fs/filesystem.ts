@@ -19,6 +19,7 @@ import {
   type Attributes,
   type Entry,
 } from './attributes.js';
+import { ReaderCache } from './reader-cache.js';
 import { DirectoryCache, findChild, type LoadedDirectory } from './directory-cache.js';
 import { FsError } from './errors.js';
 
@@ -89,6 +90,7 @@ export class ReadOnlyFilesystem {
   private readonly files = new Map<number, FileHandle>();
   private readonly directoryHandles = new Map<number, DirectoryHandle>();
   private readonly cache: DirectoryCache;
+  private readonly readers = new ReaderCache();
   private nextIno = ROOT_INODE + 1;
   private nextHandle = 1;
 
@@ -154,6 +156,7 @@ export class ReadOnlyFilesystem {
   private dropIfUnreferenced(inode: Inode): void {
     if (inode.lookups > 0 || inode.ino === ROOT_INODE) return;
     this.inodes.delete(inode.ino);
+    this.readers.drop(inode.ino);
     const siblings = inode.parent?.children;
     const key = inode.node!.node.name.toString('latin1');
     if (siblings?.get(key) === inode) siblings.delete(key);
@@ -174,6 +177,33 @@ export class ReadOnlyFilesystem {
   /** Opens a file for reading; the handle reads at any offset until released. */
   async open(ino: number): Promise<number> {
     const inode = this.inode(ino);
+    const reader = await this.openBlob(inode);
+    const handle = this.nextHandle++;
+    this.files.set(handle, { inode, reader });
+    return handle;
+  }
+
+  /** Reads up to `length` bytes at `position` into `target[offset..]`; short only at the end. */
+  async read(handle: number, target: Uint8Array, offset: number, length: number, position: number): Promise<number> {
+    const file = this.files.get(handle);
+    if (!file) throw new FsError('EBADF');
+    return this.readBlob(file.inode, file.reader, target, offset, length, position);
+  }
+
+  /**
+   * Like `read`, by inode instead of handle (the kernel sends no OPEN once
+   * told it need not): the inode's reader is opened on first use and kept.
+   */
+  readInode(ino: number, target: Uint8Array, offset: number, length: number, position: number): Promise<number> {
+    const inode = this.inode(ino);
+    return this.readers.with(
+      ino,
+      () => this.openBlob(inode),
+      (reader) => this.readBlob(inode, reader, target, offset, length, position),
+    );
+  }
+
+  private async openBlob(inode: Inode): Promise<BlobReader> {
     const node = inode.node;
     if (node?.kind !== 'file') throw new FsError(node?.kind === 'symlink' ? 'EINVAL' : 'EISDIR');
     const where = `${this.pathOf(inode)} (blob ${formatDigest(node.node.digest)})`;
@@ -188,25 +218,20 @@ export class ReadOnlyFilesystem {
       await reader.close();
       throw new FsError('EIO', `${where}: the blob has ${reader.size} bytes, the directory says ${node.node.size}`);
     }
-    const handle = this.nextHandle++;
-    this.files.set(handle, { inode, reader });
-    return handle;
+    return reader;
   }
 
-  /** Reads up to `length` bytes at `position` into `target[offset..]`; short only at the end. */
-  async read(handle: number, target: Uint8Array, offset: number, length: number, position: number): Promise<number> {
-    const file = this.files.get(handle);
-    if (!file) throw new FsError('EBADF');
-    const end = Math.min(file.reader.size, position + length);
+  private async readBlob(inode: Inode, reader: BlobReader, target: Uint8Array, offset: number, length: number, position: number): Promise<number> {
+    const end = Math.min(reader.size, position + length);
     let filled = 0;
     try {
       while (position + filled < end) {
-        const n = await file.reader.read(target, offset + filled, end - position - filled, position + filled);
+        const n = await reader.read(target, offset + filled, end - position - filled, position + filled);
         if (n === 0) throw new Error(`the blob ended after ${position + filled} bytes`);
         filled += n;
       }
     } catch (err) {
-      throw new FsError('EIO', `${this.pathOf(file.inode)}: ${(err as Error).message}`, { cause: err });
+      throw new FsError('EIO', `${this.pathOf(inode)}: ${(err as Error).message}`, { cause: err });
     }
     return filled;
   }
@@ -306,7 +331,7 @@ export class ReadOnlyFilesystem {
     const files = [...this.files.values()];
     this.files.clear();
     this.directoryHandles.clear();
-    await Promise.allSettled(files.map((file) => file.reader.close()));
+    await Promise.allSettled([...files.map((file) => file.reader.close()), this.readers.clear()]);
   }
 
   private inode(ino: number): Inode {

@@ -42,6 +42,8 @@ export interface FuseServerOptions {
   onDestroy?: () => void;
   /** Largest READ we ask the kernel for, in 4 KiB pages (FUSE_MAX_PAGES). */
   maxPages?: number;
+  /** Answer OPEN with ENOSYS when the kernel supports that (default), saving OPEN and RELEASE per file. */
+  noOpen?: boolean;
 }
 
 /** The INIT flags we ask for, where the kernel offers them. */
@@ -54,6 +56,8 @@ const WANTED_FLAGS =
   InitFlag.ASYNC_DIO;
 
 const UNKNOWN_INO = 0xffffffff;
+/** File handles start at 1; a READ with handle 0 comes from a kernel that no longer opens files. */
+const NO_HANDLE = 0;
 const NO_REPLY: ReadonlySet<number> = new Set([Opcode.FORGET, Opcode.BATCH_FORGET, Opcode.INTERRUPT]);
 const O_ACCMODE = 3;
 const W_OK = 2;
@@ -117,6 +121,8 @@ class MalformedRequest extends Error {}
 export class FuseServer {
   private initialized = false;
   private minor = 0;
+  /** The kernel can do without OPEN/RELEASE for files (FUSE_NO_OPEN_SUPPORT). */
+  private noOpen = false;
   private readonly log: (message: string) => void;
 
   constructor(
@@ -244,6 +250,7 @@ export class FuseServer {
       throw new FsError('EPROTO', `the kernel speaks FUSE ${major}.${minor}; nixcas needs 7.${FUSE_MIN_MINOR_VERSION} or newer`);
     }
     this.minor = Math.min(minor, FUSE_KERNEL_MINOR_VERSION);
+    this.noOpen = (flags & InitFlag.NO_OPEN_SUPPORT) !== 0 && this.options.noOpen !== false;
     const reply = request.allocate(INIT_OUT_SIZE).fill(0);
     const o = OUT_HEADER_SIZE;
     reply.writeUInt32LE(FUSE_KERNEL_VERSION, o);
@@ -296,6 +303,9 @@ export class FuseServer {
 
   private async open(request: Request): Promise<void> {
     if ((need(request, 4).readUInt32LE(0) & O_ACCMODE) !== 0) throw new FsError('EROFS');
+    // ENOSYS tells a kernel that offered NO_OPEN_SUPPORT to stop sending OPEN and RELEASE
+    // (and keep its page cache); READs then come with handle 0 and are served by inode.
+    if (this.noOpen) throw new FsError('ENOSYS');
     const handle = await this.fs.open(request.nodeid);
     this.replyOpen(request, handle, OpenFlag.KEEP_CACHE);
   }
@@ -315,7 +325,10 @@ export class FuseServer {
     if (size > MAX_READ) throw new MalformedRequest(`READ of ${size} bytes`);
     // The blob bytes go straight into the reply buffer, after the header.
     const reply = request.allocate(size);
-    const n = await this.fs.read(handle, reply, OUT_HEADER_SIZE, size, position);
+    const n =
+      handle === NO_HANDLE
+        ? await this.fs.readInode(request.nodeid, reply, OUT_HEADER_SIZE, size, position)
+        : await this.fs.read(handle, reply, OUT_HEADER_SIZE, size, position);
     request.ok(reply, n);
   }
 
