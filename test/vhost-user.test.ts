@@ -77,8 +77,9 @@
 //   descriptor beyond the table) stops that queue until the front end restarts
 //   it (GET_VRING_BASE, SET_VRING_ADDR/BASE, SET_VRING_KICK); other queues and
 //   connections go on.
-// Two tests are marked `todo` because the backend gets them wrong today (chains in
-// flight dropped on SET_MEM_TABLE; SIGBUS on a region longer than its fd).
+// * a new memory table (hotplug) keeps the rings running: chains in flight are
+//   answered into the new mappings.
+// * a region longer than its fd is refused (mapping it would raise SIGBUS later).
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { mkdirSync, readFileSync, readdirSync, symlinkSync, writeFileSync } from 'node:fs';
@@ -890,9 +891,9 @@ describe('nixcas virtiofs', () => {
     });
   });
 
-  // Remove `todo` once the backend is fixed (see the report): it drops the replies of chains
-  // in flight when SET_MEM_TABLE (or REM_MEM_REG) arrives, so those guest requests never end.
-  test('a new memory table while requests are in flight: every request still completes', { todo: 'in-flight chains are dropped on SET_MEM_TABLE' }, async () => {
+  // Replies of chains in flight when SET_MEM_TABLE (or REM_MEM_REG) arrives must still arrive,
+  // or those guest requests never end.
+  test('a new memory table while requests are in flight: every request still completes', async () => {
     const device = await chDevice(socket);
     try {
       const dir = await lookup(device, 1, 1, storeName);
@@ -926,9 +927,9 @@ describe('nixcas virtiofs', () => {
     }
   });
 
-  // Remove `todo` once the backend is fixed (see the report): a region whose fd is shorter than
-  // mmap_offset + size maps fine, and the first access past the fd's end kills the daemon (SIGBUS).
-  test('a memory region larger than its fd is refused and does not take the daemon down', { todo: 'SIGBUS: region sizes are not checked against the fd' }, async () => {
+  // A region whose fd is shorter than mmap_offset + size would map fine, and the first access
+  // past the fd's end would kill the daemon (SIGBUS).
+  test('a memory region larger than its fd is refused and does not take the daemon down', async () => {
     const path = join(work, 'fs3.sock');
     const d = await startNixcas(['virtiofs', path, '--store', store], 'listening on');
     try {

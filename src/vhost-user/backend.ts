@@ -20,7 +20,7 @@ import {
   VRING_INDEX_MASK,
   VRING_NOFD,
 } from './protocol.js';
-import { type DescriptorChain, SplitQueue } from './virtqueue.js';
+import { type DescriptorChain, type RingAddresses, SplitQueue } from './virtqueue.js';
 
 /** What a virtio device (virtio-fs) gives the transport and gets from it. */
 export interface VirtioDevice {
@@ -61,6 +61,8 @@ interface Vring {
 }
 
 const KICK_BUFFER = Buffer.alloc(8);
+/** How long GET_VRING_BASE waits for the requests in flight before dropping their replies. */
+const STOP_TIMEOUT_MS = 5000;
 const INTERRUPT = (() => {
   const one = Buffer.alloc(8);
   one.writeBigUInt64LE(1n);
@@ -103,24 +105,37 @@ export class VhostUserBackend {
 
   private receive(message: Message): void {
     const name = requestName(message.request);
-    let body: Buffer | undefined;
-    let failed = false;
-    try {
-      if ((message.flags & VERSION_MASK) !== VERSION) throw new ProtocolError(`version ${message.flags & VERSION_MASK}, not 1`);
-      body = this.dispatch(message);
-    } catch (err) {
-      failed = true;
+    const refused = (err: unknown) => {
       closeAll(message.fds.splice(0));
       if (err instanceof ProtocolError || err instanceof GuestMemoryError) this.options.log(`${name} refused: ${err.message}`);
       else this.options.log(`${name} failed: ${(err as Error)?.stack ?? err}`);
+    };
+    const answer = (body: Buffer | undefined, failed: boolean) => {
+      if (body !== undefined) this.channel.reply(message.request, body);
+      else if (REPLY_REQUIRED.has(message.request)) this.channel.reply(message.request, Buffer.alloc(0)); // an empty reply is how failure is said
+      else if (this.replyAck && message.flags & FLAG_NEED_REPLY) this.channel.reply(message.request, u64(failed ? 1n : 0n));
+    };
+    let result: Buffer | undefined | Promise<Buffer>;
+    try {
+      if ((message.flags & VERSION_MASK) !== VERSION) throw new ProtocolError(`version ${message.flags & VERSION_MASK}, not 1`);
+      result = this.dispatch(message);
+    } catch (err) {
+      refused(err);
+      return answer(undefined, true);
     }
-    if (body !== undefined) this.channel.reply(message.request, body);
-    else if (REPLY_REQUIRED.has(message.request)) this.channel.reply(message.request, Buffer.alloc(0)); // an empty reply is how failure is said
-    else if (this.replyAck && message.flags & FLAG_NEED_REPLY) this.channel.reply(message.request, u64(failed ? 1n : 0n));
+    if (!(result instanceof Promise)) return answer(result, false);
+    // Only GET_VRING_BASE waits (for the requests in flight); the front end waits for its reply.
+    result.then(
+      (body) => answer(body, false),
+      (err: unknown) => {
+        refused(err);
+        answer(undefined, true);
+      },
+    );
   }
 
   /** Handles one request; returns the reply body of requests that have one. Fds not kept are closed. */
-  private dispatch(m: Message): Buffer | undefined {
+  private dispatch(m: Message): Buffer | undefined | Promise<Buffer> {
     const fds = m.fds;
     if (!FD_REQUESTS.has(m.request) && fds.length > 0) throw new ProtocolError(`${fds.length} unexpected file descriptor(s)`);
     switch (m.request) {
@@ -180,11 +195,12 @@ export class VhostUserBackend {
       }
       case Request.GET_VRING_BASE: {
         const { index, vring } = this.vringState(m.payload);
-        this.stopVring(vring);
-        const reply = Buffer.alloc(8);
-        reply.writeUInt32LE(index, 0);
-        reply.writeUInt32LE(vring.nextAvail, 4);
-        return reply;
+        return this.stopVring(vring).then(() => {
+          const reply = Buffer.alloc(8);
+          reply.writeUInt32LE(index, 0);
+          reply.writeUInt32LE(vring.nextAvail, 4);
+          return reply;
+        });
       }
       case Request.SET_VRING_KICK:
         this.setVringKick(m.payload, fds);
@@ -228,16 +244,29 @@ export class VhostUserBackend {
     if (count > MAX_MEM_SLOTS || payload.length !== 8 + count * REGION_SIZE) throw new ProtocolError(`${count} regions in ${payload.length} bytes`);
     if (fds.length !== count) throw new ProtocolError(`${count} regions but ${fds.length} file descriptors`);
     const regions = Array.from({ length: count }, (_, i) => readRegion(payload, 8 + i * REGION_SIZE));
-    // Rings keep running across a new table (memory hotplug): stop, remap, restart them.
-    const running = this.vrings.map((vring) => vring.queue !== undefined);
-    for (const vring of this.vrings) this.detachQueue(vring);
     this.memory.clear();
     try {
       regions.forEach((region, i) => this.memory.add(region, fds[i]));
     } finally {
       closeAll(fds.splice(0));
+      this.rebindQueues();
     }
-    running.forEach((wasRunning, index) => wasRunning && this.startVring(index));
+  }
+
+  /**
+   * Rings keep running across a new memory table (hotplug): find them in the
+   * new mappings. Chains in flight write their replies there too.
+   */
+  private rebindQueues(): void {
+    this.vrings.forEach((vring, index) => {
+      if (!vring.queue) return;
+      try {
+        vring.queue.rebind(this.ringAddresses(vring));
+      } catch (err) {
+        this.options.log(`queue ${index} stopped: after the memory table changed, ${(err as Error).message}`);
+        this.detachQueue(vring);
+      }
+    });
   }
 
   private addMemoryRegion(payload: Buffer, fds: number[]): void {
@@ -254,14 +283,8 @@ export class VhostUserBackend {
     // Some front ends send the region's fd along; it is not needed.
     closeAll(fds.splice(0));
     if (payload.length !== 8 + REGION_SIZE) throw new ProtocolError(`payload of ${payload.length} bytes`);
-    const region = readRegion(payload, 8);
-    const running = this.vrings.map((vring) => vring.queue !== undefined);
-    for (const vring of this.vrings) this.detachQueue(vring);
-    try {
-      this.memory.remove(region);
-    } finally {
-      running.forEach((wasRunning, index) => wasRunning && this.startVring(index));
-    }
+    this.memory.remove(readRegion(payload, 8));
+    this.rebindQueues();
   }
 
   private setVringAddr(payload: Buffer): void {
@@ -278,7 +301,8 @@ export class VhostUserBackend {
   private setVringKick(payload: Buffer, fds: number[]): void {
     const { index, vring, fd } = this.vringFd(payload, fds);
     if (fd === undefined) throw new ProtocolError('polling mode (no kick fd) is not supported');
-    this.stopVring(vring);
+    this.unwatchKick(vring);
+    this.detachQueue(vring);
     vring.kickFd = fd;
     const error = native().setNonBlocking(fd);
     if (error < 0) throw new ProtocolError(`the kick fd: errno ${-error}`);
@@ -301,12 +325,9 @@ export class VhostUserBackend {
           '(QEMU: -object memory-backend-memfd,id=mem,size=…,share=on -numa node,memdev=mem; cloud-hypervisor: --memory shared=on)',
       );
     }
-    const { size } = vring;
     const layout = {
-      size,
-      desc: this.memory.guestAddressOf(vring.addresses.desc, 16 * size),
-      avail: this.memory.guestAddressOf(vring.addresses.avail, 6 + 2 * size),
-      used: this.memory.guestAddressOf(vring.addresses.used, 6 + 8 * size),
+      size: vring.size,
+      ...this.ringAddresses(vring),
       nextAvail: vring.nextAvail,
       eventIdx: (this.ackedFeatures & VirtioFeature.EVENT_IDX) !== 0n,
       indirect: (this.ackedFeatures & VirtioFeature.INDIRECT_DESC) !== 0n,
@@ -319,6 +340,17 @@ export class VhostUserBackend {
     // Without PROTOCOL_FEATURES a ring is enabled as soon as it starts.
     if (!(this.ackedFeatures & VirtioFeature.PROTOCOL_FEATURES)) vring.enabled = true;
     this.service(index);
+  }
+
+  /** The ring's parts as guest physical addresses (SET_VRING_ADDR gives front-end addresses). */
+  private ringAddresses(vring: Vring): RingAddresses {
+    const { size, addresses } = vring;
+    if (!addresses) throw new ProtocolError('no SET_VRING_ADDR yet');
+    return {
+      desc: this.memory.guestAddressOf(addresses.desc, 16 * size),
+      avail: this.memory.guestAddressOf(addresses.avail, 6 + 2 * size),
+      used: this.memory.guestAddressOf(addresses.used, 6 + 8 * size),
+    };
   }
 
   /** Takes every chain the driver made available on a running, enabled ring. */
@@ -343,9 +375,24 @@ export class VhostUserBackend {
     }
   }
 
-  /** Stops the ring (GET_VRING_BASE): no more guest memory writes for it; its kick fd goes. */
-  private stopVring(vring: Vring): void {
-    this.detachQueue(vring);
+  /**
+   * Stops the ring (GET_VRING_BASE): it takes no more chains, the ones in
+   * flight are answered (for at most a few seconds), then nothing more is
+   * written for it. Its kick fd goes.
+   */
+  private async stopVring(vring: Vring): Promise<void> {
+    this.unwatchKick(vring);
+    const queue = vring.queue;
+    if (queue) {
+      let timer: NodeJS.Timeout | undefined;
+      const timeout = new Promise<void>((resolve) => (timer = setTimeout(resolve, STOP_TIMEOUT_MS)));
+      await Promise.race([queue.idle(), timeout]);
+      clearTimeout(timer);
+    }
+    if (vring.queue === queue) this.detachQueue(vring);
+  }
+
+  private unwatchKick(vring: Vring): void {
     if (vring.kickWatch) native().unwatch(vring.kickWatch);
     replaceFd(vring.kickFd);
     vring.kickWatch = undefined;
@@ -368,7 +415,8 @@ export class VhostUserBackend {
   }
 
   private resetVring(vring: Vring): void {
-    this.stopVring(vring);
+    this.unwatchKick(vring);
+    this.detachQueue(vring);
     replaceFd(vring.callFd);
     replaceFd(vring.errFd);
     Object.assign(vring, newVring());

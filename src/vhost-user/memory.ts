@@ -2,6 +2,7 @@
 // space, each backed by a file descriptor we map MAP_SHARED. Every access a
 // guest asks for is checked to lie inside one region; nothing here trusts an
 // address.
+import { fstatSync } from 'node:fs';
 import { native } from '../native/index.js';
 
 export interface MemoryRegion {
@@ -86,6 +87,12 @@ export class GuestMemory {
     for (const other of this.regions) {
       if (overlaps(region.guestPhysAddr, region.size, other.guestPhysAddr, other.size)) throw new GuestMemoryError(`region at ${hex(region.guestPhysAddr)} overlaps the one at ${hex(other.guestPhysAddr)}`);
       if (overlaps(region.userAddr, region.size, other.userAddr, other.size)) throw new GuestMemoryError(`region's front-end address ${hex(region.userAddr)} overlaps another region's`);
+    }
+    // Reading past the end of a file mapping raises SIGBUS, which would take the whole process down.
+    // (memfds and hugetlbfs files are regular files; a front end that shrinks one later still can.)
+    const file = fstatSync(fd);
+    if (file.isFile() && region.mmapOffset + region.size > file.size) {
+      throw new GuestMemoryError(`region at ${hex(region.guestPhysAddr)} ends at byte ${region.mmapOffset + region.size} of a ${file.size}-byte file`);
     }
     this.regions.push(new MappedRegion(region, fd));
   }

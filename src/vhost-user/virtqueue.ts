@@ -41,14 +41,21 @@ export class QueueError extends Error {
   override name = 'QueueError';
 }
 
+/** Where the three parts of a ring are, as guest physical addresses. */
+export interface RingAddresses {
+  desc: number;
+  avail: number;
+  used: number;
+}
+
 export class SplitQueue {
   private readonly mask: number;
-  private readonly descriptors: DataView;
+  private descriptors!: DataView;
   /** flags, idx, ring[size], used_event */
-  private readonly avail: Uint16Array;
+  private avail!: Uint16Array;
   /** flags, idx, then (at 2 + 4·size) avail_event; elements through `usedElements` */
-  private readonly used: Uint16Array;
-  private readonly usedElements: Uint32Array;
+  private used!: Uint16Array;
+  private usedElements!: Uint32Array;
   private readonly availEventIndex: number;
   private nextAvail: number;
   private nextUsed: number;
@@ -56,6 +63,9 @@ export class SplitQueue {
   private notifyScheduled = false;
   private active = true;
   private brokenReason?: string;
+  /** Chains taken and not yet completed, and who waits for there to be none. */
+  private inFlight = 0;
+  private idleWaiters: (() => void)[] = [];
 
   constructor(
     private readonly memory: GuestMemory,
@@ -66,21 +76,40 @@ export class SplitQueue {
     const { size } = layout;
     if (size === 0 || (size & (size - 1)) !== 0) throw new QueueError(`queue size ${size} is not a power of two`);
     this.mask = size - 1;
-    if (layout.desc % 16 !== 0 || layout.avail % 2 !== 0 || layout.used % 4 !== 0) {
-      throw new QueueError(`misaligned rings (descriptors ${hex(layout.desc)}, avail ${hex(layout.avail)}, used ${hex(layout.used)})`);
-    }
-    const desc = this.span(layout.desc, DESC_SIZE * size, 'descriptor table');
-    this.descriptors = new DataView(desc.bytes.buffer, desc.bytes.byteOffset + desc.offset, desc.length);
-    const avail = this.span(layout.avail, 2 * (3 + size), 'avail ring');
-    this.avail = new Uint16Array(avail.bytes.buffer, avail.bytes.byteOffset + avail.offset, 3 + size);
-    const used = this.span(layout.used, 6 + 8 * size, 'used ring');
-    this.used = new Uint16Array(used.bytes.buffer, used.bytes.byteOffset + used.offset, 3 + 4 * size);
-    this.usedElements = new Uint32Array(used.bytes.buffer, used.bytes.byteOffset + used.offset + 4, 2 * size);
     this.availEventIndex = 2 + 4 * size;
+    this.bind(layout);
     this.nextAvail = layout.nextAvail & 0xffff;
     // The driver may have used entries from before (a reconnect): carry on from its used.idx.
     this.nextUsed = Atomics.load(this.used, 1);
     this.signalledUsed = this.nextUsed;
+  }
+
+  /**
+   * Finds the rings again after the memory table changed (hotplug): the
+   * queue's state and the chains in flight carry on.
+   */
+  rebind(addresses: RingAddresses): void {
+    this.bind(addresses);
+  }
+
+  private bind({ desc, avail, used }: RingAddresses): void {
+    const { size } = this.layout;
+    if (desc % 16 !== 0 || avail % 2 !== 0 || used % 4 !== 0) {
+      throw new QueueError(`misaligned rings (descriptors ${hex(desc)}, avail ${hex(avail)}, used ${hex(used)})`);
+    }
+    const table = this.span(desc, DESC_SIZE * size, 'descriptor table');
+    const availSpan = this.span(avail, 2 * (3 + size), 'avail ring');
+    const usedSpan = this.span(used, 6 + 8 * size, 'used ring');
+    this.descriptors = new DataView(table.bytes.buffer, table.bytes.byteOffset + table.offset, table.length);
+    this.avail = new Uint16Array(availSpan.bytes.buffer, availSpan.bytes.byteOffset + availSpan.offset, 3 + size);
+    this.used = new Uint16Array(usedSpan.bytes.buffer, usedSpan.bytes.byteOffset + usedSpan.offset, 3 + 4 * size);
+    this.usedElements = new Uint32Array(usedSpan.bytes.buffer, usedSpan.bytes.byteOffset + usedSpan.offset + 4, 2 * size);
+  }
+
+  /** Resolves once every chain taken so far has been completed. */
+  idle(): Promise<void> {
+    if (this.inFlight === 0) return Promise.resolve();
+    return new Promise((resolve) => this.idleWaiters.push(resolve));
   }
 
   get size(): number {
@@ -104,6 +133,7 @@ export class SplitQueue {
   /** Stops the queue for good: chains completed later are dropped (the ring may be unmapped). */
   deactivate(): void {
     this.active = false;
+    for (const resolve of this.idleWaiters.splice(0)) resolve();
   }
 
   /**
@@ -126,6 +156,7 @@ export class SplitQueue {
         this.break(`avail ring names descriptor ${head}, beyond the queue's ${this.layout.size}`);
         return null;
       }
+      this.inFlight++;
       try {
         return this.walk(head);
       } catch (err) {
@@ -151,6 +182,7 @@ export class SplitQueue {
   /** Puts a chain on the used ring with `length` bytes written; interrupts the driver soon after if it wants that. */
   complete(head: number, length: number): void {
     if (!this.active) return;
+    if (this.inFlight > 0 && --this.inFlight === 0) for (const resolve of this.idleWaiters.splice(0)) resolve();
     const slot = this.nextUsed & this.mask;
     this.usedElements[2 * slot] = head;
     this.usedElements[2 * slot + 1] = length;
@@ -186,7 +218,8 @@ export class SplitQueue {
   /** Follows a chain from `head`, bounded so that loops and overlong chains end. */
   private walk(head: number): DescriptorChain {
     const readable: Span[] = [];
-    const writable: Span[] = [];
+    const writable: GuestBuffer[] = [];
+    const scratch: Span[] = [];
     let readableLength = 0;
     let writableLength = 0;
     let table = this.descriptors;
@@ -215,7 +248,9 @@ export class SplitQueue {
         continue;
       }
       if (flags & DESC_F_WRITE) {
-        this.memory.spans(address, length, writable);
+        this.memory.spans(address, length, scratch); // checks it lies in guest memory
+        scratch.length = 0;
+        writable.push({ address, length });
         writableLength += length;
       } else {
         if (writableLength > 0 || writable.length > 0) throw new ChainError(`chain from ${head}: a readable descriptor after a writable one`);
@@ -226,7 +261,7 @@ export class SplitQueue {
       if (!(flags & DESC_F_NEXT)) break;
       index = table.getUint16(at + 14, true);
     }
-    return new DescriptorChain(this, head, readable, readableLength, writable, writableLength);
+    return new DescriptorChain(this, this.memory, head, readable, readableLength, writable, writableLength);
   }
 
   private span(address: number, length: number, what: string): Span {
@@ -238,16 +273,25 @@ export class SplitQueue {
   }
 }
 
+/** A buffer in guest memory, by guest physical address. */
+interface GuestBuffer {
+  address: number;
+  length: number;
+}
+
 /** One request from the driver: bytes to read, room to write, and a way to hand it back. */
 export class DescriptorChain {
   private completed = false;
 
   constructor(
     private readonly queue: SplitQueue,
+    private readonly memory: GuestMemory,
     readonly head: number,
+    /** Only valid until the event loop turns: read() at once. */
     private readonly readable: Span[],
     readonly readableLength: number,
-    private readonly writable: Span[],
+    /** Resolved when the reply is written, so a memory table changed meanwhile is honoured. */
+    private readonly writable: GuestBuffer[],
     readonly writableLength: number,
   ) {}
 
@@ -269,7 +313,13 @@ export class DescriptorChain {
   reply(reply: Uint8Array): void {
     if (!this.queue.isActive) return void (this.completed = true);
     if (reply.length > this.writableLength) throw new ChainError(`a reply of ${reply.length} bytes does not fit the ${this.writableLength} writable bytes of chain ${this.head}`);
-    this.write(reply);
+    try {
+      this.write(reply);
+    } catch (err) {
+      // The memory was unplugged under the request: nothing more can reach the guest.
+      if (!(err instanceof GuestMemoryError)) throw err;
+      return this.done(0);
+    }
     this.done(reply.length);
   }
 
@@ -281,14 +331,17 @@ export class DescriptorChain {
   }
 
   private write(reply: Uint8Array): void {
+    const spans: Span[] = [];
     let at = 0;
-    for (const s of this.writable) {
+    for (const buffer of this.writable) {
       if (at >= reply.length) break;
-      const take = Math.min(s.length, reply.length - at);
-      // A chain completed after its memory was unmapped finds a detached buffer: drop the bytes.
-      if (s.bytes.byteLength === 0) return;
-      s.bytes.set(reply.subarray(at, at + take), s.offset);
-      at += take;
+      const take = Math.min(buffer.length, reply.length - at);
+      spans.length = 0;
+      this.memory.spans(buffer.address, take, spans);
+      for (const s of spans) {
+        s.bytes.set(reply.subarray(at, at + s.length), s.offset);
+        at += s.length;
+      }
     }
   }
 }
