@@ -9,9 +9,12 @@
 //
 // See vmtest/README.md.
 
-export { type Backend, type BackendOptions, startBackend, startVirtiofsd, type VirtiofsdOptions } from './backend.js';
+export {
+  type Backend, type BackendOptions, NIXCAS_CLI, type NixcasVirtiofsOptions, startBackend, startNixcasVirtiofs, startVirtiofsd, type VirtiofsdOptions,
+} from './backend.js';
 export { buildInitramfs, defaultCacheDir, type ExtraFile, type Initramfs, type InitramfsOptions } from './initramfs.js';
 export { DEFAULT_MODULES, findKernel, type Kernel } from './kernel.js';
 export { BUSYBOX, ensureVmPackages, type EnsureOptions, missingVmPackages, MissingPackagesError, QEMU, VIRTIOFSD } from './packages.js';
-export { atExit } from './processes.js';
+export { atExit, stopAll } from './processes.js';
+export { readdirProbe, readdirProbeFile } from './readdir-probe.js';
 export { type BootOptions, type BootResult, type BootTimings, bootGuest, VmError } from './qemu.js';

@@ -31,12 +31,28 @@ function runExitHooks(): void {
   }
 }
 
+const tracked = new Set<ChildProcess>();
+
 /** Makes sure the child is SIGKILLed if this process exits first. */
 export function track(child: ChildProcess): ChildProcess {
-  const forget = atExit(() => child.kill('SIGKILL'));
+  const forgetHook = atExit(() => child.kill('SIGKILL'));
+  const forget = () => {
+    forgetHook();
+    tracked.delete(child);
+  };
+  tracked.add(child);
   child.once('exit', forget);
   child.once('error', forget); // never started
   return child;
+}
+
+/**
+ * Stops every tracked child that is still running (SIGTERM, then SIGKILL after graceMs) and waits
+ * for them: for a signal handler, before process.exit(). Backends then shut down cleanly and no
+ * child is left for init to reap.
+ */
+export async function stopAll(graceMs = 2000): Promise<void> {
+  await Promise.all([...tracked].map((child) => stop(child, graceMs)));
 }
 
 /** Resolves once the child has exited (at once if it already has). */
