@@ -300,6 +300,14 @@ static int unix_address(napi_env env, napi_value value, struct sockaddr_un *addr
   return 1;
 }
 
+// `fd` if `ok`; otherwise closes it and returns -errno of the call that failed.
+static napi_value fd_or_errno(napi_env env, int fd, int ok) {
+  if (ok) return make_int(env, fd);
+  int error = errno;
+  close(fd);
+  return make_int(env, -error);
+}
+
 // listenUnix(path) -> listening fd (non-blocking, close-on-exec) or -errno.
 static napi_value listen_unix(napi_env env, napi_callback_info info) {
   napi_value argv[1];
@@ -307,12 +315,7 @@ static napi_value listen_unix(napi_env env, napi_callback_info info) {
   if (!get_args(env, info, 1, argv) || !unix_address(env, argv[0], &address)) return NULL;
   int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (fd < 0) return make_int(env, -errno);
-  if (bind(fd, (struct sockaddr *)&address, sizeof(address)) != 0 || listen(fd, 16) != 0) {
-    int error = errno;
-    close(fd);
-    return make_int(env, -error);
-  }
-  return make_int(env, fd);
+  return fd_or_errno(env, fd, bind(fd, (struct sockaddr *)&address, sizeof(address)) == 0 && listen(fd, 16) == 0);
 }
 
 // connectUnix(path) -> connected fd (blocking, close-on-exec) or -errno.
@@ -325,12 +328,7 @@ static napi_value connect_unix(napi_env env, napi_callback_info info) {
   int rc;
   do rc = connect(fd, (struct sockaddr *)&address, sizeof(address));
   while (rc != 0 && errno == EINTR);
-  if (rc != 0) {
-    int error = errno;
-    close(fd);
-    return make_int(env, -error);
-  }
-  return make_int(env, fd);
+  return fd_or_errno(env, fd, rc == 0);
 }
 
 // accept(fd) -> connected fd (non-blocking, close-on-exec) or -errno (-EAGAIN: nobody waiting).
@@ -504,12 +502,7 @@ static napi_value memfd(napi_env env, napi_callback_info info) {
   int fd = memfd_create(name, MFD_CLOEXEC);
   free(name);
   if (fd < 0) return make_int(env, -errno);
-  if (ftruncate(fd, (off_t)size) != 0) {
-    int error = errno;
-    close(fd);
-    return make_int(env, -error);
-  }
-  return make_int(env, fd);
+  return fd_or_errno(env, fd, ftruncate(fd, (off_t)size) == 0);
 }
 
 static napi_value init(napi_env env, napi_value exports) {
