@@ -64,7 +64,7 @@ if libc.syscall(SYS_process_madvise, os.pidfd_open(int(sys.argv[1])), iov, len(r
 `;
 
 /** Pages out `pid`'s mappings of files under `dir` (then drop_caches can drop them); returns how many MB were resident. */
-function pageOutMappedFiles(pid: number, dir: string): number {
+export function pageOutMappedFiles(pid: number, dir: string): number {
   const ranges: string[] = [];
   let residentKb = 0;
   let inside = false;
@@ -93,7 +93,7 @@ function makeCold(mounts: Record<Side, Mount>, work: string): void {
 // ---------------------------------------------------------------- trees
 
 /** Deterministic bytes (xorshift32), so runs compare and no two files are alike. */
-function pseudoRandom(size: number, seed: number): Buffer {
+export function pseudoRandom(size: number, seed: number): Buffer {
   const out = Buffer.alloc(Math.ceil(size / 4) * 4);
   const words = new Uint32Array(out.buffer, out.byteOffset, out.length / 4);
   let x = Math.imul(seed, 2654435761) >>> 0 || 1;

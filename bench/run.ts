@@ -10,6 +10,7 @@ import { blake3Implementations } from '../src/castore/digest.js';
 import { clientConstructor } from '../src/grpc/protos.js';
 import { type Row, benchNix, median } from './nix.js';
 import { benchFuse } from './fuse.js';
+import { benchVirtiofs } from './virtiofs.js';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const BLOB_BYTES = Number(process.env.BENCH_BLOB_MIB ?? 256) * 1024 * 1024;
@@ -121,7 +122,7 @@ function benchBlake3(): void {
   rows.push({ capability: 'BLAKE3 hashing, 1 MiB updates', ours: measure(native.create), peer: measure(wasm.create), unit: 'MB/s', peerName: 'blake3-wasm (fallback)' });
 }
 
-const only = process.env.BENCH_ONLY; // e.g. BENCH_ONLY=nix (blobs, blake3, nix, fuse)
+const only = process.env.BENCH_ONLY; // e.g. BENCH_ONLY=nix (blobs, blake3, nix, fuse, virtiofs)
 if (!only || only === 'blobs') await benchBlobs();
 if (!only || only === 'blake3') benchBlake3();
 if (!only || only === 'nix') {
@@ -137,6 +138,15 @@ if (!only || only === 'fuse') {
   const work = mkdtempSync(join(tmpdir(), 'nixcas-bench-fuse-'));
   try {
     await benchFuse(rows, work, REPEATS, join(ROOT, 'dist/cli/main.js'));
+  } finally {
+    rmSync(work, { recursive: true, force: true });
+  }
+}
+
+if (!only || only === 'virtiofs') {
+  const work = mkdtempSync(join(tmpdir(), 'nixcas-bench-virtiofs-'));
+  try {
+    await benchVirtiofs(rows, work, REPEATS, join(ROOT, 'dist/cli/main.js'));
   } finally {
     rmSync(work, { recursive: true, force: true });
   }
