@@ -34,7 +34,8 @@ async function setup() {
   const sink = {
     send: (message: Buffer) => {
       assert.equal(message.readUInt32LE(0), message.length, 'reply length field');
-      replies.push({ error: message.readInt32LE(4), unique: message.readBigUInt64LE(8), body: message.subarray(16) });
+      // The server reuses its buffers once send returns: keep a copy.
+      replies.push({ error: message.readInt32LE(4), unique: message.readBigUInt64LE(8), body: Buffer.from(message.subarray(16)) });
     },
   };
   let unique = 0n;

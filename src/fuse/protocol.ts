@@ -30,7 +30,10 @@ import {
   direntSize,
 } from './abi.js';
 
-/** Where replies go: one complete message (out header included) per call. */
+/**
+ * Where replies go: one complete message (out header included) per call. The
+ * sink is done with the buffer when `send` returns (it is reused).
+ */
 export interface ReplySink {
   send(reply: Buffer): void;
 }
@@ -58,6 +61,8 @@ const WANTED_FLAGS =
 const UNKNOWN_INO = 0xffffffff;
 /** File handles start at 1; a READ with handle 0 comes from a kernel that no longer opens files. */
 const NO_HANDLE = 0;
+/** Idle READ buffers kept (each MAX_READ): enough for the kernel's usual readahead depth. */
+const READ_BUFFERS_KEPT = 16;
 const NO_REPLY: ReadonlySet<number> = new Set([Opcode.FORGET, Opcode.BATCH_FORGET, Opcode.INTERRUPT]);
 const O_ACCMODE = 3;
 const W_OK = 2;
@@ -123,6 +128,8 @@ export class FuseServer {
   private minor = 0;
   /** The kernel can do without OPEN/RELEASE for files (FUSE_NO_OPEN_SUPPORT). */
   private noOpen = false;
+  /** Reply buffers of READs that finished, for the next ones. */
+  private readonly readBuffers: Buffer[] = [];
   private readonly log: (message: string) => void;
 
   constructor(
@@ -323,13 +330,18 @@ export class FuseServer {
     const position = readU64(args, 8);
     const size = args.readUInt32LE(16);
     if (size > MAX_READ) throw new MalformedRequest(`READ of ${size} bytes`);
-    // The blob bytes go straight into the reply buffer, after the header.
-    const reply = request.allocate(size);
-    const n =
-      handle === NO_HANDLE
-        ? await this.fs.readInode(request.nodeid, reply, OUT_HEADER_SIZE, size, position)
-        : await this.fs.read(handle, reply, OUT_HEADER_SIZE, size, position);
-    request.ok(reply, n);
+    // The blob bytes go straight into the reply buffer, after the header. Buffers this large
+    // are fresh mappings each time (page faults and all), so they are reused.
+    const reply = this.readBuffers.pop() ?? Buffer.allocUnsafe(OUT_HEADER_SIZE + MAX_READ);
+    try {
+      const n =
+        handle === NO_HANDLE
+          ? await this.fs.readInode(request.nodeid, reply, OUT_HEADER_SIZE, size, position)
+          : await this.fs.read(handle, reply, OUT_HEADER_SIZE, size, position);
+      request.ok(reply, n);
+    } finally {
+      if (this.readBuffers.length < READ_BUFFERS_KEPT) this.readBuffers.push(reply);
+    }
   }
 
   private async release(request: Request): Promise<void> {

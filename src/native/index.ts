@@ -11,6 +11,8 @@ export interface NativeAddon {
   unwatch(handle: Watch): void;
   /** Bytes read, or -errno (-EAGAIN when a non-blocking fd has nothing). */
   read(fd: number, buffer: Uint8Array): number;
+  /** preadv2(RWF_NOWAIT) into `buffer[offset, offset + length)`: bytes read, or -errno (-EAGAIN: not cached). */
+  readCached(fd: number, buffer: Uint8Array, offset: number, length: number, position: number): number;
   /** One writev(2): bytes written, or -errno. */
   writev(fd: number, buffers: Uint8Array[]): number;
   setNonBlocking(fd: number): number;

@@ -175,6 +175,29 @@ static napi_value read_fd(napi_env env, napi_callback_info info) {
   return make_int(env, n < 0 ? -errno : n);
 }
 
+// readCached(fd, buffer, offset, length, position) -> bytes read, or -errno; -EAGAIN when the
+// data is not in the page cache (preadv2 with RWF_NOWAIT: never waits for the disk, but starts
+// readahead). Saves the thread-pool round trip for reads the page cache can answer at once.
+static napi_value read_cached(napi_env env, napi_callback_info info) {
+  napi_value argv[5];
+  int64_t fd, offset, length, position;
+  if (!get_args(env, info, 5, argv) || !get_int(env, argv[0], &fd) || !get_int(env, argv[2], &offset) ||
+      !get_int(env, argv[3], &length) || !get_int(env, argv[4], &position))
+    return NULL;
+  void *data;
+  size_t size;
+  CHECK(napi_get_buffer_info(env, argv[1], &data, &size));
+  if (offset < 0 || length < 0 || (size_t)(offset + length) > size || position < 0) {
+    napi_throw_range_error(env, NULL, "nixcas native: readCached outside its buffer");
+    return NULL;
+  }
+  struct iovec iov = {.iov_base = (char *)data + offset, .iov_len = (size_t)length};
+  ssize_t n;
+  do n = preadv2((int)fd, &iov, 1, (off_t)position, RWF_NOWAIT);
+  while (n < 0 && errno == EINTR);
+  return make_int(env, n < 0 ? -errno : n);
+}
+
 // writev(fd, buffers[]) -> bytes written, or -errno. One system call, so a
 // reply made of several pieces reaches /dev/fuse as one message.
 static napi_value writev_fd(napi_env env, napi_callback_info info) {
@@ -511,6 +534,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"unwatch", NULL, unwatch, NULL, NULL, NULL, napi_default, NULL},
       {"read", NULL, read_fd, NULL, NULL, NULL, napi_default, NULL},
       {"writev", NULL, writev_fd, NULL, NULL, NULL, napi_default, NULL},
+      {"readCached", NULL, read_cached, NULL, NULL, NULL, napi_default, NULL},
       {"setNonBlocking", NULL, set_non_blocking, NULL, NULL, NULL, napi_default, NULL},
       {"mount", NULL, mount_fs, NULL, NULL, NULL, napi_default, NULL},
       {"umount2", NULL, umount_fs, NULL, NULL, NULL, napi_default, NULL},
