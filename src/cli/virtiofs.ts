@@ -23,6 +23,7 @@ export function virtiofsCommand(): Command {
     .option('--num-request-queues <n>', "request queues besides the high-priority one: QEMU's num-request-queues, cloud-hypervisor's num_queues", positiveInteger, 1)
     .option('--socket-mode <octal>', 'permissions of the socket file, e.g. 0660 to let a group of VM users connect', octalMode);
   return addStoreOptions(command).action(async (socketPath: string, options) => {
+    await withSmallYoungGeneration();
     const [{ ReadOnlyFilesystem }, { DirectoryCache }, { VirtioFsServer }, { storePathRoot }] = await Promise.all([
       import('../fs/filesystem.js'),
       import('../fs/directory-cache.js'),
@@ -72,4 +73,19 @@ function positiveInteger(value: string): number {
 function octalMode(value: string): number {
   if (!/^0?[0-7]{3}$/.test(value)) throw new InvalidArgumentError('expected an octal mode such as 0660');
   return parseInt(value, 8);
+}
+
+/**
+ * V8 lets its young generation grow to 3 × 16 MiB; a daemon answering small
+ * requests for hours does as well with 2 MiB semi-spaces and keeps 25 MB less
+ * private memory (measured while serving a VM: RssAnon 60 → 35 MB). Node reads
+ * the flag only at start-up, so the process re-executes itself with it (same
+ * pid, so a service manager sees nothing).
+ */
+async function withSmallYoungGeneration(): Promise<void> {
+  const flag = '--max-semi-space-size';
+  if ([...process.execArgv, process.env.NODE_OPTIONS ?? ''].some((arg) => arg.includes(flag))) return;
+  const { native } = await import('../native/index.js');
+  native().exec(process.execPath, [process.execPath, `${flag}=2`, ...process.execArgv, ...process.argv.slice(1)]);
+  // exec returns only when it failed: carry on with the default heap.
 }

@@ -39,6 +39,8 @@ export interface NativeAddon {
   eventfd(): number;
   /** A memfd of `size` bytes, or -errno. */
   memfd(name: string, size: number): number;
+  /** execv(2): replaces the process (same pid, env and inheritable fds); returns -errno only on failure. */
+  exec(path: string, argv: string[]): number;
 }
 
 let addon: NativeAddon | undefined;

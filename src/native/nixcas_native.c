@@ -528,6 +528,35 @@ static napi_value memfd(napi_env env, napi_callback_info info) {
   return fd_or_errno(env, fd, ftruncate(fd, (off_t)size) == 0);
 }
 
+// exec(path, argv[]) -> -errno; on success it does not return: the process becomes `path`
+// (same pid, environment and open fds without close-on-exec).
+static napi_value exec_process(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  if (!get_args(env, info, 2, argv)) return NULL;
+  uint32_t count;
+  CHECK(napi_get_array_length(env, argv[1], &count));
+  char *path = get_bytes_z(env, argv[0]);
+  if (!path) return NULL;
+  char **args = calloc(count + 1, sizeof(char *));
+  for (uint32_t i = 0; i < count; i++) {
+    napi_value element;
+    CHECK(napi_get_element(env, argv[1], i, &element));
+    args[i] = get_bytes_z(env, element);
+    if (!args[i]) return NULL;
+  }
+  // Node marks its stdio close-on-exec; the new image must keep them.
+  for (int fd = 0; fd <= 2; fd++) {
+    int flags = fcntl(fd, F_GETFD);
+    if (flags >= 0) fcntl(fd, F_SETFD, flags & ~FD_CLOEXEC);
+  }
+  execv(path, args);
+  int error = errno;
+  for (uint32_t i = 0; i < count; i++) free(args[i]);
+  free(args);
+  free(path);
+  return make_int(env, -error);
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"watch", NULL, watch, NULL, NULL, NULL, napi_default, NULL},
@@ -549,6 +578,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"munmap", NULL, munmap_buffer, NULL, NULL, NULL, napi_default, NULL},
       {"eventfd", NULL, event_fd, NULL, NULL, NULL, napi_default, NULL},
       {"memfd", NULL, memfd, NULL, NULL, NULL, napi_default, NULL},
+      {"exec", NULL, exec_process, NULL, NULL, NULL, napi_default, NULL},
   };
   CHECK(napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props));
   return exports;
