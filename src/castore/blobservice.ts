@@ -45,11 +45,13 @@ export const DEFAULT_CHUNK_SIZE = 1024 * 1024;
  * A chunked stream over any BlobReader; closes the reader when done or
  * abandoned. The next chunk is read while the consumer handles the current
  * one, so disk reads overlap with whatever the consumer does (writing to a
- * pipe or socket).
+ * pipe or socket). `start` and `end` select a byte range of the blob.
  */
-export async function* streamBlobReader(reader: BlobReader, chunkSize = DEFAULT_CHUNK_SIZE): AsyncGenerator<Buffer> {
+export async function* streamBlobReader(
+  reader: BlobReader, chunkSize = DEFAULT_CHUNK_SIZE, start = 0, end = reader.size,
+): AsyncGenerator<Buffer> {
   const readChunk = async (position: number): Promise<Buffer> => {
-    const chunk = Buffer.allocUnsafe(Math.min(chunkSize, reader.size - position));
+    const chunk = Buffer.allocUnsafe(Math.min(chunkSize, end - position));
     let filled = 0;
     while (filled < chunk.length) {
       const n = await reader.read(chunk, filled, chunk.length - filled, position + filled);
@@ -60,12 +62,12 @@ export async function* streamBlobReader(reader: BlobReader, chunkSize = DEFAULT_
   };
   let next: Promise<Buffer> | undefined;
   try {
-    let position = 0;
-    next = position < reader.size ? readChunk(0) : undefined;
+    let position = start;
+    next = position < end ? readChunk(position) : undefined;
     while (next) {
       const chunk = await next;
       position += chunk.length;
-      next = position < reader.size ? readChunk(position) : undefined;
+      next = position < end ? readChunk(position) : undefined;
       next?.catch(() => {}); // awaited on the next turn, or abandoned with the stream
       yield chunk;
     }

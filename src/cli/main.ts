@@ -8,6 +8,7 @@ import { importCommand } from './import.js';
 import { mountCommand } from './mount.js';
 import { virtiofsCommand } from './virtiofs.js';
 import { narCommand } from './nar.js';
+import { narBridgeCommand } from './nar-bridge.js';
 
 const { version } = createRequire(import.meta.url)('../../package.json') as { version: string };
 
@@ -20,7 +21,8 @@ const program = new Command('nixcas')
   .addCommand(copyCommand())
   .addCommand(narCommand())
   .addCommand(mountCommand())
-  .addCommand(virtiofsCommand());
+  .addCommand(virtiofsCommand())
+  .addCommand(narBridgeCommand());
 
 program.parseAsync(process.argv).catch((err: Error) => {
   console.error(`nixcas: ${err.message}`);

@@ -115,6 +115,18 @@ export class NarEncoder {
     this.put(chunk);
   }
 
+  /**
+   * Accounts for `length` bytes of file data that are not emitted (rendering
+   * a byte range of a NAR). Flushes first, so everything before the gap has
+   * reached the sink.
+   */
+  fileSkip(length: number): void {
+    if (length > this.fileRemaining) throw new Error(`file data exceeds its declared size of ${this.fileSize} bytes`);
+    this.flush();
+    this.fileRemaining -= length;
+    this.size += length;
+  }
+
   fileEnd(): void {
     if (this.fileRemaining !== 0) {
       throw new Error(`file data ended ${this.fileRemaining} bytes short of its declared size of ${this.fileSize} bytes`);

@@ -1,7 +1,7 @@
 // Renders a castore node as a NAR, streaming: file contents are read from the
 // blob service chunk by chunk as the consumer pulls, never held whole.
 import { createHash } from 'node:crypto';
-import type { BlobService } from '../../castore/blobservice.js';
+import { type BlobService, DEFAULT_CHUNK_SIZE, streamBlobReader } from '../../castore/blobservice.js';
 import { digestKey, formatDigest } from '../../castore/digest.js';
 import { type DirectoryService, directoryDigest } from '../../castore/directoryservice.js';
 import { NotFoundError } from '../../castore/errors.js';
@@ -23,26 +23,68 @@ async function fetchTree(services: CastoreServices, root: DirectoryNode): Promis
   return tree;
 }
 
-/** The NAR of `root` as a stream of chunks. Throws NotFoundError when a blob or directory is missing. */
-export async function* renderNar(root: Node, services: CastoreServices): AsyncGenerator<Buffer> {
+/** A byte range of a NAR: `start` inclusive, `end` exclusive. */
+export interface ByteRange {
+  start: number;
+  end: number;
+}
+
+/**
+ * The NAR of `root` as a stream of chunks, or only the bytes of `range`:
+ * files wholly outside the range are not read at all, and files it cuts are
+ * read from the first byte it needs. Throws NotFoundError when a blob or
+ * directory is missing.
+ */
+export async function* renderNar(root: Node, services: CastoreServices, range?: ByteRange): AsyncGenerator<Buffer> {
   const out: Buffer[] = [];
-  const encoder = new NarEncoder((chunk) => out.push(chunk));
+  let position = 0; // NAR offset of the next byte the encoder hands over
+  const wanted = range ?? { start: 0, end: Number.MAX_SAFE_INTEGER };
+  const done = () => position >= wanted.end;
+  const encoder = new NarEncoder((chunk) => {
+    const from = position;
+    position += chunk.length;
+    if (position <= wanted.start || from >= wanted.end) return;
+    out.push(from >= wanted.start && position <= wanted.end ? chunk : chunk.subarray(Math.max(0, wanted.start - from), Math.min(chunk.length, wanted.end - from)));
+  });
   const tree = root.kind === 'directory' ? await fetchTree(services, root.node) : new Map<string, Directory>();
   const where: Buffer[] = []; // names from the root to the current node, formatted only for errors
   const here = () => (where.length ? where.map((name) => displayName(name).slice(1, -1)).join('/') : 'root');
 
+  async function contents(node: FileNode, from: number, to: number): Promise<AsyncIterable<Buffer>> {
+    const missing = () => new NotFoundError(`${here()}: blob ${formatDigest(node.digest)} is missing`);
+    if (from === 0 && to === node.size) {
+      const stream = await services.blobs.readStream(node.digest);
+      if (!stream) throw missing();
+      return stream;
+    }
+    const reader = await services.blobs.openReader(node.digest);
+    if (!reader) throw missing();
+    return streamBlobReader(reader, DEFAULT_CHUNK_SIZE, from, to);
+  }
+
+  const skip = (length: number) => {
+    encoder.fileSkip(length);
+    position += length;
+  };
+
   async function* file(node: FileNode): AsyncGenerator<Buffer> {
     encoder.fileStart(node.executable, node.size);
     if (node.size > 0) {
-      const stream = await services.blobs.readStream(node.digest);
-      if (!stream) throw new NotFoundError(`${here()}: blob ${formatDigest(node.digest)} is missing`);
-      let seen = 0;
-      for await (const chunk of stream) {
-        seen += chunk.length;
-        if (seen > node.size) throw new Error(`${here()}: blob ${formatDigest(node.digest)} is longer than the ${node.size} bytes its node says`);
-        encoder.fileData(chunk);
-        if (out.length) yield* out.splice(0);
+      encoder.flush();
+      // The part of the contents the range needs; the rest is skipped unread.
+      const from = Math.min(node.size, Math.max(0, wanted.start - position));
+      const to = Math.max(from, Math.min(node.size, wanted.end - position));
+      if (from > 0) skip(from);
+      if (to > from) {
+        let seen = from;
+        for await (const chunk of await contents(node, from, to)) {
+          seen += chunk.length;
+          if (seen > to) throw new Error(`${here()}: blob ${formatDigest(node.digest)} is longer than the ${node.size} bytes its node says`);
+          encoder.fileData(chunk);
+          if (out.length) yield* out.splice(0);
+        }
       }
+      if (node.size > to) skip(node.size - to);
     }
     encoder.fileEnd();
   }
@@ -52,6 +94,7 @@ export async function* renderNar(root: Node, services: CastoreServices): AsyncGe
     if (!listing) throw new NotFoundError(`${here()}: directory ${formatDigest(node.digest)} is missing`);
     encoder.directoryStart();
     for (const entry of sortedEntries(listing)) {
+      if (done()) return;
       encoder.entryStart(entry.node.name);
       where.push(entry.node.name);
       yield* any(entry);

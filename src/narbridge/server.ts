@@ -1,0 +1,313 @@
+// nar-bridge: the store as an HTTP Nix binary cache. Reads render NARs from
+// castore as they are sent; uploads are stored in castore as they arrive and
+// become visible only when their narinfo is registered.
+import { type IncomingMessage, type Server, type ServerResponse, createServer } from 'node:http';
+import { once } from 'node:events';
+import { InvalidInputError } from '../castore/errors.js';
+import type { Node } from '../castore/model.js';
+import { type CastoreServices, renderNar } from '../store/nar/render.js';
+import { formatNarHash, formatNarInfo, narInfoFingerprint, parseNarInfo } from '../store/narinfo.js';
+import * as nixbase32 from '../store/nixbase32.js';
+import { type PathInfo, type Signature, storePathOf } from '../store/pathinfo.js';
+import type { PathInfoService } from '../store/pathinfoservice.js';
+import { type SigningKey, signFingerprint } from '../store/signing.js';
+import { type StorePath, STORE_DIR, formatBasename, formatStorePath, hashPart } from '../store/storepath.js';
+import { type LoggedRequest, formatAccessLine } from './access-log.js';
+import type { Credentials } from './credentials.js';
+import { DecompressionError, DecompressorMissingError } from './decompress.js';
+import { parseRange } from './range.js';
+import { BadRequestError, type Route, narUrl, parseRoute } from './routes.js';
+import { ReceivedNars, receiveNar } from './uploads.js';
+
+export interface NarBridgeOptions {
+  services: CastoreServices & { pathInfos: PathInfoService };
+  /** Priority in /nix-cache-info: Nix tries caches with lower numbers first. */
+  priority: number;
+  signingKey?: SigningKey;
+  allowUpload: boolean;
+  /** When set, uploads need HTTP Basic credentials from this list. */
+  credentials?: Credentials;
+  /** Where access log lines go; none when undefined. */
+  accessLog?: (line: string) => void;
+  /** Where errors worth an operator's attention go. */
+  errorLog: (line: string) => void;
+}
+
+/** tvix's limit: a narinfo is a few hundred bytes; even one with thousands of references is far below this. */
+const MAX_NARINFO_BYTES = 2 * 1024 * 1024;
+/** A refused upload this small is read and dropped, keeping the connection; a larger one closes it. */
+const DRAIN_LIMIT = 64 * 1024;
+
+const TEXT = 'text/plain; charset=utf-8';
+
+/** Per request: what the access log needs, and whether the client waits for 100 Continue. */
+interface Exchange {
+  request: IncomingMessage;
+  response: ServerResponse;
+  log: LoggedRequest;
+  expectsContinue: boolean;
+  bodyRead: boolean;
+}
+
+function methodsFor(route: Route): string[] {
+  switch (route.kind) {
+    case 'cache-info':
+    case 'nar':
+      return ['GET', 'HEAD'];
+    case 'narinfo':
+    case 'upload':
+    case 'unsupported-compression':
+      return ['GET', 'HEAD', 'PUT'];
+  }
+}
+
+function withName(node: Node, name: string): Node {
+  return { kind: node.kind, node: { ...node.node, name: Buffer.from(name) } } as Node;
+}
+
+export class NarBridge {
+  private readonly received = new ReceivedNars();
+  readonly server: Server;
+
+  constructor(private readonly options: NarBridgeOptions) {
+    this.server = createServer({ requestTimeout: 0, keepAliveTimeout: 30_000 });
+    this.server.on('request', (request, response) => this.dispatch(request, response, false));
+    this.server.on('checkContinue', (request, response) => this.dispatch(request, response, true));
+    this.server.on('clientError', (err, socket) => {
+      if (socket.writable) socket.end('HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n');
+      else socket.destroy(err);
+    });
+  }
+
+  private dispatch(request: IncomingMessage, response: ServerResponse, expectsContinue: boolean): void {
+    const exchange: Exchange = {
+      request,
+      response,
+      expectsContinue,
+      bodyRead: false,
+      log: { request, status: 0, bodyBytes: 0, startedAt: process.hrtime.bigint(), incomplete: false },
+    };
+    response.once('close', () => {
+      exchange.log.status = response.statusCode;
+      exchange.log.incomplete = !response.writableFinished;
+      this.options.accessLog?.(formatAccessLine(exchange.log));
+    });
+    this.handle(exchange).catch((err: Error) => this.fail(exchange, err));
+  }
+
+  private fail(exchange: Exchange, err: Error): void {
+    const { response } = exchange;
+    let status = 500;
+    if (err instanceof BadRequestError) status = err.status;
+    else if (err instanceof InvalidInputError || err instanceof DecompressionError) status = 400;
+    else if (err instanceof DecompressorMissingError) status = 415;
+    else if (exchange.request.destroyed && !exchange.bodyRead) status = 400; // the client went away mid-upload
+    if (status === 500) this.options.errorLog(`nixcas nar-bridge: ${exchange.request.method} ${exchange.request.url}: ${err.stack ?? err.message}`);
+    if (response.headersSent) {
+      response.destroy(err); // a body cut short: its Content-Length tells the client
+      return;
+    }
+    this.send(exchange, status, `${err.message}\n`);
+  }
+
+  private send(exchange: Exchange, status: number, body: string, headers: Record<string, string | number> = {}): void {
+    const { request, response } = exchange;
+    if (response.destroyed) return;
+    const bytes = Buffer.from(body);
+    if (!exchange.bodyRead && request.method === 'PUT' && !request.complete) this.refuseBody(exchange);
+    response.writeHead(status, { 'Content-Type': TEXT, 'Content-Length': bytes.length, ...headers });
+    if (request.method === 'HEAD') {
+      response.end();
+      return;
+    }
+    exchange.log.bodyBytes += bytes.length;
+    response.end(bytes);
+  }
+
+  /** Answers without reading an upload's body: a small one is drained, a large one ends the connection. */
+  private refuseBody(exchange: Exchange): void {
+    const length = Number(exchange.request.headers['content-length'] ?? Number.POSITIVE_INFINITY);
+    if (!exchange.expectsContinue && length <= DRAIN_LIMIT) exchange.request.resume();
+    else exchange.response.setHeader('Connection', 'close');
+  }
+
+  private async handle(exchange: Exchange): Promise<void> {
+    const { request, response } = exchange;
+    const route = parseRoute(request.url ?? '');
+    if (!route) return this.send(exchange, 404, 'not found\n');
+    const allowed = methodsFor(route);
+    if (!allowed.includes(request.method ?? '')) return this.send(exchange, 405, 'method not allowed\n', { Allow: allowed.join(', ') });
+    if (request.method === 'PUT') {
+      if (!this.authorizeUpload(exchange)) return;
+      if (exchange.expectsContinue) response.writeContinue();
+      switch (route.kind) {
+        case 'narinfo': return this.putNarInfo(exchange, route.hashPart);
+        case 'upload': return this.putNar(exchange, route);
+        case 'unsupported-compression':
+          return this.send(exchange, 415, `NARs compressed as ${route.suffix} are not accepted: upload with compression=none, xz or zstd\n`);
+        default: return;
+      }
+    }
+    switch (route.kind) {
+      case 'cache-info': return this.send(exchange, 200, this.cacheInfo(), { 'Content-Type': 'text/x-nix-cache-info' });
+      case 'narinfo': return this.getNarInfo(exchange, route.digest);
+      case 'nar': return this.getNar(exchange, route);
+      case 'upload': return this.getUploaded(exchange, route);
+      case 'unsupported-compression': return this.send(exchange, 404, 'not found\n');
+    }
+  }
+
+  private cacheInfo(): string {
+    return `StoreDir: ${STORE_DIR}\nWantMassQuery: 1\nPriority: ${this.options.priority}\n`;
+  }
+
+  /** False (and the answer sent) when uploads are off or the credentials are missing or wrong. */
+  private authorizeUpload(exchange: Exchange): boolean {
+    if (!this.options.allowUpload) {
+      this.send(exchange, 403, 'uploads are off: start nar-bridge with --allow-upload\n');
+      return false;
+    }
+    const { credentials } = this.options;
+    if (!credentials) return true;
+    const user = credentials.check(exchange.request.headers.authorization);
+    if (user === undefined) {
+      this.send(exchange, 401, 'uploads need valid credentials (HTTP Basic, e.g. from Nix\'s netrc-file)\n', {
+        'WWW-Authenticate': 'Basic realm="nixcas nar-bridge", charset="UTF-8"',
+      });
+      return false;
+    }
+    exchange.log.user = user;
+    return true;
+  }
+
+  private signaturesFor(info: PathInfo, storePath: StorePath): Signature[] {
+    const key = this.options.signingKey;
+    if (!key || info.signatures.some((signature) => signature.name === key.name)) return [];
+    return [signFingerprint(key, narInfoFingerprint(storePath, info.narSha256, info.narSize, info.references))];
+  }
+
+  private async getNarInfo(exchange: Exchange, digest: Buffer): Promise<void> {
+    const info = await this.options.services.pathInfos.get(digest);
+    if (!info) return this.send(exchange, 404, 'not found\n');
+    const storePath = storePathOf(info);
+    const text = formatNarInfo(info, storePath, narUrl(hashPart(storePath), info.narSha256), this.signaturesFor(info, storePath));
+    this.send(exchange, 200, text, { 'Content-Type': 'text/x-nix-narinfo' });
+  }
+
+  private async getNar(exchange: Exchange, route: Extract<Route, { kind: 'nar' }>): Promise<void> {
+    const info = await this.options.services.pathInfos.get(route.digest);
+    // The NAR hash in the URL pins the content: a path registered again with other contents is a different URL.
+    if (!info || !info.narSha256.equals(route.narSha256)) return this.send(exchange, 404, 'not found\n');
+    await this.streamNar(exchange, info.node, info.narSize, info.narSha256);
+  }
+
+  /** An uploaded NAR that no narinfo has claimed yet: HEAD tells Nix not to upload it again. */
+  private async getUploaded(exchange: Exchange, route: Extract<Route, { kind: 'upload' }>): Promise<void> {
+    const nar = this.received.byUpload(route.compression, route.fileSha256);
+    if (!nar) return this.send(exchange, 404, 'not found\n');
+    if (exchange.request.method === 'HEAD' && route.compression !== 'none') return this.send(exchange, 200, '', { 'Content-Type': 'application/x-nix-nar' });
+    if (route.compression !== 'none') return this.send(exchange, 404, 'compressed uploads are stored uncompressed: fetch the URL in the narinfo\n');
+    await this.streamNar(exchange, nar.root, nar.narSize, nar.narSha256);
+  }
+
+  private async streamNar(exchange: Exchange, root: Node, narSize: number, narSha256: Buffer): Promise<void> {
+    const { request, response } = exchange;
+    const etag = `"${nixbase32.encode(narSha256)}"`;
+    const ifRange = request.headers['if-range'];
+    const answer = ifRange !== undefined && ifRange !== etag ? { kind: 'whole' as const } : parseRange(request.headers.range, narSize);
+    const headers: Record<string, string | number> = {
+      'Content-Type': 'application/x-nix-nar',
+      'Accept-Ranges': 'bytes',
+      ETag: etag,
+      'Cache-Control': 'public, max-age=31536000, immutable',
+    };
+    if (answer.kind === 'unsatisfiable') return this.send(exchange, 416, 'range not satisfiable\n', { ...headers, 'Content-Type': TEXT, 'Content-Range': `bytes */${narSize}` });
+    const range = answer.kind === 'partial' ? answer.range : { start: 0, end: narSize };
+    if (answer.kind === 'partial') headers['Content-Range'] = `bytes ${range.start}-${range.end - 1}/${narSize}`;
+    response.writeHead(answer.kind === 'partial' ? 206 : 200, { ...headers, 'Content-Length': range.end - range.start });
+    if (request.method === 'HEAD') return void response.end();
+
+    const chunks = renderNar(root, this.options.services, answer.kind === 'partial' ? range : undefined);
+    let sent = 0;
+    try {
+      for await (const chunk of chunks) {
+        if (response.destroyed) return; // the client went away; `return` closes the blob readers
+        sent += chunk.length;
+        if (sent > range.end - range.start) throw new Error(`the NAR rendered is longer than the ${narSize} bytes its PathInfo says`);
+        exchange.log.bodyBytes += chunk.length;
+        if (!response.write(chunk)) await Promise.race([once(response, 'drain'), once(response, 'close')]);
+      }
+    } finally {
+      await chunks.return(undefined);
+    }
+    if (sent !== range.end - range.start) throw new Error(`the NAR rendered is ${sent} bytes, not the ${range.end - range.start} its PathInfo says`);
+    response.end();
+  }
+
+  private async readSmallBody(exchange: Exchange, limit: number): Promise<Buffer> {
+    const declared = Number(exchange.request.headers['content-length'] ?? 0);
+    if (declared > limit) throw new BadRequestError(`the body is ${declared} bytes, more than ${limit}`, 413);
+    const chunks: Buffer[] = [];
+    let length = 0;
+    for await (const chunk of exchange.request) {
+      length += (chunk as Buffer).length;
+      if (length > limit) throw new BadRequestError(`the body is more than ${limit} bytes`, 413);
+      chunks.push(chunk as Buffer);
+    }
+    exchange.bodyRead = true;
+    return Buffer.concat(chunks);
+  }
+
+  private async putNar(exchange: Exchange, route: Extract<Route, { kind: 'upload' }>): Promise<void> {
+    const nar = await receiveNar(exchange.request, route.compression, route.fileSha256, this.options.services);
+    exchange.bodyRead = true;
+    this.received.add(route.compression, route.fileSha256, nar);
+    this.send(exchange, 200, `received ${nar.narSize} bytes of NAR, ${formatNarHash(nar.narSha256)}\n`);
+  }
+
+  private async putNarInfo(exchange: Exchange, urlHashPart: string): Promise<void> {
+    const narinfo = parseNarInfo((await this.readSmallBody(exchange, MAX_NARINFO_BYTES)).toString('utf8'));
+    const { storePath } = narinfo;
+    const fail = (why: string): never => {
+      throw new BadRequestError(`${formatStorePath(storePath)}: ${why}`);
+    };
+    if (hashPart(storePath) !== urlHashPart) fail(`the narinfo is for ${hashPart(storePath)}, but was uploaded to ${urlHashPart}.narinfo`);
+    const { pathInfos } = this.options.services;
+    const existing = await pathInfos.get(storePath.digest);
+    const sameNar = existing && existing.narSha256.equals(narinfo.narSha256) && existing.narSize === narinfo.narSize;
+    const nar = this.received.byHash(narinfo.narSha256);
+    let root: Node;
+    if (nar) {
+      if (nar.narSize !== narinfo.narSize) fail(`NarSize is ${narinfo.narSize}, but the NAR with NarHash ${formatNarHash(narinfo.narSha256)} is ${nar.narSize} bytes`);
+      for (const reference of narinfo.references) {
+        if (nar.references.contains(hashPart(reference)) === false) {
+          fail(`References lists ${formatBasename(reference)}, but the NAR does not contain its hash part`);
+        }
+      }
+      root = nar.root;
+    } else if (existing && sameNar) {
+      root = existing.node; // a narinfo sent again, e.g. to add signatures
+    } else {
+      return fail(`no NAR with NarHash ${formatNarHash(narinfo.narSha256)} has been uploaded: PUT it to /nar/${nixbase32.encode(narinfo.narSha256)}.nar first`);
+    }
+    if (existing && !sameNar) fail('the store already has this path with a different NAR');
+    for (const reference of narinfo.references) {
+      if (reference.digest.equals(storePath.digest)) continue;
+      if (!(await pathInfos.get(reference.digest))) fail(`its reference ${formatStorePath(reference)} is not in the store: upload a path's references before the path`);
+    }
+    const signatures = [...(sameNar ? existing!.signatures : [])];
+    for (const signature of narinfo.signatures) {
+      if (!signatures.some((kept) => kept.name === signature.name && kept.data.equals(signature.data))) signatures.push(signature);
+    }
+    await pathInfos.put({
+      node: withName(root, formatBasename(storePath)),
+      references: narinfo.references,
+      narSize: narinfo.narSize,
+      narSha256: narinfo.narSha256,
+      signatures,
+      deriver: narinfo.deriver,
+      ca: narinfo.ca,
+    });
+    this.send(exchange, 200, `registered ${formatStorePath(storePath)}\n`);
+  }
+}
