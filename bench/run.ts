@@ -11,6 +11,7 @@ import { clientConstructor } from '../src/grpc/protos.js';
 import { type Row, benchNix, median } from './nix.js';
 import { benchFuse } from './fuse.js';
 import { benchVirtiofs } from './virtiofs.js';
+import { type NarBridgeRow, benchNarBridge } from './narbridge.js';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const BLOB_BYTES = Number(process.env.BENCH_BLOB_MIB ?? 256) * 1024 * 1024;
@@ -122,7 +123,7 @@ function benchBlake3(): void {
   rows.push({ capability: 'BLAKE3 hashing, 1 MiB updates', ours: measure(native.create), peer: measure(wasm.create), unit: 'MB/s', peerName: 'blake3-wasm (fallback)' });
 }
 
-const only = process.env.BENCH_ONLY; // e.g. BENCH_ONLY=nix (blobs, blake3, nix, fuse, virtiofs)
+const only = process.env.BENCH_ONLY; // e.g. BENCH_ONLY=nix (blobs, blake3, nix, fuse, virtiofs, narbridge)
 if (!only || only === 'blobs') await benchBlobs();
 if (!only || only === 'blake3') benchBlake3();
 if (!only || only === 'nix') {
@@ -152,10 +153,21 @@ if (!only || only === 'virtiofs') {
   }
 }
 
+if (!only || only === 'narbridge') {
+  const work = mkdtempSync(join(tmpdir(), 'nixcas-bench-narbridge-'));
+  try {
+    await benchNarBridge(rows, work, REPEATS, join(ROOT, 'dist/cli/main.js'));
+  } finally {
+    rmSync(work, { recursive: true, force: true });
+  }
+}
+
 console.log('\n| capability | nixcas | peer | ratio | target |');
 console.log('|---|---|---|---|---|');
 for (const r of rows) {
-  const ratio = r.ours / r.peer;
+  // Latency rows give peer ÷ ours, so that there too a higher ratio is better.
+  const ratio = (r as NarBridgeRow).peerOverOurs ? r.peer / r.ours : r.ours / r.peer;
   const verdict = r.note ?? (r.target === undefined ? '' : `${ratio >= r.target ? 'met' : 'MISSED'} (≥ ${r.target})`);
-  console.log(`| ${r.capability} | ${r.ours.toFixed(0)} ${r.unit} | ${r.peer.toFixed(0)} ${r.unit} (${r.peerName}) | ${ratio.toFixed(2)} | ${verdict} |`);
+  const value = (v: number) => (Number.isFinite(v) ? `${v.toFixed(0)} ${r.unit}` : '—'); // NaN: a skipped bench
+  console.log(`| ${r.capability} | ${value(r.ours)} | ${value(r.peer)} (${r.peerName}) | ${Number.isFinite(ratio) ? ratio.toFixed(2) : '—'} | ${verdict} |`);
 }
