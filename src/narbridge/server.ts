@@ -39,6 +39,7 @@ const MAX_NARINFO_BYTES = 2 * 1024 * 1024;
 const DRAIN_LIMIT = 64 * 1024;
 
 const TEXT = 'text/plain; charset=utf-8';
+const IDLE_TIMEOUT_MS = 5 * 60 * 1000;
 
 /** Per request: what the access log needs, and whether the client waits for 100 Continue. */
 interface Exchange {
@@ -70,7 +71,9 @@ export class NarBridge {
   readonly server: Server;
 
   constructor(private readonly options: NarBridgeOptions) {
+    // An upload may take longer than Node's default 5-minute request limit; a connection idle for 5 minutes, though, is dropped.
     this.server = createServer({ requestTimeout: 0, keepAliveTimeout: 30_000 });
+    this.server.setTimeout(IDLE_TIMEOUT_MS);
     this.server.on('request', (request, response) => this.dispatch(request, response, false));
     this.server.on('checkContinue', (request, response) => this.dispatch(request, response, true));
     this.server.on('clientError', (err, socket) => {
