@@ -19,6 +19,8 @@ function quoted(text: string | undefined): string {
 
 export interface LoggedRequest {
   request: IncomingMessage;
+  /** Taken when the request arrives: by the time the line is written the socket may be gone. */
+  remoteAddress?: string;
   user?: string;
   status: number;
   bodyBytes: number;
@@ -32,7 +34,7 @@ export function formatAccessLine(entry: LoggedRequest, now = new Date()): string
   const seconds = Number(process.hrtime.bigint() - entry.startedAt) / 1e9;
   const requestLine = `${request.method} ${request.url} HTTP/${request.httpVersion}`;
   return [
-    request.socket.remoteAddress ?? '-',
+    entry.remoteAddress ?? '-',
     '-',
     entry.user ? quoted(entry.user).slice(1, -1).replace(/ /g, '_') : '-',
     `[${timestamp(now)}]`,

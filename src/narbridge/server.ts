@@ -88,7 +88,7 @@ export class NarBridge {
       response,
       expectsContinue,
       bodyRead: false,
-      log: { request, status: 0, bodyBytes: 0, startedAt: process.hrtime.bigint(), incomplete: false },
+      log: { request, remoteAddress: request.socket?.remoteAddress, status: 0, bodyBytes: 0, startedAt: process.hrtime.bigint(), incomplete: false },
     };
     response.once('close', () => {
       exchange.log.status = response.statusCode;
