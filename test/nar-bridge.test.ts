@@ -552,6 +552,20 @@ test('nar-bridge: bad uploads and hostile URLs are refused, nothing half-stored,
       const res = await request(port, 'PUT', `/nar/${sha256Nix32(body)}.nar`, { body });
       assert.equal(res.status, 400, `PUT of ${what}: ${res.status}`);
     }
+    // An oversized narinfo: refused by its declared length, and as it arrives when no length is declared.
+    {
+      const good2 = fileNar(work, 'good2', randomBytes(100));
+      assert.equal((await request(port, 'PUT', `/nar/${good2.hash}.nar`, { body: good2.nar })).status, 200);
+      const storePath = randomStorePath('oversized');
+      const huge = narinfoText({ storePath, narHash: good2.hash, narSize: good2.nar.length }) + `Padding: ${'a'.repeat(3 << 20)}\n`;
+      for (const headers of [{ 'Content-Type': 'text/x-nix-narinfo' }, { 'Content-Type': 'text/x-nix-narinfo', 'Transfer-Encoding': 'chunked' }]) {
+        const res = await request(port, 'PUT', `/${hashPartOf(storePath)}.narinfo`, { headers, body: huge }).catch((err: Error) => err);
+        // The bridge may close the connection before the whole body is sent; a 413 or a reset both refuse it.
+        if (!(res instanceof Error)) assert.equal(res.status, 413, `oversized narinfo (${JSON.stringify(headers)}): ${res.status}`);
+        assert.equal(await headStatus(`/${hashPartOf(storePath)}.narinfo`), 404);
+      }
+      await serving('an oversized narinfo');
+    }
     // Compressed uploads that do not decompress.
     for (const ext of ['.nar.xz', '.nar.zst']) {
       const body = randomBytes(500);
