@@ -62,6 +62,16 @@ function methodsFor(route: Route): string[] {
   }
 }
 
+/** Waits until `response` can take more, or is gone; leaves no listener behind either way. */
+async function drainedOrClosed(response: ServerResponse): Promise<void> {
+  const cancel = new AbortController();
+  try {
+    await Promise.race([once(response, 'drain', { signal: cancel.signal }), once(response, 'close', { signal: cancel.signal })]);
+  } finally {
+    cancel.abort();
+  }
+}
+
 function withName(node: Node, name: string): Node {
   return { kind: node.kind, node: { ...node.node, name: Buffer.from(name) } } as Node;
 }
@@ -238,7 +248,7 @@ export class NarBridge {
         sent += chunk.length;
         if (sent > range.end - range.start) throw new Error(`the NAR rendered is longer than the ${narSize} bytes its PathInfo says`);
         exchange.log.bodyBytes += chunk.length;
-        if (!response.write(chunk)) await Promise.race([once(response, 'drain'), once(response, 'close')]);
+        if (!response.write(chunk)) await drainedOrClosed(response);
       }
     } finally {
       await chunks.return(undefined);
