@@ -29,6 +29,13 @@ export interface BlobStat {
   size: number;
 }
 
+/** A blob kept whole in a local file: an open descriptor, for sending it without copying (sendfile). */
+export interface BlobFile {
+  fd: number;
+  size: number;
+  close(): Promise<void>;
+}
+
 export interface BlobService {
   has(digest: B3Digest): Promise<boolean>;
   stat(digest: B3Digest): Promise<BlobStat | undefined>;
@@ -36,6 +43,8 @@ export interface BlobService {
   /** The blob as a stream of chunks of at most `chunkSize` bytes. */
   readStream(digest: B3Digest, chunkSize?: number): Promise<AsyncIterable<Buffer> | undefined>;
   openWriter(): BlobWriter;
+  /** Only where blobs are local files, and only for blobs kept as one: undefined otherwise. */
+  openFile?(digest: B3Digest): Promise<BlobFile | undefined>;
   close(): Promise<void>;
 }
 

@@ -2,7 +2,6 @@
 // castore as they are sent; uploads are stored in castore as they arrive and
 // become visible only when their narinfo is registered.
 import { type IncomingMessage, type Server, type ServerResponse, createServer } from 'node:http';
-import { once } from 'node:events';
 import { InvalidInputError } from '../castore/errors.js';
 import type { Node } from '../castore/model.js';
 import { type CastoreServices, renderNar } from '../store/nar/render.js';
@@ -15,8 +14,10 @@ import { type StorePath, STORE_DIR, formatBasename, formatStorePath, hashPart } 
 import { type LoggedRequest, formatAccessLine } from './access-log.js';
 import type { Credentials } from './credentials.js';
 import { DecompressionError, DecompressorMissingError } from './decompress.js';
+import { drainedOrClosed } from './drain.js';
 import { parseRange } from './range.js';
 import { BadRequestError, type Route, narUrl, parseRoute } from './routes.js';
+import { sendfileDelivery } from './sendfile.js';
 import { ReceivedNars, receiveNar } from './uploads.js';
 
 export interface NarBridgeOptions {
@@ -59,16 +60,6 @@ function methodsFor(route: Route): string[] {
     case 'upload':
     case 'unsupported-compression':
       return ['GET', 'HEAD', 'PUT'];
-  }
-}
-
-/** Waits until `response` can take more, or is gone; leaves no listener behind either way. */
-async function drainedOrClosed(response: ServerResponse): Promise<void> {
-  const cancel = new AbortController();
-  try {
-    await Promise.race([once(response, 'drain', { signal: cancel.signal }), once(response, 'close', { signal: cancel.signal })]);
-  } finally {
-    cancel.abort();
   }
 }
 
@@ -240,14 +231,18 @@ export class NarBridge {
     response.writeHead(answer.kind === 'partial' ? 206 : 200, { ...headers, 'Content-Length': range.end - range.start });
     if (request.method === 'HEAD') return void response.end();
 
-    const chunks = renderNar(root, this.options.services, answer.kind === 'partial' ? range : undefined);
     let sent = 0;
+    const count = (bytes: number) => {
+      sent += bytes;
+      exchange.log.bodyBytes += bytes;
+      if (sent > range.end - range.start) throw new Error(`the NAR rendered is longer than the ${narSize} bytes its PathInfo says`);
+    };
+    const deliver = sendfileDelivery(response, this.options.services.blobs, count);
+    const chunks = renderNar(root, this.options.services, answer.kind === 'partial' ? range : undefined, deliver);
     try {
       for await (const chunk of chunks) {
         if (response.destroyed) return; // the client went away; `return` closes the blob readers
-        sent += chunk.length;
-        if (sent > range.end - range.start) throw new Error(`the NAR rendered is longer than the ${narSize} bytes its PathInfo says`);
-        exchange.log.bodyBytes += chunk.length;
+        count(chunk.length);
         if (!response.write(chunk)) await drainedOrClosed(response);
       }
     } finally {

@@ -6,8 +6,8 @@ export interface Watch {
 }
 
 export interface NativeAddon {
-  /** Calls `onReady` whenever `fd` is readable (or in error); `status` < 0 is a libuv error. */
-  watch(fd: number, onReady: (status: number, events: number) => void): Watch;
+  /** Calls `onReady` whenever `fd` is readable, or writable with `writable` (or in error); `status` < 0 is a libuv error. */
+  watch(fd: number, onReady: (status: number, events: number) => void, writable?: boolean): Watch;
   unwatch(handle: Watch): void;
   /** Bytes read, or -errno (-EAGAIN when a non-blocking fd has nothing). */
   read(fd: number, buffer: Uint8Array): number;
@@ -41,6 +41,14 @@ export interface NativeAddon {
   memfd(name: string, size: number): number;
   /** execv(2): replaces the process (same pid, env and inheritable fds); returns -errno only on failure. */
   exec(path: string, argv: string[]): number;
+  /**
+   * sendfile(2) of `count` bytes of `inFd` from `offset` to the non-blocking socket `outFd`, on a
+   * thread-pool worker. `done` gets the bytes sent (> 0, maybe fewer than asked), 0 at the end of
+   * `inFd`, or -errno (-EAGAIN: the socket is full, nothing sent).
+   */
+  sendfileAsync(outFd: number, inFd: number, offset: number, count: number, done: (result: number) => void): void;
+  /** A close-on-exec duplicate of `fd`, or -errno. */
+  dup(fd: number): number;
 }
 
 let addon: NativeAddon | undefined;

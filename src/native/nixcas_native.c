@@ -2,7 +2,8 @@
 // vhost-user backend: readiness of a file descriptor on the event loop, reads
 // and gathered writes that report errno as a negative number instead of
 // throwing, mount(2)/umount2(2), unix sockets that carry file descriptors
-// (SCM_RIGHTS), shared memory mappings (guest RAM) and eventfds.
+// (SCM_RIGHTS), shared memory mappings (guest RAM), eventfds, and sendfile(2)
+// in the thread pool (file to socket without passing through user space).
 //
 // Everything here is a thin wrapper: policy lives in TypeScript.
 #define _GNU_SOURCE
@@ -14,6 +15,7 @@
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
+#include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <sys/un.h>
@@ -118,11 +120,19 @@ static void watcher_stop(napi_env env, watcher_t *w) {
   uv_close((uv_handle_t *)&w->handle, watcher_closed);
 }
 
-// watch(fd, callback(status, events)) -> handle. Calls back whenever fd is readable.
+// watch(fd, callback(status, events), writable?) -> handle. Calls back whenever
+// fd is readable (or, with writable true, writable).
 static napi_value watch(napi_env env, napi_callback_info info) {
-  napi_value argv[2];
+  napi_value argv[3];
   int64_t fd;
-  if (!get_args(env, info, 2, argv) || !get_int(env, argv[0], &fd)) return NULL;
+  size_t argc = 3;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 2) {
+    napi_throw_type_error(env, NULL, "nixcas native: too few arguments");
+    return NULL;
+  }
+  if (!get_int(env, argv[0], &fd)) return NULL;
+  bool writable = false;
+  if (argc >= 3) napi_get_value_bool(env, argv[2], &writable);
   uv_loop_t *loop;
   CHECK(napi_get_uv_event_loop(env, &loop));
   watcher_t *w = calloc(1, sizeof(*w));
@@ -138,7 +148,7 @@ static napi_value watch(napi_env env, napi_callback_info info) {
   napi_create_string_utf8(env, "nixcas.watch", NAPI_AUTO_LENGTH, &name);
   napi_async_init(env, NULL, name, &w->context);
   napi_create_reference(env, argv[1], 1, &w->callback);
-  rc = uv_poll_start(&w->handle, UV_READABLE | UV_DISCONNECT, watcher_fired);
+  rc = uv_poll_start(&w->handle, (writable ? UV_WRITABLE : UV_READABLE) | UV_DISCONNECT, watcher_fired);
   if (rc != 0) {
     watcher_stop(env, w);
     napi_throw_error(env, NULL, uv_strerror(rc));
@@ -557,6 +567,86 @@ static napi_value exec_process(napi_env env, napi_callback_info info) {
   return make_int(env, -error);
 }
 
+// --- sendfile in the thread pool ---------------------------------------------
+
+// sendfileAsync(outFd, inFd, offset, count, callback(result)): sendfile(2)
+// from inFd at offset to outFd (a non-blocking socket) on a libuv worker
+// thread, so reading the file from disk never blocks the event loop, while
+// waiting for the socket stays on the event loop (the worker returns at
+// EAGAIN). result: bytes sent (> 0), 0 at the end of inFd, or -errno
+// (-EAGAIN: the socket is full and nothing was sent).
+typedef struct {
+  napi_async_work work;
+  napi_ref callback;
+  int out_fd, in_fd;
+  off_t offset;
+  size_t count;
+  int64_t result;
+} sendfile_job_t;
+
+static void sendfile_execute(napi_env env, void *data) {
+  (void)env;
+  sendfile_job_t *job = data;
+  size_t sent = 0;
+  int error = 0;
+  while (sent < job->count) {
+    ssize_t n = sendfile(job->out_fd, job->in_fd, &job->offset, job->count - sent);
+    if (n > 0) {
+      sent += (size_t)n;
+      continue;
+    }
+    if (n == 0) break;
+    if (errno == EINTR) continue;
+    error = errno;
+    break;
+  }
+  job->result = sent > 0 ? (int64_t)sent : -(int64_t)error;
+}
+
+static void sendfile_complete(napi_env env, napi_status status, void *data) {
+  sendfile_job_t *job = data;
+  napi_value callback, global, argv[1], ignored;
+  napi_get_reference_value(env, job->callback, &callback);
+  napi_get_global(env, &global);
+  argv[0] = make_int(env, status == napi_ok ? job->result : -ECANCELED);
+  napi_call_function(env, global, callback, 1, argv, &ignored);
+  napi_delete_reference(env, job->callback);
+  napi_delete_async_work(env, job->work);
+  free(job);
+}
+
+static napi_value sendfile_async(napi_env env, napi_callback_info info) {
+  napi_value argv[5];
+  int64_t out_fd, in_fd, offset, count;
+  if (!get_args(env, info, 5, argv) || !get_int(env, argv[0], &out_fd) || !get_int(env, argv[1], &in_fd) ||
+      !get_int(env, argv[2], &offset) || !get_int(env, argv[3], &count))
+    return NULL;
+  if (offset < 0 || count < 0) {
+    napi_throw_range_error(env, NULL, "nixcas native: sendfileAsync with a negative offset or count");
+    return NULL;
+  }
+  sendfile_job_t *job = calloc(1, sizeof(*job));
+  job->out_fd = (int)out_fd;
+  job->in_fd = (int)in_fd;
+  job->offset = (off_t)offset;
+  job->count = (size_t)count;
+  napi_value name;
+  napi_create_string_utf8(env, "nixcas.sendfile", NAPI_AUTO_LENGTH, &name);
+  CHECK(napi_create_reference(env, argv[4], 1, &job->callback));
+  CHECK(napi_create_async_work(env, NULL, name, sendfile_execute, sendfile_complete, job, &job->work));
+  CHECK(napi_queue_async_work(env, job->work));
+  return NULL;
+}
+
+// dup(fd) -> a new close-on-exec descriptor for the same open file, or -errno.
+static napi_value dup_fd(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  int64_t fd;
+  if (!get_args(env, info, 1, argv) || !get_int(env, argv[0], &fd)) return NULL;
+  int copy = fcntl((int)fd, F_DUPFD_CLOEXEC, 0);
+  return make_int(env, copy < 0 ? -errno : copy);
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"watch", NULL, watch, NULL, NULL, NULL, napi_default, NULL},
@@ -579,6 +669,8 @@ static napi_value init(napi_env env, napi_value exports) {
       {"eventfd", NULL, event_fd, NULL, NULL, NULL, napi_default, NULL},
       {"memfd", NULL, memfd, NULL, NULL, NULL, napi_default, NULL},
       {"exec", NULL, exec_process, NULL, NULL, NULL, napi_default, NULL},
+      {"sendfileAsync", NULL, sendfile_async, NULL, NULL, NULL, napi_default, NULL},
+      {"dup", NULL, dup_fd, NULL, NULL, NULL, napi_default, NULL},
   };
   CHECK(napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props));
   return exports;

@@ -15,11 +15,11 @@
 // is always complete. LMDB commits are ordered, so a directory is never
 // durable before the small blobs it names. LMDB is multi-process safe.
 import { randomBytes } from 'node:crypto';
-import { close, constants, fstatSync, open, promises as fs, read, readdirSync, unlinkSync, mkdirSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { close, constants, fstat, fstatSync, open, promises as fs, read, readdirSync, unlinkSync, mkdirSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import { join } from 'node:path';
 import { type Database, type RootDatabase, open as openLmdb } from 'lmdb';
-import { type BlobReader, type BlobService, type BlobWriter, bufferReader, streamBlobReader } from '../blobservice.js';
+import { type BlobFile, type BlobReader, type BlobService, type BlobWriter, bufferReader, streamBlobReader } from '../blobservice.js';
 import { type B3Digest, createBlake3, digestKey } from '../digest.js';
 import { type DirectoryService, checkBatch, walkDirectories } from '../directoryservice.js';
 import type { Directory } from '../model.js';
@@ -169,6 +169,17 @@ export class LocalBlobService implements BlobService {
       throw err;
     }
     return fileReader(fd);
+  }
+
+  async openFile(digest: B3Digest): Promise<BlobFile | undefined> {
+    if (this.smallBlobs.get(digest)) return undefined;
+    try {
+      const fd = await openFd(this.pathOf(digest));
+      return { fd, size: (await fstatFd(fd)).size, close: () => new Promise<void>((resolve) => close(fd, () => resolve())) };
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+      throw err;
+    }
   }
 
   async readStream(digest: B3Digest, chunkSize?: number) {
@@ -387,6 +398,10 @@ function readCached(fd: number, target: Uint8Array, offset: number, length: numb
 }
 const EOPNOTSUPP = osConstants.errno.EOPNOTSUPP;
 let nativeReads: NativeAddon | false | undefined;
+
+function fstatFd(fd: number): Promise<{ size: number }> {
+  return new Promise((resolve, reject) => fstat(fd, (err, stats) => (err ? reject(err) : resolve(stats))));
+}
 
 function openFd(path: string): Promise<number> {
   return new Promise((resolve, reject) => open(path, constants.O_RDONLY, (err, fd) => (err ? reject(err) : resolve(fd))));

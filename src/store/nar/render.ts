@@ -35,7 +35,14 @@ export interface ByteRange {
  * read from the first byte it needs. Throws NotFoundError when a blob or
  * directory is missing.
  */
-export async function* renderNar(root: Node, services: CastoreServices, range?: ByteRange): AsyncGenerator<Buffer> {
+/**
+ * Delivers `[from, to)` of a file's contents to the consumer by another way
+ * than the stream (a zero-copy send); resolves false to have them streamed.
+ * Called only once everything yielded before has been consumed.
+ */
+export type ContentsDelivery = (node: FileNode, from: number, to: number) => Promise<boolean>;
+
+export async function* renderNar(root: Node, services: CastoreServices, range?: ByteRange, deliver?: ContentsDelivery): AsyncGenerator<Buffer> {
   const out: Buffer[] = [];
   let position = 0; // NAR offset of the next byte the encoder hands over
   const wanted = range ?? { start: 0, end: Number.MAX_SAFE_INTEGER };
@@ -75,7 +82,12 @@ export async function* renderNar(root: Node, services: CastoreServices, range?: 
       const from = Math.min(node.size, Math.max(0, wanted.start - position));
       const to = Math.max(from, Math.min(node.size, wanted.end - position));
       if (from > 0) skip(from);
-      if (to > from) {
+      if (to > from && deliver) {
+        yield* out.splice(0); // the consumer has everything before the contents when deliver() is called
+      }
+      if (to > from && deliver && (await deliver(node, from, to))) {
+        skip(to - from);
+      } else if (to > from) {
         let seen = from;
         for await (const chunk of await contents(node, from, to)) {
           seen += chunk.length;
