@@ -111,7 +111,8 @@ export class NarBridge {
       response.destroy(err); // a body cut short: its Content-Length tells the client
       return;
     }
-    this.send(exchange, status, `${err.message}\n`);
+    // A client is told why its request was refused, never the internals of a failure on our side.
+    this.send(exchange, status, status === 500 ? 'internal error: see the nar-bridge log\n' : `${err.message}\n`);
   }
 
   private send(exchange: Exchange, status: number, body: string, headers: Record<string, string | number> = {}): void {
