@@ -30,18 +30,18 @@ export interface ByteRange {
 }
 
 /**
- * The NAR of `root` as a stream of chunks, or only the bytes of `range`:
- * files wholly outside the range are not read at all, and files it cuts are
- * read from the first byte it needs. Throws NotFoundError when a blob or
- * directory is missing.
- */
-/**
  * Delivers `[from, to)` of a file's contents to the consumer by another way
  * than the stream (a zero-copy send); resolves false to have them streamed.
  * Called only once everything yielded before has been consumed.
  */
 export type ContentsDelivery = (node: FileNode, from: number, to: number) => Promise<boolean>;
 
+/**
+ * The NAR of `root` as a stream of chunks, or only the bytes of `range`:
+ * files wholly outside the range are not read at all, and files it cuts are
+ * read from the first byte it needs. Throws NotFoundError when a blob or
+ * directory is missing.
+ */
 export async function* renderNar(root: Node, services: CastoreServices, range?: ByteRange, deliver?: ContentsDelivery): AsyncGenerator<Buffer> {
   const out: Buffer[] = [];
   let position = 0; // NAR offset of the next byte the encoder hands over
@@ -82,10 +82,12 @@ export async function* renderNar(root: Node, services: CastoreServices, range?: 
       const from = Math.min(node.size, Math.max(0, wanted.start - position));
       const to = Math.max(from, Math.min(node.size, wanted.end - position));
       if (from > 0) skip(from);
+      let delivered = false;
       if (to > from && deliver) {
         yield* out.splice(0); // the consumer has everything before the contents when deliver() is called
+        delivered = await deliver(node, from, to);
       }
-      if (to > from && deliver && (await deliver(node, from, to))) {
+      if (delivered) {
         skip(to - from);
       } else if (to > from) {
         let seen = from;
