@@ -1,8 +1,7 @@
 // `nixcas nar STORE_PATH`: write a store path's NAR to stdout.
-import { pipeline } from 'node:stream/promises';
-import { Readable } from 'node:stream';
+import { isatty } from 'node:tty';
 import { Command } from 'commander';
-import { renderNar } from '../store/nar/render.js';
+import { writeNarToFd } from '../store/nar/write-fd.js';
 import { parseStorePath, formatStorePath } from '../store/storepath.js';
 import { addStoreOptions, openServices } from './store-options.js';
 
@@ -16,12 +15,13 @@ export function narCommand(): Command {
     .argument('<store-path>', 'a store path registered in the store');
   return addStoreOptions(command).action(async (raw: string, options) => {
     const storePath = parseStorePath(raw.includes('/') ? raw : `/nix/store/${raw}`);
-    if (process.stdout.isTTY) throw new Error('refusing to write a NAR to a terminal; redirect stdout');
+    // fd 1 is written directly (process.stdout would make a pipe non-blocking and copy every byte through a stream).
+    if (isatty(1)) throw new Error('refusing to write a NAR to a terminal; redirect stdout');
     const services = await openServices(options);
     try {
       const info = await services.pathInfos.get(storePath.digest);
       if (!info) throw new Error(`${formatStorePath(storePath)} is not in the store (${services.addresses.pathInfo})`);
-      await pipeline(Readable.from(renderNar(info.node, services), { objectMode: false }), process.stdout);
+      await writeNarToFd(info.node, services, 1);
     } finally {
       await services.close();
     }

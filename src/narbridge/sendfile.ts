@@ -8,29 +8,13 @@
 import { closeSync } from 'node:fs';
 import type { ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
-import { constants } from 'node:os';
 import type { BlobService } from '../castore/blobservice.js';
 import { formatDigest } from '../castore/digest.js';
-import { type NativeAddon, native } from '../native/index.js';
+import { type NativeAddon, optionalNative } from '../native/index.js';
+import { SendFileError, sendFileRange } from '../native/send-file-range.js';
 import type { ContentsDelivery } from '../store/nar/render.js';
 import { drainedOrClosed } from './drain.js';
 
-/** Bytes per worker job: large enough that the hop to the thread pool costs nothing. */
-const SLICE = 16 * 1024 * 1024;
-const { EAGAIN } = constants.errno;
-
-let addon: NativeAddon | false | undefined;
-
-function loadAddon(): NativeAddon | false {
-  if (addon === undefined) {
-    try {
-      addon = native();
-    } catch {
-      addon = false; // no addon: everything streams
-    }
-  }
-  return addon;
-}
 
 /** The kernel descriptor under a TCP socket (Node keeps it on the libuv handle). */
 function socketFd(socket: Socket | null): number | undefined {
@@ -64,7 +48,7 @@ function writable(addon: NativeAddon, fd: number, socket: Socket): Promise<void>
  * undefined when this store or machine cannot. `onSent` counts the bytes.
  */
 export function sendfileDelivery(response: ServerResponse, blobs: BlobService, onSent: (bytes: number) => void): ContentsDelivery | undefined {
-  const loaded = loadAddon();
+  const loaded = optionalNative();
   if (!loaded || !blobs.openFile) return undefined;
   const openFile = blobs.openFile.bind(blobs);
   return async (node, from, to) => {
@@ -81,22 +65,20 @@ export function sendfileDelivery(response: ServerResponse, blobs: BlobService, o
       const out = loaded.dup(fd);
       if (out < 0) return false;
       try {
-        let position = from;
-        while (position < to) {
-          const count = Math.min(SLICE, to - position);
-          const n = await new Promise<number>((resolve) => loaded.sendfileAsync(out, file.fd, position, count, resolve));
-          if (n > 0) {
-            position += n;
-            onSent(n);
-          } else if (n === -EAGAIN) {
+        await sendFileRange(loaded, {
+          out,
+          in: file.fd,
+          from,
+          to,
+          onSent,
+          writable: async () => {
             await writable(loaded, out, socket);
             if (socket.destroyed) throw new Error('the client went away');
-          } else if (n === 0) {
-            throw new Error(`blob ${formatDigest(node.digest)} ended at byte ${position} of ${node.size}`);
-          } else {
-            throw new Error(`sending blob ${formatDigest(node.digest)}: errno ${-n}`);
-          }
-        }
+          },
+        });
+      } catch (err) {
+        if (err instanceof SendFileError) throw new Error(`sending blob ${formatDigest(node.digest)}: ${err.message}`);
+        throw err;
       } finally {
         closeSync(out);
       }

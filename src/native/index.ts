@@ -42,9 +42,9 @@ export interface NativeAddon {
   /** execv(2): replaces the process (same pid, env and inheritable fds); returns -errno only on failure. */
   exec(path: string, argv: string[]): number;
   /**
-   * sendfile(2) of `count` bytes of `inFd` from `offset` to the non-blocking socket `outFd`, on a
-   * thread-pool worker. `done` gets the bytes sent (> 0, maybe fewer than asked), 0 at the end of
-   * `inFd`, or -errno (-EAGAIN: the socket is full, nothing sent).
+   * sendfile(2) of `count` bytes of `inFd` from `offset` to `outFd` (a socket, pipe, file or
+   * /dev/null), on a thread-pool worker. `done` gets the bytes sent (> 0, maybe fewer than asked),
+   * 0 at the end of `inFd`, or -errno (-EAGAIN: a non-blocking `outFd` is full, nothing sent).
    */
   sendfileAsync(outFd: number, inFd: number, offset: number, count: number, done: (result: number) => void): void;
   /** A close-on-exec duplicate of `fd`, or -errno. */
@@ -67,6 +67,20 @@ export function native(): NativeAddon {
     }
   }
   return addon;
+}
+
+let optional: NativeAddon | false | undefined;
+
+/** The addon, or undefined where it is not built: for callers that have a slower way without it. */
+export function optionalNative(): NativeAddon | undefined {
+  if (optional === undefined) {
+    try {
+      optional = native();
+    } catch {
+      optional = false;
+    }
+  }
+  return optional || undefined;
 }
 
 export const MS_RDONLY = 1;

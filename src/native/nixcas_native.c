@@ -570,10 +570,10 @@ static napi_value exec_process(napi_env env, napi_callback_info info) {
 // --- sendfile in the thread pool ---------------------------------------------
 
 // sendfileAsync(outFd, inFd, offset, count, callback(result)): sendfile(2)
-// from inFd at offset to outFd (a non-blocking socket) on a libuv worker
-// thread, so reading the file from disk never blocks the event loop, while
-// waiting for the socket stays on the event loop (the worker returns at
-// EAGAIN). result: bytes sent (> 0), 0 at the end of inFd, or -errno
+// from inFd at offset to outFd (a socket, pipe, file or /dev/null) on a libuv
+// worker thread, so reading the file from disk never blocks the event loop;
+// waiting for a full non-blocking outFd stays on the event loop (the worker
+// returns at EAGAIN). result: bytes sent (> 0), 0 at the end of inFd, or -errno
 // (-EAGAIN: the socket is full and nothing was sent).
 typedef struct {
   napi_async_work work;

@@ -45,7 +45,10 @@ const ZEROS = Buffer.alloc(8);
 export type NarSink = (chunk: Buffer) => void;
 
 export class NarEncoder {
+  // Bytes handed to the sink are never written again: the next ones are
+  // appended after them, so a flush costs no allocation until the slab is full.
   private buffer = Buffer.allocUnsafe(OUTPUT_CHUNK);
+  private flushed = 0;
   private used = 0;
   private started = false;
   private fileRemaining = 0;
@@ -63,15 +66,23 @@ export class NarEncoder {
         this.sink(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.length));
         return;
       }
+      this.buffer = Buffer.allocUnsafe(OUTPUT_CHUNK);
+      this.flushed = 0;
+      this.used = 0;
     }
     this.buffer.set(bytes, this.used);
     this.used += bytes.length;
   }
 
+  /** A little-endian u64, written straight into the slab (8 bytes always land there). */
+  private putLength(length: number): void {
+    this.put(ZEROS);
+    this.buffer.writeUInt32LE(length % 0x100000000, this.used - 8);
+    this.buffer.writeUInt32LE(Math.floor(length / 0x100000000), this.used - 4);
+  }
+
   private putString(bytes: Uint8Array): void {
-    const header = Buffer.allocUnsafe(8);
-    header.writeBigUInt64LE(BigInt(bytes.length));
-    this.put(header);
+    this.putLength(bytes.length);
     this.put(bytes);
     this.put(ZEROS.subarray(0, padding(bytes.length)));
   }
@@ -87,10 +98,10 @@ export class NarEncoder {
 
   /** Passes buffered bytes to the sink. */
   flush(): void {
-    if (this.used === 0) return;
-    this.sink(this.buffer.subarray(0, this.used));
-    this.buffer = Buffer.allocUnsafe(OUTPUT_CHUNK);
-    this.used = 0;
+    if (this.used === this.flushed) return;
+    const chunk = this.buffer.subarray(this.flushed, this.used);
+    this.flushed = this.used;
+    this.sink(chunk);
   }
 
   /** Starts a regular file of `size` bytes; follow with fileData() totalling `size`, then fileEnd(). */
@@ -102,9 +113,7 @@ export class NarEncoder {
       this.put(TOKENS.empty);
     }
     this.put(TOKENS.contents);
-    const header = Buffer.allocUnsafe(8);
-    header.writeBigUInt64LE(BigInt(size));
-    this.put(header);
+    this.putLength(size);
     this.fileSize = size;
     this.fileRemaining = size;
   }

@@ -36,6 +36,9 @@ export interface ByteRange {
  */
 export type ContentsDelivery = (node: FileNode, from: number, to: number) => Promise<boolean>;
 
+/** Smaller files always stream: copying them costs less than a detour through another path. */
+const DELIVERY_MIN = 64 * 1024;
+
 /**
  * The NAR of `root` as a stream of chunks, or only the bytes of `range`:
  * files wholly outside the range are not read at all, and files it cuts are
@@ -77,13 +80,18 @@ export async function* renderNar(root: Node, services: CastoreServices, range?: 
   async function* file(node: FileNode): AsyncGenerator<Buffer> {
     encoder.fileStart(node.executable, node.size);
     if (node.size > 0) {
-      encoder.flush();
-      // The part of the contents the range needs; the rest is skipped unread.
-      const from = Math.min(node.size, Math.max(0, wanted.start - position));
-      const to = Math.max(from, Math.min(node.size, wanted.end - position));
-      if (from > 0) skip(from);
+      let from = 0;
+      let to = node.size;
+      if (range) {
+        encoder.flush(); // so that `position` is where the contents start
+        // The part of the contents the range needs; the rest is skipped unread.
+        from = Math.min(node.size, Math.max(0, wanted.start - position));
+        to = Math.max(from, Math.min(node.size, wanted.end - position));
+        if (from > 0) skip(from);
+      }
       let delivered = false;
-      if (to > from && deliver) {
+      if (to > from && deliver && node.size >= DELIVERY_MIN) {
+        encoder.flush();
         yield* out.splice(0); // the consumer has everything before the contents when deliver() is called
         delivered = await deliver(node, from, to);
       }
@@ -103,33 +111,44 @@ export async function* renderNar(root: Node, services: CastoreServices, range?: 
     encoder.fileEnd();
   }
 
-  async function* directory(node: DirectoryNode): AsyncGenerator<Buffer> {
-    const listing = tree.get(digestKey(node.digest));
-    if (!listing) throw new NotFoundError(`${here()}: directory ${formatDigest(node.digest)} is missing`);
-    encoder.directoryStart();
-    for (const entry of sortedEntries(listing)) {
-      if (done()) return;
-      encoder.entryStart(entry.node.name);
-      where.push(entry.node.name);
-      yield* any(entry);
-      where.pop();
-      encoder.entryEnd();
+  // Depth first with an explicit stack: nested async generators would pass
+  // every chunk through each level of the tree, a promise per level.
+  const stack: { entries: Node[]; next: number }[] = [];
+  let node: Node | undefined = root;
+  while (node) {
+    if (node.kind === 'directory') {
+      const listing = tree.get(digestKey(node.node.digest));
+      if (!listing) throw new NotFoundError(`${here()}: directory ${formatDigest(node.node.digest)} is missing`);
+      encoder.directoryStart();
+      stack.push({ entries: sortedEntries(listing), next: 0 });
+    } else {
+      if (node.kind === 'file') yield* file(node.node);
+      else encoder.symlink(node.node.target);
+      if (out.length) yield* out.splice(0);
+      if (stack.length) closeEntry();
     }
-    encoder.directoryEnd();
-  }
-
-  async function* any(node: Node): AsyncGenerator<Buffer> {
-    switch (node.kind) {
-      case 'file': yield* file(node.node); break;
-      case 'symlink': encoder.symlink(node.node.target); break;
-      case 'directory': yield* directory(node.node); break;
+    node = undefined;
+    // The next entry: a sibling, or one of an ancestor's once a directory is finished.
+    while (stack.length && !done()) {
+      const top = stack[stack.length - 1]!;
+      if (top.next < top.entries.length) {
+        node = top.entries[top.next++]!;
+        encoder.entryStart(node.node.name);
+        where.push(node.node.name);
+        break;
+      }
+      stack.pop();
+      encoder.directoryEnd();
+      if (stack.length) closeEntry();
     }
-    if (out.length) yield* out.splice(0);
   }
-
-  yield* any(root);
   encoder.flush();
   yield* out.splice(0);
+
+  function closeEntry() {
+    where.pop();
+    encoder.entryEnd();
+  }
 }
 
 export interface NarSummary {
