@@ -1,6 +1,7 @@
 // The Nix layer against real Nix (Debian's nix-bin): store paths, NARs and
 // closures must be exactly what Nix itself produces.
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { chmodSync, mkdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -11,7 +12,7 @@ import { ingestNar } from '../src/store/nar/ingest.js';
 import { renderNar } from '../src/store/nar/render.js';
 import * as nixbase32 from '../src/store/nixbase32.js';
 import { formatStorePath, parseStorePath } from '../src/store/storepath.js';
-import { buildClosureFixture, nix, nixcas, nixcasBytes, removeDir, tempDir, verifyLocalStore } from './helpers.js';
+import { buildClosureFixture, CLI, nix, nixcas, nixcasBytes, removeDir, tempDir, verifyLocalStore } from './helpers.js';
 
 async function collect(stream: AsyncIterable<Buffer>): Promise<Buffer> {
   const chunks: Buffer[] = [];
@@ -162,6 +163,24 @@ test('import prints the path nix-store --add creates, for awkward trees, single 
     for (const path of ours) {
       assert.ok(nixcasBytes(['nar', path], env).equals(nix('nix-store', ['--dump', path])), `NAR of ${path}`);
     }
+
+    // Every kind of stdout `nixcas nar` meets. The 64 MiB file's contents go by sendfile to a file,
+    // a pipe (read slowly, so it fills) and /dev/null, and are written instead where sendfile
+    // refuses (an O_APPEND file).
+    const treeNar = nix('nix-store', ['--dump', ours[0]!]);
+    const narAs = (redirect: string) => {
+      const result = spawnSync('sh', ['-c', `"$0" "$1" nar "$2" ${redirect}`, process.execPath, CLI, ours[0]!], { env: { ...process.env, ...env }, encoding: 'utf8' });
+      assert.equal(result.status, 0, `nar ${redirect}: ${result.stderr}`);
+      return result.stdout;
+    };
+    const outFile = join(work, 'out.nar');
+    narAs(`> ${outFile}`);
+    assert.ok(readFileSync(outFile).equals(treeNar), 'nar > file');
+    writeFileSync(outFile, 'before\n');
+    narAs(`>> ${outFile}`);
+    assert.ok(readFileSync(outFile).equals(Buffer.concat([Buffer.from('before\n'), treeNar])), 'nar >> file');
+    assert.equal(narAs('| (sleep 1; sha256sum)').split(' ')[0], createHash('sha256').update(treeNar).digest('hex'), 'nar | slow reader');
+    narAs('> /dev/null');
     assert.deepEqual((await verifyLocalStore(join(work, 'store'))).problems, []);
   } finally {
     removeDir(work);
