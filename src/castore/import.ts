@@ -59,20 +59,28 @@ function readSmallFile(path: Buffer, expectedSize: number): Buffer {
 
 async function* readLargeFile(path: Buffer, size: number): AsyncGenerator<Buffer> {
   const handle = await open(path, 'r');
+  const readChunk = async (position: number): Promise<Buffer> => {
+    const chunk = Buffer.allocUnsafe(Math.min(CHUNK, size - position));
+    for (let filled = 0; filled < chunk.length; ) {
+      const { bytesRead } = await handle.read(chunk, filled, chunk.length - filled, position + filled);
+      if (bytesRead === 0) throw new ImportError(`${path}: shrank while being imported`);
+      filled += bytesRead;
+    }
+    return chunk;
+  };
+  // One chunk read ahead: the disk (or page cache copy) works while the caller hashes the last one.
+  let next: Promise<Buffer> | undefined;
   try {
     for (let position = 0; position < size; ) {
-      const chunk = Buffer.allocUnsafe(Math.min(CHUNK, size - position));
-      let filled = 0;
-      while (filled < chunk.length) {
-        const { bytesRead } = await handle.read(chunk, filled, chunk.length - filled, position + filled);
-        if (bytesRead === 0) throw new ImportError(`${path}: shrank while being imported`);
-        filled += bytesRead;
-      }
-      position += filled;
+      const chunk = await (next ?? readChunk(position));
+      position += chunk.length;
+      next = position < size ? readChunk(position) : undefined;
+      next?.catch(() => {}); // awaited on the next turn, or dropped with the generator
       yield chunk;
     }
     if ((await handle.stat()).size !== size) throw new ImportError(`${path}: changed while being imported`);
   } finally {
+    await next?.catch(() => {});
     await handle.close();
   }
 }

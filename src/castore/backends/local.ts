@@ -250,6 +250,14 @@ function ownedCopy(chunk: Uint8Array): Buffer {
  */
 class LocalBlobWriter implements BlobWriter {
   private static readonly MAX_QUEUED_BYTES = 8 * 1024 * 1024;
+  /**
+   * A large blob's data is flushed to disk in steps while it is written, so
+   * the fsync before it is published waits only for the last step and the
+   * disk works alongside the hashing instead of after it.
+   */
+  private static readonly EARLY_SYNC_BYTES = 32 * 1024 * 1024;
+  private unsynced = 0;
+  private earlySync?: Promise<void>;
   private readonly hasher = createBlake3();
   private held: Uint8Array[] = [];
   private heldBytes = 0;
@@ -257,6 +265,7 @@ class LocalBlobWriter implements BlobWriter {
   private queue: Promise<void> = Promise.resolve();
   private queuedBytes = 0;
   private failure: unknown;
+  private onWritten?: () => void;
   private state: 'open' | 'closed' | 'aborted' = 'open';
 
   constructor(
@@ -285,7 +294,25 @@ class LocalBlobWriter implements BlobWriter {
     } else {
       this.enqueue(chunk);
     }
-    if (this.queuedBytes > LocalBlobWriter.MAX_QUEUED_BYTES) await this.queue;
+    // Wait for the queue to shrink, not to empty, so the disk always has the next chunk waiting.
+    while (this.queuedBytes > LocalBlobWriter.MAX_QUEUED_BYTES && !this.failure) {
+      await new Promise<void>((resolve) => (this.onWritten = resolve));
+    }
+    if (this.failure) throw this.failure;
+  }
+
+  private startEarlySync(fh: fs.FileHandle): void {
+    this.unsynced = 0;
+    this.earlySync = fh.datasync().then(
+      () => (this.earlySync = undefined),
+      (err) => void (this.failure ??= err),
+    );
+  }
+
+  private wakeWriter(): void {
+    const wake = this.onWritten;
+    this.onWritten = undefined;
+    wake?.();
   }
 
   private enqueue(chunk: Uint8Array): void {
@@ -296,8 +323,14 @@ class LocalBlobWriter implements BlobWriter {
         written += (await fh.write(chunk, written, chunk.length - written)).bytesWritten;
       }
       this.queuedBytes -= chunk.length;
+      this.unsynced += chunk.length;
+      if (this.unsynced >= LocalBlobWriter.EARLY_SYNC_BYTES && !this.earlySync) this.startEarlySync(fh);
+      this.wakeWriter();
     });
-    this.queue.catch((err) => (this.failure ??= err));
+    this.queue.catch((err) => {
+      this.failure ??= err;
+      this.wakeWriter();
+    });
   }
 
   async close(): Promise<B3Digest> {
@@ -312,8 +345,10 @@ class LocalBlobWriter implements BlobWriter {
     }
     try {
       await this.queue;
+      await this.earlySync;
       const fh = await this.file;
       try {
+        if (this.failure) throw this.failure;
         await fh.sync();
       } finally {
         await fh.close();
@@ -335,6 +370,7 @@ class LocalBlobWriter implements BlobWriter {
     this.held = [];
     if (!this.file) return;
     await this.queue.catch(() => {});
+    await this.earlySync;
     await (await this.file.catch(() => undefined))?.close().catch(() => {});
     await fs.unlink(this.tmpPath).catch(() => {});
   }
