@@ -145,3 +145,34 @@ test('NAR reader: refuses malformed NARs with a clear error and registers no dir
     assert.equal(puts, 0, `${what}: no directory stored`);
   }
 });
+
+test('SHA-256 on the hashing thread equals node:crypto, across ring wraps, oversized updates and concurrent streams', async () => {
+  const { createHash, randomBytes } = await import('node:crypto');
+  const { OffThreadSha256 } = await import('../src/store/sha256-off-thread.js');
+  const data = randomBytes(40 * 1024 * 1024);
+  // Sizes chosen so pieces straddle the 16 MiB ring's end; one update is larger than the ring.
+  const plans = [
+    [1, 7, 4093, 1 << 20, 3 << 20, 5, 17 << 20, 65536, 9],
+    [8 << 20, 8 << 20, 8 << 20, 1, 8 << 20],
+    [0, 12, 0],
+  ];
+  const streams = plans.map((sizes) => ({ sizes, sha: new OffThreadSha256(), expected: createHash('sha256') }));
+  let at = 0;
+  for (let step = 0; streams.some((s) => s.sizes.length); step++) {
+    for (const stream of streams) {
+      const size = stream.sizes.shift();
+      if (size === undefined) continue;
+      const piece = data.subarray(at % (24 << 20), (at % (24 << 20)) + size);
+      at += 4099;
+      stream.sha.update(piece);
+      stream.expected.update(piece);
+      await stream.sha.ready();
+    }
+  }
+  for (const stream of streams) assert.ok((await stream.sha.digest()).equals(stream.expected.digest()));
+  const dropped = new OffThreadSha256();
+  dropped.update(data.subarray(0, 100));
+  dropped.drop();
+  const empty = new OffThreadSha256();
+  assert.equal((await empty.digest()).toString('hex'), createHash('sha256').digest('hex'));
+});

@@ -26,6 +26,12 @@ export interface TreeObserver {
   fileData(chunk: Uint8Array): void;
   fileEnd(): void;
   symlink(target: Buffer): void;
+  /**
+   * A promise when the observer needs the walk to wait (one working on
+   * another thread has fallen behind); asked after each file and each chunk
+   * of a large one.
+   */
+  ready?(): Promise<void> | undefined;
 }
 
 export interface ImportOptions {
@@ -111,6 +117,7 @@ export async function importTree(
         for await (const chunk of readLargeFile(filePath, size)) {
           observer?.fileData(chunk);
           await writer.write(chunk);
+          await observer?.ready?.();
         }
       }
     } catch (err) {
@@ -118,6 +125,7 @@ export async function importTree(
       throw err;
     }
     observer?.fileEnd();
+    await observer?.ready?.();
     const { digest } = await window.finish(writer);
     bytes += size;
     options.onProgress?.(bytes, ++files);

@@ -4,14 +4,14 @@
 // are read several at a time, but a PathInfo is registered only after every
 // path it refers to is, so no reader ever sees a path with an incomplete
 // closure.
-import { createHash } from 'node:crypto';
 import { lstatSync } from 'node:fs';
 import { join } from 'node:path';
 import { importTree } from '../castore/import.js';
 import { InvalidInputError } from '../castore/errors.js';
+import type { Node } from '../castore/model.js';
 import type { ClosureEntry } from './closure.js';
 import type { StoreServices } from './import.js';
-import { NarEncoder } from './nar/encoder.js';
+import { NarHasher } from './nar/hasher.js';
 import * as nixbase32 from './nixbase32.js';
 import type { PathInfo } from './pathinfo.js';
 import { STORE_DIR, formatBasename, formatStorePath } from './storepath.js';
@@ -94,24 +94,28 @@ export async function copyClosure(entries: ClosureEntry[], services: StoreServic
     } catch (err) {
       throw new CopyError(`cannot read ${source}: ${(err as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such path' : (err as Error).message}`);
     }
-    const narHash = createHash('sha256');
-    const encoder = new NarEncoder((chunk) => narHash.update(chunk));
+    const nar = new NarHasher();
     let lastBytes = 0;
-    const root = await importTree(source, Buffer.from(basename), services, {
-      observer: encoder,
-      onProgress: (pathBytes) => {
-        bytes += pathBytes - lastBytes;
-        lastBytes = pathBytes;
-        options.onBytes?.(bytes);
-      },
-    });
-    encoder.flush();
-    const narSha256 = narHash.digest();
+    let root: Node;
+    try {
+      root = await importTree(source, Buffer.from(basename), services, {
+        observer: nar,
+        onProgress: (pathBytes) => {
+          bytes += pathBytes - lastBytes;
+          lastBytes = pathBytes;
+          options.onBytes?.(bytes);
+        },
+      });
+    } catch (err) {
+      nar.abandon();
+      throw err;
+    }
+    const { narSha256, narSize } = await nar.finish();
     if (!narSha256.equals(entry.narSha256)) {
       throw new CopyError(`NAR hash mismatch: the closure says ${hashText(entry.narSha256)}, the path on disk hashes to ${hashText(narSha256)}`);
     }
-    if (encoder.size !== entry.narSize) {
-      throw new CopyError(`NAR size mismatch: the closure says ${entry.narSize} bytes, the path on disk is ${encoder.size}`);
+    if (narSize !== entry.narSize) {
+      throw new CopyError(`NAR size mismatch: the closure says ${entry.narSize} bytes, the path on disk is ${narSize}`);
     }
     return {
       node: root,

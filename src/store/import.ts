@@ -1,12 +1,12 @@
 // `nixcas import`: a local tree becomes a store path, the same one
 // `nix-store --add` would create, in one pass that fills castore and
 // computes the NAR hash together.
-import { createHash } from 'node:crypto';
 import { basename, resolve } from 'node:path';
 import type { BlobService } from '../castore/blobservice.js';
 import type { DirectoryService } from '../castore/directoryservice.js';
 import { importTree } from '../castore/import.js';
-import { NarEncoder } from './nar/encoder.js';
+import type { Node } from '../castore/model.js';
+import { NarHasher } from './nar/hasher.js';
 import type { PathInfo } from './pathinfo.js';
 import type { PathInfoService } from './pathinfoservice.js';
 import { type StorePath, formatBasename, makeSourcePath, storePathNameProblem, InvalidStorePathError } from './storepath.js';
@@ -30,17 +30,21 @@ export async function importPath(
   const name = options.name ?? basename(resolve(path));
   const problem = storePathNameProblem(name);
   if (problem) throw new InvalidStorePathError(`${path}: cannot be a store path: ${problem}`);
-  const narHash = createHash('sha256');
-  const encoder = new NarEncoder((chunk) => narHash.update(chunk));
-  const root = await importTree(path, Buffer.from(name), services, { observer: encoder, onProgress: options.onProgress });
-  encoder.flush();
-  const narSha256 = narHash.digest();
+  const nar = new NarHasher();
+  let root: Node;
+  try {
+    root = await importTree(path, Buffer.from(name), services, { observer: nar, onProgress: options.onProgress });
+  } catch (err) {
+    nar.abandon();
+    throw err;
+  }
+  const { narSha256, narSize } = await nar.finish();
   const storePath = makeSourcePath(narSha256, name);
   root.node.name = Buffer.from(formatBasename(storePath));
   const info: PathInfo = {
     node: root,
     references: [],
-    narSize: encoder.size,
+    narSize,
     narSha256,
     signatures: [],
     ca: { type: 'NAR_SHA256', digest: narSha256 },

@@ -1,0 +1,201 @@
+// SHA-256 on a worker thread. Importing a tree hashes every byte twice
+// (BLAKE3 for castore, SHA-256 for the NAR); hashing the NAR on the second
+// core takes ~0.7 s per GiB off this thread, which meanwhile reads, hashes
+// BLAKE3 and writes. Bytes are copied into a ring of shared memory (a copy
+// costs a tenth of hashing) and travel in 1 MiB messages.
+import { Worker } from 'node:worker_threads';
+
+// CommonJS, evaluated: the worker needs no file of its own (and so works from
+// dist/ and under tsx alike).
+const WORKER_SOURCE = `
+const { parentPort } = require('node:worker_threads');
+const { createHash } = require('node:crypto');
+const hashes = new Map();
+parentPort.on('message', ({ id, op, buffer, offset, length }) => {
+  if (op === 'data') {
+    let hash = hashes.get(id);
+    if (!hash) hashes.set(id, (hash = createHash('sha256')));
+    hash.update(new Uint8Array(buffer, offset, length));
+    parentPort.postMessage({ id, op: 'hashed', length });
+  } else if (op === 'digest') {
+    const hash = hashes.get(id) ?? createHash('sha256');
+    hashes.delete(id);
+    parentPort.postMessage({ id, op: 'digest', digest: hash.digest() });
+  } else if (op === 'drop') {
+    hashes.delete(id);
+  }
+});
+`;
+
+interface Reply {
+  id: number;
+  op: 'hashed' | 'digest';
+  length: number;
+  digest: Uint8Array;
+}
+
+interface StreamEnd {
+  onHashed(length: number): void;
+  onDigest(digest: Buffer): void;
+  onFailure(err: Error): void;
+}
+
+/** The one hashing thread, shared by all streams; it keeps the process alive only while a stream is open. */
+class HashThread {
+  private static current?: HashThread;
+  private readonly worker = new Worker(WORKER_SOURCE, { eval: true });
+  private readonly streams = new Map<number, StreamEnd>();
+  private nextId = 1;
+  private failed?: Error;
+
+  static get(): HashThread {
+    if (!HashThread.current || HashThread.current.failed) HashThread.current = new HashThread();
+    return HashThread.current;
+  }
+
+  private constructor() {
+    this.worker.unref();
+    this.worker.on('message', (reply: Reply) => {
+      const stream = this.streams.get(reply.id);
+      if (reply.op === 'hashed') stream?.onHashed(reply.length);
+      else {
+        this.close(reply.id);
+        stream?.onDigest(Buffer.from(reply.digest));
+      }
+    });
+    const fail = (err: Error) => {
+      this.failed ??= err;
+      for (const stream of this.streams.values()) stream.onFailure(this.failed);
+      this.streams.clear();
+      this.worker.unref();
+    };
+    this.worker.on('error', fail);
+    this.worker.on('exit', (code) => fail(new Error(`the SHA-256 worker thread exited (${code})`)));
+  }
+
+  open(end: StreamEnd): number {
+    if (this.failed) throw this.failed;
+    const id = this.nextId++;
+    if (this.streams.size === 0) this.worker.ref();
+    this.streams.set(id, end);
+    return id;
+  }
+
+  close(id: number): void {
+    if (this.streams.delete(id) && this.streams.size === 0) this.worker.unref();
+  }
+
+  send(id: number, op: 'data' | 'digest' | 'drop', buffer?: SharedArrayBuffer, offset = 0, length = 0): void {
+    if (this.failed) throw this.failed;
+    this.worker.postMessage({ id, op, buffer, offset, length });
+  }
+}
+
+/** Bytes per message to the thread. */
+const MESSAGE = 1024 * 1024;
+/** Shared memory each stream copies its bytes into, reused once hashed (fresh memory costs a page fault per 4 KiB). */
+const RING = 16 * 1024 * 1024;
+/** Bytes handed over and not yet hashed before ready() makes the caller wait. */
+const AHEAD = 8 * 1024 * 1024;
+
+/**
+ * A SHA-256 computed on the shared hashing thread. update() copies into
+ * shared memory and never blocks; await ready() (when it returns a promise)
+ * to keep the thread from falling behind.
+ */
+export class OffThreadSha256 {
+  private readonly thread = HashThread.get();
+  private readonly id: number;
+  private ring?: Uint8Array;
+  private appended = 0; // bytes copied into the ring, ever
+  private sent = 0; // of those, bytes handed to the thread
+  private ringHashed = 0; // of those, bytes the thread has hashed
+  private ahead = 0; // bytes handed over, not yet hashed
+  /** Per message in flight: whether its bytes live in the ring. */
+  private readonly inFlight: boolean[] = [];
+  private failure?: Error;
+  private wake?: () => void;
+  private result?: { resolve: (digest: Buffer) => void; reject: (err: Error) => void };
+
+  constructor() {
+    this.id = this.thread.open({
+      onHashed: (length) => {
+        if (this.inFlight.shift()) this.ringHashed += length;
+        this.ahead -= length;
+        if (this.ahead <= AHEAD / 2) this.wakeUp();
+      },
+      onDigest: (digest) => this.result?.resolve(digest),
+      onFailure: (err) => {
+        this.failure = err;
+        this.wakeUp();
+        this.result?.reject(err);
+      },
+    });
+  }
+
+  update(chunk: Uint8Array): void {
+    if (this.failure) throw this.failure;
+    if (chunk.length > RING - (this.appended - this.ringHashed)) {
+      // The caller went far past ready(): hand this over in memory of its own.
+      this.sendRing();
+      const copy = new Uint8Array(new SharedArrayBuffer(chunk.length));
+      copy.set(chunk);
+      this.send(copy.buffer as SharedArrayBuffer, 0, chunk.length, false);
+      return;
+    }
+    this.ring ??= new Uint8Array(new SharedArrayBuffer(RING));
+    for (let at = 0; at < chunk.length; ) {
+      const offset = this.appended % RING;
+      const piece = Math.min(chunk.length - at, RING - offset);
+      this.ring.set(chunk.subarray(at, at + piece), offset);
+      this.appended += piece;
+      at += piece;
+    }
+    if (this.appended - this.sent >= MESSAGE) this.sendRing();
+  }
+
+  /** A promise while the thread is too far behind; undefined when the caller may go on. */
+  ready(): Promise<void> | undefined {
+    if (this.failure) return Promise.reject(this.failure);
+    if (this.ahead <= AHEAD) return undefined;
+    return new Promise((resolve) => (this.wake = resolve));
+  }
+
+  digest(): Promise<Buffer> {
+    if (this.failure) return Promise.reject(this.failure);
+    this.sendRing();
+    return new Promise((resolve, reject) => {
+      this.result = { resolve, reject };
+      this.thread.send(this.id, 'digest');
+    });
+  }
+
+  /** Forgets the hash (the import failed). */
+  drop(): void {
+    if (this.failure || this.result) return;
+    this.thread.send(this.id, 'drop');
+    this.thread.close(this.id);
+  }
+
+  /** Hands over what was copied into the ring since the last time, split where the ring wraps. */
+  private sendRing(): void {
+    while (this.sent < this.appended) {
+      const offset = this.sent % RING;
+      const length = Math.min(this.appended - this.sent, RING - offset);
+      this.send(this.ring!.buffer as SharedArrayBuffer, offset, length, true);
+      this.sent += length;
+    }
+  }
+
+  private send(buffer: SharedArrayBuffer, offset: number, length: number, inRing: boolean): void {
+    this.ahead += length;
+    this.inFlight.push(inRing);
+    this.thread.send(this.id, 'data', buffer, offset, length);
+  }
+
+  private wakeUp(): void {
+    const wake = this.wake;
+    this.wake = undefined;
+    wake?.();
+  }
+}
