@@ -40,12 +40,16 @@ interface StreamEnd {
   onFailure(err: Error): void;
 }
 
-/** The one hashing thread, shared by all streams; it keeps the process alive only while a stream is open. */
+/**
+ * The one hashing thread, shared by all streams. It keeps the process alive
+ * only while it owes a reply, so a stream left open never holds it.
+ */
 class HashThread {
   private static current?: HashThread;
   private readonly worker = new Worker(WORKER_SOURCE, { eval: true });
   private readonly streams = new Map<number, StreamEnd>();
   private nextId = 1;
+  private owed = 0; // messages sent whose reply has not come
   private failed?: Error;
 
   static get(): HashThread {
@@ -56,6 +60,7 @@ class HashThread {
   private constructor() {
     this.worker.unref();
     this.worker.on('message', (reply: Reply) => {
+      if (--this.owed === 0) this.worker.unref();
       const stream = this.streams.get(reply.id);
       if (reply.op === 'hashed') stream?.onHashed(reply.length);
       else {
@@ -76,17 +81,17 @@ class HashThread {
   open(end: StreamEnd): number {
     if (this.failed) throw this.failed;
     const id = this.nextId++;
-    if (this.streams.size === 0) this.worker.ref();
     this.streams.set(id, end);
     return id;
   }
 
   close(id: number): void {
-    if (this.streams.delete(id) && this.streams.size === 0) this.worker.unref();
+    this.streams.delete(id);
   }
 
   send(id: number, op: 'data' | 'digest' | 'drop', buffer?: SharedArrayBuffer, offset = 0, length = 0): void {
     if (this.failed) throw this.failed;
+    if (op !== 'drop' && this.owed++ === 0) this.worker.ref();
     this.worker.postMessage({ id, op, buffer, offset, length });
   }
 }
