@@ -133,12 +133,15 @@ export async function benchNix(rows: Row[], work: string, repeats: number, cli: 
   for (const tree of cases) {
     const importTimes = { ours: [] as number[], peer: [] as number[] };
     const narTimes = { ours: [] as number[], peer: [] as number[] };
+    const pipedTimes = { ours: [] as number[], peer: [] as number[] };
     const memory = { importRss: 0, importAnon: 0, narRss: 0, narAnon: 0 };
     let storePath = '';
     for (let i = 0; i < repeats; i++) {
       const store = join(work, `store-${i}`);
       const order = i % 2 === 0 ? (['ours', 'peer'] as const) : (['peer', 'ours'] as const);
       for (const who of order) {
+        // Neither side pays for the other's writes still on their way to disk.
+        spawnSync('sync');
         if (who === 'ours') {
           rmSync(store, { recursive: true, force: true });
           const run = await timed(process.execPath, [cli, 'import', '--store', store, tree.dir], join(work, 'import.out'));
@@ -164,6 +167,11 @@ export async function benchNix(rows: Row[], work: string, repeats: number, cli: 
           narTimes.peer.push((await timed('nix-store', ['--dump', storePath])).seconds);
         }
       }
+      // Into a pipe, as a NAR is usually consumed (by a compressor, an uploader).
+      for (const who of order) {
+        const command = who === 'ours' ? `"${process.execPath}" "${cli}" nar --store "${store}" ${storePath}` : `nix-store --dump ${storePath}`;
+        pipedTimes[who].push((await timed('sh', ['-c', `${command} | cat > /dev/null`])).seconds);
+      }
       if (i < repeats - 1) rmSync(store, { recursive: true, force: true });
     }
     const mb = tree.bytes / 1e6;
@@ -176,6 +184,11 @@ export async function benchNix(rows: Row[], work: string, repeats: number, cli: 
       capability: `NAR rendering, ${tree.label}`,
       ours: mb / median(narTimes.ours), peer: mb / median(narTimes.peer), unit: 'MB/s',
       peerName: 'nix-store --dump', target: 1.0,
+    });
+    rows.push({
+      capability: `NAR rendering into a pipe (| cat), ${tree.label}`,
+      ours: mb / median(pipedTimes.ours), peer: mb / median(pipedTimes.peer), unit: 'MB/s',
+      peerName: 'nix-store --dump | cat',
     });
     for (const [what, rss, anon] of [['import', memory.importRss, memory.importAnon], ['nar', memory.narRss, memory.narAnon]] as const) {
       rows.push({

@@ -150,7 +150,7 @@ test('SHA-256 on the hashing thread equals node:crypto, across ring wraps, overs
   const { createHash, randomBytes } = await import('node:crypto');
   const { OffThreadSha256 } = await import('../src/store/sha256-off-thread.js');
   const data = randomBytes(40 * 1024 * 1024);
-  // Sizes chosen so pieces straddle the 16 MiB ring's end; one update is larger than the ring.
+  // Sizes chosen so pieces straddle the 8 MiB ring's end; one update is larger than the ring.
   const plans = [
     [1, 7, 4093, 1 << 20, 3 << 20, 5, 17 << 20, 65536, 9],
     [8 << 20, 8 << 20, 8 << 20, 1, 8 << 20],

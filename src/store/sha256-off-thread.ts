@@ -99,9 +99,9 @@ class HashThread {
 /** Bytes per message to the thread. */
 const MESSAGE = 1024 * 1024;
 /** Shared memory each stream copies its bytes into, reused once hashed (fresh memory costs a page fault per 4 KiB). */
-const RING = 16 * 1024 * 1024;
+const RING = 8 * 1024 * 1024;
 /** Bytes handed over and not yet hashed before ready() makes the caller wait. */
-const AHEAD = 8 * 1024 * 1024;
+const AHEAD = 4 * 1024 * 1024;
 
 /**
  * A SHA-256 computed on the shared hashing thread. update() copies into
