@@ -140,10 +140,9 @@ export async function benchNix(rows: Row[], work: string, repeats: number, cli: 
       const store = join(work, `store-${i}`);
       const order = i % 2 === 0 ? (['ours', 'peer'] as const) : (['peer', 'ours'] as const);
       for (const who of order) {
-        // Neither side pays for the other's writes still on their way to disk.
-        spawnSync('sync');
         if (who === 'ours') {
           rmSync(store, { recursive: true, force: true });
+          spawnSync('sync'); // neither side pays for writes the other left on their way to disk
           const run = await timed(process.execPath, [cli, 'import', '--store', store, tree.dir], join(work, 'import.out'));
           importTimes.ours.push(run.seconds);
           memory.importRss = Math.max(memory.importRss, run.peakRssMb);
@@ -151,6 +150,7 @@ export async function benchNix(rows: Row[], work: string, repeats: number, cli: 
           storePath = run.stdout.trim();
         } else {
           if (storePath) forgetInNix(storePath);
+          spawnSync('sync');
           const run = await timed('nix-store', ['--add', tree.dir], join(work, 'add.out'));
           importTimes.peer.push(run.seconds);
           if (storePath && run.stdout.trim() !== storePath) throw new Error(`nix-store --add gave ${run.stdout.trim()}, nixcas ${storePath}`);
