@@ -181,6 +181,8 @@ test('import prints the path nix-store --add creates, for awkward trees, single 
     assert.ok(readFileSync(outFile).equals(Buffer.concat([Buffer.from('before\n'), treeNar])), 'nar >> file');
     assert.equal(narAs('| (sleep 1; sha256sum)').split(' ')[0], createHash('sha256').update(treeNar).digest('hex'), 'nar | slow reader');
     narAs('> /dev/null');
+    const cutShort = spawnSync('sh', ['-c', `"$0" "$1" nar "$2" | head -c 16 > /dev/null`, process.execPath, CLI, ours[0]!], { env: { ...process.env, ...env }, encoding: 'utf8' });
+    assert.match(cutShort.stderr, /the reader went away after \d+ bytes of the NAR \(broken pipe\)/);
     assert.deepEqual((await verifyLocalStore(join(work, 'store'))).problems, []);
   } finally {
     removeDir(work);

@@ -12,7 +12,9 @@ import { SendFileError, sendFileRange } from '../../native/send-file-range.js';
 import { type CastoreServices, type ContentsDelivery, renderNar } from './render.js';
 
 const BATCH = 1024 * 1024;
-const { EINVAL, ENOSYS, EOPNOTSUPP } = constants.errno;
+const { EINVAL, ENOSYS, EOPNOTSUPP, EPIPE } = constants.errno;
+
+const readerGone = (written: number) => new Error(`the reader went away after ${written} bytes of the NAR (broken pipe)`);
 
 /** Until `fd` takes more after EAGAIN: the event loop watches it when it can, else a short sleep. */
 function writable(fd: number, addon: NativeAddon | undefined): Promise<void> {
@@ -74,6 +76,7 @@ class BatchedOutput {
       try {
         n = await writevOnce(this.fd, buffers.slice(0, 1024)); // IOV_MAX
       } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === 'EPIPE') throw readerGone(this.written);
         if ((err as NodeJS.ErrnoException).code !== 'EAGAIN') throw err;
         await writable(this.fd, this.addon);
         continue;
@@ -114,6 +117,7 @@ function sendfileDelivery(services: CastoreServices, fd: number, output: Batched
           refused = true;
           return false;
         }
+        if (err.errno === EPIPE) throw readerGone(output.written);
         throw new Error(`blob ${formatDigest(node.digest)}: ${err.message}`);
       }
       return true;
