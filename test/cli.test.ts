@@ -54,6 +54,10 @@ test('bad addresses and URLs get clear errors', () => {
   const badUrl = run('daemon', '--blob-service-addr', 'ftp://x', '--directory-service-addr', 'memory://', '--listen', '127.0.0.1:0');
   assert.equal(badUrl.status, 1);
   assert.match(badUrl.stderr, /unknown blob service scheme ftp:/);
+  const urlAsStore = run('nar', '--store', 'local:///tmp/nixcas-unused', 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-x');
+  assert.equal(urlAsStore.status, 1);
+  assert.match(urlAsStore.stderr, /--store and NIXCAS_STORE take a directory/);
+  assert.ok(!existsSync('local:'), 'no directory named local: was made');
   const help = run('daemon', '--help');
   assert.match(help.stdout, /no authentication/);
   assert.match(help.stdout, /\[::1\]:8000/);

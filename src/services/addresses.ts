@@ -31,6 +31,10 @@ export function defaultStoreDir(): string {
 }
 
 export function localStoreUrl(dir: string): string {
+  // `--store local:///x` would otherwise create a directory named `local:` here.
+  if (/^[a-z][a-z0-9+.-]*:\/\//i.test(dir)) {
+    throw new Error(`${dir}: --store and NIXCAS_STORE take a directory; give service URLs with --blob-service-addr, --directory-service-addr and --path-info-service-addr`);
+  }
   return `local://${resolve(dir)}`;
 }
 
