@@ -43,6 +43,13 @@ export interface BlobService {
   /** The blob as a stream of chunks of at most `chunkSize` bytes. */
   readStream(digest: B3Digest, chunkSize?: number): Promise<AsyncIterable<Buffer> | undefined>;
   openWriter(): BlobWriter;
+  /**
+   * Only for blobs the backend can read without waiting (the local store's
+   * small blobs, mapped from LMDB): calls `use` at once with the contents, a
+   * view valid only during the call, and returns true. Returns false without
+   * calling it for any other blob.
+   */
+  readInline?(digest: B3Digest, use: (contents: Buffer) => void): boolean;
   /** Only where blobs are local files, and only for blobs kept as one: undefined otherwise. */
   openFile?(digest: B3Digest): Promise<BlobFile | undefined>;
   close(): Promise<void>;

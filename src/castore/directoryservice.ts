@@ -20,8 +20,22 @@ export interface DirectoryService {
   close(): Promise<void>;
 }
 
+/**
+ * Digests of directories as read from where they are addressed by them: a
+ * directory fetched under digest D, from a store that checked D when it was
+ * put, need not be encoded and hashed again to learn D. Readers must not
+ * modify such a directory.
+ */
+const digestsOfReadDirectories = new WeakMap<Directory, B3Digest>();
+
+/** Records that `directory` was read under (and checked against) `digest`. */
+export function readUnderDigest(directory: Directory, digest: B3Digest): Directory {
+  digestsOfReadDirectories.set(directory, digest);
+  return directory;
+}
+
 export function directoryDigest(directory: Directory): B3Digest {
-  return blake3(encodeDirectory(directory));
+  return digestsOfReadDirectories.get(directory) ?? blake3(encodeDirectory(directory));
 }
 
 /** A directory that passed validation, with its canonical bytes and digest. */

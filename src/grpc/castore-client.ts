@@ -3,7 +3,7 @@
 import * as grpc from '@grpc/grpc-js';
 import type { BlobReader, BlobService, BlobWriter } from '../castore/blobservice.js';
 import { type B3Digest, checkDigestLength, digestKey, formatDigest } from '../castore/digest.js';
-import { type DirectoryService, directoryDigest } from '../castore/directoryservice.js';
+import { type DirectoryService, directoryDigest, readUnderDigest } from '../castore/directoryservice.js';
 import { InvalidInputError, NotFoundError } from '../castore/errors.js';
 import type { Directory } from '../castore/model.js';
 import { validateDirectory } from '../castore/validate.js';
@@ -209,10 +209,11 @@ export class GrpcDirectoryService implements DirectoryService {
       for await (const wire of call) {
         const directory = directoryFromWire(wire as WireDirectory);
         validateDirectory(directory);
-        const key = digestKey(directoryDigest(directory));
-        if (!expected.delete(key)) {
-          throw new InvalidInputError(`server sent directory ${formatDigest(directoryDigest(directory))}, which was not asked for`);
+        const digest = directoryDigest(directory);
+        if (!expected.delete(digestKey(digest))) {
+          throw new InvalidInputError(`server sent directory ${formatDigest(digest)}, which was not asked for`);
         }
+        readUnderDigest(directory, digest);
         for (const child of directory.directories) expected.add(digestKey(child.digest));
         yield directory;
         if (!recursive) return;

@@ -21,7 +21,7 @@ import { join } from 'node:path';
 import { type Database, type RootDatabase, open as openLmdb } from 'lmdb';
 import { type BlobFile, type BlobReader, type BlobService, type BlobWriter, bufferReader, streamBlobReader } from '../blobservice.js';
 import { type B3Digest, createBlake3, digestKey } from '../digest.js';
-import { type DirectoryService, checkBatch, walkDirectories } from '../directoryservice.js';
+import { type DirectoryService, checkBatch, readUnderDigest, walkDirectories } from '../directoryservice.js';
 import type { Directory } from '../model.js';
 import { decodeDirectory } from '../wire.js';
 import { native, type NativeAddon } from '../../native/index.js';
@@ -156,6 +156,15 @@ export class LocalBlobService implements BlobService {
       if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
       throw err;
     }
+  }
+
+  readInline(digest: B3Digest, use: (contents: Buffer) => void): boolean {
+    // The reusable buffer LMDB reads into: no copy, valid until the next read. Its
+    // `length` is set to the value's size but the array is larger, so take a view.
+    const contents = this.smallBlobs.getBinaryFast(digest);
+    if (!contents) return false;
+    use(contents.subarray(0, contents.length));
+    return true;
   }
 
   async openReader(digest: B3Digest): Promise<BlobReader | undefined> {
@@ -381,7 +390,8 @@ export class LocalDirectoryService implements DirectoryService {
 
   async get(digest: B3Digest): Promise<Directory | undefined> {
     const encoded = this.db.get(digest);
-    return encoded && decodeDirectory(encoded);
+    // Stored only after its digest was checked (put), so the key is its digest.
+    return encoded && readUnderDigest(decodeDirectory(encoded), digest);
   }
 
   getRecursive(digest: B3Digest) {

@@ -58,12 +58,13 @@ export class NarEncoder {
 
   constructor(private readonly sink: NarSink) {}
 
-  private put(bytes: Uint8Array): void {
+  /** `transient`: the memory of `bytes` is reused once put() returns, so it is copied, never handed over. */
+  private put(bytes: Uint8Array, transient = false): void {
     this.size += bytes.length;
     if (bytes.length > this.buffer.length - this.used) {
       this.flush();
       if (bytes.length >= OUTPUT_CHUNK / 2) {
-        this.sink(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.length));
+        this.sink(transient ? Buffer.from(bytes) : Buffer.from(bytes.buffer, bytes.byteOffset, bytes.length));
         return;
       }
       this.buffer = Buffer.allocUnsafe(OUTPUT_CHUNK);
@@ -118,10 +119,11 @@ export class NarEncoder {
     this.fileRemaining = size;
   }
 
-  fileData(chunk: Uint8Array): void {
+  /** Passes file contents on; `transient` when `chunk`'s memory is reused after the call. */
+  fileData(chunk: Uint8Array, transient = false): void {
     if (chunk.length > this.fileRemaining) throw new Error(`file data exceeds its declared size of ${this.fileSize} bytes`);
     this.fileRemaining -= chunk.length;
-    this.put(chunk);
+    this.put(chunk, transient);
   }
 
   /**

@@ -72,6 +72,20 @@ export async function* renderNar(root: Node, services: CastoreServices, range?: 
     return streamBlobReader(reader, DEFAULT_CHUNK_SIZE, from, to);
   }
 
+  const readInline = services.blobs.readInline?.bind(services.blobs);
+  /** A whole file the blob service hands over at once: no stream, no promise. False when it cannot. */
+  function inlineFile(node: FileNode): boolean {
+    if (!readInline || node.size === 0) return false;
+    return readInline(node.digest, (contents) => {
+      if (contents.length !== node.size) {
+        throw new Error(`${here()}: blob ${formatDigest(node.digest)} has ${contents.length} bytes, its node says ${node.size}`);
+      }
+      encoder.fileStart(node.executable, node.size);
+      encoder.fileData(contents, true);
+      encoder.fileEnd();
+    });
+  }
+
   const skip = (length: number) => {
     encoder.fileSkip(length);
     position += length;
@@ -122,7 +136,9 @@ export async function* renderNar(root: Node, services: CastoreServices, range?: 
       encoder.directoryStart();
       stack.push({ entries: sortedEntries(listing), next: 0 });
     } else {
-      if (node.kind === 'file') yield* file(node.node);
+      if (node.kind === 'file') {
+        if (range || !inlineFile(node.node)) yield* file(node.node);
+      }
       else encoder.symlink(node.node.target);
       if (out.length) yield* out.splice(0);
       if (stack.length) closeEntry();
