@@ -126,7 +126,7 @@ test('NAR byte ranges: every range equals the same slice of the whole NAR, and s
       ranges.push([a, a + 1 + Math.floor(Math.random() * (size - a))]);
     }
     for (const [start, end] of ranges) {
-      const part = await collect(renderNar(root, services, { start, end }));
+      const part = await collect(renderNar(root, services, { range: { start, end } }));
       assert.ok(part.equals(whole.subarray(start, end)), `range ${start}-${end} of ${size} differs`);
     }
     // A range before the big file's contents never opens it: its blob can be missing.
@@ -138,7 +138,7 @@ test('NAR byte ranges: every range equals the same slice of the whole NAR, and s
       await writer.close();
     }
     assert.ok(!(await withoutBig.blobs.has(bigDigest)));
-    assert.ok((await collect(renderNar(root, withoutBig, { start: 0, end: 150 }))).equals(whole.subarray(0, 150)));
+    assert.ok((await collect(renderNar(root, withoutBig, { range: { start: 0, end: 150 } }))).equals(whole.subarray(0, 150)));
     await assert.rejects(collect(renderNar(root, withoutBig)), /blob .* is missing/);
   } finally {
     removeDir(work);

@@ -239,7 +239,7 @@ export class NarBridge {
       if (sent > range.end - range.start) throw new Error(`the NAR rendered is longer than the ${narSize} bytes its PathInfo says`);
     };
     const deliver = sendfileDelivery(response, this.options.services.blobs, count);
-    const chunks = renderNar(root, this.options.services, answer.kind === 'partial' ? range : undefined, deliver);
+    const chunks = renderNar(root, this.options.services, { range: answer.kind === 'partial' ? range : undefined, deliver });
     try {
       for await (const chunk of chunks) {
         if (response.destroyed) return; // the client went away; `return` closes the blob readers

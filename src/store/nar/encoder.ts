@@ -8,7 +8,10 @@
 // many small strings into output chunks and passes large file data through.
 
 export const NAR_MAGIC = 'nix-archive-1';
+/** The default slab size, and so the largest chunk the encoder coalesces. */
 const OUTPUT_CHUNK = 64 * 1024;
+/** Contents at least this large are handed to the sink as they are, never copied. */
+const PASS_THROUGH_MIN = 32 * 1024;
 
 /** The padding after `length` bytes of string data. */
 export function padding(length: number): number {
@@ -40,6 +43,18 @@ export const TOKENS = {
   name: narString('name'),
   node: narString('node'),
 };
+
+/**
+ * The runs of tokens that always come together, encoded once: a NAR of many
+ * small files is mostly these, and one copy costs less than five.
+ */
+const RUNS = {
+  regular: Buffer.concat([TOKENS.open, TOKENS.type, TOKENS.regular, TOKENS.contents]),
+  executable: Buffer.concat([TOKENS.open, TOKENS.type, TOKENS.regular, TOKENS.executable, TOKENS.empty, TOKENS.contents]),
+  symlink: Buffer.concat([TOKENS.open, TOKENS.type, TOKENS.symlink, TOKENS.target]),
+  directory: Buffer.concat([TOKENS.open, TOKENS.type, TOKENS.directory]),
+  entry: Buffer.concat([TOKENS.entry, TOKENS.open, TOKENS.name]),
+};
 const ZEROS = Buffer.alloc(8);
 
 export type NarSink = (chunk: Buffer) => void;
@@ -47,7 +62,7 @@ export type NarSink = (chunk: Buffer) => void;
 export class NarEncoder {
   // Bytes handed to the sink are never written again: the next ones are
   // appended after them, so a flush costs no allocation until the slab is full.
-  private buffer = Buffer.allocUnsafe(OUTPUT_CHUNK);
+  private buffer: Buffer;
   private flushed = 0;
   private used = 0;
   private started = false;
@@ -56,18 +71,29 @@ export class NarEncoder {
   /** Total bytes emitted so far. */
   size = 0;
 
-  constructor(private readonly sink: NarSink) {}
+  /**
+   * `slabSize`: how much is coalesced before a new slab is needed. A consumer
+   * that gathers large writes anyway (a file, a pipe) saves allocations with
+   * a larger one.
+   */
+  constructor(
+    private readonly sink: NarSink,
+    private readonly slabSize = OUTPUT_CHUNK,
+  ) {
+    this.buffer = Buffer.allocUnsafe(slabSize);
+  }
 
   /** `transient`: the memory of `bytes` is reused once put() returns, so it is copied, never handed over. */
   private put(bytes: Uint8Array, transient = false): void {
     this.size += bytes.length;
+    if (bytes.length >= PASS_THROUGH_MIN && !transient) {
+      this.flush();
+      this.sink(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.length));
+      return;
+    }
     if (bytes.length > this.buffer.length - this.used) {
       this.flush();
-      if (bytes.length >= OUTPUT_CHUNK / 2) {
-        this.sink(transient ? Buffer.from(bytes) : Buffer.from(bytes.buffer, bytes.byteOffset, bytes.length));
-        return;
-      }
-      this.buffer = Buffer.allocUnsafe(OUTPUT_CHUNK);
+      this.buffer = Buffer.allocUnsafe(Math.max(this.slabSize, bytes.length));
       this.flushed = 0;
       this.used = 0;
     }
@@ -88,13 +114,13 @@ export class NarEncoder {
     this.put(ZEROS.subarray(0, padding(bytes.length)));
   }
 
-  private startNode(): void {
+  /** Every node starts with "(" "type" <kind>; the NAR's magic comes before the first. */
+  private startNode(run: Buffer): void {
     if (!this.started) {
       this.started = true;
       this.put(TOKENS.magic);
     }
-    this.put(TOKENS.open);
-    this.put(TOKENS.type);
+    this.put(run);
   }
 
   /** Passes buffered bytes to the sink. */
@@ -107,13 +133,7 @@ export class NarEncoder {
 
   /** Starts a regular file of `size` bytes; follow with fileData() totalling `size`, then fileEnd(). */
   fileStart(executable: boolean, size: number): void {
-    this.startNode();
-    this.put(TOKENS.regular);
-    if (executable) {
-      this.put(TOKENS.executable);
-      this.put(TOKENS.empty);
-    }
-    this.put(TOKENS.contents);
+    this.startNode(executable ? RUNS.executable : RUNS.regular);
     this.putLength(size);
     this.fileSize = size;
     this.fileRemaining = size;
@@ -147,23 +167,18 @@ export class NarEncoder {
   }
 
   symlink(target: Uint8Array): void {
-    this.startNode();
-    this.put(TOKENS.symlink);
-    this.put(TOKENS.target);
+    this.startNode(RUNS.symlink);
     this.putString(target);
     this.put(TOKENS.close);
   }
 
   directoryStart(): void {
-    this.startNode();
-    this.put(TOKENS.directory);
+    this.startNode(RUNS.directory);
   }
 
   /** Starts the entry `name` of the current directory; its node follows. */
   entryStart(name: Uint8Array): void {
-    this.put(TOKENS.entry);
-    this.put(TOKENS.open);
-    this.put(TOKENS.name);
+    this.put(RUNS.entry);
     this.putString(name);
     this.put(TOKENS.node);
   }

@@ -39,13 +39,23 @@ export type ContentsDelivery = (node: FileNode, from: number, to: number) => Pro
 /** Smaller files always stream: copying them costs less than a detour through another path. */
 const DELIVERY_MIN = 64 * 1024;
 
+export interface RenderOptions {
+  /**
+   * Only these bytes of the NAR: files wholly outside the range are not read
+   * at all, and files it cuts are read from the first byte it needs.
+   */
+  range?: ByteRange;
+  deliver?: ContentsDelivery;
+  /** How much framing and small-file data is gathered into one chunk (64 KiB by default). */
+  chunkSize?: number;
+}
+
 /**
- * The NAR of `root` as a stream of chunks, or only the bytes of `range`:
- * files wholly outside the range are not read at all, and files it cuts are
- * read from the first byte it needs. Throws NotFoundError when a blob or
- * directory is missing.
+ * The NAR of `root` as a stream of chunks. Throws NotFoundError when a blob
+ * or directory is missing.
  */
-export async function* renderNar(root: Node, services: CastoreServices, range?: ByteRange, deliver?: ContentsDelivery): AsyncGenerator<Buffer> {
+export async function* renderNar(root: Node, services: CastoreServices, options: RenderOptions = {}): AsyncGenerator<Buffer> {
+  const { range, deliver } = options;
   const out: Buffer[] = [];
   let position = 0; // NAR offset of the next byte the encoder hands over
   const wanted = range ?? { start: 0, end: Number.MAX_SAFE_INTEGER };
@@ -55,7 +65,7 @@ export async function* renderNar(root: Node, services: CastoreServices, range?: 
     position += chunk.length;
     if (position <= wanted.start || from >= wanted.end) return;
     out.push(from >= wanted.start && position <= wanted.end ? chunk : chunk.subarray(Math.max(0, wanted.start - from), Math.min(chunk.length, wanted.end - from)));
-  });
+  }, options.chunkSize);
   const tree = root.kind === 'directory' ? await fetchTree(services, root.node) : new Map<string, Directory>();
   const where: Buffer[] = []; // names from the root to the current node, formatted only for errors
   const here = () => (where.length ? where.map((name) => displayName(name).slice(1, -1)).join('/') : 'root');

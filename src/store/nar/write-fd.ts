@@ -130,7 +130,7 @@ function sendfileDelivery(services: CastoreServices, fd: number, output: Batched
 /** Writes the NAR of `root` to `fd`; resolves to the bytes written. */
 export async function writeNarToFd(root: Node, services: CastoreServices, fd: number): Promise<number> {
   const output = new BatchedOutput(fd, optionalNative());
-  for await (const chunk of renderNar(root, services, undefined, sendfileDelivery(services, fd, output))) {
+  for await (const chunk of renderNar(root, services, { deliver: sendfileDelivery(services, fd, output), chunkSize: BATCH })) {
     output.push(chunk);
     if (output.full) await output.room();
   }
