@@ -28,7 +28,6 @@ type Side = 'ours' | 'peer';
 const SIDE_NAME: Record<Side, string> = { ours: 'nar-bridge', peer: 'nginx' };
 
 /** A row whose ratio is peer ÷ ours (for latencies: above 1, nixcas answers faster). */
-export type NarBridgeRow = Row & { peerOverOurs?: boolean };
 
 // ---------------------------------------------------------------- tools
 
@@ -475,7 +474,7 @@ export async function benchNarBridge(rows: Row[], work: string, repeats: number,
 
     const mb = narSize / 1e6;
     const wrkLabel = `wrk -t2 -c64 -d${duration}`;
-    const pushRow = (row: NarBridgeRow) => rows.push(row);
+    const pushRow = (row: Row) => rows.push(row);
     pushRow({ capability: `NAR GET, ${mb.toFixed(0)} MB NAR (curl, warm page cache)`, ours: median(narMbps.ours), peer: median(narMbps.peer), unit: 'MB/s', peerName: 'nginx, sendfile', target: 0.5 });
     pushRow({ capability: `narinfo GET, 64 connections (${wrkLabel})`, ours: stat('hit', 'ours', 'requestsPerSecond'), peer: stat('hit', 'peer', 'requestsPerSecond'), unit: 'req/s', peerName: PEER_NAME });
     pushRow({ capability: 'narinfo GET p50 latency, 64 connections (ratio nginx ÷ nixcas)', ours: stat('hit', 'ours', 'p50us'), peer: stat('hit', 'peer', 'p50us'), unit: 'µs', peerName: PEER_NAME, lowerIsBetter: true, peerOverOurs: true });

@@ -15,6 +15,8 @@ export interface Row {
   target?: number;
   /** true when a lower number is better (seconds, MB of RSS) */
   lowerIsBetter?: boolean;
+  /** The ratio is peer ÷ ours (times, latencies), so that there too a higher one is better. */
+  peerOverOurs?: boolean;
   note?: string;
 }
 
@@ -130,9 +132,16 @@ export async function benchNix(rows: Row[], work: string, repeats: number, cli: 
   cases[0]!.bytes = makeSmallFilesTree(cases[0]!.dir, smallFiles);
   cases[1]!.bytes = makeLargeFilesTree(cases[1]!.dir, largeFiles, largeMib);
 
+  // A one-file store path: rendering its NAR is all start-up, which the
+  // "rendering alone" rows subtract to compare the rendering itself.
+  const oneFile = join(work, 'one-file');
+  writeFileSync(oneFile, 'x\n');
+  const startup = { ours: [] as number[], peer: [] as number[] };
+
   for (const tree of cases) {
     const importTimes = { ours: [] as number[], peer: [] as number[] };
     const narTimes = { ours: [] as number[], peer: [] as number[] };
+    const trivialTimes = { ours: [] as number[], peer: [] as number[] };
     const pipedTimes = { ours: [] as number[], peer: [] as number[] };
     const memory = { importRss: 0, importAnon: 0, narRss: 0, narAnon: 0 };
     let storePath = '';
@@ -156,6 +165,13 @@ export async function benchNix(rows: Row[], work: string, repeats: number, cli: 
           if (storePath && run.stdout.trim() !== storePath) throw new Error(`nix-store --add gave ${run.stdout.trim()}, nixcas ${storePath}`);
           storePath = run.stdout.trim();
         }
+      }
+      const oneFileOurs = spawnSync(process.execPath, [cli, 'import', '--store', store, oneFile], { encoding: 'utf8' }).stdout.trim();
+      const oneFilePeer = spawnSync('nix-store', ['--add', oneFile], { encoding: 'utf8' }).stdout.trim();
+      if (!oneFileOurs || oneFileOurs !== oneFilePeer) throw new Error(`one-file path: nixcas ${oneFileOurs}, nix ${oneFilePeer}`);
+      for (const who of order) {
+        if (who === 'ours') trivialTimes.ours.push((await timed(process.execPath, [cli, 'nar', '--store', store, oneFileOurs])).seconds);
+        else trivialTimes.peer.push((await timed('nix-store', ['--dump', oneFilePeer])).seconds);
       }
       for (const who of order) {
         if (who === 'ours') {
@@ -185,6 +201,13 @@ export async function benchNix(rows: Row[], work: string, repeats: number, cli: 
       ours: mb / median(narTimes.ours), peer: mb / median(narTimes.peer), unit: 'MB/s',
       peerName: 'nix-store --dump', target: 1.0,
     });
+    const alone = (who: 'ours' | 'peer') => mb / Math.max(1e-3, median(narTimes[who]) - median(trivialTimes[who]));
+    rows.push({
+      capability: `NAR rendering alone (start-up subtracted), ${tree.label}`,
+      ours: alone('ours'), peer: alone('peer'), unit: 'MB/s', peerName: 'nix-store --dump', target: 1.0,
+    });
+    startup.ours.push(...trivialTimes.ours);
+    startup.peer.push(...trivialTimes.peer);
     rows.push({
       capability: `NAR rendering into a pipe (| cat), ${tree.label}`,
       ours: mb / median(pipedTimes.ours), peer: mb / median(pipedTimes.peer), unit: 'MB/s',
@@ -199,4 +222,9 @@ export async function benchNix(rows: Row[], work: string, repeats: number, cli: 
     }
     forgetInNix(storePath);
   }
+  rows.push({
+    capability: 'start-up: the NAR of a one-file path, to /dev/null (ratio nix ÷ nixcas)',
+    ours: median(startup.ours) * 1000, peer: median(startup.peer) * 1000, unit: 'ms',
+    peerName: 'nix-store --dump', lowerIsBetter: true, peerOverOurs: true,
+  });
 }
