@@ -19,14 +19,17 @@ export interface Blake3Hasher {
 interface Blake3Implementation {
   name: 'native' | 'wasm';
   create(): Blake3Hasher;
+  /** The digest of `data` in one call: for small inputs, a hasher object costs more than the hashing. */
+  digestOf(data: Uint8Array): B3Digest;
 }
 
 const require = createRequire(import.meta.url);
 
 function loadNative(): Blake3Implementation {
-  const { Blake3Hasher: NativeHasher } = require('@napi-rs/blake-hash') as typeof import('@napi-rs/blake-hash');
+  const { Blake3Hasher: NativeHasher, blake3: nativeDigestOf } = require('@napi-rs/blake-hash') as typeof import('@napi-rs/blake-hash');
   return {
     name: 'native',
+    digestOf: (data) => nativeDigestOf(data),
     create() {
       const hasher = new NativeHasher();
       return {
@@ -39,14 +42,20 @@ function loadNative(): Blake3Implementation {
 
 function loadWasm(): Blake3Implementation {
   const wasm = require('blake3-wasm') as { createHash(): { update(d: Uint8Array): unknown; digest(): Buffer } };
+  const create = () => {
+    const hasher = wasm.createHash();
+    return {
+      update: (data: Uint8Array) => void hasher.update(data),
+      digest: () => Buffer.from(hasher.digest()),
+    };
+  };
   return {
     name: 'wasm',
-    create() {
-      const hasher = wasm.createHash();
-      return {
-        update: (data) => void hasher.update(data),
-        digest: () => Buffer.from(hasher.digest()),
-      };
+    create,
+    digestOf(data) {
+      const hasher = create();
+      hasher.update(data);
+      return hasher.digest();
     },
   };
 }
@@ -73,9 +82,7 @@ export function createBlake3(): Blake3Hasher {
 }
 
 export function blake3(data: Uint8Array): B3Digest {
-  const hasher = createBlake3();
-  hasher.update(data);
-  return hasher.digest();
+  return blake3Implementation().digestOf(data);
 }
 
 export class InvalidDigestError extends InvalidInputError {}

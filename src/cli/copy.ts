@@ -44,7 +44,7 @@ export function copyCommand(): Command {
     let done = 0;
     let bytes = 0;
     const show = (force = false) =>
-      progress.update(`copying: ${done}/${entries.length} paths, ${formatBytes(bytes)} read`, force);
+      progress.update(() => `copying: ${done}/${entries.length} paths, ${formatBytes(bytes)} read`, force);
     try {
       const started = Date.now();
       const summary = await copyClosure(entries, services, {

@@ -25,7 +25,7 @@ export function importCommand(): Command {
         try {
           const { storePath } = await importPath(path, services, {
             name: options.name,
-            onProgress: (bytes, files) => progress.update(`importing ${path}: ${files} files, ${formatBytes(bytes)}`),
+            onProgress: (bytes, files) => progress.update(() => `importing ${path}: ${files} files, ${formatBytes(bytes)}`),
           });
           progress.clear();
           console.log(formatStorePath(storePath));

@@ -20,7 +20,7 @@ import { constants as osConstants } from 'node:os';
 import { join } from 'node:path';
 import { type Database, type RootDatabase, open as openLmdb } from 'lmdb';
 import { type BlobFile, type BlobReader, type BlobService, type BlobWriter, bufferReader, streamBlobReader } from '../blobservice.js';
-import { type B3Digest, createBlake3, digestKey } from '../digest.js';
+import { type B3Digest, type Blake3Hasher, blake3, createBlake3, digestKey } from '../digest.js';
 import { type DirectoryService, checkBatch, readUnderDigest, walkDirectories } from '../directoryservice.js';
 import type { Directory } from '../model.js';
 import { decodeDirectory } from '../wire.js';
@@ -30,6 +30,14 @@ const LAYOUT_MARKER = 'nixcas-store';
 /** Version 2 added small blobs in LMDB; version 1 stores are read as they are and upgraded. */
 const LAYOUT_VERSION = 2;
 const READABLE_LAYOUTS = [1, 2];
+
+/**
+ * Temp files are named PID-NONCE-N: the pid tells whether their writer still
+ * runs, the nonce keeps a later process that gets the same pid off its names,
+ * and a counter is cheaper than random bytes for each of thousands of writers.
+ */
+const TEMP_NAME_NONCE = randomBytes(6).toString('hex');
+let tempFiles = 0;
 
 /** Blobs up to this size are kept in LMDB rather than as files. */
 export const SMALL_BLOB_MAX = 64 * 1024;
@@ -199,7 +207,7 @@ export class LocalBlobService implements BlobService {
   }
 
   openWriter(): BlobWriter {
-    const tmpPath = join(this.root, 'tmp', `${process.pid}-${randomBytes(8).toString('hex')}`);
+    const tmpPath = join(this.root, 'tmp', `${process.pid}-${TEMP_NAME_NONCE}-${++tempFiles}`);
     return new LocalBlobWriter(
       tmpPath,
       (digest) => this.publish(tmpPath, digest),
@@ -267,7 +275,8 @@ class LocalBlobWriter implements BlobWriter {
   private static readonly EARLY_SYNC_BYTES = 32 * 1024 * 1024;
   private unsynced = 0;
   private earlySync?: Promise<void>;
-  private readonly hasher = createBlake3();
+  /** Created once the blob outgrows SMALL_BLOB_MAX; a small one is hashed whole at close(). */
+  private hasher?: Blake3Hasher;
   private held: Uint8Array[] = [];
   private heldBytes = 0;
   private file?: Promise<fs.FileHandle>;
@@ -286,12 +295,13 @@ class LocalBlobWriter implements BlobWriter {
   async write(chunk: Uint8Array): Promise<void> {
     if (this.state !== 'open') throw new Error(`blob writer is ${this.state}`);
     if (this.failure) throw this.failure;
-    this.hasher.update(chunk);
     if (!this.file) {
       this.held.push(chunk);
       this.heldBytes += chunk.length;
       if (this.heldBytes <= SMALL_BLOB_MAX) return;
       // Too big for LMDB: continue as a file, starting with what was held.
+      this.hasher = createBlake3();
+      for (const piece of this.held) this.hasher.update(piece);
       const file = fs.open(this.tmpPath, 'wx', 0o444);
       file.catch(() => {}); // surfaced through the queue
       this.file = file;
@@ -301,6 +311,7 @@ class LocalBlobWriter implements BlobWriter {
       this.heldBytes = 0;
       for (const piece of held) this.enqueue(piece);
     } else {
+      this.hasher!.update(chunk);
       this.enqueue(chunk);
     }
     // Wait for the queue to shrink, not to empty, so the disk always has the next chunk waiting.
@@ -345,13 +356,14 @@ class LocalBlobWriter implements BlobWriter {
   async close(): Promise<B3Digest> {
     if (this.state !== 'open') throw new Error(`blob writer is ${this.state}`);
     this.state = 'closed';
-    const digest = this.hasher.digest();
     if (!this.file) {
       const data = this.held.length === 1 ? ownedCopy(this.held[0]!) : Buffer.concat(this.held);
       this.held = [];
+      const digest = blake3(data);
       await this.publishSmall(digest, data);
       return digest;
     }
+    const digest = this.hasher!.digest();
     try {
       await this.queue;
       await this.earlySync;
