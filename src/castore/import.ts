@@ -126,7 +126,7 @@ export async function importTree(
     }
     observer?.fileEnd();
     await observer?.ready?.();
-    const { digest } = await window.finish(writer);
+    const { digest } = await window.finish(writer, size);
     bytes += size;
     options.onProgress?.(bytes, ++files);
     return { kind: 'file', name: nodeName, size, executable, digest };

@@ -14,41 +14,60 @@ export type PendingNode =
 
 /**
  * Lets blob writes finish in the background, a bounded number at a time, so
- * that many small files do not each wait for their own fsync and rename.
+ * that many small files do not each wait for their own commit or fsync: the
+ * local store commits the small blobs that wait together in one LMDB
+ * transaction, so a wider window means fewer, larger commits.
  */
 export class BlobWriteWindow {
-  private readonly pending = new Set<Promise<unknown>>();
+  /** Pending closes, with the memory each may still hold. */
+  private readonly pending = new Map<Promise<unknown>, number>();
+  private pendingBytes = 0;
   private failure: unknown;
 
-  constructor(private readonly maxPending = 64) {}
+  constructor(
+    private readonly maxPending = 256,
+    private readonly maxPendingBytes = 64 * 1024 * 1024,
+  ) {}
 
   /**
-   * Tracks `writer.close()`, waiting only while too many are pending.
-   * Returns the digest to come, wrapped so that awaiting this does not await it.
+   * Tracks `writer.close()` of a blob of `size` bytes, waiting only while too
+   * many, or too many bytes, are pending. Returns the digest to come, wrapped
+   * so that awaiting this does not await it.
    */
-  async finish(writer: BlobWriter): Promise<{ digest: Promise<B3Digest> }> {
+  async finish(writer: BlobWriter, size: number): Promise<{ digest: Promise<B3Digest> }> {
     const digest = writer.close();
+    // A small blob is held whole until committed; a large one holds at most its write queue.
+    const held = Math.min(size, QUEUED_BYTES_PER_WRITER);
     const tracked: Promise<void> = digest.then(
-      () => {
-        this.pending.delete(tracked);
-      },
+      () => this.settled(tracked),
       (err) => {
-        this.pending.delete(tracked);
+        this.settled(tracked);
         this.failure ??= err;
       },
     );
-    this.pending.add(tracked);
+    this.pending.set(tracked, held);
+    this.pendingBytes += held;
     if (this.failure) throw this.failure;
-    while (this.pending.size >= this.maxPending) await Promise.race(this.pending);
+    while (this.pending.size >= this.maxPending || (this.pendingBytes > this.maxPendingBytes && this.pending.size > 1)) {
+      await Promise.race(this.pending.keys());
+    }
     return { digest };
+  }
+
+  private settled(tracked: Promise<void>): void {
+    this.pendingBytes -= this.pending.get(tracked) ?? 0;
+    this.pending.delete(tracked);
   }
 
   /** Waits for every tracked write; throws the first failure. */
   async drain(): Promise<void> {
-    await Promise.all(this.pending);
+    await Promise.all(this.pending.keys());
     if (this.failure) throw this.failure;
   }
 }
+
+/** What a blob writer may still hold once close() is called on a large blob (its write queue). */
+const QUEUED_BYTES_PER_WRITER = 8 * 1024 * 1024;
 
 /** Writes `chunks` as one blob; aborts the writer if the source fails. */
 export async function writeBlob(
@@ -57,13 +76,17 @@ export async function writeBlob(
   chunks: Iterable<Uint8Array> | AsyncIterable<Uint8Array>,
 ): Promise<{ digest: Promise<B3Digest> }> {
   const writer = blobs.openWriter();
+  let size = 0;
   try {
-    for await (const chunk of chunks) await writer.write(chunk);
+    for await (const chunk of chunks) {
+      size += chunk.length;
+      await writer.write(chunk);
+    }
   } catch (err) {
     await writer.abort();
     throw err;
   }
-  return window.finish(writer);
+  return window.finish(writer, size);
 }
 
 /**

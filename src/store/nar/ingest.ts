@@ -178,7 +178,7 @@ export async function ingestNar(
           await writer.abort();
           throw err;
         }
-        const { digest } = await window.finish(writer);
+        const { digest } = await window.finish(writer, size);
         await expect(')');
         return { kind: 'file', name, size, executable, digest };
       }
