@@ -2,7 +2,11 @@
 // refusals, closure parsing. (Agreement with real Nix is in nix.test.ts.)
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
+import { LocalStore } from '../src/castore/backends/local.js';
 import { MemoryBlobService, MemoryDirectoryService } from '../src/castore/backends/memory.js';
+import type { Node } from '../src/castore/model.js';
+import { renderNar } from '../src/store/nar/render.js';
+import { removeDir, tempDir } from './helpers.js';
 import { InvalidInputError } from '../src/castore/errors.js';
 import { parseClosure, parseContentAddress, parseNixHash } from '../src/store/closure.js';
 import { NarEncoder } from '../src/store/nar/encoder.js';
@@ -175,4 +179,35 @@ test('SHA-256 on the hashing thread equals node:crypto, across ring wraps, overs
   dropped.drop();
   const empty = new OffThreadSha256();
   assert.equal((await empty.digest()).toString('hex'), createHash('sha256').digest('hex'));
+});
+
+test('renderNar of small blobs read in place from the local store: a node whose size disagrees with its blob is an error naming the path', async () => {
+  const work = tempDir('render-inline');
+  const blobs = LocalStore.blobService(work);
+  const directories = LocalStore.directoryService(work);
+  try {
+    const writer = blobs.openWriter();
+    await writer.write(Buffer.from('five!'));
+    const digest = await writer.close();
+    const file = (size: number): Node => ({ kind: 'file', node: { name: Buffer.from('f'), digest, size, executable: false } });
+    const render = async (node: Node) => {
+      const chunks: Buffer[] = [];
+      for await (const chunk of renderNar(node, { blobs, directories })) chunks.push(chunk);
+      return Buffer.concat(chunks);
+    };
+    let expected = Buffer.alloc(0);
+    const encoder = new NarEncoder((chunk) => (expected = Buffer.concat([expected, chunk])));
+    encoder.fileStart(false, 5);
+    encoder.fileData(Buffer.from('five!'));
+    encoder.fileEnd();
+    encoder.flush();
+    assert.ok((await render(file(5))).equals(expected));
+    const dirDigest = await directories.put([{ directories: [], files: [{ name: Buffer.from('short'), digest, size: 9, executable: false }], symlinks: [] }]);
+    await assert.rejects(render({ kind: 'directory', node: { name: Buffer.from('d'), digest: dirDigest, size: 1 } }), /short: blob b3:\S+ has 5 bytes, its node says 9/);
+    await assert.rejects(render(file(3)), /root: blob b3:\S+ has 5 bytes, its node says 3/);
+  } finally {
+    await blobs.close();
+    await directories.close();
+    removeDir(work);
+  }
 });
