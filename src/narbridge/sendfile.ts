@@ -10,11 +10,11 @@ import type { ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
 import type { BlobService } from '../castore/blobservice.js';
 import { formatDigest } from '../castore/digest.js';
-import { type NativeAddon, optionalNative } from '../native/index.js';
+import { optionalNative } from '../native/index.js';
 import { SendFileError, sendFileRange } from '../native/send-file-range.js';
+import { whenWritable } from '../native/when-writable.js';
 import type { ContentsDelivery } from '../store/nar/render.js';
 import { drainedOrClosed } from './drain.js';
-
 
 /** The kernel descriptor under a TCP socket (Node keeps it on the libuv handle). */
 function socketFd(socket: Socket | null): number | undefined {
@@ -29,18 +29,6 @@ async function flushed(response: ServerResponse, socket: Socket): Promise<void> 
   // Node corks the socket around a response write and uncorks on the next tick.
   await new Promise((resolve) => setImmediate(resolve));
   while (socket.writableLength > 0 && !socket.destroyed) await drainedOrClosed(socket);
-}
-
-function writable(addon: NativeAddon, fd: number, socket: Socket): Promise<void> {
-  return new Promise((resolve) => {
-    const done = () => {
-      addon.unwatch(watch);
-      socket.off('close', done);
-      resolve();
-    };
-    const watch = addon.watch(fd, done, true);
-    socket.once('close', done);
-  });
 }
 
 /**
@@ -72,7 +60,7 @@ export function sendfileDelivery(response: ServerResponse, blobs: BlobService, o
           to,
           onSent,
           writable: async () => {
-            await writable(loaded, out, socket);
+            await whenWritable(loaded, out, socket);
             if (socket.destroyed) throw new Error('the client went away');
           },
         });

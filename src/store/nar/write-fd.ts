@@ -9,6 +9,7 @@ import { formatDigest } from '../../castore/digest.js';
 import type { Node } from '../../castore/model.js';
 import { type NativeAddon, optionalNative } from '../../native/index.js';
 import { SendFileError, sendFileRange } from '../../native/send-file-range.js';
+import { whenWritable } from '../../native/when-writable.js';
 import { type CastoreServices, type ContentsDelivery, renderNar } from './render.js';
 
 const BATCH = 1024 * 1024;
@@ -18,13 +19,7 @@ const readerGone = (written: number) => new Error(`the reader went away after ${
 
 /** Until `fd` takes more after EAGAIN: the event loop watches it when it can, else a short sleep. */
 function writable(fd: number, addon: NativeAddon | undefined): Promise<void> {
-  return new Promise((resolve) => {
-    if (!addon) return void setTimeout(resolve, 2);
-    const watch = addon.watch(fd, () => {
-      addon.unwatch(watch);
-      resolve();
-    }, true);
-  });
+  return addon ? whenWritable(addon, fd) : new Promise((resolve) => setTimeout(resolve, 2));
 }
 
 function writevOnce(fd: number, buffers: Buffer[]): Promise<number> {
