@@ -60,6 +60,21 @@ test('decoding skips unknown fields, so identity comes from the canonical re-enc
   assert.throws(() => decodeDirectory(Buffer.from([0x0a, 0x05, 0x01])), /truncated/);
 });
 
+test('decoding keeps each node inside its own length', () => {
+  const file = encodeDirectory({ directories: [], files: [{ name: name('f'), digest: D(7), size: 9, executable: true }], symlinks: [] });
+  // A FileNode (field 2) of 3 bytes whose name claims 5: the bytes after the node must not be read as its name.
+  const overrun = Buffer.concat([Buffer.from([0x12, 0x03, 0x0a, 0x05, 0x61]), file]);
+  assert.throws(() => decodeDirectory(overrun), /FileNode: truncated length-delimited field/);
+  // A SymlinkNode (field 3) with an unknown field 3 of its own (varint 5) after its name and target:
+  // that field is skipped, and the FileNode after it is read from where the symlink ended.
+  const symlink = Buffer.from([0x1a, 0x08, 0x0a, 0x01, 0x61, 0x12, 0x01, 0x62, 0x18, 0x05]);
+  assert.deepEqual(decodeDirectory(Buffer.concat([symlink, file])), {
+    directories: [],
+    files: [{ name: name('f'), digest: D(7), size: 9, executable: true }],
+    symlinks: [{ name: name('a'), target: name('b') }],
+  });
+});
+
 test('validation names each problem', () => {
   const file = (n: Buffer | string, digest = D(1)) => ({ name: typeof n === 'string' ? name(n) : n, digest, size: 1, executable: false });
   const cases: [string, Directory, RegExp][] = [

@@ -102,12 +102,22 @@ export function encodeDirectory(directory: Directory): Buffer {
   return w.finish();
 }
 
+/**
+ * Reads protobuf fields from `buf` up to `end`. A nested message is read in
+ * place (enter/leave move the bound) rather than from a copy with a reader of
+ * its own: a directory of thousands of entries decodes without allocating
+ * anything but the nodes and their names and digests.
+ */
 class Reader {
   pos = 0;
-  constructor(private readonly buf: Buffer, private readonly what: string) {}
+  private end: number;
+
+  constructor(private readonly buf: Buffer, private what: string) {
+    this.end = buf.length;
+  }
 
   get done(): boolean {
-    return this.pos >= this.buf.length;
+    return this.pos >= this.end;
   }
 
   fail(why: string): never {
@@ -118,7 +128,7 @@ class Reader {
     let result = 0;
     let scale = 1;
     for (let i = 0; i < 10; i++) {
-      if (this.pos >= this.buf.length) this.fail('truncated varint');
+      if (this.pos >= this.end) this.fail('truncated varint');
       const byte = this.buf[this.pos++]!;
       result += (byte & 0x7f) * scale;
       if ((byte & 0x80) === 0) {
@@ -130,12 +140,38 @@ class Reader {
     this.fail('varint longer than 10 bytes');
   }
 
-  bytes(): Buffer {
+  /** The next field's key (field number × 8 + wire type). */
+  key(): number {
+    const key = this.varint();
+    if (key < 8) this.fail('field number 0');
+    return key;
+  }
+
+  private length(): number {
     const length = this.varint();
-    if (this.pos + length > this.buf.length) this.fail('truncated length-delimited field');
+    if (this.pos + length > this.end) this.fail('truncated length-delimited field');
+    return length;
+  }
+
+  bytes(): Buffer {
+    const length = this.length();
     const out = this.buf.subarray(this.pos, this.pos + length);
     this.pos += length;
     return out;
+  }
+
+  /** Starts reading the embedded message that follows, as `what`; returns what leave() needs. */
+  enter(what: string): { end: number; what: string } {
+    const outer = { end: this.end, what: this.what };
+    const length = this.length(); // before reading pos: the length's varint moves it
+    this.end = this.pos + length;
+    this.what = what;
+    return outer;
+  }
+
+  leave(outer: { end: number; what: string }): void {
+    this.end = outer.end;
+    this.what = outer.what;
   }
 
   skip(wireType: number): void {
@@ -149,19 +185,8 @@ class Reader {
   }
 
   private advance(n: number): void {
-    if (this.pos + n > this.buf.length) this.fail('truncated fixed-width field');
+    if (this.pos + n > this.end) this.fail('truncated fixed-width field');
     this.pos += n;
-  }
-
-  /** Calls `onField` for each field; it returns false for fields it does not know, which are skipped. */
-  fields(onField: (field: number, wireType: number) => boolean): void {
-    while (!this.done) {
-      const key = this.varint();
-      const field = Math.floor(key / 8);
-      const wireType = key & 7;
-      if (field === 0) this.fail('field number 0');
-      if (!onField(field, wireType)) this.skip(wireType);
-    }
   }
 
   expect(wireType: number, expected: number, field: number): void {
@@ -169,48 +194,47 @@ class Reader {
   }
 }
 
-/** Decodes the fields a node message may have; fields above `lastField` are unknown to it. */
-function decodeNodeFields(buf: Buffer, what: string, lastField: number) {
-  const r = new Reader(buf, what);
-  const out: { name: Buffer; digest: Buffer; size: number; executable: boolean } = {
-    name: Buffer.alloc(0),
-    digest: Buffer.alloc(0),
-    size: 0,
-    executable: false,
-  };
-  r.fields((field, wireType) => {
-    if (field > lastField) return false;
-    switch (field) {
-      case 1: r.expect(wireType, WIRE_LEN, field); out.name = r.bytes(); return true;
-      case 2: r.expect(wireType, WIRE_LEN, field); out.digest = r.bytes(); return true;
-      case 3: r.expect(wireType, WIRE_VARINT, field); out.size = r.varint(); return true;
-      case 4: r.expect(wireType, WIRE_VARINT, field); out.executable = r.varint() !== 0; return true;
-      default: return false;
-    }
-  });
-  return out;
-}
+/** Absent bytes fields decode to this: nothing can write into zero bytes, so one serves all. */
+const EMPTY = Buffer.alloc(0);
+const NODE_MESSAGES = ['', 'DirectoryNode', 'FileNode', 'SymlinkNode'];
+/** The highest field each node message has (a SymlinkNode's field 2 is its target). */
+const NODE_LAST_FIELD = [0, 3, 4, 2];
 
 /** Decodes a Directory message; structural validation is validateDirectory's job. */
 export function decodeDirectory(buf: Buffer): Directory {
   const directory: Directory = { directories: [], files: [], symlinks: [] };
   const r = new Reader(buf, 'Directory');
-  r.fields((field, wireType) => {
-    if (field < 1 || field > 3) return false;
-    r.expect(wireType, WIRE_LEN, field);
-    const body = r.bytes();
-    if (field === 1) {
-      const n = decodeNodeFields(body, 'DirectoryNode', 3);
-      directory.directories.push({ name: n.name, digest: n.digest, size: n.size });
-    } else if (field === 2) {
-      const n = decodeNodeFields(body, 'FileNode', 4);
-      directory.files.push({ name: n.name, digest: n.digest, size: n.size, executable: n.executable });
-    } else {
-      // SymlinkNode's field 2 is the target; reuse the generic decoder's "digest" slot.
-      const n = decodeNodeFields(body, 'SymlinkNode', 2);
-      directory.symlinks.push({ name: n.name, target: n.digest });
+  while (!r.done) {
+    const key = r.key();
+    const kind = Math.floor(key / 8);
+    if (kind > 3) {
+      r.skip(key & 7);
+      continue;
     }
-    return true;
-  });
+    r.expect(key & 7, WIRE_LEN, kind);
+    const outer = r.enter(NODE_MESSAGES[kind]!);
+    let name: Buffer = EMPTY;
+    let second: Buffer = EMPTY; // the digest, or a symlink's target
+    let size = 0;
+    let executable = false;
+    while (!r.done) {
+      const nodeKey = r.key();
+      const field = Math.floor(nodeKey / 8);
+      const wireType = nodeKey & 7;
+      if (field > NODE_LAST_FIELD[kind]!) {
+        r.skip(wireType);
+        continue;
+      }
+      r.expect(wireType, field <= 2 ? WIRE_LEN : WIRE_VARINT, field);
+      if (field === 1) name = r.bytes();
+      else if (field === 2) second = r.bytes();
+      else if (field === 3) size = r.varint();
+      else executable = r.varint() !== 0;
+    }
+    r.leave(outer);
+    if (kind === 1) directory.directories.push({ name, digest: second, size });
+    else if (kind === 2) directory.files.push({ name, digest: second, size, executable });
+    else directory.symlinks.push({ name, target: second });
+  }
   return directory;
 }
