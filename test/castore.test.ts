@@ -60,6 +60,21 @@ test('decoding skips unknown fields, so identity comes from the canonical re-enc
   assert.throws(() => decodeDirectory(Buffer.from([0x0a, 0x05, 0x01])), /truncated/);
 });
 
+test('sizes at every varint width encode as protobuf does and decode back', () => {
+  for (const size of [1, 127, 128, 300, 16384, 2 ** 31, 2 ** 32 + 1, 2 ** 35 + 5, Number.MAX_SAFE_INTEGER]) {
+    const directory: Directory = { directories: [], files: [{ name: name('f'), digest: D(3), size, executable: false }], symlinks: [] };
+    const encoded = encodeDirectory(directory);
+    assert.deepEqual(decodeDirectory(encoded), directory, `size ${size}`);
+    // FileNode: name (3 bytes) + digest (34) + the size field: tag 0x18 and the varint.
+    const sizeField = encoded.subarray(2 + 3 + 34);
+    assert.equal(sizeField[0], 0x18);
+    let decoded = 0;
+    for (let i = sizeField.length - 1; i >= 1; i--) decoded = decoded * 128 + (sizeField[i]! & 0x7f);
+    assert.equal(decoded, size, `size ${size} written as ${sizeField.toString('hex')}`);
+  }
+  assert.equal(encodeDirectory({ directories: [], files: [{ name: name('f'), digest: D(3), size: 300, executable: false }], symlinks: [] }).subarray(-2).toString('hex'), 'ac02');
+});
+
 test('decoding keeps each node inside its own length', () => {
   const file = encodeDirectory({ directories: [], files: [{ name: name('f'), digest: D(7), size: 9, executable: true }], symlinks: [] });
   // A FileNode (field 2) of 3 bytes whose name claims 5: the bytes after the node must not be read as its name.

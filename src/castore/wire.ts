@@ -16,89 +16,99 @@ const WIRE_I32 = 5;
 
 export class WireFormatError extends InvalidInputError {}
 
+/** Bytes in the varint encoding of a non-negative safe integer. */
+function varintLength(value: number): number {
+  let length = 1;
+  for (; value >= 0x80; length++) value = Math.floor(value / 0x80);
+  return length;
+}
+
+/** A length-delimited field: nothing when empty (the proto3 default). */
+const bytesFieldLength = (value: Uint8Array) => (value.length === 0 ? 0 : 1 + varintLength(value.length) + value.length);
+/** A varint field: nothing when 0. */
+const varintFieldLength = (value: number) => (value === 0 ? 0 : 1 + varintLength(value));
+
+function directoryNodeLength(node: DirectoryNode): number {
+  return bytesFieldLength(node.name) + bytesFieldLength(node.digest) + varintFieldLength(node.size);
+}
+
+function fileNodeLength(node: FileNode): number {
+  return bytesFieldLength(node.name) + bytesFieldLength(node.digest) + varintFieldLength(node.size) + varintFieldLength(node.executable ? 1 : 0);
+}
+
+function symlinkNodeLength(node: SymlinkNode): number {
+  return bytesFieldLength(node.name) + bytesFieldLength(node.target);
+}
+
+/**
+ * Writes into a buffer sized beforehand: an encoding is one allocation, with
+ * no pieces to gather. Field numbers here are below 16, so a tag is one byte.
+ */
 class Writer {
-  private chunks: Buffer[] = [];
-  private scratch = Buffer.allocUnsafe(10);
-  length = 0;
+  private pos = 0;
+  constructor(readonly out: Buffer) {}
 
   varint(value: number): void {
-    let n = 0;
-    // Numbers here are non-negative safe integers, so two 26/27-bit halves avoid bit-op overflow.
-    let low = value % 0x80000000;
-    let high = Math.floor(value / 0x80000000);
-    while (high > 0 || low > 0x7f) {
-      this.scratch[n++] = (low & 0x7f) | 0x80;
-      low = (low >>> 7) | ((high & 0x7f) << 24);
-      high = Math.floor(high / 0x80);
+    // Numbers here are non-negative safe integers: division, not bit operations, which stop at 32 bits.
+    while (value >= 0x80) {
+      this.out[this.pos++] = (value % 0x80) | 0x80;
+      value = Math.floor(value / 0x80);
     }
-    this.scratch[n++] = low;
-    this.push(Buffer.from(this.scratch.subarray(0, n)));
-  }
-
-  tag(field: number, wireType: number): void {
-    this.varint(field * 8 + wireType);
+    this.out[this.pos++] = value;
   }
 
   bytesField(field: number, value: Uint8Array): void {
     if (value.length === 0) return;
-    this.tag(field, WIRE_LEN);
+    this.out[this.pos++] = field * 8 + WIRE_LEN;
     this.varint(value.length);
-    this.push(value);
+    this.out.set(value, this.pos);
+    this.pos += value.length;
   }
 
   varintField(field: number, value: number): void {
     if (value === 0) return;
-    this.tag(field, WIRE_VARINT);
+    this.out[this.pos++] = field * 8 + WIRE_VARINT;
     this.varint(value);
   }
 
-  messageField(field: number, message: Buffer): void {
-    // Embedded messages are written even when empty: presence is meaningful in a repeated field.
-    this.tag(field, WIRE_LEN);
-    this.varint(message.length);
-    this.push(message);
-  }
-
-  private push(chunk: Uint8Array): void {
-    this.chunks.push(Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength));
-    this.length += chunk.length;
+  /** The tag and length of an embedded message, whose fields the caller writes next. Written even when empty: presence is meaningful in a repeated field. */
+  messageStart(field: number, length: number): void {
+    this.out[this.pos++] = field * 8 + WIRE_LEN;
+    this.varint(length);
   }
 
   finish(): Buffer {
-    return Buffer.concat(this.chunks, this.length);
+    if (this.pos !== this.out.length) throw new Error(`encoded ${this.pos} bytes where ${this.out.length} were counted`);
+    return this.out;
   }
-}
-
-function encodeDirectoryNode(node: DirectoryNode): Buffer {
-  const w = new Writer();
-  w.bytesField(1, node.name);
-  w.bytesField(2, node.digest);
-  w.varintField(3, node.size);
-  return w.finish();
-}
-
-function encodeFileNode(node: FileNode): Buffer {
-  const w = new Writer();
-  w.bytesField(1, node.name);
-  w.bytesField(2, node.digest);
-  w.varintField(3, node.size);
-  w.varintField(4, node.executable ? 1 : 0);
-  return w.finish();
-}
-
-function encodeSymlinkNode(node: SymlinkNode): Buffer {
-  const w = new Writer();
-  w.bytesField(1, node.name);
-  w.bytesField(2, node.target);
-  return w.finish();
 }
 
 /** The canonical encoding whose BLAKE3 is the directory's digest. */
 export function encodeDirectory(directory: Directory): Buffer {
-  const w = new Writer();
-  for (const node of directory.directories) w.messageField(1, encodeDirectoryNode(node));
-  for (const node of directory.files) w.messageField(2, encodeFileNode(node));
-  for (const node of directory.symlinks) w.messageField(3, encodeSymlinkNode(node));
+  const message = (length: number) => 1 + varintLength(length) + length;
+  let total = 0;
+  for (const node of directory.directories) total += message(directoryNodeLength(node));
+  for (const node of directory.files) total += message(fileNodeLength(node));
+  for (const node of directory.symlinks) total += message(symlinkNodeLength(node));
+  const w = new Writer(Buffer.allocUnsafe(total));
+  for (const node of directory.directories) {
+    w.messageStart(1, directoryNodeLength(node));
+    w.bytesField(1, node.name);
+    w.bytesField(2, node.digest);
+    w.varintField(3, node.size);
+  }
+  for (const node of directory.files) {
+    w.messageStart(2, fileNodeLength(node));
+    w.bytesField(1, node.name);
+    w.bytesField(2, node.digest);
+    w.varintField(3, node.size);
+    w.varintField(4, node.executable ? 1 : 0);
+  }
+  for (const node of directory.symlinks) {
+    w.messageStart(3, symlinkNodeLength(node));
+    w.bytesField(1, node.name);
+    w.bytesField(2, node.target);
+  }
   return w.finish();
 }
 
