@@ -152,10 +152,9 @@ export async function benchNix(rows: Row[], work: string, repeats: number, cli: 
       // run is slower after a large write: each repeat imports in both orders.
       const importOrder = ['ours', 'peer', 'peerDurable', 'peerDurable', 'peer', 'ours'] as const;
       for (const who of importOrder) {
-        spawnSync('sync'); // no run pays for writes another left on their way to disk
         if (who === 'ours') {
           rmSync(store, { recursive: true, force: true });
-          spawnSync('sync');
+          spawnSync('sync'); // no run pays for writes another left on their way to disk
           const run = await timed(process.execPath, [cli, 'import', '--store', store, tree.dir], join(work, 'import.out'));
           importTimes.ours.push(run.seconds);
           memory.importRss = Math.max(memory.importRss, run.peakRssMb);

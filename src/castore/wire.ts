@@ -85,27 +85,31 @@ class Writer {
 
 /** The canonical encoding whose BLAKE3 is the directory's digest. */
 export function encodeDirectory(directory: Directory): Buffer {
-  const message = (length: number) => 1 + varintLength(length) + length;
+  // Each node's length, in writing order: counted once, for the total and for its own header.
+  const lengths = [
+    ...directory.directories.map(directoryNodeLength),
+    ...directory.files.map(fileNodeLength),
+    ...directory.symlinks.map(symlinkNodeLength),
+  ];
   let total = 0;
-  for (const node of directory.directories) total += message(directoryNodeLength(node));
-  for (const node of directory.files) total += message(fileNodeLength(node));
-  for (const node of directory.symlinks) total += message(symlinkNodeLength(node));
+  for (const length of lengths) total += 1 + varintLength(length) + length;
   const w = new Writer(Buffer.allocUnsafe(total));
+  let next = 0;
   for (const node of directory.directories) {
-    w.messageStart(1, directoryNodeLength(node));
+    w.messageStart(1, lengths[next++]!);
     w.bytesField(1, node.name);
     w.bytesField(2, node.digest);
     w.varintField(3, node.size);
   }
   for (const node of directory.files) {
-    w.messageStart(2, fileNodeLength(node));
+    w.messageStart(2, lengths[next++]!);
     w.bytesField(1, node.name);
     w.bytesField(2, node.digest);
     w.varintField(3, node.size);
     w.varintField(4, node.executable ? 1 : 0);
   }
   for (const node of directory.symlinks) {
-    w.messageStart(3, symlinkNodeLength(node));
+    w.messageStart(3, lengths[next++]!);
     w.bytesField(1, node.name);
     w.bytesField(2, node.target);
   }
@@ -116,7 +120,7 @@ export function encodeDirectory(directory: Directory): Buffer {
  * Reads protobuf fields from `buf` up to `end`. A nested message is read in
  * place (enter/leave move the bound) rather than from a copy with a reader of
  * its own: a directory of thousands of entries decodes without allocating
- * anything but the nodes and their names and digests.
+ * anything but the nodes and the views of their names and digests.
  */
 class Reader {
   pos = 0;
@@ -170,18 +174,19 @@ class Reader {
     return out;
   }
 
-  /** Starts reading the embedded message that follows, as `what`; returns what leave() needs. */
-  enter(what: string): { end: number; what: string } {
-    const outer = { end: this.end, what: this.what };
+  /** Starts reading the embedded message that follows, as `what`; returns the outer bound for leave(). */
+  enter(what: string): number {
+    const outerEnd = this.end;
     const length = this.length(); // before reading pos: the length's varint moves it
     this.end = this.pos + length;
     this.what = what;
-    return outer;
+    return outerEnd;
   }
 
-  leave(outer: { end: number; what: string }): void {
-    this.end = outer.end;
-    this.what = outer.what;
+  /** Back in the enclosing message `what`, which ends at `end`. */
+  leave(end: number, what: string): void {
+    this.end = end;
+    this.what = what;
   }
 
   skip(wireType: number): void {
@@ -222,7 +227,7 @@ export function decodeDirectory(buf: Buffer): Directory {
       continue;
     }
     r.expect(key & 7, WIRE_LEN, kind);
-    const outer = r.enter(NODE_MESSAGES[kind]!);
+    const directoryEnd = r.enter(NODE_MESSAGES[kind]!);
     let name: Buffer = EMPTY;
     let second: Buffer = EMPTY; // the digest, or a symlink's target
     let size = 0;
@@ -241,7 +246,7 @@ export function decodeDirectory(buf: Buffer): Directory {
       else if (field === 3) size = r.varint();
       else executable = r.varint() !== 0;
     }
-    r.leave(outer);
+    r.leave(directoryEnd, 'Directory');
     if (kind === 1) directory.directories.push({ name, digest: second, size });
     else if (kind === 2) directory.files.push({ name, digest: second, size, executable });
     else directory.symlinks.push({ name, target: second });
