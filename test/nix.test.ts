@@ -138,6 +138,10 @@ function makeAwkwardTree(root: string, bigFileBytes: number): void {
   const latin1Name = Buffer.concat([Buffer.from(root + '/'), Buffer.from([0x6e, 0xe4, 0x6d, 0x65, 0xff])]);
   writeFileSync(latin1Name, 'not UTF-8 named');
   for (let i = 0; i < 300; i++) writeFileSync(join(root, `small-${String(i).padStart(3, '0')}`), `file ${i}\n`.repeat(i));
+  // Several MiB of small files: `nixcas nar` gathers them in 1 MiB slabs it reuses once written,
+  // so a slow reader shows whether one was refilled before its bytes left.
+  mkdirSync(join(root, 'many'));
+  for (let i = 0; i < 500; i++) writeFileSync(join(root, 'many', `m${i}`), randomBytes(6000 + i * 20));
   // Blobs the local store keeps in LMDB, large enough to pass the NAR encoder's slab: rendering
   // reads them from LMDB's reusable buffer, so one handed over uncopied would be overwritten by the next.
   for (const size of [32 * 1024, 40_000, 50_001, 64 * 1024 - 1, 64 * 1024]) writeFileSync(join(root, `near-limit-${size}`), randomBytes(size));

@@ -10,6 +10,7 @@ import { removeDir, tempDir } from './helpers.js';
 import { InvalidInputError } from '../src/castore/errors.js';
 import { parseClosure, parseContentAddress, parseNixHash } from '../src/store/closure.js';
 import { NarEncoder } from '../src/store/nar/encoder.js';
+import { RecycledSlabs } from '../src/store/nar/recycled-slabs.js';
 import { NarFormatError, ingestNar } from '../src/store/nar/ingest.js';
 import * as nixbase32 from '../src/store/nixbase32.js';
 import { compressHash, formatStorePath, parseStorePath } from '../src/store/storepath.js';
@@ -98,6 +99,53 @@ function sampleNar(): Buffer {
   e.flush();
   return Buffer.concat(chunks);
 }
+
+test('NAR encoder: recycled slabs are reused only once the consumer is past them', () => {
+  const files = Array.from({ length: 200 }, (_, i) => Buffer.alloc(3 + ((i * 37) % 90), i));
+  const encode = (encoder: NarEncoder, afterFile: () => void) => {
+    encoder.directoryStart();
+    files.forEach((contents, i) => {
+      encoder.entryStart(Buffer.from(`f${String(i).padStart(3, '0')}`));
+      encoder.fileStart(i % 3 === 0, contents.length);
+      encoder.fileData(contents, true);
+      encoder.fileEnd();
+      encoder.entryEnd();
+      afterFile();
+    });
+    encoder.directoryEnd();
+    encoder.flush();
+  };
+  const expected: Buffer[] = [];
+  encode(new NarEncoder((chunk) => expected.push(Buffer.from(chunk)), 256), () => {});
+
+  // A consumer that holds chunks (no copy) and writes them some files later, as a slow pipe would.
+  const queued: Buffer[] = [];
+  const written: Buffer[] = [];
+  let writtenBytes = 0;
+  const writeOldest = (keep: number) => {
+    while (queued.length > keep) {
+      const chunk = queued.shift()!;
+      written.push(Buffer.from(chunk)); // the bytes as they were when written
+      writtenBytes += chunk.length;
+    }
+  };
+  const recycled = new RecycledSlabs(256, () => writtenBytes);
+  const distinct = new Set<Buffer>();
+  const slabs = {
+    take: (size: number) => {
+      const slab = recycled.take(size);
+      distinct.add(slab);
+      return slab;
+    },
+    retire: recycled.retire.bind(recycled),
+  };
+  let file = 0;
+  encode(new NarEncoder((chunk) => queued.push(chunk), 256, slabs), () => writeOldest(++file % 5 === 0 ? 0 : 3));
+  writeOldest(0);
+  assert.ok(Buffer.concat(written).equals(Buffer.concat(expected)), 'a slab was reused before its bytes were written');
+  const slabsWorth = Math.ceil(Buffer.concat(expected).length / 256);
+  assert.ok(distinct.size < slabsWorth / 4, `${distinct.size} distinct slabs for ${slabsWorth} slabs' worth of NAR`);
+});
 
 function narString(text: string): Buffer {
   const bytes = Buffer.from(text);

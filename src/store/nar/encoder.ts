@@ -59,6 +59,24 @@ const ZEROS = Buffer.alloc(8);
 
 export type NarSink = (chunk: Buffer) => void;
 
+/**
+ * Where the encoder gets the buffers (slabs) it gathers output in. A consumer
+ * that knows when its chunks are written can hand slabs back for reuse: a
+ * fresh buffer costs a page fault per 4 KiB on first write, which was a
+ * quarter of a cold render of many small files.
+ */
+export interface SlabSource {
+  /** A buffer of at least `size` bytes, all of it the encoder's to fill. */
+  take(size: number): Buffer;
+  /**
+   * The encoder writes no more into `slab`; the last byte it put there is the
+   * NAR's byte `end - 1`, so the slab is free once the consumer is past `end`.
+   */
+  retire(slab: Buffer, end: number): void;
+}
+
+const freshSlabs: SlabSource = { take: (size) => Buffer.allocUnsafe(size), retire: () => {} };
+
 export class NarEncoder {
   // Bytes handed to the sink are never written again: the next ones are
   // appended after them, so a flush costs no allocation until the slab is full.
@@ -74,29 +92,32 @@ export class NarEncoder {
   /**
    * `slabSize`: how much is coalesced before a new slab is needed. A consumer
    * that gathers large writes anyway (a file, a pipe) saves allocations with
-   * a larger one.
+   * a larger one. `slabs`: where those come from (new ones by default).
    */
   constructor(
     private readonly sink: NarSink,
     private readonly slabSize = OUTPUT_CHUNK,
+    private readonly slabs: SlabSource = freshSlabs,
   ) {
-    this.buffer = Buffer.allocUnsafe(slabSize);
+    this.buffer = slabs.take(slabSize);
   }
 
   /** `transient`: the memory of `bytes` is reused once put() returns, so it is copied, never handed over. */
   private put(bytes: Uint8Array, transient = false): void {
-    this.size += bytes.length;
     if (bytes.length >= PASS_THROUGH_MIN && !transient) {
       this.flush();
+      this.size += bytes.length;
       this.sink(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.length));
       return;
     }
     if (bytes.length > this.buffer.length - this.used) {
       this.flush();
-      this.buffer = Buffer.allocUnsafe(Math.max(this.slabSize, bytes.length));
+      this.slabs.retire(this.buffer, this.size);
+      this.buffer = this.slabs.take(Math.max(this.slabSize, bytes.length));
       this.flushed = 0;
       this.used = 0;
     }
+    this.size += bytes.length;
     this.buffer.set(bytes, this.used);
     this.used += bytes.length;
   }

@@ -7,7 +7,7 @@ import { type DirectoryService, directoryDigest } from '../../castore/directorys
 import { NotFoundError } from '../../castore/errors.js';
 import type { Directory, DirectoryNode, FileNode, Node } from '../../castore/model.js';
 import { displayName, sortedEntries } from '../../castore/model.js';
-import { NarEncoder } from './encoder.js';
+import { NarEncoder, type SlabSource } from './encoder.js';
 
 export interface CastoreServices {
   blobs: BlobService;
@@ -48,6 +48,8 @@ export interface RenderOptions {
   deliver?: ContentsDelivery;
   /** How much framing and small-file data is gathered into one chunk (64 KiB by default). */
   chunkSize?: number;
+  /** Where the buffers chunks are gathered in come from (new ones by default). */
+  slabs?: SlabSource;
 }
 
 /**
@@ -65,7 +67,7 @@ export async function* renderNar(root: Node, services: CastoreServices, options:
     position += chunk.length;
     if (position <= wanted.start || from >= wanted.end) return;
     out.push(from >= wanted.start && position <= wanted.end ? chunk : chunk.subarray(Math.max(0, wanted.start - from), Math.min(chunk.length, wanted.end - from)));
-  }, options.chunkSize);
+  }, options.chunkSize, options.slabs);
   const tree = root.kind === 'directory' ? await fetchTree(services, root.node) : new Map<string, Directory>();
   const where: Buffer[] = []; // names from the root to the current node, formatted only for errors
   const here = () => (where.length ? where.map((name) => displayName(name).slice(1, -1)).join('/') : 'root');

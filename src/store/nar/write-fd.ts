@@ -1,8 +1,9 @@
 // Writes a NAR to a file descriptor (what `nixcas nar` does to stdout).
 // Framing and small files are gathered into 1 MiB writes, one in flight on
-// the thread pool while the next is rendered. Contents of blobs the local
-// store keeps as files go with sendfile(2): from the page cache straight to
-// the pipe, file or /dev/null, never copied through this process.
+// the thread pool while the next is rendered, in slabs reused once written.
+// Contents of blobs the local store keeps as files go with sendfile(2): from
+// the page cache straight to the pipe, file or /dev/null, never copied
+// through this process.
 import { writev } from 'node:fs';
 import { constants } from 'node:os';
 import { formatDigest } from '../../castore/digest.js';
@@ -10,6 +11,7 @@ import type { Node } from '../../castore/model.js';
 import { type NativeAddon, optionalNative } from '../../native/index.js';
 import { SendFileError, sendFileRange } from '../../native/send-file-range.js';
 import { whenWritable } from '../../native/when-writable.js';
+import { RecycledSlabs } from './recycled-slabs.js';
 import { type CastoreServices, type ContentsDelivery, renderNar } from './render.js';
 
 const BATCH = 1024 * 1024;
@@ -125,7 +127,8 @@ function sendfileDelivery(services: CastoreServices, fd: number, output: Batched
 /** Writes the NAR of `root` to `fd`; resolves to the bytes written. */
 export async function writeNarToFd(root: Node, services: CastoreServices, fd: number): Promise<number> {
   const output = new BatchedOutput(fd, optionalNative());
-  for await (const chunk of renderNar(root, services, { deliver: sendfileDelivery(services, fd, output), chunkSize: BATCH })) {
+  const slabs = new RecycledSlabs(BATCH, () => output.written);
+  for await (const chunk of renderNar(root, services, { deliver: sendfileDelivery(services, fd, output), chunkSize: BATCH, slabs })) {
     output.push(chunk);
     if (output.full) await output.room();
   }
