@@ -14,6 +14,8 @@ import { benchVirtiofs } from './virtiofs.js';
 import { benchNarBridge } from './narbridge.js';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
+/** The built command (npm run build). */
+const CLI = join(ROOT, 'dist/cli/nixcas.cjs');
 const BLOB_BYTES = Number(process.env.BENCH_BLOB_MIB ?? 256) * 1024 * 1024;
 const REPEATS = Number(process.env.BENCH_REPEATS ?? 3);
 const CHUNK = 1024 * 1024;
@@ -93,7 +95,7 @@ async function benchBlobs(): Promise<void> {
   const work = mkdtempSync(join(tmpdir(), 'nixcas-bench-'));
   const oursSocket = join(work, 'nixcas.sock');
   const bareSocket = join(work, 'bare.sock');
-  const ours = await startServer([join(ROOT, 'dist/cli/main.js'), 'daemon', '--store', join(work, 'store'), '--listen', oursSocket], 'nixcas daemon');
+  const ours = await startServer([CLI, 'daemon', '--store', join(work, 'store'), '--listen', oursSocket], 'nixcas daemon');
   const bare = await startServer(['--import', 'tsx', join(ROOT, 'bench/bare-blob-server.ts'), bareSocket, String(BLOB_BYTES)], 'bare server');
   try {
     const oursClient = blobClient(oursSocket);
@@ -148,7 +150,7 @@ if (!only || only === 'blake3') benchBlake3();
 if (!only || only === 'nix') {
   const work = mkdtempSync(join(tmpdir(), 'nixcas-bench-nix-'));
   try {
-    await benchNix(rows, work, REPEATS, join(ROOT, 'dist/cli/main.js'));
+    await benchNix(rows, work, REPEATS, CLI);
   } finally {
     rmSync(work, { recursive: true, force: true });
   }
@@ -157,7 +159,7 @@ if (!only || only === 'nix') {
 if (!only || only === 'fuse') {
   const work = mkdtempSync(join(tmpdir(), 'nixcas-bench-fuse-'));
   try {
-    await benchFuse(rows, work, REPEATS, join(ROOT, 'dist/cli/main.js'));
+    await benchFuse(rows, work, REPEATS, CLI);
   } finally {
     rmSync(work, { recursive: true, force: true });
   }
@@ -166,7 +168,7 @@ if (!only || only === 'fuse') {
 if (!only || only === 'virtiofs') {
   const work = mkdtempSync(join(tmpdir(), 'nixcas-bench-virtiofs-'));
   try {
-    await benchVirtiofs(rows, work, REPEATS, join(ROOT, 'dist/cli/main.js'));
+    await benchVirtiofs(rows, work, REPEATS, CLI);
   } finally {
     rmSync(work, { recursive: true, force: true });
   }
@@ -175,7 +177,7 @@ if (!only || only === 'virtiofs') {
 if (!only || only === 'narbridge') {
   const work = mkdtempSync(join(tmpdir(), 'nixcas-bench-narbridge-'));
   try {
-    await benchNarBridge(rows, work, REPEATS, join(ROOT, 'dist/cli/main.js'));
+    await benchNarBridge(rows, work, REPEATS, CLI);
   } finally {
     rmSync(work, { recursive: true, force: true });
   }

@@ -126,6 +126,7 @@ async function buildIfNeeded(): Promise<string | undefined> {
     );
   if (built && !newer(join(ROOT, 'src'))) return undefined;
   await run(process.execPath, [join(ROOT, 'node_modules/typescript/bin/tsc'), '-p', join(ROOT, 'tsconfig.json')]);
+  await run(process.execPath, [join(ROOT, 'scripts/bundle.mjs')]);
   return built ? 'src/ changed since the last build' : 'dist/ was missing';
 }
 

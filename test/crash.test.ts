@@ -29,7 +29,7 @@ function runAndKill(store: string): Promise<string[]> {
       }
     });
     child.stderr.on('data', (d) => (err += d));
-    child.on('exit', (code, signal) => {
+    child.on('close', (code, signal) => { // after stdout has ended: every report line read
       if (signal !== 'SIGKILL') return reject(new Error(`writer ended with ${code ?? signal}: ${err}`));
       // A line cut off by the kill is not a report of a commit.
       resolve(out.split('\n').filter((l) => /^committed [0-9a-f]{64}$/.test(l)).map((l) => l.slice(10)));

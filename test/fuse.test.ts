@@ -78,7 +78,7 @@ function sh(command: string): Promise<{ code: number | null; out: string }> {
     let out = '';
     child.stdout.on('data', (d) => (out += d));
     child.stderr.on('data', (d) => (out += d));
-    child.on('exit', (code) => resolve({ code, out }));
+    child.on('close', (code) => resolve({ code, out })); // 'close': after stdout and stderr have ended, so `out` is whole
   });
 }
 

@@ -8,7 +8,7 @@ import { blake3, digestKey } from '../src/castore/digest.js';
 import { LocalStore } from '../src/castore/backends/local.js';
 
 export const ROOT = fileURLToPath(new URL('..', import.meta.url));
-export const CLI = join(ROOT, 'dist/cli/main.js');
+export const CLI = join(ROOT, 'dist/cli/nixcas.cjs');
 
 export function tempDir(prefix: string): string {
   return mkdtempSync(join(tmpdir(), `nixcas-${prefix}-`));

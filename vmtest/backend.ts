@@ -81,13 +81,13 @@ export interface NixcasVirtiofsOptions {
   /** More arguments, e.g. --blob-service-addr URL. */
   extraArgs?: string[];
   env?: NodeJS.ProcessEnv;
-  /** Defaults to the repository's dist/cli/main.js (run `npm run build` first). */
+  /** Defaults to the repository's dist/cli/nixcas.cjs (run `npm run build` first). */
   cli?: string;
   readyTimeoutMs?: number;
 }
 
 /** The repository's built CLI. */
-export const NIXCAS_CLI = join(dirname(fileURLToPath(import.meta.url)), '..', 'dist', 'cli', 'main.js');
+export const NIXCAS_CLI = join(dirname(fileURLToPath(import.meta.url)), '..', 'dist', 'cli', 'nixcas.cjs');
 
 /**
  * `nixcas virtiofs SOCKET`, started with this Node.js. Ready once it says it listens. Unlike

@@ -1,0 +1,39 @@
+// Builds the nixcas command: src/ bundled by esbuild into one CommonJS file,
+// dist/cli/nixcas.cjs (the package's bin). `npm run build` type-checks with tsc
+// first; tsc emits nothing.
+//
+// Why a bundle, and why CommonJS: every command pays for loading its code
+// before it does anything. As dozens of ES modules, Node 20 resolved, read
+// and linked each one asynchronously, and lmdb's ES module graph loaded more
+// slowly than its one-file CommonJS build (measured in one process: 58 ms
+// against 37 ms). `nixcas nar` of a one-file path went from 178 to 125 ms;
+// docs/benchmarks.md has the numbers.
+//
+// Packages with native code (and the gRPC stack, which loads its own files at
+// run time) stay outside the bundle and load from node_modules. The modules
+// find package.json, protos/ and build/ relative to their own file, two levels
+// below the package root (src/x/y.ts); the bundle sits at the same depth, and
+// import.meta.url is rewritten to its own URL.
+import { rmSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { build } from 'esbuild';
+
+const root = join(dirname(fileURLToPath(import.meta.url)), '..');
+const outfile = join(root, 'dist/cli/nixcas.cjs');
+
+rmSync(join(root, 'dist'), { recursive: true, force: true });
+await build({
+  entryPoints: [join(root, 'src/cli/main.ts')],
+  outfile,
+  bundle: true,
+  platform: 'node',
+  format: 'cjs',
+  target: 'node20',
+  external: ['lmdb', '@napi-rs/blake-hash', 'blake3-wasm', '@grpc/*', 'grpc-health-check'],
+  define: { 'import.meta.url': '__nixcasModuleUrl' },
+  // Strict first: the sources are ES modules, always strict, and a directive only counts before any statement.
+  banner: { js: "'use strict';\nconst __nixcasModuleUrl = require('node:url').pathToFileURL(__filename).href;" },
+  sourcemap: 'linked',
+  logLevel: 'warning',
+});
