@@ -55,7 +55,6 @@ const RUNS = {
   directory: Buffer.concat([TOKENS.open, TOKENS.type, TOKENS.directory]),
   entry: Buffer.concat([TOKENS.entry, TOKENS.open, TOKENS.name]),
 };
-const ZEROS = Buffer.alloc(8);
 
 export type NarSink = (chunk: Buffer) => void;
 
@@ -110,29 +109,54 @@ export class NarEncoder {
       this.sink(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.length));
       return;
     }
-    if (bytes.length > this.buffer.length - this.used) {
-      this.flush();
-      this.slabs.retire(this.buffer, this.size);
-      this.buffer = this.slabs.take(Math.max(this.slabSize, bytes.length));
-      this.flushed = 0;
-      this.used = 0;
-    }
+    this.room(bytes.length);
     this.size += bytes.length;
     this.buffer.set(bytes, this.used);
     this.used += bytes.length;
   }
 
-  /** A little-endian u64, written straight into the slab (8 bytes always land there). */
+  /** Makes sure the slab has `length` more bytes free, moving to a new slab if not. */
+  private room(length: number): void {
+    if (length <= this.buffer.length - this.used) return;
+    this.flush();
+    this.slabs.retire(this.buffer, this.size);
+    this.buffer = this.slabs.take(Math.max(this.slabSize, length));
+    this.flushed = 0;
+    this.used = 0;
+  }
+
+  /**
+   * A little-endian u64, byte by byte: per file and per name, this costs less
+   * than a padding view or writeUInt32LE's argument checks in code V8 has not
+   * optimised yet, which is the code a one-shot `nixcas nar` runs.
+   */
   private putLength(length: number): void {
-    this.put(ZEROS);
-    this.buffer.writeUInt32LE(length % 0x100000000, this.used - 8);
-    this.buffer.writeUInt32LE(Math.floor(length / 0x100000000), this.used - 4);
+    this.room(8);
+    const buffer = this.buffer;
+    let at = this.used;
+    let low = length % 0x100000000;
+    let high = Math.floor(length / 0x100000000);
+    for (let i = 0; i < 4; i++, low >>>= 8) buffer[at++] = low & 0xff;
+    for (let i = 0; i < 4; i++, high >>>= 8) buffer[at++] = high & 0xff;
+    this.used = at;
+    this.size += 8;
+  }
+
+  /** The zeros that pad a string of `length` bytes to a multiple of 8. */
+  private putPadding(length: number): void {
+    const zeros = padding(length);
+    if (zeros === 0) return;
+    this.room(zeros);
+    const buffer = this.buffer;
+    for (let i = 0; i < zeros; i++) buffer[this.used + i] = 0;
+    this.used += zeros;
+    this.size += zeros;
   }
 
   private putString(bytes: Uint8Array): void {
     this.putLength(bytes.length);
     this.put(bytes);
-    this.put(ZEROS.subarray(0, padding(bytes.length)));
+    this.putPadding(bytes.length);
   }
 
   /** Every node starts with "(" "type" <kind>; the NAR's magic comes before the first. */
@@ -183,7 +207,7 @@ export class NarEncoder {
     if (this.fileRemaining !== 0) {
       throw new Error(`file data ended ${this.fileRemaining} bytes short of its declared size of ${this.fileSize} bytes`);
     }
-    this.put(ZEROS.subarray(0, padding(this.fileSize)));
+    this.putPadding(this.fileSize);
     this.put(TOKENS.close);
   }
 
