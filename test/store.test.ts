@@ -100,6 +100,20 @@ function sampleNar(): Buffer {
   return Buffer.concat(chunks);
 }
 
+test('NAR encoder: a file size above 4 GiB is written as a full little-endian u64', () => {
+  const chunks: Buffer[] = [];
+  const encoder = new NarEncoder((chunk) => chunks.push(Buffer.from(chunk)));
+  const size = 2 ** 32 * 3 + 0x89abcdef; // both halves non-zero, the low one with its top bit set
+  encoder.fileStart(true, size);
+  encoder.fileSkip(size); // the contents are not emitted, only counted
+  encoder.fileEnd();
+  encoder.flush();
+  const nar = Buffer.concat(chunks);
+  const header = nar.subarray(0, nar.length - 1 - 16); // before the padding (size % 8 = 7: one zero) and ")"
+  assert.equal(header.readBigUInt64LE(header.length - 8), BigInt(size));
+  assert.equal(encoder.size, nar.length + size);
+});
+
 test('NAR encoder: recycled slabs are reused only once the consumer is past them', () => {
   const files = Array.from({ length: 200 }, (_, i) => Buffer.alloc(3 + ((i * 37) % 90), i));
   const encode = (encoder: NarEncoder, afterFile: () => void) => {
