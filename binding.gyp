@@ -4,6 +4,28 @@
       "target_name": "nixcas_native",
       "sources": ["src/native/nixcas_native.c"],
       "cflags": ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    },
+    {
+      # LMDB from the sources lmdb-js ships, built with lmdb-js's own defines (its
+      # binding.gyp: MDB_MAXKEYSIZE=0, MDB_USE_ROBUST), so that the lock file and
+      # data format are the ones lmdb-js writes. Its warnings are not ours to fix.
+      "target_name": "lmdb_of_lmdb_js",
+      "type": "static_library",
+      "sources": [
+        "node_modules/lmdb/dependencies/lmdb/libraries/liblmdb/mdb.c",
+        "node_modules/lmdb/dependencies/lmdb/libraries/liblmdb/midl.c"
+      ],
+      "defines": ["MDB_MAXKEYSIZE=0", "MDB_USE_ROBUST"],
+      "cflags": ["-O2", "-fPIC", "-fvisibility=hidden", "-w"]
+    },
+    {
+      # The native NAR renderer for the local store (src/store/nar/native/local-nar.c).
+      "target_name": "nixcas_nar",
+      "dependencies": ["lmdb_of_lmdb_js"],
+      "sources": ["src/store/nar/native/local-nar.c"],
+      "include_dirs": ["node_modules/lmdb/dependencies/lmdb/libraries/liblmdb"],
+      "defines": ["MDB_MAXKEYSIZE=0", "MDB_USE_ROBUST"],
+      "cflags": ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-format-truncation"]
     }
   ]
 }

@@ -1,6 +1,8 @@
-// Builds the nixcas command: src/ bundled by esbuild into one CommonJS file,
-// dist/cli/nixcas.cjs (the package's bin). `npm run build` type-checks with tsc
-// first; tsc emits nothing.
+// Builds the nixcas command: src/ bundled by esbuild into two CommonJS files.
+// dist/cli/nixcas.cjs (the package's bin, from src/cli/entry.ts) is small: it
+// answers `nixcas nar` of a local store with the native renderer and hands
+// everything else to dist/cli/main.cjs (src/cli/main.ts, the whole command
+// line). `npm run build` type-checks with tsc first; tsc emits nothing.
 //
 // Why a bundle, and why CommonJS: every command pays for loading its code
 // before it does anything. As dozens of ES modules, Node 20 resolved, read
@@ -20,12 +22,15 @@ import { fileURLToPath } from 'node:url';
 import { build } from 'esbuild';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
-const outfile = join(root, 'dist/cli/nixcas.cjs');
 
 rmSync(join(root, 'dist'), { recursive: true, force: true });
 await build({
-  entryPoints: [join(root, 'src/cli/main.ts')],
-  outfile,
+  entryPoints: [
+    { in: join(root, 'src/cli/entry.ts'), out: 'nixcas' },
+    { in: join(root, 'src/cli/main.ts'), out: 'main' },
+  ],
+  outdir: join(root, 'dist/cli'),
+  outExtension: { '.js': '.cjs' },
   bundle: true,
   platform: 'node',
   format: 'cjs',

@@ -1,4 +1,3 @@
-#!/usr/bin/env node
 // The nixcas command line: one file per subcommand, wired here.
 import { createRequire } from 'node:module';
 import { Command } from 'commander';

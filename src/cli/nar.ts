@@ -1,8 +1,8 @@
 // `nixcas nar STORE_PATH`: write a store path's NAR to stdout.
 import { isatty } from 'node:tty';
 import { Command } from 'commander';
-import { writeNarToFd } from '../store/nar/write-fd.js';
-import { parseStorePath, formatStorePath } from '../store/storepath.js';
+import { formatBasename } from '../store/storepath.js';
+import { narArgument, notInStore, writeNarNatively } from './native-nar.js';
 import { addStoreOptions, openServices } from './store-options.js';
 
 export function narCommand(): Command {
@@ -10,17 +10,24 @@ export function narCommand(): Command {
     .summary('write a store path as a NAR to stdout, like nix-store --dump')
     .description(
       'Render STORE_PATH (/nix/store/<hash>-<name>, or just its basename) from the store as a NAR on ' +
-        'stdout, byte for byte what `nix-store --dump` gives for the same path.',
+        'stdout, byte for byte what `nix-store --dump` gives for the same path.\n\n' +
+        'From a local store the NAR is written by a native renderer that starts in milliseconds; ' +
+        'NIXCAS_NATIVE_NAR=0 makes the TypeScript renderer do it, as it always does for gRPC stores.',
     )
     .argument('<store-path>', 'a store path registered in the store');
   return addStoreOptions(command).action(async (raw: string, options) => {
-    const storePath = parseStorePath(raw.includes('/') ? raw : `/nix/store/${raw}`);
     // fd 1 is written directly (process.stdout would make a pipe non-blocking and copy every byte through a stream).
     if (isatty(1)) throw new Error('refusing to write a NAR to a terminal; redirect stdout');
+    if (writeNarNatively(raw, options)) return;
+    const storePath = narArgument(raw);
+    const { writeNarToFd } = await import('../store/nar/write-fd.js');
     const services = await openServices(options);
     try {
       const info = await services.pathInfos.get(storePath.digest);
-      if (!info) throw new Error(`${formatStorePath(storePath)} is not in the store (${services.addresses.pathInfo})`);
+      // Registered under its hash part; a path of that hash with another name is not this one.
+      if (!info || !info.node.node.name.equals(Buffer.from(formatBasename(storePath), 'latin1'))) {
+        throw notInStore(storePath, services.addresses.pathInfo);
+      }
       await writeNarToFd(info.node, services, 1);
     } finally {
       await services.close();

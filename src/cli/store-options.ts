@@ -3,17 +3,14 @@ import { type Command, Option } from 'commander';
 import type { BlobService } from '../castore/blobservice.js';
 import type { DirectoryService } from '../castore/directoryservice.js';
 import {
-  type AddressOptions, type ServiceAddresses, defaultStoreDir, openBlobService, openDirectoryService, openPathInfoService,
-  resolveAddresses,
+  type AddressOptions, type ServiceAddresses, openBlobService, openDirectoryService, openPathInfoService, resolveAddresses,
 } from '../services/addresses.js';
 import type { PathInfoService } from '../store/pathinfoservice.js';
+import { STORE_FLAGS } from './store-flags.js';
 
 export function addStoreOptions(command: Command): Command {
-  return command
-    .addOption(new Option('--store <dir>', `local store directory for all services (env NIXCAS_STORE; default ${defaultStoreDir()})`))
-    .addOption(new Option('--blob-service-addr <url>', 'blob service URL (env BLOB_SERVICE_ADDR)'))
-    .addOption(new Option('--directory-service-addr <url>', 'directory service URL (env DIRECTORY_SERVICE_ADDR)'))
-    .addOption(new Option('--path-info-service-addr <url>', 'path info service URL (env PATH_INFO_SERVICE_ADDR)'));
+  for (const flag of STORE_FLAGS) command.addOption(new Option(`--${flag.name} ${flag.value}`, flag.help()));
+  return command;
 }
 
 export interface OpenServices {

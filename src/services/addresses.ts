@@ -59,6 +59,14 @@ export function resolveAddresses(options: AddressOptions, env: NodeJS.ProcessEnv
   };
 }
 
+/** The store directory when all three services are one local store (what --store names), else undefined. */
+export function singleLocalStore(addresses: ServiceAddresses): string | undefined {
+  const { blob, directory, pathInfo } = addresses;
+  if (blob !== directory || blob !== pathInfo) return undefined;
+  const url = schemeOf(blob);
+  return url.protocol === 'local:' ? localPath(url, blob) : undefined;
+}
+
 function localPath(url: URL, raw: string): string {
   const path = decodeURIComponent(url.pathname);
   if (!isAbsolute(path) || url.host) throw new Error(`${raw}: a local store URL is local:///absolute/path`);

@@ -1,0 +1,31 @@
+// `nixcas nar` through the native renderer, shared by the nar subcommand and
+// the entry point's fast path (entry.ts). Kept free of commander and of every
+// other subcommand's modules, so that the fast path loads almost nothing.
+import { localNarAddon } from '../native/local-nar.js';
+import { type AddressOptions, resolveAddresses, singleLocalStore } from '../services/addresses.js';
+import { type StorePath, formatBasename, formatStorePath, parseStorePath } from '../store/storepath.js';
+
+/** STORE_PATH as `nixcas nar` takes it: /nix/store/<hash>-<name>, or only the basename. */
+export function narArgument(raw: string) {
+  return parseStorePath(raw.includes('/') ? raw : `/nix/store/${raw}`);
+}
+
+/**
+ * Writes the NAR to stdout with the native renderer when the services are
+ * one local store and the renderer is built: true when it did. False when
+ * nothing was written and the TypeScript renderer must do it. Throws when the
+ * path is not in the store or rendering failed.
+ */
+export function writeNarNatively(raw: string, options: AddressOptions): boolean {
+  const storePath = narArgument(raw);
+  const addresses = resolveAddresses(options);
+  const localStore = singleLocalStore(addresses);
+  const addon = localStore === undefined ? undefined : localNarAddon();
+  const outcome = addon?.renderLocalNar(localStore!, storePath.digest, Buffer.from(formatBasename(storePath), 'latin1'), 1) ?? 'fallback';
+  if (outcome === 'not-found') throw notInStore(storePath, addresses.pathInfo);
+  return outcome === 'rendered';
+}
+
+export function notInStore(storePath: StorePath, pathInfoAddress: string): Error {
+  return new Error(`${formatStorePath(storePath)} is not in the store (${pathInfoAddress})`);
+}

@@ -1,0 +1,19 @@
+// The flags naming the store's services, which every subcommand takes. Two
+// parsers read them: commander (store-options.ts) and the entry point's fast
+// path (entry.ts), which must not load commander.
+import { type AddressOptions, defaultStoreDir } from '../services/addresses.js';
+
+export interface StoreFlag {
+  /** The long flag without its dashes, e.g. `blob-service-addr`. */
+  name: string;
+  key: keyof AddressOptions;
+  value: '<dir>' | '<url>';
+  help: () => string;
+}
+
+export const STORE_FLAGS: readonly StoreFlag[] = [
+  { name: 'store', key: 'store', value: '<dir>', help: () => `local store directory for all services (env NIXCAS_STORE; default ${defaultStoreDir()})` },
+  { name: 'blob-service-addr', key: 'blobServiceAddr', value: '<url>', help: () => 'blob service URL (env BLOB_SERVICE_ADDR)' },
+  { name: 'directory-service-addr', key: 'directoryServiceAddr', value: '<url>', help: () => 'directory service URL (env DIRECTORY_SERVICE_ADDR)' },
+  { name: 'path-info-service-addr', key: 'pathInfoServiceAddr', value: '<url>', help: () => 'path info service URL (env PATH_INFO_SERVICE_ADDR)' },
+];
