@@ -1,11 +1,12 @@
 // The Nix layer against real Nix (Debian's nix-bin): store paths, NARs and
 // closures must be exactly what Nix itself produces.
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
+import { execFile, spawnSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { chmodSync, mkdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
+import { chmodSync, cpSync, mkdirSync, readFileSync, rmSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { open as openLmdb } from 'lmdb';
 import { LocalStore } from '../src/castore/backends/local.js';
 import { LocalPathInfoService } from '../src/store/backends/local.js';
 import { ingestNar } from '../src/store/nar/ingest.js';
@@ -19,6 +20,9 @@ async function collect(stream: AsyncIterable<Buffer>): Promise<Buffer> {
   for await (const chunk of stream) chunks.push(Buffer.from(chunk));
   return Buffer.concat(chunks);
 }
+
+/** `nixcas nar` with each of its renderers; NIXCAS_NATIVE_NAR=1 fails rather than fall back. */
+const RENDERERS = { native: { NIXCAS_NATIVE_NAR: '1' }, typescript: { NIXCAS_NATIVE_NAR: '0' } };
 
 function closurePaths(attrsJson: string): string[] {
   return (JSON.parse(readFileSync(attrsJson, 'utf8')).closure as { path: string }[]).map((e) => e.path);
@@ -37,8 +41,9 @@ test('copy a closure built by nix-build: NARs, hashes and references match Nix',
     const pathInfos = new LocalPathInfoService(store);
     try {
       for (const path of closurePaths(attrs)) {
-        const nar = nixcasBytes(['nar', path], env);
+        const nar = nixcasBytes(['nar', path], { ...env, ...RENDERERS.native });
         assert.ok(nar.equals(nix('nix-store', ['--dump', path])), `NAR of ${path} differs from nix-store --dump`);
+        assert.ok(nixcasBytes(['nar', path], { ...env, ...RENDERERS.typescript }).equals(nar), `TypeScript NAR of ${path}`);
         const info = (await pathInfos.get(parseStorePath(path).digest))!;
         assert.ok(info, `${path} not registered`);
         const nixHash = nix('nix-hash', ['--type', 'sha256', '--base32', path]).toString().trim();
@@ -168,28 +173,32 @@ test('import prints the path nix-store --add creates, for awkward trees, single 
     const theirs = inputs.map((input) => nix('nix-store', ['--add', input]).toString().trim());
     assert.deepEqual(ours, theirs);
     for (const path of ours) {
-      assert.ok(nixcasBytes(['nar', path], env).equals(nix('nix-store', ['--dump', path])), `NAR of ${path}`);
+      for (const renderer of Object.values(RENDERERS)) {
+        assert.ok(nixcasBytes(['nar', path], { ...env, ...renderer }).equals(nix('nix-store', ['--dump', path])), `NAR of ${path}`);
+      }
     }
 
-    // Every kind of stdout `nixcas nar` meets. The 64 MiB file's contents go by sendfile to a file,
-    // a pipe (read slowly, so it fills) and /dev/null, and are written instead where sendfile
-    // refuses (an O_APPEND file).
+    // Every kind of stdout `nixcas nar` meets, with both renderers. The 64 MiB file's contents go by
+    // sendfile to a file, a pipe (read slowly, so it fills) and /dev/null, and are written instead
+    // where sendfile refuses (an O_APPEND file).
     const treeNar = nix('nix-store', ['--dump', ours[0]!]);
-    const narAs = (redirect: string) => {
-      const result = spawnSync('sh', ['-c', `"$0" "$1" nar "$2" ${redirect}`, process.execPath, CLI, ours[0]!], { env: { ...process.env, ...env }, encoding: 'utf8' });
-      assert.equal(result.status, 0, `nar ${redirect}: ${result.stderr}`);
-      return result.stdout;
-    };
-    const outFile = join(work, 'out.nar');
-    narAs(`> ${outFile}`);
-    assert.ok(readFileSync(outFile).equals(treeNar), 'nar > file');
-    writeFileSync(outFile, 'before\n');
-    narAs(`>> ${outFile}`);
-    assert.ok(readFileSync(outFile).equals(Buffer.concat([Buffer.from('before\n'), treeNar])), 'nar >> file');
-    assert.equal(narAs('| (sleep 1; sha256sum)').split(' ')[0], createHash('sha256').update(treeNar).digest('hex'), 'nar | slow reader');
-    narAs('> /dev/null');
-    const cutShort = spawnSync('sh', ['-c', `"$0" "$1" nar "$2" | head -c 16 > /dev/null`, process.execPath, CLI, ours[0]!], { env: { ...process.env, ...env }, encoding: 'utf8' });
-    assert.match(cutShort.stderr, /the reader went away after \d+ bytes of the NAR \(broken pipe\)/);
+    for (const [name, renderer] of Object.entries(RENDERERS)) {
+      const narAs = (redirect: string) => {
+        const result = spawnSync('sh', ['-c', `"$0" "$1" nar "$2" ${redirect}`, process.execPath, CLI, ours[0]!], { env: { ...process.env, ...env, ...renderer }, encoding: 'utf8' });
+        assert.equal(result.status, 0, `${name}: nar ${redirect}: ${result.stderr}`);
+        return result.stdout;
+      };
+      const outFile = join(work, 'out.nar');
+      narAs(`> ${outFile}`);
+      assert.ok(readFileSync(outFile).equals(treeNar), `${name}: nar > file`);
+      writeFileSync(outFile, 'before\n');
+      narAs(`>> ${outFile}`);
+      assert.ok(readFileSync(outFile).equals(Buffer.concat([Buffer.from('before\n'), treeNar])), `${name}: nar >> file`);
+      assert.equal(narAs('| (sleep 1; sha256sum)').split(' ')[0], createHash('sha256').update(treeNar).digest('hex'), `${name}: nar | slow reader`);
+      narAs('> /dev/null');
+      const cutShort = spawnSync('sh', ['-c', `"$0" "$1" nar "$2" | head -c 16 > /dev/null`, process.execPath, CLI, ours[0]!], { env: { ...process.env, ...env, ...renderer }, encoding: 'utf8' });
+      assert.match(cutShort.stderr, /the reader went away after \d+ bytes of the NAR \(broken pipe\)/, name);
+    }
     assert.deepEqual((await verifyLocalStore(join(work, 'store'))).problems, []);
   } finally {
     removeDir(work);
@@ -220,3 +229,116 @@ test('NAR round trip: nix-store --dump, ingested, rendered again, is identical',
     removeDir(work);
   }
 });
+
+test('nar of a damaged store: a missing or shortened blob, a missing directory fail with a clear error, from both renderers', async () => {
+  const work = tempDir('nix-nar-damaged');
+  try {
+    const tree = join(work, 'tree');
+    mkdirSync(join(tree, 'sub'), { recursive: true });
+    writeFileSync(join(tree, 'sub', 'small.txt'), 'kept in LMDB\n');
+    writeFileSync(join(tree, 'big.bin'), randomBytes(200_000)); // a blob file
+    symlinkSync('sub/small.txt', join(tree, 'link'));
+    const store = join(work, 'store');
+    const imported = nixcas(['import', tree], { env: { NIXCAS_STORE: store } });
+    assert.equal(imported.status, 0, imported.stderr);
+    const path = imported.stdout.trim();
+
+    const pathInfos = new LocalPathInfoService(store);
+    const directories = LocalStore.directoryService(store);
+    const root = (await pathInfos.get(parseStorePath(path).digest))!.node;
+    assert.equal(root.kind, 'directory');
+    const top = (await directories.get(root.node.digest))!;
+    const sub = top.directories[0]!;
+    const small = (await directories.get(sub.digest))!.files[0]!;
+    const big = top.files[0]!;
+    await pathInfos.close();
+    await directories.close();
+    const bigHex = Buffer.from(big.digest).toString('hex');
+
+    const damages: { what: string; damage: (copy: string) => void; error: RegExp }[] = [
+      { what: 'a blob file removed', damage: (copy) => rmSync(join(copy, 'blobs', bigHex.slice(0, 2), bigHex)), error: /big\.bin: blob b3:\S+ is missing/ },
+      {
+        what: 'a blob file cut short',
+        damage: (copy) => truncateSync(join(copy, 'blobs', bigHex.slice(0, 2), bigHex), 1000),
+        error: /big\.bin: blob b3:\S+ has 1000 bytes, its node says 200000/,
+      },
+      { what: 'a small blob removed', damage: (copy) => removeFromLmdb(copy, 'small-blobs', small.digest), error: /sub\/small\.txt: blob b3:\S+ is missing/ },
+      { what: 'a directory removed', damage: (copy) => removeFromLmdb(copy, 'directories', sub.digest), error: /directory b3:\S+ .*is missing/ },
+    ];
+    for (const [index, { what, damage, error }] of damages.entries()) {
+      const copy = join(work, `damaged-${index}`);
+      cpSync(store, copy, { recursive: true });
+      damage(copy);
+      for (const [name, renderer] of Object.entries(RENDERERS)) {
+        const run = nixcas(['nar', path], { env: { NIXCAS_STORE: copy, ...renderer } });
+        assert.equal(run.status, 1, `${what}, ${name}: exit status`);
+        assert.match(run.stderr, error, `${what}, ${name}`);
+      }
+    }
+    // The undamaged store still renders, with both.
+    for (const renderer of Object.values(RENDERERS)) {
+      assert.ok(nixcasBytes(['nar', path], { NIXCAS_STORE: store, ...renderer }).equals(nix('nix-store', ['--dump', tree])));
+    }
+  } finally {
+    removeDir(work);
+  }
+});
+
+/** Deletes one key from a named database of a store's LMDB environment (no nixcas process has it open). */
+function removeFromLmdb(store: string, name: string, key: Uint8Array): void {
+  const env = openLmdb({ path: join(store, 'metadata'), maxDbs: 8, compression: false });
+  try {
+    const db = env.openDB({ name, encoding: 'binary', keyEncoding: 'binary' });
+    assert.ok(db.removeSync(Buffer.from(key)), `${name} had the key`);
+  } finally {
+    void env.close();
+  }
+}
+
+test('the native renderer reads a store while lmdb-js writes to it from another process', async () => {
+  const work = tempDir('nix-nar-concurrent');
+  const store = join(work, 'store');
+  try {
+    const tree = join(work, 'tree');
+    makeAwkwardTree(tree, 1024 * 1024);
+    const imported = nixcas(['import', tree], { env: { NIXCAS_STORE: store } });
+    assert.equal(imported.status, 0, imported.stderr);
+    const path = imported.stdout.trim();
+    const expected = nix('nix-store', ['--dump', tree]);
+
+    // This process holds the environment open through lmdb-js and commits small blobs
+    // (growing the map) while `nixcas nar` processes open it with the LMDB built into the renderer.
+    const blobs = LocalStore.blobService(store);
+    let writing = true;
+    let commits = 0;
+    const writer = (async () => {
+      while (writing) {
+        const blob = blobs.openWriter();
+        await blob.write(randomBytes(4096 + (commits % 1000)));
+        await blob.close();
+        commits++;
+      }
+    })();
+    try {
+      const renders = Array.from({ length: 6 }, () => nixcasAsync(['nar', path], { NIXCAS_STORE: store, ...RENDERERS.native }));
+      for (const nar of await Promise.all(renders)) assert.ok(nar.equals(expected), 'NAR rendered during writes');
+    } finally {
+      writing = false;
+      await writer;
+      await blobs.close();
+    }
+    assert.ok(commits > 0, 'the writer committed while the renderers ran');
+    assert.deepEqual((await verifyLocalStore(store)).problems, []);
+  } finally {
+    removeDir(work);
+  }
+});
+
+/** `nixcas ARGS…` without blocking this process's event loop; resolves to stdout. */
+function nixcasAsync(args: string[], env: NodeJS.ProcessEnv): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    execFile(process.execPath, [CLI, ...args], { env: { ...process.env, ...env }, encoding: 'buffer', maxBuffer: 1 << 30 }, (err, stdout, stderr) =>
+      err ? reject(new Error(`nixcas ${args.join(' ')}: ${err.message} ${stderr.toString()}`)) : resolve(stdout),
+    );
+  });
+}

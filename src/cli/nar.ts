@@ -12,7 +12,8 @@ export function narCommand(): Command {
       'Render STORE_PATH (/nix/store/<hash>-<name>, or just its basename) from the store as a NAR on ' +
         'stdout, byte for byte what `nix-store --dump` gives for the same path.\n\n' +
         'From a local store the NAR is written by a native renderer that starts in milliseconds; ' +
-        'NIXCAS_NATIVE_NAR=0 makes the TypeScript renderer do it, as it always does for gRPC stores.',
+        'NIXCAS_NATIVE_NAR=0 makes the TypeScript renderer do it, as it always does for gRPC stores; ' +
+        'NIXCAS_NATIVE_NAR=1 makes it an error when the native renderer cannot.',
     )
     .argument('<store-path>', 'a store path registered in the store');
   return addStoreOptions(command).action(async (raw: string, options) => {

@@ -15,14 +15,21 @@ export function narArgument(raw: string) {
  * one local store and the renderer is built: true when it did. False when
  * nothing was written and the TypeScript renderer must do it. Throws when the
  * path is not in the store or rendering failed.
+ *
+ * NIXCAS_NATIVE_NAR=0 turns the native renderer off; =1 requires it (an error
+ * instead of the TypeScript renderer), which is how tests know which one ran.
  */
-export function writeNarNatively(raw: string, options: AddressOptions): boolean {
+export function writeNarNatively(raw: string, options: AddressOptions, env: NodeJS.ProcessEnv = process.env): boolean {
   const storePath = narArgument(raw);
-  const addresses = resolveAddresses(options);
+  const addresses = resolveAddresses(options, env);
   const localStore = singleLocalStore(addresses);
-  const addon = localStore === undefined ? undefined : localNarAddon();
+  const addon = localStore === undefined ? undefined : localNarAddon(env);
   const outcome = addon?.renderLocalNar(localStore!, storePath.digest, Buffer.from(formatBasename(storePath), 'latin1'), 1) ?? 'fallback';
   if (outcome === 'not-found') throw notInStore(storePath, addresses.pathInfo);
+  if (outcome === 'fallback' && env.NIXCAS_NATIVE_NAR === '1') {
+    const why = localStore === undefined ? 'serves only one local store (--store)' : addon ? `cannot read the store at ${localStore}` : 'is not built';
+    throw new Error(`NIXCAS_NATIVE_NAR=1, but the native NAR renderer ${why}`);
+  }
   return outcome === 'rendered';
 }
 

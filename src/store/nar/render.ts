@@ -131,6 +131,7 @@ export async function* renderNar(root: Node, services: CastoreServices, options:
           encoder.fileData(chunk);
           if (out.length) yield* out.splice(0);
         }
+        if (seen < to) throw new Error(`${here()}: blob ${formatDigest(node.digest)} has ${seen} bytes, its node says ${node.size}`);
       }
       if (node.size > to) skip(node.size - to);
     }
