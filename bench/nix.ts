@@ -44,10 +44,10 @@ function statusKb(pid: number, field: string): number {
 }
 
 /** Runs a command with stdout to a file (or /dev/null); wall time and memory peaks. */
-async function timed(command: string, args: string[], stdoutFile = '/dev/null'): Promise<Measured> {
+async function timed(command: string, args: string[], stdoutFile = '/dev/null', env: NodeJS.ProcessEnv = {}): Promise<Measured> {
   const out = openSync(stdoutFile, 'w');
   const started = process.hrtime.bigint();
-  const child = spawn(command, args, { stdio: ['ignore', out, 'pipe'] });
+  const child = spawn(command, args, { stdio: ['ignore', out, 'pipe'], env: { ...process.env, ...env } });
   let stderr = '';
   child.stderr!.on('data', (d) => (stderr += d));
   let peakAnonKb = 0;
@@ -137,10 +137,14 @@ export async function benchNix(rows: Row[], work: string, repeats: number, cli: 
   const oneFile = join(work, 'one-file');
   writeFileSync(oneFile, 'x\n');
   const startup = { ours: [] as number[], peer: [] as number[] };
+  // `nixcas nar` of a local store renders natively; =1 makes a silent fall back to the
+  // TypeScript renderer an error. That renderer (the daemon's and nar-bridge's) gets its own row.
+  const NATIVE = { NIXCAS_NATIVE_NAR: '1' };
+  const TYPESCRIPT = { NIXCAS_NATIVE_NAR: '0' };
 
   for (const tree of cases) {
     const importTimes = { ours: [] as number[], peer: [] as number[], peerDurable: [] as number[] };
-    const narTimes = { ours: [] as number[], peer: [] as number[] };
+    const narTimes = { ours: [] as number[], peer: [] as number[], typescript: [] as number[] };
     const trivialTimes = { ours: [] as number[], peer: [] as number[] };
     const pipedTimes = { ours: [] as number[], peer: [] as number[] };
     const memory = { importRss: 0, importAnon: 0, narRss: 0, narAnon: 0 };
@@ -178,15 +182,19 @@ export async function benchNix(rows: Row[], work: string, repeats: number, cli: 
       const oneFilePeer = spawnSync('nix-store', ['--add', oneFile], { encoding: 'utf8' }).stdout.trim();
       if (!oneFileOurs || oneFileOurs !== oneFilePeer) throw new Error(`one-file path: nixcas ${oneFileOurs}, nix ${oneFilePeer}`);
       for (const who of order) {
-        if (who === 'ours') trivialTimes.ours.push((await timed(process.execPath, [cli, 'nar', '--store', store, oneFileOurs])).seconds);
+        if (who === 'ours') trivialTimes.ours.push((await timed(process.execPath, [cli, 'nar', '--store', store, oneFileOurs], '/dev/null', NATIVE)).seconds);
         else trivialTimes.peer.push((await timed('nix-store', ['--dump', oneFilePeer])).seconds);
       }
       for (const who of order) {
         if (who === 'ours') {
-          const run = await timed(process.execPath, [cli, 'nar', '--store', store, storePath]);
+          const run = await timed(process.execPath, [cli, 'nar', '--store', store, storePath], '/dev/null', NATIVE);
           narTimes.ours.push(run.seconds);
           memory.narRss = Math.max(memory.narRss, run.peakRssMb);
           memory.narAnon = Math.max(memory.narAnon, run.peakAnonMb);
+          const typescript = await timed(process.execPath, [cli, 'nar', '--store', store, storePath], '/dev/null', TYPESCRIPT);
+          narTimes.typescript.push(typescript.seconds);
+          memory.narRss = Math.max(memory.narRss, typescript.peakRssMb);
+          memory.narAnon = Math.max(memory.narAnon, typescript.peakAnonMb);
         } else {
           narTimes.peer.push((await timed('nix-store', ['--dump', storePath])).seconds);
         }
@@ -194,7 +202,7 @@ export async function benchNix(rows: Row[], work: string, repeats: number, cli: 
       // Into a pipe, as a NAR is usually consumed (by a compressor, an uploader).
       for (const who of order) {
         const command = who === 'ours' ? `"${process.execPath}" "${cli}" nar --store "${store}" ${storePath}` : `nix-store --dump ${storePath}`;
-        pipedTimes[who].push((await timed('sh', ['-c', `${command} | cat > /dev/null`])).seconds);
+        pipedTimes[who].push((await timed('sh', ['-c', `${command} | cat > /dev/null`], '/dev/null', NATIVE)).seconds);
       }
       if (i < repeats - 1) rmSync(store, { recursive: true, force: true });
     }
@@ -213,6 +221,11 @@ export async function benchNix(rows: Row[], work: string, repeats: number, cli: 
       capability: `NAR rendering, ${tree.label}`,
       ours: mb / median(narTimes.ours), peer: mb / median(narTimes.peer), unit: 'MB/s',
       peerName: 'nix-store --dump', target: 1.0,
+    });
+    rows.push({
+      capability: `NAR rendering by the TypeScript renderer (NIXCAS_NATIVE_NAR=0), ${tree.label}`,
+      ours: mb / median(narTimes.typescript), peer: mb / median(narTimes.peer), unit: 'MB/s',
+      peerName: 'nix-store --dump', note: "the daemon's and nar-bridge's renderer, cold",
     });
     const alone = (who: 'ours' | 'peer') => mb / Math.max(1e-3, median(narTimes[who]) - median(trivialTimes[who]));
     rows.push({

@@ -6,7 +6,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { chmodSync, cpSync, mkdirSync, readFileSync, rmSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { open as openLmdb } from 'lmdb';
+import { type Database, open as openLmdb } from 'lmdb';
 import { LocalStore } from '../src/castore/backends/local.js';
 import { LocalPathInfoService } from '../src/store/backends/local.js';
 import { ingestNar } from '../src/store/nar/ingest.js';
@@ -264,6 +264,11 @@ test('nar of a damaged store: a missing or shortened blob, a missing directory f
       },
       { what: 'a small blob removed', damage: (copy) => removeFromLmdb(copy, 'small-blobs', small.digest), error: /sub\/small\.txt: blob b3:\S+ is missing/ },
       { what: 'a directory removed', damage: (copy) => removeFromLmdb(copy, 'directories', sub.digest), error: /directory b3:\S+ .*is missing/ },
+      {
+        what: 'a directory overwritten with garbage',
+        damage: (copy) => replaceInLmdb(copy, 'directories', sub.digest, Buffer.from([0x12, 0xff, 0x01])),
+        error: /directory b3:\S+ is malformed/,
+      },
     ];
     for (const [index, { what, damage, error }] of damages.entries()) {
       const copy = join(work, `damaged-${index}`);
@@ -284,15 +289,22 @@ test('nar of a damaged store: a missing or shortened blob, a missing directory f
   }
 });
 
-/** Deletes one key from a named database of a store's LMDB environment (no nixcas process has it open). */
-function removeFromLmdb(store: string, name: string, key: Uint8Array): void {
+/** Changes one key of a named database of a store's LMDB environment (no nixcas process has it open). */
+function changeInLmdb(store: string, name: string, change: (db: Database<Buffer, Buffer>) => boolean): void {
   const env = openLmdb({ path: join(store, 'metadata'), maxDbs: 8, compression: false });
   try {
-    const db = env.openDB({ name, encoding: 'binary', keyEncoding: 'binary' });
-    assert.ok(db.removeSync(Buffer.from(key)), `${name} had the key`);
+    assert.ok(change(env.openDB({ name, encoding: 'binary', keyEncoding: 'binary' })), `${name} had the key`);
   } finally {
     void env.close();
   }
+}
+
+function removeFromLmdb(store: string, name: string, key: Uint8Array): void {
+  changeInLmdb(store, name, (db) => db.removeSync(Buffer.from(key)));
+}
+
+function replaceInLmdb(store: string, name: string, key: Uint8Array, value: Buffer): void {
+  changeInLmdb(store, name, (db) => db.doesExist(Buffer.from(key)) && db.putSync(Buffer.from(key), value));
 }
 
 test('the native renderer reads a store while lmdb-js writes to it from another process', async () => {

@@ -20,7 +20,7 @@ import { constants as osConstants } from 'node:os';
 import { join } from 'node:path';
 import { type Database, type RootDatabase, open as openLmdb } from 'lmdb';
 import { type BlobFile, type BlobReader, type BlobService, type BlobWriter, bufferReader, streamBlobReader } from '../blobservice.js';
-import { type B3Digest, type Blake3Hasher, blake3, createBlake3, digestKey } from '../digest.js';
+import { type B3Digest, type Blake3Hasher, blake3, createBlake3, digestKey, formatDigest } from '../digest.js';
 import { type DirectoryService, checkBatch, readUnderDigest, walkDirectories } from '../directoryservice.js';
 import type { Directory } from '../model.js';
 import { decodeDirectory } from '../wire.js';
@@ -402,8 +402,15 @@ export class LocalDirectoryService implements DirectoryService {
 
   async get(digest: B3Digest): Promise<Directory | undefined> {
     const encoded = this.db.get(digest);
+    if (!encoded) return undefined;
+    let directory: Directory;
+    try {
+      directory = decodeDirectory(encoded);
+    } catch (err) {
+      throw new Error(`directory ${formatDigest(digest)} is malformed (${(err as Error).message}): the store is damaged`);
+    }
     // Stored only after its digest was checked (put), so the key is its digest.
-    return encoded && readUnderDigest(decodeDirectory(encoded), digest);
+    return readUnderDigest(directory, digest);
   }
 
   getRecursive(digest: B3Digest) {

@@ -620,7 +620,11 @@ static int open_directory(render_t *render, const entry_t *node, level_t *level)
     return fail(render->failure, "%s: directory %s is malformed or breaks the castore rules", here(render), digest);
   }
   level->next = 0;
-  return PUT_LITERAL(&render->out, "(") || PUT_LITERAL(&render->out, "type") || PUT_LITERAL(&render->out, "directory") ? FAILED : 0;
+  if (PUT_LITERAL(&render->out, "(") || PUT_LITERAL(&render->out, "type") || PUT_LITERAL(&render->out, "directory")) {
+    free(level->entries);
+    return FAILED;
+  }
+  return 0;
 }
 
 static int render_tree(render_t *render, const entry_t *root) {
