@@ -16,6 +16,8 @@ export interface NativeAddon {
   /** One writev(2): bytes written, or -errno. */
   writev(fd: number, buffers: Uint8Array[]): number;
   setNonBlocking(fd: number): number;
+  /** fcntl(F_SETPIPE_SZ): the pipe's capacity afterwards, or -errno (-EBADF when `fd` is not a pipe). */
+  widenPipe(fd: number, size: number): number;
   mount(source: string, target: string | Buffer, fstype: string, flags: number, data: string): number;
   umount2(target: string | Buffer, flags: number): number;
   socketpair(): [number, number] | number;

@@ -243,6 +243,16 @@ static napi_value set_non_blocking(napi_env env, napi_callback_info info) {
   return make_int(env, 0);
 }
 
+// widenPipe(fd, size) -> the pipe's capacity now, or -errno (-EBADF, -EPERM
+// past /proc/sys/fs/pipe-max-size; an fd that is not a pipe gives -EBADF).
+static napi_value widen_pipe(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  int64_t fd, size;
+  if (!get_args(env, info, 2, argv) || !get_int(env, argv[0], &fd) || !get_int(env, argv[1], &size)) return NULL;
+  int capacity = fcntl((int)fd, F_SETPIPE_SZ, (int)size);
+  return make_int(env, capacity < 0 ? -errno : capacity);
+}
+
 // --- mounts ----------------------------------------------------------------
 
 // mount(source, target, fstype, flags, data) -> 0 or -errno.
@@ -655,6 +665,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"writev", NULL, writev_fd, NULL, NULL, NULL, napi_default, NULL},
       {"readCached", NULL, read_cached, NULL, NULL, NULL, napi_default, NULL},
       {"setNonBlocking", NULL, set_non_blocking, NULL, NULL, NULL, napi_default, NULL},
+      {"widenPipe", NULL, widen_pipe, NULL, NULL, NULL, napi_default, NULL},
       {"mount", NULL, mount_fs, NULL, NULL, NULL, napi_default, NULL},
       {"umount2", NULL, umount_fs, NULL, NULL, NULL, napi_default, NULL},
       {"socketpair", NULL, socket_pair, NULL, NULL, NULL, napi_default, NULL},

