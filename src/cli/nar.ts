@@ -1,8 +1,7 @@
 // `nixcas nar STORE_PATH`: write a store path's NAR to stdout.
 import { isatty } from 'node:tty';
 import { Command } from 'commander';
-import { formatBasename } from '../store/storepath.js';
-import { narArgument, notInStore, writeNarNatively } from './native-nar.js';
+import { narArgument, notInStore, rootName, writeNarNatively } from './native-nar.js';
 import { addStoreOptions, openServices } from './store-options.js';
 
 export function narCommand(): Command {
@@ -26,7 +25,7 @@ export function narCommand(): Command {
     try {
       const info = await services.pathInfos.get(storePath.digest);
       // Registered under its hash part; a path of that hash with another name is not this one.
-      if (!info || !info.node.node.name.equals(Buffer.from(formatBasename(storePath), 'latin1'))) {
+      if (!info || !info.node.node.name.equals(rootName(storePath))) {
         throw notInStore(storePath, services.addresses.pathInfo);
       }
       await writeNarToFd(info.node, services, 1);

@@ -10,6 +10,11 @@ export function narArgument(raw: string) {
   return parseStorePath(raw.includes('/') ? raw : `/nix/store/${raw}`);
 }
 
+/** The name the path's root node carries: <hash>-<name>, as bytes (store path names are ASCII). */
+export function rootName(storePath: StorePath): Buffer {
+  return Buffer.from(formatBasename(storePath), 'latin1');
+}
+
 /**
  * Writes the NAR to stdout with the native renderer when the services are
  * one local store and the renderer is built: true when it did. False when
@@ -24,7 +29,7 @@ export function writeNarNatively(raw: string, options: AddressOptions, env: Node
   const addresses = resolveAddresses(options, env);
   const localStore = singleLocalStore(addresses);
   const addon = localStore === undefined ? undefined : localNarAddon(env);
-  const outcome = addon?.renderLocalNar(localStore!, storePath.digest, Buffer.from(formatBasename(storePath), 'latin1'), 1) ?? 'fallback';
+  const outcome = addon?.renderLocalNar(localStore!, storePath.digest, rootName(storePath), 1) ?? 'fallback';
   if (outcome === 'not-found') throw notInStore(storePath, addresses.pathInfo);
   if (outcome === 'fallback' && env.NIXCAS_NATIVE_NAR === '1') {
     const why = localStore === undefined ? 'serves only one local store (--store)' : addon ? `cannot read the store at ${localStore}` : 'is not built';
