@@ -128,8 +128,12 @@ static int put_string(output_t *out, const void *data, size_t length) {
 
 #define PUT_LITERAL(out, text) put_string((out), (text), sizeof(text) - 1)
 
+struct render;
+/** Where the renderer is, for messages; only formatted when something failed. */
+static const char *here(struct render *render);
+
 /** `count` bytes of `fd` from offset 0 onto the output, by sendfile(2) when the output takes it. */
-static int put_file_contents(output_t *out, int fd, uint64_t count, const char *where) {
+static int put_file_contents(output_t *out, int fd, uint64_t count, struct render *render) {
   if (count >= SENDFILE_MIN && out->sendfile_works) {
     if (flush_output(out)) return FAILED;
     off_t offset = 0;
@@ -140,14 +144,14 @@ static int put_file_contents(output_t *out, int fd, uint64_t count, const char *
         out->written += (uint64_t)n;
         continue;
       }
-      if (n == 0) return fail(out->failure, "%s: blob file ended after %lld of %llu bytes", where, (long long)offset, (unsigned long long)count);
+      if (n == 0) return fail(out->failure, "%s: blob file ended after %lld of %llu bytes", here(render), (long long)offset, (unsigned long long)count);
       if (errno == EINTR) continue;
       if (errno == EAGAIN && wait_writable(out->fd) == 0) continue;
       if ((errno == EINVAL || errno == ENOSYS || errno == EOPNOTSUPP) && offset == 0) {
         out->sendfile_works = 0; // e.g. an O_APPEND file: copy instead
         break;
       }
-      return errno == EPIPE ? write_error(out, errno) : fail(out->failure, "%s: sending the blob: %s", where, strerror(errno));
+      return errno == EPIPE ? write_error(out, errno) : fail(out->failure, "%s: sending the blob: %s", here(render), strerror(errno));
     }
     if (out->sendfile_works) return 0;
   }
@@ -159,9 +163,9 @@ static int put_file_contents(output_t *out, int fd, uint64_t count, const char *
     ssize_t n = pread(fd, out->buffer + out->used, want, (off_t)offset);
     if (n < 0) {
       if (errno == EINTR) continue;
-      return fail(out->failure, "%s: reading the blob: %s", where, strerror(errno));
+      return fail(out->failure, "%s: reading the blob: %s", here(render), strerror(errno));
     }
-    if (n == 0) return fail(out->failure, "%s: blob file ended after %llu of %llu bytes", where, (unsigned long long)offset, (unsigned long long)count);
+    if (n == 0) return fail(out->failure, "%s: blob file ended after %llu of %llu bytes", here(render), (unsigned long long)offset, (unsigned long long)count);
     out->used += (size_t)n;
     offset += (uint64_t)n;
   }
@@ -501,7 +505,7 @@ static int decode_root(const unsigned char *data, size_t length, entry_t *root) 
 
 /* ---------- rendering ---------- */
 
-typedef struct {
+typedef struct render {
   const char *store_root;
   MDB_txn *txn;
   MDB_dbi directories;
@@ -516,7 +520,7 @@ typedef struct {
 } render_t;
 
 /** Where the renderer is, as render.ts's here() says it: root, or names joined by '/'. */
-static const char *here(render_t *render) {
+static const char *here(struct render *render) {
   static char text[768];
   if (render->depth == 0) return "root";
   size_t used = 0;
@@ -573,7 +577,7 @@ static int render_file(render_t *render, const entry_t *file) {
       struct stat st;
       int result = fstat(fd, &st) ? fail(render->failure, "%s: %s: %s", here(render), path, strerror(errno))
                    : (uint64_t)st.st_size != file->size ? wrong_size(render, file, (uint64_t)st.st_size)
-                   : put_file_contents(out, fd, file->size, here(render));
+                   : put_file_contents(out, fd, file->size, render);
       close(fd);
       if (result) return FAILED;
     }
