@@ -66,7 +66,7 @@ export class BlobWriteWindow {
   }
 }
 
-/** What a blob writer may still hold once close() is called on a large blob (its write queue). */
+/** What a blob writer may still hold once close() is called on a large blob (its slabs on their way to the disk). */
 const QUEUED_BYTES_PER_WRITER = 8 * 1024 * 1024;
 
 /** Writes `chunks` as one blob; aborts the writer if the source fails. */

@@ -18,6 +18,10 @@ export interface NativeAddon {
   setNonBlocking(fd: number): number;
   /** fcntl(F_SETPIPE_SZ): the pipe's capacity afterwards, or -errno (-EBADF when `fd` is not a pipe). */
   widenPipe(fd: number, size: number): number;
+  /** Bytes from the start of `buffer` to its first address that is a multiple of `alignment`. */
+  misalignment(buffer: Uint8Array, alignment: number): number;
+  /** fcntl(F_SETFL) with or without O_DIRECT: 0 or -errno (-EINVAL where the file system has no direct I/O). */
+  setDirect(fd: number, on: boolean): number;
   mount(source: string, target: string | Buffer, fstype: string, flags: number, data: string): number;
   umount2(target: string | Buffer, flags: number): number;
   socketpair(): [number, number] | number;

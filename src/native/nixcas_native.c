@@ -2,14 +2,17 @@
 // vhost-user backend: readiness of a file descriptor on the event loop, reads
 // and gathered writes that report errno as a negative number instead of
 // throwing, mount(2)/umount2(2), unix sockets that carry file descriptors
-// (SCM_RIGHTS), shared memory mappings (guest RAM), eventfds, and sendfile(2)
-// in the thread pool (file to socket without passing through user space).
+// (SCM_RIGHTS), shared memory mappings (guest RAM), eventfds, sendfile(2)
+// in the thread pool (file to socket without passing through user space), and
+// what O_DIRECT writes need (aligned memory, a way back to buffered writes).
 //
 // Everything here is a thin wrapper: policy lives in TypeScript.
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <node_api.h>
+#include <stdbool.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -251,6 +254,41 @@ static napi_value widen_pipe(napi_env env, napi_callback_info info) {
   if (!get_args(env, info, 2, argv) || !get_int(env, argv[0], &fd) || !get_int(env, argv[1], &size)) return NULL;
   int capacity = fcntl((int)fd, F_SETPIPE_SZ, (int)size);
   return make_int(env, capacity < 0 ? -errno : capacity);
+}
+
+// --- direct I/O -------------------------------------------------------------
+
+// misalignment(buffer, alignment) -> how many bytes into `buffer` the first
+// address that is a multiple of `alignment` lies (0 when it starts on one).
+// O_DIRECT needs aligned memory, which JavaScript cannot ask for; a buffer a
+// little larger than needed, used from that offset, is. Backing stores of
+// ArrayBuffers never move, so the answer stays true.
+static napi_value misalignment(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  int64_t alignment;
+  void *data;
+  size_t length;
+  if (!get_args(env, info, 2, argv) || !get_int(env, argv[1], &alignment)) return NULL;
+  CHECK(napi_get_buffer_info(env, argv[0], &data, &length));
+  if (alignment <= 0) return make_int(env, 0);
+  uintptr_t address = (uintptr_t)data;
+  return make_int(env, (int64_t)((alignment - address % (uintptr_t)alignment) % (uintptr_t)alignment));
+}
+
+// setDirect(fd, on) -> 0 or -errno: turns O_DIRECT on or off for an open
+// file (fcntl F_SETFL), so a file can be written through the page cache at
+// first and around it later, or go back when its file system refuses direct
+// writes.
+static napi_value set_direct(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  int64_t fd;
+  bool on;
+  if (!get_args(env, info, 2, argv) || !get_int(env, argv[0], &fd)) return NULL;
+  CHECK(napi_get_value_bool(env, argv[1], &on));
+  int flags = fcntl((int)fd, F_GETFL);
+  if (flags < 0) return make_int(env, -errno);
+  if (fcntl((int)fd, F_SETFL, on ? flags | O_DIRECT : flags & ~O_DIRECT) < 0) return make_int(env, -errno);
+  return make_int(env, 0);
 }
 
 // --- mounts ----------------------------------------------------------------
@@ -666,6 +704,8 @@ static napi_value init(napi_env env, napi_value exports) {
       {"readCached", NULL, read_cached, NULL, NULL, NULL, napi_default, NULL},
       {"setNonBlocking", NULL, set_non_blocking, NULL, NULL, NULL, napi_default, NULL},
       {"widenPipe", NULL, widen_pipe, NULL, NULL, NULL, napi_default, NULL},
+      {"misalignment", NULL, misalignment, NULL, NULL, NULL, napi_default, NULL},
+      {"setDirect", NULL, set_direct, NULL, NULL, NULL, napi_default, NULL},
       {"mount", NULL, mount_fs, NULL, NULL, NULL, napi_default, NULL},
       {"umount2", NULL, umount_fs, NULL, NULL, NULL, napi_default, NULL},
       {"socketpair", NULL, socket_pair, NULL, NULL, NULL, napi_default, NULL},

@@ -6,7 +6,8 @@
 //   STORE/tmp/<pid>-<random>    large blobs being written
 //   STORE/metadata/             LMDB: small blobs; directories; path infos (store/backends/local.ts)
 //
-// A large blob is written to tmp/, fsynced, then renamed into blobs/ and the
+// A large blob is written to tmp/ (blob-file.ts: past 8 MiB around the page
+// cache, with O_DIRECT), fsynced, then renamed into blobs/ and the
 // directory fsynced: a reader sees a complete blob or none, whatever kills
 // the writer. Small blobs (most files of a Nix store) live in LMDB: creating
 // a file costs ~0.5 ms here, an LMDB put a few µs, and puts made together
@@ -25,6 +26,7 @@ import { type DirectoryService, checkBatch, readUnderDigest, walkDirectories } f
 import type { Directory } from '../model.js';
 import { decodeDirectory } from '../wire.js';
 import { native, type NativeAddon } from '../../native/index.js';
+import { BlobFileWriter } from './blob-file.js';
 
 const LAYOUT_MARKER = 'nixcas-store';
 /** Version 2 added small blobs in LMDB; version 1 stores are read as they are and upgraded. */
@@ -260,30 +262,19 @@ function ownedCopy(chunk: Uint8Array): Buffer {
 
 /**
  * Writes a blob. The first SMALL_BLOB_MAX bytes are held in memory; a blob
- * that stays that small goes to LMDB and never touches a file. Past that, a
- * temp file is opened and disk writes are queued rather than awaited one by
- * one, so the next chunk can arrive (from the network, a NAR) while the
- * previous one is written; write() waits only when too much is queued.
+ * that stays that small goes to LMDB and never touches a file. Past that, the
+ * bytes go to a temp file (blob-file.ts), which is synced before it is
+ * renamed to the blob's address.
  */
 class LocalBlobWriter implements BlobWriter {
-  private static readonly MAX_QUEUED_BYTES = 8 * 1024 * 1024;
-  /**
-   * A large blob's data is flushed to disk in steps while it is written, so
-   * the fsync before it is published waits only for the last step and the
-   * disk works alongside the hashing instead of after it.
-   */
-  private static readonly EARLY_SYNC_BYTES = 32 * 1024 * 1024;
-  private unsynced = 0;
-  private earlySync?: Promise<void>;
   /** Created once the blob outgrows SMALL_BLOB_MAX; a small one is hashed whole at close(). */
   private hasher?: Blake3Hasher;
   private held: Uint8Array[] = [];
   private heldBytes = 0;
-  private file?: Promise<fs.FileHandle>;
-  private queue: Promise<void> = Promise.resolve();
-  private queuedBytes = 0;
-  private failure: unknown;
-  private onWritten?: () => void;
+  private file?: Promise<BlobFileWriter>;
+  private size = 0;
+  /** write() calls run one after another, even when a caller does not wait for the last. */
+  private writing: Promise<void> = Promise.resolve();
   private state: 'open' | 'closed' | 'aborted' = 'open';
 
   constructor(
@@ -292,70 +283,44 @@ class LocalBlobWriter implements BlobWriter {
     private readonly publishSmall: (digest: B3Digest, data: Buffer) => Promise<void>,
   ) {}
 
-  async write(chunk: Uint8Array): Promise<void> {
-    if (this.state !== 'open') throw new Error(`blob writer is ${this.state}`);
-    if (this.failure) throw this.failure;
+  write(chunk: Uint8Array): Promise<void> {
+    if (this.state !== 'open') return Promise.reject(new Error(`blob writer is ${this.state}`));
+    this.writing = this.writing.then(() => this.append(chunk));
+    return this.writing;
+  }
+
+  private async append(chunk: Uint8Array): Promise<void> {
     if (!this.file) {
       this.held.push(chunk);
       this.heldBytes += chunk.length;
       if (this.heldBytes <= SMALL_BLOB_MAX) return;
       // Too big for LMDB: continue as a file, starting with what was held.
       this.hasher = createBlake3();
-      for (const piece of this.held) this.hasher.update(piece);
-      const file = fs.open(this.tmpPath, 'wx', 0o444);
-      file.catch(() => {}); // surfaced through the queue
-      this.file = file;
-      this.queue = file.then(() => {});
+      this.file = BlobFileWriter.create(this.tmpPath);
       const held = this.held;
       this.held = [];
       this.heldBytes = 0;
-      for (const piece of held) this.enqueue(piece);
-    } else {
-      this.hasher!.update(chunk);
-      this.enqueue(chunk);
+      for (const piece of held) await this.appendToFile(piece);
+      return;
     }
-    // Wait for the queue to shrink, not to empty, so the disk always has the next chunk waiting.
-    while (this.queuedBytes > LocalBlobWriter.MAX_QUEUED_BYTES && !this.failure) {
-      await new Promise<void>((resolve) => (this.onWritten = resolve));
-    }
-    if (this.failure) throw this.failure;
+    await this.appendToFile(chunk);
   }
 
-  private startEarlySync(fh: fs.FileHandle): void {
-    this.unsynced = 0;
-    this.earlySync = fh.datasync().then(
-      () => (this.earlySync = undefined),
-      (err) => void (this.failure ??= err),
-    );
-  }
-
-  private wakeWriter(): void {
-    const wake = this.onWritten;
-    this.onWritten = undefined;
-    wake?.();
-  }
-
-  private enqueue(chunk: Uint8Array): void {
-    this.queuedBytes += chunk.length;
-    this.queue = this.queue.then(async () => {
-      const fh = await this.file!;
-      for (let written = 0; written < chunk.length; ) {
-        written += (await fh.write(chunk, written, chunk.length - written)).bytesWritten;
-      }
-      this.queuedBytes -= chunk.length;
-      this.unsynced += chunk.length;
-      if (this.unsynced >= LocalBlobWriter.EARLY_SYNC_BYTES && !this.earlySync) this.startEarlySync(fh);
-      this.wakeWriter();
-    });
-    this.queue.catch((err) => {
-      this.failure ??= err;
-      this.wakeWriter();
-    });
+  private async appendToFile(chunk: Uint8Array): Promise<void> {
+    this.hasher!.update(chunk);
+    this.size += chunk.length;
+    await (await this.file!).write(chunk);
   }
 
   async close(): Promise<B3Digest> {
     if (this.state !== 'open') throw new Error(`blob writer is ${this.state}`);
     this.state = 'closed';
+    try {
+      await this.writing;
+    } catch (err) {
+      await this.discard();
+      throw err;
+    }
     if (!this.file) {
       const data = this.held.length === 1 ? ownedCopy(this.held[0]!) : Buffer.concat(this.held);
       this.held = [];
@@ -365,15 +330,7 @@ class LocalBlobWriter implements BlobWriter {
     }
     const digest = this.hasher!.digest();
     try {
-      await this.queue;
-      await this.earlySync;
-      const fh = await this.file;
-      try {
-        if (this.failure) throw this.failure;
-        await fh.sync();
-      } finally {
-        await fh.close();
-      }
+      await (await this.file).finish(this.size);
       await this.publish(digest);
       return digest;
     } catch (err) {
@@ -390,9 +347,8 @@ class LocalBlobWriter implements BlobWriter {
   private async discard(): Promise<void> {
     this.held = [];
     if (!this.file) return;
-    await this.queue.catch(() => {});
-    await this.earlySync;
-    await (await this.file.catch(() => undefined))?.close().catch(() => {});
+    await this.writing.catch(() => {});
+    await (await this.file.catch(() => undefined))?.abort();
     await fs.unlink(this.tmpPath).catch(() => {});
   }
 }
