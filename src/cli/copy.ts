@@ -4,6 +4,7 @@ import { Command, Option } from 'commander';
 import { parseClosure } from '../store/closure.js';
 import { copyClosure } from '../store/copy.js';
 import { Progress, formatBytes } from './progress.js';
+import { startHashThread } from '../store/sha256-off-thread.js';
 import { addStoreOptions, openServices } from './store-options.js';
 
 function readInput(file: string | undefined): { text: string; source: string } {
@@ -39,6 +40,7 @@ export function copyCommand(): Command {
     }
     const { entries, problems } = parseClosure(json);
     for (const { path, error } of problems) console.error(`nixcas copy: ${path}: ${error.message}`);
+    startHashThread(); // boots while the store opens
     const services = await openServices(options);
     const progress = new Progress();
     let done = 0;

@@ -3,6 +3,7 @@ import { Command } from 'commander';
 import { importPath } from '../store/import.js';
 import { formatStorePath } from '../store/storepath.js';
 import { Progress, formatBytes } from './progress.js';
+import { startHashThread } from '../store/sha256-off-thread.js';
 import { addStoreOptions, openServices } from './store-options.js';
 
 export function importCommand(): Command {
@@ -17,6 +18,7 @@ export function importCommand(): Command {
     .option('--name <name>', 'store path name instead of the basename (only with one PATH)');
   return addStoreOptions(command).action(async (paths: string[], options) => {
     if (options.name && paths.length > 1) throw new Error('--name works with one PATH only');
+    startHashThread(); // boots while the store opens
     const services = await openServices(options);
     const progress = new Progress();
     let failed = 0;
