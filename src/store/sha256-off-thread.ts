@@ -58,7 +58,6 @@ class HashThread {
   }
 
   private constructor() {
-    this.worker.unref();
     this.worker.on('message', (reply: Reply) => {
       if (--this.owed === 0) this.worker.unref();
       const stream = this.streams.get(reply.id);
@@ -76,6 +75,9 @@ class HashThread {
     };
     this.worker.on('error', fail);
     this.worker.on('exit', (code) => fail(new Error(`the SHA-256 worker thread exited (${code})`)));
+    // After the listeners: adding a 'message' listener refs the worker again, and a thread
+    // started early (startHashThread) that is never sent anything must not keep the process up.
+    this.worker.unref();
   }
 
   open(end: StreamEnd): number {
