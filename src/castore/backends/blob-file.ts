@@ -14,7 +14,7 @@
 // Where the file system refuses O_DIRECT (at fcntl, or with EINVAL on a
 // write), or the native addon is missing, the blob is written buffered.
 import { constants, promises as fs } from 'node:fs';
-import { type NativeAddon, native } from '../../native/index.js';
+import { type NativeAddon, optionalNative } from '../../native/index.js';
 
 /** Memory, file offsets and lengths of O_DIRECT writes are multiples of this (covers 512 and 4096-byte sectors). */
 const ALIGNMENT = 4096;
@@ -51,18 +51,6 @@ class SlabPool {
 }
 
 let pool: SlabPool | undefined;
-let addon: NativeAddon | undefined | false;
-
-function nativeAddon(): NativeAddon | undefined {
-  if (addon === undefined) {
-    try {
-      addon = native();
-    } catch {
-      addon = false;
-    }
-  }
-  return addon || undefined;
-}
 
 function roundUp(n: number, to: number): number {
   return Math.ceil(n / to) * to;
@@ -85,7 +73,7 @@ export class BlobFileWriter {
   private stepSync?: Promise<void>;
 
   private constructor(private readonly handle: fs.FileHandle) {
-    pool ??= new SlabPool(nativeAddon());
+    pool ??= new SlabPool(optionalNative());
     this.slabs = pool;
   }
 
@@ -167,8 +155,8 @@ export class BlobFileWriter {
   /** Turns O_DIRECT on for the rest of the file, if the addon and the file system allow it. */
   private goDirect(): void {
     this.triedDirect = true;
-    if (!nativeAddon() || !constants.O_DIRECT) return;
-    this.direct = nativeAddon()!.setDirect(this.handle.fd, true) === 0;
+    if (!optionalNative() || !constants.O_DIRECT) return;
+    this.direct = optionalNative()!.setDirect(this.handle.fd, true) === 0;
     // The buffered start of the file goes to disk meanwhile, not all at finish().
     if (this.direct && !this.stepSync) this.startStepSync();
   }
@@ -185,7 +173,7 @@ export class BlobFileWriter {
         retried = true;
         if (this.direct) {
           this.direct = false;
-          nativeAddon()!.setDirect(this.handle.fd, false);
+          optionalNative()!.setDirect(this.handle.fd, false);
         }
       }
     }
