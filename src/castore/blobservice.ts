@@ -17,6 +17,8 @@ export interface BlobWriter {
   /**
    * Appends `chunk`. The writer may hold on to the chunk until close()
    * resolves, as a Node Writable does: do not modify it after passing it.
+   * A chunk in a lent slab (lent-slabs.ts) is the exception: the writer keeps
+   * one past this call's promise only by holding its slab, or as a copy.
    */
   write(chunk: Uint8Array): Promise<void>;
   /** Makes the blob visible under its digest and returns the digest. */

@@ -13,6 +13,7 @@ import type { BlobService } from './blobservice.js';
 import type { DirectoryService } from './directoryservice.js';
 import { InvalidInputError } from './errors.js';
 import type { Node } from './model.js';
+import { LENT_SLAB_SIZE, type LentSlab, lentSlabs } from './lent-slabs.js';
 import { BlobWriteWindow, type PendingNode, finishTree } from './tree-builder.js';
 import { nameProblem, symlinkTargetProblem } from './validate.js';
 
@@ -23,6 +24,10 @@ export interface TreeObserver {
   entryEnd(): void;
   directoryEnd(): void;
   fileStart(executable: boolean, size: number): void;
+  /**
+   * The chunk is the caller's again once this returns: an observer that
+   * keeps it holds its lent slab (lent-slabs.ts) if it has one, or copies it.
+   */
   fileData(chunk: Uint8Array): void;
   fileEnd(): void;
   symlink(target: Buffer): void;
@@ -41,7 +46,6 @@ export interface ImportOptions {
 }
 
 const SMALL_FILE = 1024 * 1024;
-const CHUNK = 1024 * 1024;
 
 export class ImportError extends InvalidInputError {}
 
@@ -63,30 +67,45 @@ function readSmallFile(path: Buffer, expectedSize: number): Buffer {
   }
 }
 
+/**
+ * A large file in chunks of up to LENT_SLAB_SIZE, each a view into a lent
+ * slab (lent-slabs.ts) that the consumers may hold; the generator gives up
+ * its own hold on a chunk's slab when asked for the next one.
+ */
 async function* readLargeFile(path: Buffer, size: number): AsyncGenerator<Buffer> {
   const handle = await open(path, 'r');
-  const readChunk = async (position: number): Promise<Buffer> => {
-    const chunk = Buffer.allocUnsafe(Math.min(CHUNK, size - position));
-    for (let filled = 0; filled < chunk.length; ) {
-      const { bytesRead } = await handle.read(chunk, filled, chunk.length - filled, position + filled);
-      if (bytesRead === 0) throw new ImportError(`${path}: shrank while being imported`);
-      filled += bytesRead;
+  const readChunk = async (position: number): Promise<{ slab: LentSlab; chunk: Buffer }> => {
+    const slab = lentSlabs.take();
+    try {
+      const chunk = slab.bytes.subarray(0, Math.min(LENT_SLAB_SIZE, size - position));
+      for (let filled = 0; filled < chunk.length; ) {
+        const { bytesRead } = await handle.read(chunk, filled, chunk.length - filled, position + filled);
+        if (bytesRead === 0) throw new ImportError(`${path}: shrank while being imported`);
+        filled += bytesRead;
+      }
+      return { slab, chunk };
+    } catch (err) {
+      slab.release();
+      throw err;
     }
-    return chunk;
   };
   // One chunk read ahead: the disk (or page cache copy) works while the caller hashes the last one.
-  let next: Promise<Buffer> | undefined;
+  let next: Promise<{ slab: LentSlab; chunk: Buffer }> | undefined;
   try {
     for (let position = 0; position < size; ) {
-      const chunk = await (next ?? readChunk(position));
+      const { slab, chunk } = await (next ?? readChunk(position));
       position += chunk.length;
       next = position < size ? readChunk(position) : undefined;
       next?.catch(() => {}); // awaited on the next turn, or dropped with the generator
-      yield chunk;
+      try {
+        yield chunk;
+      } finally {
+        slab.release();
+      }
     }
     if ((await handle.stat()).size !== size) throw new ImportError(`${path}: changed while being imported`);
   } finally {
-    await next?.catch(() => {});
+    await next?.then(({ slab }) => slab.release(), () => {});
     await handle.close();
   }
 }

@@ -1,9 +1,12 @@
 // SHA-256 on a worker thread. Importing a tree hashes every byte twice
 // (BLAKE3 for castore, SHA-256 for the NAR); hashing the NAR on the second
 // core takes ~0.7 s per GiB off this thread, which meanwhile reads, hashes
-// BLAKE3 and writes. Bytes are copied into a ring of shared memory (a copy
-// costs a tenth of hashing) and travel in 1 MiB messages.
+// BLAKE3 and writes. Bytes in a lent slab (castore/lent-slabs.ts: shared
+// memory already) are hashed where they are; others are copied into a ring
+// of shared memory (a copy costs a tenth of hashing) and travel in 1 MiB
+// messages.
 import { Worker } from 'node:worker_threads';
+import { lentSlabOf } from '../castore/lent-slabs.js';
 
 // CommonJS, evaluated: the worker needs no file of its own (and so works from
 // dist/ and under tsx alike).
@@ -110,9 +113,15 @@ export function startHashThread(): void {
 /** Bytes per message to the thread. */
 const MESSAGE = 1024 * 1024;
 /** Shared memory each stream copies its bytes into, reused once hashed (fresh memory costs a page fault per 4 KiB). */
-const RING = 8 * 1024 * 1024;
-/** Bytes handed over and not yet hashed before ready() makes the caller wait. */
-const AHEAD = 4 * 1024 * 1024;
+const RING = 16 * 1024 * 1024;
+/**
+ * Bytes handed over and not yet hashed before ready() makes the caller wait:
+ * two lent slabs, so the caller works on the next one while the thread
+ * hashes (and never waits for the thread to run dry).
+ */
+const AHEAD = 8 * 1024 * 1024;
+/** Lent chunks at least this large are hashed in place; smaller ones are cheaper to copy than to message. */
+const LEND_MIN = 256 * 1024;
 
 /**
  * A SHA-256 computed on the shared hashing thread. update() copies into
@@ -127,8 +136,8 @@ export class OffThreadSha256 {
   private sent = 0; // of those, bytes handed to the thread
   private ringHashed = 0; // of those, bytes the thread has hashed
   private ahead = 0; // bytes handed over, not yet hashed
-  /** Per message in flight: whether its bytes live in the ring. */
-  private readonly inFlight: boolean[] = [];
+  /** Per message in flight: whether its bytes live in the ring, or else the release of the lent slab they live in (if any). */
+  private readonly inFlight: (true | (() => void) | undefined)[] = [];
   private failure?: Error;
   private wake?: () => void;
   private result?: { resolve: (digest: Buffer) => void; reject: (err: Error) => void };
@@ -136,13 +145,16 @@ export class OffThreadSha256 {
   constructor() {
     this.id = this.thread.open({
       onHashed: (length) => {
-        if (this.inFlight.shift()) this.ringHashed += length;
+        const where = this.inFlight.shift();
+        if (where === true) this.ringHashed += length;
+        else where?.();
         this.ahead -= length;
         if (this.ahead <= AHEAD / 2) this.wakeUp();
       },
       onDigest: (digest) => this.result?.resolve(digest),
       onFailure: (err) => {
         this.failure = err;
+        this.releaseLent();
         this.wakeUp();
         this.result?.reject(err);
       },
@@ -151,12 +163,18 @@ export class OffThreadSha256 {
 
   update(chunk: Uint8Array): void {
     if (this.failure) throw this.failure;
+    const lent = chunk.length >= LEND_MIN ? lentSlabOf(chunk) : undefined;
+    if (lent) {
+      this.sendRing();
+      this.send(chunk.buffer as SharedArrayBuffer, chunk.byteOffset, chunk.length, lent.hold());
+      return;
+    }
     if (chunk.length > RING - (this.appended - this.ringHashed)) {
       // The caller went far past ready(): hand this over in memory of its own.
       this.sendRing();
       const copy = new Uint8Array(new SharedArrayBuffer(chunk.length));
       copy.set(chunk);
-      this.send(copy.buffer as SharedArrayBuffer, 0, chunk.length, false);
+      this.send(copy.buffer as SharedArrayBuffer, 0, chunk.length, undefined);
       return;
     }
     this.ring ??= new Uint8Array(new SharedArrayBuffer(RING));
@@ -191,6 +209,13 @@ export class OffThreadSha256 {
     if (this.failure || this.result) return;
     this.thread.send(this.id, 'drop');
     this.thread.close(this.id);
+    // No reply comes for this stream now. The thread may still read the slabs; what it
+    // makes of them no longer matters.
+    this.releaseLent();
+  }
+
+  private releaseLent(): void {
+    for (const where of this.inFlight.splice(0)) if (typeof where === 'function') where();
   }
 
   /** Hands over what was copied into the ring since the last time, split where the ring wraps. */
@@ -203,9 +228,9 @@ export class OffThreadSha256 {
     }
   }
 
-  private send(buffer: SharedArrayBuffer, offset: number, length: number, inRing: boolean): void {
+  private send(buffer: SharedArrayBuffer, offset: number, length: number, where: true | (() => void) | undefined): void {
     this.ahead += length;
-    this.inFlight.push(inRing);
+    this.inFlight.push(where);
     this.thread.send(this.id, 'data', buffer, offset, length);
   }
 

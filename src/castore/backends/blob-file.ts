@@ -1,7 +1,8 @@
 // The file of one large blob, written in order and made durable at finish().
 //
 // Bytes are copied into slabs of aligned memory, reused across blobs, and a
-// full slab is written while the next one fills. From the first slab that
+// full slab is written while the next one fills; bytes that come in a lent
+// slab (lent-slabs.ts), as a large file's do on import, are written from it. From the first slab that
 // starts DIRECT_FROM bytes in, the file is written with O_DIRECT: the bytes
 // go from the slab to the disk without a copy in the page cache, which this
 // store would have to flush (fsync) before publishing the blob anyway. A
@@ -15,6 +16,7 @@
 // write), or the native addon is missing, the blob is written buffered.
 import { constants, promises as fs } from 'node:fs';
 import { type NativeAddon, optionalNative } from '../../native/index.js';
+import { lentSlabOf } from '../lent-slabs.js';
 
 /** Memory, file offsets and lengths of O_DIRECT writes are multiples of this (covers 512 and 4096-byte sectors). */
 const ALIGNMENT = 4096;
@@ -83,13 +85,25 @@ export class BlobFileWriter {
     return new BlobFileWriter(await fs.open(path, flags, 0o444));
   }
 
-  /** Copies `chunk` into the file's slabs; waits while the disk is behind. The caller may reuse `chunk` at once. */
+  /**
+   * Copies `chunk` into the file's slabs, or, when it lies in a lent slab
+   * (lent-slabs.ts) at an aligned address, writes it from there, holding that
+   * slab until written. Waits while the disk is behind. The caller may reuse
+   * `chunk` once this resolves.
+   */
   async write(chunk: Uint8Array): Promise<void> {
+    const lent = lentSlabOf(chunk);
+    if (lent && this.fill === 0 && this.position % ALIGNMENT === 0 && lent.isAligned(chunk)) {
+      const whole = chunk.length - (chunk.length % ALIGNMENT);
+      if (whole > 0) {
+        await this.roomToWrite();
+        this.startWrite(chunk.subarray(0, whole), whole, whole, lent.hold());
+        chunk = chunk.subarray(whole);
+      }
+    }
     for (let at = 0; at < chunk.length; ) {
-      if (this.failure) throw this.failure;
       if (!this.slab) {
-        while (this.inFlight.size >= WRITES_IN_FLIGHT) await Promise.race(this.inFlight);
-        if (this.failure) throw this.failure;
+        await this.roomToWrite();
         this.slab = this.slabs.take(this.position === 0 ? FIRST_SLAB : SLAB);
       }
       const piece = Math.min(chunk.length - at, this.slab.length - this.fill);
@@ -98,6 +112,12 @@ export class BlobFileWriter {
       at += piece;
       if (this.fill === this.slab.length) this.submit();
     }
+  }
+
+  private async roomToWrite(): Promise<void> {
+    if (this.failure) throw this.failure;
+    while (this.inFlight.size >= WRITES_IN_FLIGHT) await Promise.race(this.inFlight);
+    if (this.failure) throw this.failure;
   }
 
   /** Writes what is left, cuts the file to `size` bytes and syncs it to disk, then closes it. */
@@ -131,23 +151,37 @@ export class BlobFileWriter {
   private submit(): void {
     const slab = this.slab!;
     const length = this.fill;
-    const position = this.position;
     this.slab = undefined;
     this.fill = 0;
-    this.position += length;
-    if (!this.direct && !this.triedDirect && position >= DIRECT_FROM) this.goDirect();
     let writeLength = length;
-    if (this.direct && length % ALIGNMENT !== 0) {
+    if (this.willBeDirect() && length % ALIGNMENT !== 0) {
       // Only a blob's last slab is partial: pad it (zeros, not another blob's bytes) and truncate later.
       writeLength = roundUp(length, ALIGNMENT);
       slab.fill(0, length, writeLength);
       this.padded = true;
     }
-    const written: Promise<void> = this.writeAt(slab, writeLength, position)
+    this.startWrite(slab, length, writeLength, () => this.slabs.give(slab));
+  }
+
+  /** Whether the write at the current position goes around the page cache (turning O_DIRECT on where it starts to). */
+  private willBeDirect(): boolean {
+    if (!this.triedDirect && this.position >= DIRECT_FROM) this.goDirect();
+    return this.direct;
+  }
+
+  /**
+   * Writes `writeLength` bytes of `bytes` (`length` of the blob's, then any
+   * padding) at the current position; `done` runs once written or failed.
+   */
+  private startWrite(bytes: Uint8Array, length: number, writeLength: number, done: () => void): void {
+    this.willBeDirect();
+    const position = this.position;
+    this.position += length;
+    const written: Promise<void> = this.writeAt(bytes, writeLength, position)
       .then(() => this.afterWrite(writeLength), (err) => void (this.failure ??= err))
       .finally(() => {
         this.inFlight.delete(written);
-        this.slabs.give(slab);
+        done();
       });
     this.inFlight.add(written);
   }
@@ -161,7 +195,7 @@ export class BlobFileWriter {
     if (this.direct && !this.stepSync) this.startStepSync();
   }
 
-  private async writeAt(slab: Buffer, length: number, position: number): Promise<void> {
+  private async writeAt(slab: Uint8Array, length: number, position: number): Promise<void> {
     let retried = false;
     for (let done = 0; done < length; ) {
       try {

@@ -27,6 +27,7 @@ import type { Directory } from '../model.js';
 import { decodeDirectory } from '../wire.js';
 import { native, type NativeAddon } from '../../native/index.js';
 import { BlobFileWriter } from './blob-file.js';
+import { lentSlabOf } from '../lent-slabs.js';
 
 const LAYOUT_MARKER = 'nixcas-store';
 /** Version 2 added small blobs in LMDB; version 1 stores are read as they are and upgraded. */
@@ -291,9 +292,12 @@ class LocalBlobWriter implements BlobWriter {
 
   private async append(chunk: Uint8Array): Promise<void> {
     if (!this.file) {
-      this.held.push(chunk);
-      this.heldBytes += chunk.length;
-      if (this.heldBytes <= SMALL_BLOB_MAX) return;
+      if (this.heldBytes + chunk.length <= SMALL_BLOB_MAX) {
+        // Kept until close(): lent memory only as a copy.
+        this.held.push(lentSlabOf(chunk) ? Buffer.from(chunk) : chunk);
+        this.heldBytes += chunk.length;
+        return;
+      }
       // Too big for LMDB: continue as a file, starting with what was held.
       this.hasher = createBlake3();
       this.file = BlobFileWriter.create(this.tmpPath);
@@ -301,7 +305,6 @@ class LocalBlobWriter implements BlobWriter {
       this.held = [];
       this.heldBytes = 0;
       for (const piece of held) await this.appendToFile(piece);
-      return;
     }
     await this.appendToFile(chunk);
   }
