@@ -150,6 +150,9 @@ function makeAwkwardTree(root: string, bigFileBytes: number): void {
   // Blobs the local store keeps in LMDB, large enough to pass the NAR encoder's slab: rendering
   // reads them from LMDB's reusable buffer, so one handed over uncopied would be overwritten by the next.
   for (const size of [32 * 1024, 40_000, 50_001, 64 * 1024 - 1, 64 * 1024]) writeFileSync(join(root, `near-limit-${size}`), randomBytes(size));
+  // Large files are read in 4 MiB lent slabs and written past 8 MiB with O_DIRECT: sizes just past
+  // a slab and one whose last write is not a whole sector.
+  for (const size of [1024 * 1024 + 1, 4 * 1024 * 1024 + 1, 9 * 1024 * 1024 + 4097]) writeFileSync(join(root, `slab-edge-${size}`), randomBytes(size));
   const big = randomBytes(1024 * 1024);
   const chunks = Array.from({ length: bigFileBytes / big.length }, (_, i) => (i % 2 ? big : Buffer.from(big).reverse()));
   writeFileSync(join(root, 'big.bin'), Buffer.concat(chunks));

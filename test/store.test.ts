@@ -212,14 +212,14 @@ test('NAR reader: refuses malformed NARs with a clear error and registers no dir
   }
 });
 
-test('SHA-256 on the hashing thread equals node:crypto, across ring wraps, oversized updates and concurrent streams', async () => {
+test('SHA-256 on the hashing thread equals node:crypto, across ring wraps, oversized updates, lent slabs and concurrent streams', async () => {
   const { createHash, randomBytes } = await import('node:crypto');
   const { OffThreadSha256 } = await import('../src/store/sha256-off-thread.js');
   const data = randomBytes(40 * 1024 * 1024);
-  // Sizes chosen so pieces straddle the 8 MiB ring's end; one update is larger than the ring.
+  // Sizes chosen so pieces straddle the 16 MiB ring's end; one update is larger than the ring.
   const plans = [
     [1, 7, 4093, 1 << 20, 3 << 20, 5, 17 << 20, 65536, 9],
-    [8 << 20, 8 << 20, 8 << 20, 1, 8 << 20],
+    [8 << 20, 7 << 20, 3 << 20, 1, 8 << 20, 8 << 20],
     [0, 12, 0],
   ];
   const streams = plans.map((sizes) => ({ sizes, sha: new OffThreadSha256(), expected: createHash('sha256') }));
@@ -236,6 +236,24 @@ test('SHA-256 on the hashing thread equals node:crypto, across ring wraps, overs
     }
   }
   for (const stream of streams) assert.ok((await stream.sha.digest()).equals(stream.expected.digest()));
+  // Chunks in lent slabs are hashed where they lie: a slab scribbled on as soon as the pool gives
+  // it out again shows whether the thread read one it no longer held.
+  const { lentSlabs } = await import('../src/castore/lent-slabs.js');
+  const lent = new OffThreadSha256();
+  const lentExpected = createHash('sha256');
+  for (let at = 0; at < 24 << 20; at += 3 << 20) {
+    const slab = lentSlabs.take();
+    const chunk = slab.bytes.subarray(at % 4096, (at % 4096) + (3 << 20));
+    data.copy(chunk, 0, at);
+    lent.update(chunk);
+    lentExpected.update(chunk);
+    slab.release();
+    const next = lentSlabs.take();
+    next.bytes.fill(0xee);
+    next.release();
+    await lent.ready();
+  }
+  assert.ok((await lent.digest()).equals(lentExpected.digest()), 'SHA-256 of chunks in lent slabs');
   const dropped = new OffThreadSha256();
   dropped.update(data.subarray(0, 100));
   dropped.drop();
