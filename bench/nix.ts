@@ -233,6 +233,8 @@ export async function benchNix(rows: Row[], work: string, repeats: number, cli: 
       if (i < repeats - 1) rmSync(store, { recursive: true, force: true });
     }
     const mb = tree.bytes / 1e6;
+    const runs = (times: number[]) => [...times].sort((a, b) => a - b).map((t) => t.toFixed(2)).join(' ');
+    console.error(`bench nix: import, ${tree.label}, seconds per run: nixcas ${runs(importTimes.ours)}; nix-store --add ${runs(importTimes.peer)}; with sync -f ${runs(importTimes.peerDurable)}`);
     rows.push({
       capability: `import, ${tree.label} (${mb.toFixed(0)} MB)`,
       ours: mb / median(importTimes.ours), peer: mb / median(importTimes.peer), unit: 'MB/s',
