@@ -125,8 +125,8 @@ const LEND_MIN = 256 * 1024;
 
 /**
  * A SHA-256 computed on the shared hashing thread. update() copies into
- * shared memory and never blocks; await ready() (when it returns a promise)
- * to keep the thread from falling behind.
+ * shared memory, or holds a lent slab, and never blocks; await ready() (when
+ * it returns a promise) to keep the thread from falling behind.
  */
 export class OffThreadSha256 {
   private readonly thread = HashThread.get();

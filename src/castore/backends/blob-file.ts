@@ -2,15 +2,15 @@
 //
 // Bytes are copied into slabs of aligned memory, reused across blobs, and a
 // full slab is written while the next one fills; bytes that come in a lent
-// slab (lent-slabs.ts), as a large file's do on import, are written from it. From the first slab that
-// starts DIRECT_FROM bytes in, the file is written with O_DIRECT: the bytes
-// go from the slab to the disk without a copy in the page cache, which this
-// store would have to flush (fsync) before publishing the blob anyway. A
-// buffered write of a large file costs a kernel copy into freshly allocated
-// page-cache pages and then waits for their writeback; going direct skips
-// both (docs/design-notes.md has the measurements). The start of every blob,
-// and so all of a small one, stays buffered and cached for the readers who
-// usually come soon after.
+// slab (lent-slabs.ts), as a large file's do on import, are written from
+// there. From the first slab that starts DIRECT_FROM bytes in, the file is
+// written with O_DIRECT: the bytes go from the slab to the disk without a
+// copy in the page cache, which this store would have to flush (fsync)
+// before publishing the blob anyway. A buffered write of a large file costs
+// a kernel copy into freshly allocated page-cache pages and then waits for
+// their writeback; going direct skips both (docs/design-notes.md has the
+// measurements). The start of every blob, and so all of a small one, stays
+// buffered and cached for the readers who usually come soon after.
 //
 // Where the file system refuses O_DIRECT (at fcntl, or with EINVAL on a
 // write), or the native addon is missing, the blob is written buffered.
