@@ -4,13 +4,14 @@
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { readFileSync, readdirSync, statSync, statfsSync } from 'node:fs';
+import { appendFileSync, mkdirSync, readFileSync, readdirSync, statSync, statfsSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import type { BlobService } from '../src/castore/blobservice.js';
 import { blake3, digestKey } from '../src/castore/digest.js';
 import { LENT_SLAB_SIZE, lentSlabs } from '../src/castore/lent-slabs.js';
-import { openBlobService } from '../src/services/addresses.js';
+import { type TreeObserver, importTree } from '../src/castore/import.js';
+import { openBlobService, openDirectoryService } from '../src/services/addresses.js';
 import { removeDir, tempDir } from './helpers.js';
 
 const MiB = 1024 * 1024;
@@ -117,5 +118,44 @@ test('chunks in lent slabs are written from where they lie, and no slab is reuse
     }
     const file = blobFile(await writer.close());
     assert.ok(readFileSync(file).equals(data), `${size} bytes from lent slabs at offset ${offset} read back differently`);
+  }
+});
+
+test('a large file that shrinks or grows while it is imported fails the import, names the file, and leaves nothing behind', async () => {
+  const directories = await openDirectoryService(`local://${store}`);
+  try {
+    const tree = join(work, 'changing');
+    mkdirSync(tree, { recursive: true });
+    const file = join(tree, 'big.bin');
+    /** Runs `change` on the file once its first chunk has been read (the walk has its size by then). */
+    const changingOnce = (change: () => void): TreeObserver => {
+      let changed = false;
+      const ignore = () => {};
+      return {
+        directoryStart: ignore, entryStart: ignore, entryEnd: ignore, directoryEnd: ignore, fileStart: ignore, fileEnd: ignore, symlink: ignore,
+        fileData: () => {
+          if (!changed) change();
+          changed = true;
+        },
+      };
+    };
+    const cases = [
+      { change: () => truncateSync(file, 5 * MiB), error: /big\.bin: shrank while being imported/ },
+      { change: () => appendFileSync(file, 'more'), error: /big\.bin: changed while being imported/ },
+    ];
+    for (const { change, error } of cases) {
+      writeFileSync(file, randomBytes(20 * MiB));
+      await assert.rejects(importTree(tree, Buffer.from('changing'), { blobs, directories }, { observer: changingOnce(change) }), error);
+      assert.deepEqual(readdirSync(join(store, 'tmp')), [], 'no temp file is left behind');
+    }
+    // The slabs the failed imports had are back in use, whole: the next import of the same file is right.
+    const data = randomBytes(20 * MiB + 3);
+    writeFileSync(file, data);
+    const root = await importTree(tree, Buffer.from('changing'), { blobs, directories });
+    assert.equal(root.kind, 'directory');
+    const [entry] = (await directories.get(root.node.digest))!.files;
+    assert.ok(readFileSync(blobFile(entry!.digest)).equals(data));
+  } finally {
+    await directories.close();
   }
 });
