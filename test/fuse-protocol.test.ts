@@ -8,6 +8,7 @@ import { putBlob } from '../src/castore/blobservice.js';
 import type { Node } from '../src/castore/model.js';
 import { ReadOnlyFilesystem } from '../src/fs/filesystem.js';
 import { IN_HEADER_SIZE, InitFlag, Opcode } from '../src/fuse/abi.js';
+import { limitLog } from '../src/fuse/log-limit.js';
 import { FuseServer } from '../src/fuse/protocol.js';
 
 const { errno } = constants;
@@ -144,4 +145,20 @@ test('lookups are counted and forgotten inodes are dropped', async () => {
   assert.equal((await send(Opcode.GETATTR, ino, Buffer.alloc(16)))?.error, 0, 'one reference left');
   await send(Opcode.FORGET, ino, forget);
   assert.equal((await send(Opcode.GETATTR, ino, Buffer.alloc(16)))?.error, -errno.ENOENT, 'gone after the last forget');
+});
+
+test('the log limit: a burst, then the refill rate, then one line counting what was dropped', async () => {
+  const lines: string[] = [];
+  let clock = 0;
+  const log = limitLog((message) => lines.push(message), { burst: 5, perSecond: 2, now: () => clock });
+  for (let i = 0; i < 20; i++) log(`bad request ${i}`);
+  assert.deepEqual(lines, ['bad request 0', 'bad request 1', 'bad request 2', 'bad request 3', 'bad request 4'], 'the burst, in order');
+  clock += 1000; // two tokens back
+  for (let i = 20; i < 25; i++) log(`bad request ${i}`);
+  assert.deepEqual(lines.slice(5), ['bad request 20', 'bad request 21']);
+  await new Promise((resolve) => setTimeout(resolve, 1100));
+  assert.deepEqual(lines.slice(7), ['18 more messages not logged (more than 2 a second)'], 'one line with the count, a second after the first drop');
+  clock += 60_000; // a quiet minute fills the bucket, and no more than the burst
+  for (let i = 0; i < 8; i++) log('again');
+  assert.equal(lines.length, 8 + 5);
 });

@@ -889,6 +889,41 @@ describe('nixcas virtiofs', () => {
       assert.equal((await device.call(1, Op.GETATTR, dirNode, getattrArgs(), [120])).error, 0, 'other devices carry on');
       closeDevice(other);
     });
+
+    test('a guest flooding bad chains gets at most a burst of log lines, then a count; other guests are still logged', async () => {
+      const other = await chDevice(socket, { queueSize: SIZE });
+      const q = other.queues[1];
+      const ROUNDS = 40;
+      const PER_ROUND = 32;
+      const rejected = (text: string) => text.split('\n').filter((line) => /queue 1: request rejected/.test(line)).length;
+      const flood = await logged(daemon, async () => {
+        for (let round = 0; round < ROUNDS; round++) {
+          const heads = q.takeDescriptors(PER_ROUND);
+          for (const head of heads) q.writeDescriptor(q.desc, head, { addr: 0x3_0000_0000n, len: 64, flags: 0, next: 0 });
+          q.publish(heads);
+          q.kick();
+          const used = await q.waitUsed(PER_ROUND);
+          assert.ok(used.every((e) => e.len === 0), 'every bad chain comes back unused');
+          q.release({ head: heads[0], writable: [], descriptors: heads });
+        }
+      });
+      await assertLogged(flood, /more messages not logged/, 'the count of what the limit dropped');
+      const lines = rejected(daemon.output().slice(flood.since));
+      assert.ok(lines >= 50 && lines <= 110, `${ROUNDS * PER_ROUND} bad chains logged ${lines} lines: the burst of 100, and no more than the refill of 10 a second adds`);
+      // The flooding guest is still served, and another guest's trouble still reaches the log.
+      assert.equal((await other.call(1, Op.GETATTR, 1, getattrArgs(), [120])).error, 0, 'the flooding guest is still served');
+      const mine = device.queues[1];
+      const [head] = mine.takeDescriptors(1);
+      mine.writeDescriptor(mine.desc, head, { addr: 0x3_0000_0000n, len: 64, flags: 0, next: 0 });
+      const after = await logged(daemon, async () => {
+        mine.publish([head]);
+        mine.kick();
+        assert.deepEqual(await mine.waitUsed(1), [{ id: head, len: 0 }]);
+        mine.release({ head, writable: [], descriptors: [head] });
+      });
+      await assertLogged(after, /queue 1: request rejected/, "another guest's bad chain, after the flood");
+      closeDevice(other);
+    });
   });
 
   // Replies of chains in flight when SET_MEM_TABLE (or REM_MEM_REG) arrives must still arrive,

@@ -17,9 +17,10 @@ export function mountCommand(): Command {
     .option('--allow-other', 'let other users access the mount (needs user_allow_other in /etc/fuse.conf when not root)', false);
   return addStoreOptions(command).action(async (mountpoint: string, options) => {
     // Loaded only when mounting: the native addon and the protocol layer.
-    const [{ ReadOnlyFilesystem }, { FuseServer }, { DevFuseSession }, { storePathRoot }] = await Promise.all([
+    const [{ ReadOnlyFilesystem }, { FuseServer }, { limitLog }, { DevFuseSession }, { storePathRoot }] = await Promise.all([
       import('../fs/filesystem.js'),
       import('../fuse/protocol.js'),
+      import('../fuse/log-limit.js'),
       import('../fuse/session.js'),
       import('../store/fs-root.js'),
     ]);
@@ -30,7 +31,7 @@ export function mountCommand(): Command {
     });
     let session;
     try {
-      session = await DevFuseSession.mount(new FuseServer(fs, { log }), { mountpoint, allowOther: options.allowOther, log });
+      session = await DevFuseSession.mount(new FuseServer(fs, { log: limitLog(log) }), { mountpoint, allowOther: options.allowOther, log });
     } catch (err) {
       await services.close();
       throw err;

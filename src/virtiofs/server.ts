@@ -2,6 +2,7 @@
 // its own virtio-fs device over the same store. A VM that shuts down or
 // reboots just connects again.
 import type { ReadOnlyFilesystem } from '../fs/filesystem.js';
+import { limitLog } from '../fuse/log-limit.js';
 import { UnixListener, VhostUserBackend } from '../vhost-user/index.js';
 import { VirtioFsDevice } from './device.js';
 
@@ -40,7 +41,9 @@ export class VirtioFsServer {
 
   private accept(fd: number): void {
     const id = this.nextConnection++;
-    const log = (message: string) => this.options.log(`connection ${id}: ${message}`);
+    // Whatever one VM's requests make us say is limited per connection, so a
+    // guest flooding the log cannot crowd out what another one causes.
+    const log = limitLog((message: string) => this.options.log(`connection ${id}: ${message}`));
     const device = new VirtioFsDevice({ requestQueues: this.options.requestQueues, makeFilesystem: this.options.makeFilesystem, log });
     const backend = new VhostUserBackend(fd, device, {
       log,
