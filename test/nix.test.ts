@@ -292,6 +292,62 @@ test('nar of a damaged store: a missing or shortened blob, a missing directory f
   }
 });
 
+test('a layout-1 store (every blob a file, no small-blobs database) is read by both renderers and upgraded in place', async () => {
+  const work = tempDir('nix-layout-1');
+  try {
+    const tree = join(work, 'tree');
+    mkdirSync(join(tree, 'sub'), { recursive: true });
+    writeFileSync(join(tree, 'sub', 'small.txt'), 'a small blob\n');
+    writeFileSync(join(tree, 'empty'), '');
+    writeFileSync(join(tree, 'medium.bin'), randomBytes(40_000));
+    writeFileSync(join(tree, 'big.bin'), randomBytes(200_000));
+    const store = join(work, 'store');
+    const imported = nixcas(['import', tree], { env: { NIXCAS_STORE: store } });
+    assert.equal(imported.status, 0, imported.stderr);
+    const path = imported.stdout.trim();
+
+    // Turn it into what nixcas wrote before layout 2: small blobs as files too.
+    const env = openLmdb({ path: join(store, 'metadata'), maxDbs: 8, compression: false });
+    let moved = 0;
+    try {
+      const smallBlobs = env.openDB<Buffer, Buffer>({ name: 'small-blobs', encoding: 'binary', keyEncoding: 'binary' });
+      for (const { key, value } of smallBlobs.getRange()) {
+        const hex = Buffer.from(key).toString('hex');
+        mkdirSync(join(store, 'blobs', hex.slice(0, 2)), { recursive: true });
+        writeFileSync(join(store, 'blobs', hex.slice(0, 2), hex), value, { mode: 0o444 });
+        moved++;
+      }
+      smallBlobs.dropSync();
+    } finally {
+      await env.close();
+    }
+    assert.equal(moved, 3, 'the small, empty and medium files were small blobs');
+    writeFileSync(join(store, 'nixcas-store'), 'nixcas-store 1\n');
+
+    const expected = nix('nix-store', ['--dump', tree]);
+    // The native renderer first: it opens the store read-only and finds no small-blobs database.
+    assert.ok(nixcasBytes(['nar', path], { NIXCAS_STORE: store, ...RENDERERS.native }).equals(expected), 'native renderer, layout 1');
+    assert.equal(readFileSync(join(store, 'nixcas-store'), 'utf8'), 'nixcas-store 1\n', 'reading natively leaves the marker alone');
+    assert.ok(nixcasBytes(['nar', path], { NIXCAS_STORE: store, ...RENDERERS.typescript }).equals(expected), 'TypeScript renderer, layout 1');
+    assert.equal(readFileSync(join(store, 'nixcas-store'), 'utf8'), 'nixcas-store 2\n', 'opened by lmdb-js, the store says layout 2');
+
+    // Upgraded: new small blobs go to LMDB, old ones are still read from their files.
+    const more = join(work, 'more');
+    mkdirSync(more);
+    writeFileSync(join(more, 'note'), 'written after the upgrade\n');
+    const second = nixcas(['import', more], { env: { NIXCAS_STORE: store } });
+    assert.equal(second.status, 0, second.stderr);
+    for (const [name, renderer] of Object.entries(RENDERERS)) {
+      assert.ok(nixcasBytes(['nar', path], { NIXCAS_STORE: store, ...renderer }).equals(expected), `${name} renderer, the old path after the upgrade`);
+      assert.ok(nixcasBytes(['nar', second.stdout.trim()], { NIXCAS_STORE: store, ...renderer }).equals(nix('nix-store', ['--dump', more])), `${name} renderer, the new path`);
+    }
+    const check = await verifyLocalStore(store);
+    assert.deepEqual(check.problems, []);
+  } finally {
+    removeDir(work);
+  }
+});
+
 /** Changes one key of a named database of a store's LMDB environment (no nixcas process has it open). */
 function changeInLmdb(store: string, name: string, change: (db: Database<Buffer, Buffer>) => boolean): void {
   const env = openLmdb({ path: join(store, 'metadata'), maxDbs: 8, compression: false });
