@@ -165,8 +165,10 @@ export async function benchNix(rows: Row[], work: string, repeats: number, cli: 
       const store = join(work, `store-${i}`);
       const order = i % 2 === 0 ? (['ours', 'peer'] as const) : (['peer', 'ours'] as const);
       // This VM's disk swings by a factor of two or more from one run to the next, and a
-      // run is slower after a large write: each repeat imports in both orders.
-      const importOrder = ['ours', 'peer', 'peerDurable', 'peerDurable', 'peer', 'ours'] as const;
+      // run is slower after a large write: each repeat imports in both orders, twice over,
+      // so that a median of twelve runs a side (three repeats) stands against one slow run.
+      const bothOrders = ['ours', 'peer', 'peerDurable', 'peerDurable', 'peer', 'ours'] as const;
+      const importOrder = [...bothOrders, ...bothOrders];
       // The last repeat's cold runs dropped the tree from the page cache: read it back, untimed,
       // or the first import of each repeat (always ours) would read it from disk and the others not.
       readTree(tree.dir);
