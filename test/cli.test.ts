@@ -1,7 +1,8 @@
 // `nixcas daemon` as a user runs it: addresses, environment, signals.
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { createHash } from 'node:crypto';
+import { cpSync, existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { test } from 'node:test';
@@ -61,4 +62,35 @@ test('bad addresses and URLs get clear errors', () => {
   const help = run('daemon', '--help');
   assert.match(help.stdout, /no authentication/);
   assert.match(help.stdout, /\[::1\]:8000/);
+});
+
+test("main.cjs's code cache: made by the build for this source; a stale or damaged one is ignored", () => {
+  const dist = join(CLI, '..');
+  const source = readFileSync(join(dist, 'main.cjs'));
+  const cache = readFileSync(join(dist, 'main.cjs.v8cache'));
+  assert.ok(cache.subarray(0, 32).equals(createHash('sha256').update(source).digest()), 'the cache names the source it was made from');
+  // A copy at the same depth, so that the bundle still finds node_modules and build/.
+  const copy = join(dist, '..', `cli-cache-test-${process.pid}`);
+  cpSync(dist, copy, { recursive: true });
+  try {
+    const help = () => spawnSync(process.execPath, [join(copy, 'nixcas.cjs'), 'import', '--help'], { encoding: 'utf8' });
+    const expected = spawnSync(process.execPath, [CLI, 'import', '--help'], { encoding: 'utf8' }).stdout;
+    assert.match(expected, /Usage: nixcas import/);
+    // The source changed after the cache was made, at the same length: V8 checks no more than the
+    // length, and would run the cached code of the import command, which prints the old text.
+    writeFileSync(join(copy, 'main.cjs'), source.toString('latin1').replace('Import each PATH', 'Import EACH PATH'), 'latin1');
+    assert.equal(readFileSync(join(copy, 'main.cjs')).length, source.length);
+    let run = help();
+    assert.deepEqual([run.status, run.stdout], [0, expected.replace('Import each PATH', 'Import EACH PATH')], 'a cache of another source is not used');
+    // Damaged: the right hash, then garbage.
+    writeFileSync(join(copy, 'main.cjs'), source);
+    writeFileSync(join(copy, 'main.cjs.v8cache'), Buffer.concat([cache.subarray(0, 32), Buffer.alloc(4096, 0x5a)]));
+    run = help();
+    assert.deepEqual([run.status, run.stdout], [0, expected], 'V8 refuses a damaged cache, and the command runs as without one');
+    rmSync(join(copy, 'main.cjs.v8cache'));
+    run = help();
+    assert.deepEqual([run.status, run.stdout], [0, expected], 'no cache at all');
+  } finally {
+    rmSync(copy, { recursive: true, force: true });
+  }
 });

@@ -6,10 +6,10 @@
 // `nix-store --dump` on a tree of small files. Every other command, and any
 // `nar` invocation this does not handle (help, an unknown flag, a gRPC store,
 // a terminal on stdout), goes to main.ts, which gives the usual answers.
-import { createRequire } from 'node:module';
 import { isatty } from 'node:tty';
 import { parseArgs } from 'node:util';
 import type { AddressOptions } from '../services/addresses.js';
+import { loadMain } from './load-main.js';
 import { writeNarNatively } from './native-nar.js';
 import { STORE_FLAGS } from './store-flags.js';
 
@@ -39,4 +39,4 @@ try {
   handled = true;
 }
 // The bundle of main.ts sits beside this one's (scripts/bundle.mjs).
-if (!handled) createRequire(import.meta.url)('./main.cjs');
+if (!handled) loadMain(import.meta.url);
