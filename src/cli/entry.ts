@@ -9,7 +9,6 @@
 import { isatty } from 'node:tty';
 import { parseArgs } from 'node:util';
 import type { AddressOptions } from '../services/addresses.js';
-import { loadMain } from './load-main.js';
 import { writeNarNatively } from './native-nar.js';
 import { STORE_FLAGS } from './store-flags.js';
 
@@ -38,5 +37,13 @@ try {
   process.exitCode = 1;
   handled = true;
 }
-// The bundle of main.ts sits beside this one's (scripts/bundle.mjs).
-if (!handled) loadMain(import.meta.url);
+// The bundle of main.ts sits beside this one's (scripts/bundle.mjs). Its loader
+// comes in only now: what it needs (node:crypto, node:vm) would slow the fast path.
+if (!handled) {
+  import('./load-main.js')
+    .then(({ loadMain }) => loadMain(import.meta.url))
+    .catch((err: unknown) => {
+      console.error(`nixcas: ${(err as Error)?.stack ?? err}`);
+      process.exitCode = 1;
+    });
+}
