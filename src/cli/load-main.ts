@@ -17,27 +17,33 @@ import { Script } from 'node:vm';
 
 const HASH_LENGTH = 32;
 
-function cachedDataFor(cacheFile: string, sourceHash: Buffer): Buffer | undefined {
+/** The V8 data in `cacheFile` when it was made from `source`; undefined otherwise (hashing only when there is a cache). */
+function cachedDataFor(cacheFile: string, source: string): { data: Buffer; sourceHash: Buffer } | { data: undefined; sourceHash: undefined } {
   let cache: Buffer;
   try {
     cache = readFileSync(cacheFile);
   } catch {
-    return undefined;
+    return { data: undefined, sourceHash: undefined };
   }
-  if (cache.length <= HASH_LENGTH || !cache.subarray(0, HASH_LENGTH).equals(sourceHash)) return undefined;
-  return cache.subarray(HASH_LENGTH);
+  const sourceHash = hashOf(source);
+  if (cache.length <= HASH_LENGTH || !cache.subarray(0, HASH_LENGTH).equals(sourceHash)) return { data: undefined, sourceHash: undefined };
+  return { data: cache.subarray(HASH_LENGTH), sourceHash };
+}
+
+function hashOf(source: string): Buffer {
+  return createHash('sha256').update(source).digest();
 }
 
 /** Runs main.cjs, which sits beside the file at `entryUrl` (scripts/bundle.mjs). */
 export function loadMain(entryUrl: string): void {
   const file = join(dirname(fileURLToPath(entryUrl)), 'main.cjs');
   const source = readFileSync(file, 'utf8');
-  const sourceHash = createHash('sha256').update(source).digest();
   const cacheFile = `${file}.v8cache`;
-  const script = new Script(Module.wrap(source), { filename: file, cachedData: cachedDataFor(cacheFile, sourceHash) });
+  const cached = cachedDataFor(cacheFile, source);
+  const script = new Script(Module.wrap(source), { filename: file, cachedData: cached.data });
   if (process.env.NIXCAS_WRITE_CODE_CACHE === '1') {
     // At exit, so that the functions this run compiled are in it.
-    process.once('exit', () => writeFileSync(cacheFile, Buffer.concat([sourceHash, script.createCachedData()])));
+    process.once('exit', () => writeFileSync(cacheFile, Buffer.concat([cached.sourceHash ?? hashOf(source), script.createCachedData()])));
   }
   // What require() would give a CommonJS module: its own module object, require, __filename and __dirname.
   const module = new Module(file);
