@@ -11,6 +11,7 @@ import { clientConstructor } from '../src/grpc/protos.js';
 import { type Row, benchNix, median } from './nix.js';
 import { benchFuse } from './fuse.js';
 import { benchVirtiofs } from './virtiofs.js';
+import { benchVirtiofsRequests } from './virtiofs-requests.js';
 import { benchNarBridge } from './narbridge.js';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
@@ -144,7 +145,7 @@ function benchBlake3(): void {
   rows.push({ capability: 'BLAKE3 hashing, 1 MiB updates', ours: measure(native.create), peer: measure(wasm.create), unit: 'MB/s', peerName: 'blake3-wasm (fallback)' });
 }
 
-const only = process.env.BENCH_ONLY; // e.g. BENCH_ONLY=nix (blobs, blake3, nix, fuse, virtiofs, narbridge)
+const only = process.env.BENCH_ONLY; // e.g. BENCH_ONLY=nix (blobs, blake3, nix, fuse, virtiofs, virtiofs-requests, narbridge)
 if (!only || only === 'blobs') await benchBlobs();
 if (!only || only === 'blake3') benchBlake3();
 if (!only || only === 'nix') {
@@ -169,6 +170,15 @@ if (!only || only === 'virtiofs') {
   const work = mkdtempSync(join(tmpdir(), 'nixcas-bench-virtiofs-'));
   try {
     await benchVirtiofs(rows, work, REPEATS, CLI);
+  } finally {
+    rmSync(work, { recursive: true, force: true });
+  }
+}
+
+if (!only || only === 'virtiofs-requests') {
+  const work = mkdtempSync(join(tmpdir(), 'nixcas-bench-virtiofs-requests-'));
+  try {
+    await benchVirtiofsRequests(rows, work, REPEATS, CLI);
   } finally {
     rmSync(work, { recursive: true, force: true });
   }

@@ -1,0 +1,585 @@
+// The virtio-fs request path without a guest (issue #21): a scripted Linux-like
+// driver (test/virtiofs-driver.ts) drives `nixcas virtiofs` and QEMU's C
+// virtiofsd (`-o cache=always`) over the same tree, request for request, at
+// depth 1 (one process) and 64 (a guest with a few busy processes). Under TCG
+// a guest hides what the back end costs per request; here nothing does.
+//
+// Each round starts a fresh back end of each kind (alternating which goes
+// first), runs every workload once unmeasured (warm-up: JIT, page cache, the
+// back ends' inode tables), then measured. Reported per workload: ops/s, wall
+// µs per op, the back end's CPU µs per op (schedstat of every thread of its
+// process tree: virtiofsd forks into its sandbox), its peak RSS without shared
+// memory (the guest RAM it writes into is RssShmem), and the ratio
+// virtiofsd time ÷ nixcas time (above 1: nixcas is faster). Every reply is
+// checked: bytes against the file, attributes against what each back end must
+// say, listings entry by entry.
+import { execFileSync } from 'node:child_process';
+import { closeSync, lstatSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, writeFileSync, writeSync } from 'node:fs';
+import { basename, join } from 'node:path';
+import { type Backend, ensureVmPackages, startNixcasVirtiofs, startVirtiofsd } from '../vmtest/harness.js';
+import { FUSE_OUT_HEADER, getattrArgs, nameArg, openArgs, readArgs } from '../test/vhost-user-frontend.js';
+import { FuseOp, type Job, type Slot, VirtioFsDriver, writeRequest } from '../test/virtiofs-driver.js';
+import { pseudoRandom } from './fuse.js';
+import { type Row, median } from './nix.js';
+
+const MIB = 1024 * 1024;
+const READ_SIZE = 128 * 1024;
+const DIRPLUS_SIZE = 64 * 1024;
+const SMALL_SIZE = 4096;
+const SMALL_FILES = 2000;
+const DIR_ENTRIES = 1000;
+const BIG_MIB = 64;
+const DEPTHS = [1, 64] as const;
+const SCALE = Number(process.env.BENCH_VIRTIOFS_REQUESTS_SCALE ?? 1);
+const ENOSYS = 38;
+const S_IFMT = 0o170000;
+const S_IFREG = 0o100000;
+const S_IFDIR = 0o040000;
+
+type Side = 'nixcas' | 'virtiofsd';
+
+// ---------------------------------------------------------------- the tree
+
+interface Tree {
+  name: string;
+  big: Buffer;
+  /** Contents of dir1000's entries, by name. */
+  dirEntries: Map<string, Buffer>;
+  /** small-<set>/fNNNN contents: a set for warm-up and one per depth, so every measured file is new to the back end. */
+  small: Map<string, Buffer[]>;
+}
+
+const SMALL_SETS = ['warm', 'd1', 'd64'];
+
+function smallName(i: number): string {
+  return `f${String(i).padStart(4, '0')}`;
+}
+
+function makeTree(root: string): Omit<Tree, 'name'> {
+  mkdirSync(root, { recursive: true });
+  const big = Buffer.concat(Array.from({ length: BIG_MIB }, (_, i) => pseudoRandom(MIB, 7_000_000 + i)));
+  const fd = openSync(join(root, 'big.bin'), 'w');
+  for (let at = 0; at < big.length; ) at += writeSync(fd, big, at);
+  closeSync(fd);
+  const dirEntries = new Map<string, Buffer>();
+  mkdirSync(join(root, 'dir1000'));
+  for (let i = 0; i < DIR_ENTRIES; i++) {
+    const name = `e${String(i).padStart(4, '0')}`;
+    const contents = Buffer.from(`entry ${i}\n`);
+    writeFileSync(join(root, 'dir1000', name), contents);
+    dirEntries.set(name, contents);
+  }
+  const small = new Map<string, Buffer[]>();
+  SMALL_SETS.forEach((set, s) => {
+    mkdirSync(join(root, `small-${set}`));
+    const files: Buffer[] = [];
+    for (let i = 0; i < SMALL_FILES; i++) {
+      const contents = pseudoRandom(SMALL_SIZE, 100_000 * (s + 1) + i);
+      writeFileSync(join(root, `small-${set}`, smallName(i)), contents);
+      files.push(contents);
+    }
+    small.set(set, files);
+  });
+  return { big, dirEntries, small };
+}
+
+// ---------------------------------------------------------------- back-end processes
+
+/** The process and every descendant (virtiofsd serves from a forked child). */
+function processTree(pid: number): number[] {
+  const out = [pid];
+  for (let i = 0; i < out.length; i++) {
+    for (const task of safeReaddir(`/proc/${out[i]}/task`)) {
+      const children = safeRead(`/proc/${out[i]}/task/${task}/children`).trim();
+      if (children) out.push(...children.split(/\s+/).map(Number));
+    }
+  }
+  return out;
+}
+
+/** CPU time of every thread of the tree, in ns (schedstat's first field). */
+function cpuNs(pid: number): number {
+  let total = 0;
+  for (const p of processTree(pid)) {
+    for (const task of safeReaddir(`/proc/${p}/task`)) total += Number(safeRead(`/proc/${p}/task/${task}/schedstat`).split(' ')[0] || 0);
+  }
+  return total;
+}
+
+/** Resident memory of the tree without shared memory (guest RAM), in bytes. */
+function rssBytes(pid: number): number {
+  let total = 0;
+  for (const p of processTree(pid)) {
+    const status = safeRead(`/proc/${p}/status`);
+    for (const field of ['RssAnon', 'RssFile']) total += Number(new RegExp(`${field}:\\s+(\\d+)`).exec(status)?.[1] ?? 0) * 1024;
+  }
+  return total;
+}
+
+function safeReaddir(path: string): string[] {
+  try {
+    return readdirSync(path);
+  } catch {
+    return [];
+  }
+}
+
+function safeRead(path: string): string {
+  try {
+    return readFileSync(path, 'utf8');
+  } catch {
+    return '';
+  }
+}
+
+// ---------------------------------------------------------------- what each back end must answer
+
+interface Expect {
+  /** The mode of a regular file with these host permissions. */
+  fileMode(hostMode: number): number;
+  dirMode(hostMode: number): number;
+}
+
+const EXPECT: Record<Side, Expect> = {
+  // The store's rules: files 0444 (0555 when executable), directories 0555.
+  nixcas: { fileMode: (m) => S_IFREG | (m & 0o100 ? 0o555 : 0o444), dirMode: () => S_IFDIR | 0o555 },
+  // Passthrough: the host's own modes.
+  virtiofsd: { fileMode: (m) => m, dirMode: (m) => m },
+};
+
+interface Attr {
+  ino: bigint;
+  size: bigint;
+  mode: number;
+}
+
+function attrAt(b: Buffer, at: number): Attr {
+  return { ino: b.readBigUInt64LE(at), size: b.readBigUInt64LE(at + 8), mode: b.readUInt32LE(at + 60) };
+}
+
+function checkAttr(what: string, got: Attr, size: number, mode: number): void {
+  if (got.size !== BigInt(size) || got.mode !== mode) {
+    throw new Error(`${what}: size ${got.size} mode 0${got.mode.toString(8)}, expected size ${size} mode 0${mode.toString(8)}`);
+  }
+}
+
+function okBody(reply: Buffer, what: string, length?: number): Buffer {
+  const error = reply.readInt32LE(4);
+  if (error !== 0) throw new Error(`${what}: error ${-error}`);
+  if (length !== undefined && reply.length !== FUSE_OUT_HEADER + length) throw new Error(`${what}: ${reply.length - FUSE_OUT_HEADER} reply bytes, expected ${length}`);
+  return reply.subarray(FUSE_OUT_HEADER);
+}
+
+// ---------------------------------------------------------------- a connected guest
+
+interface Nodes {
+  top: bigint;
+  big: bigint;
+  /** fh of big.bin: 0 once OPEN answered ENOSYS (the kernel then stops opening files). */
+  bigHandle: bigint;
+  dir: bigint;
+  dirHandle: bigint;
+  small: Map<string, bigint>;
+}
+
+/** The kernel's view of one connection: what it learned (no OPEN, no FLUSH) and the nodes it holds. */
+class Guest {
+  noOpen = false;
+  noFlush = false;
+  nodes!: Nodes;
+  constructor(
+    readonly driver: VirtioFsDriver,
+    readonly side: Side,
+    readonly tree: Tree,
+    readonly share: string,
+  ) {}
+
+  async lookup(parent: bigint, name: string): Promise<bigint> {
+    const r = await this.driver.call(FuseOp.LOOKUP, parent, nameArg(name));
+    if (r.error !== 0) throw new Error(`LOOKUP ${name}: error ${-r.error}`);
+    return r.body.readBigUInt64LE(0);
+  }
+
+  /** OPEN as Linux does it: once ENOSYS, never again. Returns the handle (0 without). */
+  async open(nodeid: bigint, opcode: number = FuseOp.OPEN): Promise<bigint> {
+    if (opcode === FuseOp.OPEN && this.noOpen) return 0n;
+    const r = await this.driver.call(opcode, nodeid, openArgs(0));
+    if (r.error === -ENOSYS && opcode === FuseOp.OPEN) {
+      this.noOpen = true;
+      return 0n;
+    }
+    if (r.error !== 0) throw new Error(`OPEN: error ${-r.error}`);
+    return r.body.readBigUInt64LE(0);
+  }
+
+  async setUp(): Promise<void> {
+    const top = await this.lookup(1n, this.tree.name);
+    const big = await this.lookup(top, 'big.bin');
+    const dir = await this.lookup(top, 'dir1000');
+    const small = new Map<string, bigint>();
+    for (const set of SMALL_SETS) small.set(set, await this.lookup(top, `small-${set}`));
+    this.nodes = { top, big, bigHandle: await this.open(big), dir, dirHandle: await this.open(dir, FuseOp.OPENDIR), small };
+  }
+
+  hostMode(relative: string): number {
+    return lstatSync(join(this.share, this.tree.name, relative)).mode;
+  }
+}
+
+// ---------------------------------------------------------------- workloads
+
+interface Workload {
+  name: string;
+  /** What one op is (request, or file). */
+  unit: string;
+  counts: Record<(typeof DEPTHS)[number], number>;
+  /** A job doing `count` ops; `set` names the small-file set where that matters. */
+  job(guest: Guest, count: number, set: string): Job;
+}
+
+/** Hands out op numbers to slots until `count` have been issued. */
+function counter(count: number): () => number | undefined {
+  let next = 0;
+  return () => (next < count ? next++ : undefined);
+}
+
+const getattr: Workload = {
+  name: 'GETATTR',
+  unit: 'request',
+  counts: { 1: 20_000, 64: 200_000 },
+  job(guest, count) {
+    const take = counter(count);
+    const mode = EXPECT[guest.side].fileMode(guest.hostMode('big.bin'));
+    const args = getattrArgs();
+    return {
+      issue: (slot) => {
+        if (take() === undefined) return false;
+        writeRequest(slot, FuseOp.GETATTR, guest.nodes.big, args);
+        slot.replyLength = FUSE_OUT_HEADER + 104;
+        return true;
+      },
+      complete: (_slot, reply) => checkAttr('GETATTR big.bin', attrAt(okBody(reply, 'GETATTR', 104), 16), BIG_MIB * MIB, mode),
+    };
+  },
+};
+
+const lookup: Workload = {
+  name: 'LOOKUP',
+  unit: 'request',
+  counts: { 1: 20_000, 64: 200_000 },
+  job(guest, count) {
+    const take = counter(count);
+    const names = [...guest.tree.dirEntries.keys()];
+    const args = names.map((n) => nameArg(n));
+    const modes = names.map((n) => EXPECT[guest.side].fileMode(guest.hostMode(`dir1000/${n}`)));
+    const sizes = names.map((n) => guest.tree.dirEntries.get(n)!.length);
+    return {
+      issue: (slot) => {
+        const n = take();
+        if (n === undefined) return false;
+        slot.state = n % names.length;
+        writeRequest(slot, FuseOp.LOOKUP, guest.nodes.dir, args[slot.state as number]);
+        slot.replyLength = FUSE_OUT_HEADER + 128;
+        return true;
+      },
+      complete: (slot, reply) => {
+        const i = slot.state as number;
+        const body = okBody(reply, `LOOKUP ${names[i]}`, 128);
+        if (body.readBigUInt64LE(0) === 0n) throw new Error(`LOOKUP ${names[i]}: nodeid 0`);
+        checkAttr(`LOOKUP ${names[i]}`, attrAt(body, 40), sizes[i], modes[i]);
+      },
+    };
+  },
+};
+
+function readWorkload(pages: boolean): Workload {
+  return {
+    name: pages ? 'READ 128 KiB, sequential, 4 KiB pages through an indirect table' : 'READ 128 KiB, sequential',
+    unit: 'request',
+    counts: { 1: 2048, 64: 4096 },
+    job(guest, count) {
+      const take = counter(count);
+      const big = guest.tree.big;
+      const args = readArgs(guest.nodes.bigHandle, 0, READ_SIZE);
+      return {
+        issue: (slot) => {
+          const n = take();
+          if (n === undefined) return false;
+          const offset = (n * READ_SIZE) % big.length;
+          slot.state = offset;
+          args.writeBigUInt64LE(BigInt(offset), 8);
+          writeRequest(slot, FuseOp.READ, guest.nodes.big, args);
+          slot.layout = pages ? 'pages' : 'single';
+          slot.replyLength = FUSE_OUT_HEADER + READ_SIZE;
+          return true;
+        },
+        complete: (slot, reply) => {
+          const offset = slot.state as number;
+          const body = okBody(reply, `READ big.bin at ${offset}`, READ_SIZE);
+          if (!body.equals(big.subarray(offset, offset + READ_SIZE))) throw new Error(`READ big.bin at ${offset}: wrong bytes`);
+        },
+      };
+    },
+  };
+}
+
+/** fuse_direntplus entries: checks each against the tree; returns how many. */
+function checkDirentPlus(guest: Guest, body: Buffer, modes: Map<string, number>): number {
+  let at = 0;
+  let count = 0;
+  const seen = new Set<string>();
+  while (at < body.length) {
+    const d = at + 128;
+    const namelen = body.readUInt32LE(d + 16);
+    const name = body.subarray(d + 24, d + 24 + namelen).toString('latin1');
+    if (seen.has(name)) throw new Error(`READDIRPLUS: ${name} twice`);
+    seen.add(name);
+    if (name !== '.' && name !== '..') {
+      const contents = guest.tree.dirEntries.get(name);
+      if (!contents) throw new Error(`READDIRPLUS: ${name} is not in dir1000`);
+      if (body.readBigUInt64LE(at) === 0n) throw new Error(`READDIRPLUS: ${name} without a nodeid`);
+      checkAttr(`READDIRPLUS ${name}`, attrAt(body, at + 40), contents.length, modes.get(name)!);
+    }
+    at = d + ((24 + namelen + 7) & ~7);
+    count++;
+  }
+  if (at !== body.length) throw new Error(`READDIRPLUS: ${body.length} bytes do not end on an entry`);
+  if (count < 300) throw new Error(`READDIRPLUS: only ${count} entries in ${DIRPLUS_SIZE} bytes`);
+  return count;
+}
+
+const readdirplus: Workload = {
+  name: 'READDIRPLUS 64 KiB of a 1000-entry directory',
+  unit: 'request',
+  counts: { 1: 300, 64: 1000 },
+  job(guest, count) {
+    const take = counter(count);
+    const modes = new Map([...guest.tree.dirEntries.keys()].map((n) => [n, EXPECT[guest.side].fileMode(guest.hostMode(`dir1000/${n}`))]));
+    const args = readArgs(guest.nodes.dirHandle, 0, DIRPLUS_SIZE);
+    // The first listing is checked entry by entry; later ones must be the same bytes (or pass the same check).
+    let reference: Buffer | undefined;
+    return {
+      issue: (slot) => {
+        if (take() === undefined) return false;
+        writeRequest(slot, FuseOp.READDIRPLUS, guest.nodes.dir, args);
+        slot.replyLength = FUSE_OUT_HEADER + DIRPLUS_SIZE;
+        return true;
+      },
+      complete: (_slot, reply) => {
+        const body = okBody(reply, 'READDIRPLUS dir1000');
+        if (reference?.equals(body)) return;
+        checkDirentPlus(guest, body, modes);
+        reference = Buffer.from(body);
+      },
+    };
+  },
+};
+
+/** One file as a process reads it: LOOKUP, (OPEN), READ, (FLUSH, RELEASE), as Linux sends them. */
+type SmallStep = 'lookup' | 'open' | 'read' | 'flush' | 'release';
+interface SmallState {
+  file: number;
+  step: SmallStep;
+  nodeid: bigint;
+  handle: bigint;
+}
+
+const smallFiles: Workload = {
+  name: 'small files: LOOKUP + READ 4 KiB over 2000 distinct files',
+  unit: 'file',
+  counts: { 1: SMALL_FILES, 64: SMALL_FILES },
+  job(guest, count, set) {
+    const take = counter(Math.min(count, SMALL_FILES));
+    const files = guest.tree.small.get(set)!;
+    const parent = guest.nodes.small.get(set)!;
+    const mode = EXPECT[guest.side].fileMode(guest.hostMode(`small-${set}/${smallName(0)}`));
+    const names = files.map((_, i) => nameArg(smallName(i)));
+    const read = readArgs(0n, 0, SMALL_SIZE);
+    const handleArgs = Buffer.alloc(24);
+    const open = openArgs(0);
+    const send = (slot: Slot, s: SmallState) => {
+      switch (s.step) {
+        case 'lookup':
+          writeRequest(slot, FuseOp.LOOKUP, parent, names[s.file]);
+          slot.replyLength = FUSE_OUT_HEADER + 128;
+          return;
+        case 'open':
+          writeRequest(slot, FuseOp.OPEN, s.nodeid, open);
+          slot.replyLength = FUSE_OUT_HEADER + 16;
+          return;
+        case 'read':
+          read.writeBigUInt64LE(s.handle, 0);
+          writeRequest(slot, FuseOp.READ, s.nodeid, read);
+          slot.replyLength = FUSE_OUT_HEADER + SMALL_SIZE;
+          return;
+        case 'flush':
+        case 'release':
+          handleArgs.writeBigUInt64LE(s.handle, 0);
+          writeRequest(slot, s.step === 'flush' ? FuseOp.FLUSH : FuseOp.RELEASE, s.nodeid, handleArgs);
+          slot.replyLength = FUSE_OUT_HEADER;
+          return;
+      }
+    };
+    const afterRead = (s: SmallState): SmallStep | undefined => (s.handle === 0n ? undefined : guest.noFlush ? 'release' : 'flush');
+    return {
+      issue: (slot) => {
+        const s = slot.state as SmallState | undefined;
+        if (!s || s.step === 'lookup') {
+          // A new file (the previous one is done).
+          const file = take();
+          if (file === undefined) return false;
+          slot.state = { file, step: 'lookup', nodeid: 0n, handle: 0n } satisfies SmallState;
+        }
+        send(slot, slot.state as SmallState);
+        return true;
+      },
+      complete: (slot, reply) => {
+        const s = slot.state as SmallState;
+        const what = `${s.step.toUpperCase()} small-${set}/${smallName(s.file)}`;
+        let next: SmallStep | undefined;
+        switch (s.step) {
+          case 'lookup': {
+            const body = okBody(reply, what, 128);
+            s.nodeid = body.readBigUInt64LE(0);
+            checkAttr(what, attrAt(body, 40), SMALL_SIZE, mode);
+            next = guest.noOpen ? 'read' : 'open';
+            break;
+          }
+          case 'open':
+            if (reply.readInt32LE(4) === -ENOSYS) guest.noOpen = true;
+            else s.handle = okBody(reply, what, 16).readBigUInt64LE(0);
+            next = 'read';
+            break;
+          case 'read':
+            if (!okBody(reply, what, SMALL_SIZE).equals(files[s.file])) throw new Error(`${what}: wrong bytes`);
+            next = afterRead(s);
+            break;
+          case 'flush':
+            if (reply.readInt32LE(4) === -ENOSYS) guest.noFlush = true;
+            else okBody(reply, what, 0);
+            next = 'release';
+            break;
+          case 'release':
+            okBody(reply, what, 0);
+            break;
+        }
+        // Done with this file: the next issue starts another.
+        s.step = next ?? 'lookup';
+      },
+    };
+  },
+};
+
+const WORKLOADS = [getattr, lookup, readWorkload(false), readWorkload(true), readdirplus, smallFiles];
+
+// ---------------------------------------------------------------- measuring
+
+interface Sample {
+  ops: number;
+  wallNs: number;
+  cpuNs: number;
+  requests: number;
+}
+
+interface Measured {
+  samples: Record<Side, Sample[]>;
+  workload: Workload;
+  depth: number;
+}
+
+async function measureSide(side: Side, backend: Backend, tree: Tree, share: string, results: Map<string, Measured>, rss: Record<Side, number>): Promise<void> {
+  const pid = backend.process.pid!;
+  const driver = await VirtioFsDriver.connect(backend.socketPath, { maxDepth: 64, queueSize: 256 });
+  try {
+    const guest = new Guest(driver, side, tree, share);
+    await guest.setUp();
+    for (const workload of WORKLOADS) {
+      // Warm-up: a tenth of the depth-64 count (small files: their own set).
+      await driver.run(workload.job(guest, Math.max(64, Math.round((workload.counts[64] * SCALE) / 10)), 'warm'), 64);
+      for (const depth of DEPTHS) {
+        const count = Math.max(depth, Math.round(workload.counts[depth] * SCALE));
+        const job = workload.job(guest, count, `d${depth}`);
+        const cpuBefore = cpuNs(pid);
+        const result = await driver.run(job, depth);
+        const cpu = cpuNs(pid) - cpuBefore;
+        rss[side] = Math.max(rss[side], rssBytes(pid));
+        const ops = workload.unit === 'file' ? Math.min(count, SMALL_FILES) : result.requests;
+        const key = `${workload.name}@${depth}`;
+        const entry = results.get(key) ?? { samples: { nixcas: [], virtiofsd: [] }, workload, depth };
+        entry.samples[side].push({ ops, wallNs: result.wallNs, cpuNs: cpu, requests: result.requests });
+        results.set(key, entry);
+      }
+    }
+  } finally {
+    driver.close();
+  }
+}
+
+function fmt(n: number, digits = 1): string {
+  return n >= 100 ? n.toFixed(0) : n.toFixed(digits);
+}
+
+export async function benchVirtiofsRequests(rows: Row[], work: string, repeats: number, cli: string): Promise<void> {
+  if (process.getuid?.() !== 0) {
+    console.error('bench virtiofs-requests: skipped (QEMU\'s virtiofsd needs root)');
+    return;
+  }
+  ensureVmPackages({ install: true });
+  const source = join(work, 'requests');
+  console.error('bench virtiofs-requests: making the tree');
+  const made = makeTree(source);
+  const store = join(work, 'store');
+  const storePath = execFileSync(process.execPath, [cli, 'import', '--store', store, source], { encoding: 'utf8' }).trim();
+  const name = basename(storePath);
+  const share = join(work, 'share');
+  mkdirSync(share);
+  renameSync(source, join(share, name));
+  const tree: Tree = { name, ...made };
+  const results = new Map<string, Measured>();
+  const rss: Record<Side, number> = { nixcas: 0, virtiofsd: 0 };
+  for (let round = 0; round < repeats; round++) {
+    const order: Side[] = round % 2 === 0 ? ['nixcas', 'virtiofsd'] : ['virtiofsd', 'nixcas'];
+    for (const side of order) {
+      const socketPath = join(work, `${side}-${round}.sock`);
+      console.error(`bench virtiofs-requests: round ${round + 1} of ${repeats}, ${side}`);
+      const backend =
+        side === 'nixcas'
+          ? await startNixcasVirtiofs({ socketPath, store, cli })
+          : await startVirtiofsd({ source: share, socketPath, cache: 'always' });
+      try {
+        await measureSide(side, backend, tree, share, results, rss);
+      } catch (err) {
+        throw new Error(`${side}: ${(err as Error).message}\n--- back end output ---\n${backend.output().trim()}`);
+      } finally {
+        await backend.stop();
+      }
+    }
+  }
+
+  console.log(`\n### virtio-fs requests without a guest (${repeats} rounds, medians; back-end CPU of all its threads)\n`);
+  console.log('| workload | depth | nixcas ops/s | virtiofsd ops/s | nixcas wall µs/op | virtiofsd wall µs/op | nixcas CPU µs/op | virtiofsd CPU µs/op | ratio (virtiofsd time ÷ nixcas time) |');
+  console.log('|---|---|---|---|---|---|---|---|---|');
+  const ratios: Record<number, number[]> = { 1: [], 64: [] };
+  for (const { samples, workload, depth } of results.values()) {
+    const stat = (side: Side) => {
+      const s = samples[side];
+      return {
+        opsPerSecond: median(s.map((x) => x.ops / (x.wallNs / 1e9))),
+        wall: median(s.map((x) => x.wallNs / 1e3 / x.ops)),
+        cpu: median(s.map((x) => x.cpuNs / 1e3 / x.ops)),
+      };
+    };
+    const ours = stat('nixcas');
+    const peer = stat('virtiofsd');
+    const ratio = peer.wall / ours.wall;
+    ratios[depth].push(ratio);
+    const per = workload.unit === 'file' ? ' (per file)' : '';
+    console.log(`| ${workload.name}${per} | ${depth} | ${fmt(ours.opsPerSecond)} | ${fmt(peer.opsPerSecond)} | ${fmt(ours.wall)} | ${fmt(peer.wall)} | ${fmt(ours.cpu)} | ${fmt(peer.cpu)} | ${ratio.toFixed(2)} |`);
+    rows.push({ capability: `virtio-fs requests: ${workload.name}, depth ${depth}${per}`, ours: ours.opsPerSecond, peer: peer.opsPerSecond, unit: 'ops/s', peerName: 'virtiofsd, cache=always', target: 1.0 });
+  }
+  const geomean = (values: number[]) => Math.exp(values.reduce((a, v) => a + Math.log(v), 0) / values.length);
+  console.log(`\nGeometric mean of the ratios: depth 1 ${geomean(ratios[1]).toFixed(2)}, depth 64 ${geomean(ratios[64]).toFixed(2)} (target ≥ 1.5).`);
+  console.log(`Peak RSS without shared memory: nixcas ${(rss.nixcas / MIB).toFixed(0)} MB, virtiofsd ${(rss.virtiofsd / MIB).toFixed(0)} MB (target ≤ 100 MB).`);
+  rows.push({ capability: 'virtio-fs requests: geometric mean of the ratios at depth 64', ours: geomean(ratios[64]), peer: 1, unit: '×', peerName: 'virtiofsd', target: 1.5 });
+  rows.push({ capability: 'virtio-fs requests: peak RSS while serving (without guest RAM)', ours: rss.nixcas / MIB, peer: rss.virtiofsd / MIB, unit: 'MB', peerName: 'virtiofsd', lowerIsBetter: true, note: rss.nixcas / MIB <= 100 ? 'met (≤ 100 MB)' : 'MISSED (≤ 100 MB)' });
+}
