@@ -479,6 +479,8 @@ interface Sample {
   wallNs: number;
   cpuNs: number;
   requests: number;
+  interrupts: number;
+  kicks: number;
 }
 
 interface Measured {
@@ -506,7 +508,7 @@ async function measureSide(side: Side, backend: Backend, tree: Tree, share: stri
         const ops = workload.unit === 'file' ? Math.min(count, SMALL_FILES) : result.requests;
         const key = `${workload.name}@${depth}`;
         const entry = results.get(key) ?? { samples: { nixcas: [], virtiofsd: [] }, workload, depth };
-        entry.samples[side].push({ ops, wallNs: result.wallNs, cpuNs: cpu, requests: result.requests });
+        entry.samples[side].push({ ops, wallNs: result.wallNs, cpuNs: cpu, requests: result.requests, interrupts: result.interrupts, kicks: result.kicks });
         results.set(key, entry);
       }
     }
@@ -560,6 +562,7 @@ export async function benchVirtiofsRequests(rows: Row[], work: string, repeats: 
   console.log('| workload | depth | nixcas ops/s | virtiofsd ops/s | nixcas wall µs/op | virtiofsd wall µs/op | nixcas CPU µs/op | virtiofsd CPU µs/op | ratio (virtiofsd time ÷ nixcas time) |');
   console.log('|---|---|---|---|---|---|---|---|---|');
   const ratios: Record<number, number[]> = { 1: [], 64: [] };
+  const interruptLines: string[] = [];
   for (const { samples, workload, depth } of results.values()) {
     const stat = (side: Side) => {
       const s = samples[side];
@@ -567,6 +570,8 @@ export async function benchVirtiofsRequests(rows: Row[], work: string, repeats: 
         opsPerSecond: median(s.map((x) => x.ops / (x.wallNs / 1e9))),
         wall: median(s.map((x) => x.wallNs / 1e3 / x.ops)),
         cpu: median(s.map((x) => x.cpuNs / 1e3 / x.ops)),
+        interrupts: median(s.map((x) => x.interrupts / x.requests)),
+        kicks: median(s.map((x) => x.kicks / x.requests)),
       };
     };
     const ours = stat('nixcas');
@@ -575,8 +580,12 @@ export async function benchVirtiofsRequests(rows: Row[], work: string, repeats: 
     ratios[depth].push(ratio);
     const per = workload.unit === 'file' ? ' (per file)' : '';
     console.log(`| ${workload.name}${per} | ${depth} | ${fmt(ours.opsPerSecond)} | ${fmt(peer.opsPerSecond)} | ${fmt(ours.wall)} | ${fmt(peer.wall)} | ${fmt(ours.cpu)} | ${fmt(peer.cpu)} | ${ratio.toFixed(2)} |`);
+    interruptLines.push(`| ${workload.name} | ${depth} | ${ours.interrupts.toFixed(3)} / ${peer.interrupts.toFixed(3)} | ${ours.kicks.toFixed(3)} / ${peer.kicks.toFixed(3)} |`);
     rows.push({ capability: `virtio-fs requests: ${workload.name}, depth ${depth}${per}`, ours: ours.opsPerSecond, peer: peer.opsPerSecond, unit: 'ops/s', peerName: 'virtiofsd, cache=always', target: 1.0 });
   }
+  console.log('\n| workload | depth | interrupts per request (nixcas / virtiofsd) | kicks per request (nixcas / virtiofsd) |');
+  console.log('|---|---|---|---|');
+  for (const line of interruptLines) console.log(line);
   const geomean = (values: number[]) => Math.exp(values.reduce((a, v) => a + Math.log(v), 0) / values.length);
   console.log(`\nGeometric mean of the ratios: depth 1 ${geomean(ratios[1]).toFixed(2)}, depth 64 ${geomean(ratios[64]).toFixed(2)} (target ≥ 1.5).`);
   console.log(`Peak RSS without shared memory: nixcas ${(rss.nixcas / MIB).toFixed(0)} MB, virtiofsd ${(rss.virtiofsd / MIB).toFixed(0)} MB (target ≤ 100 MB).`);

@@ -9,6 +9,14 @@ export interface BlobReader {
    * `target[offset..]`. Returns the number of bytes read: 0 at the end.
    */
   read(target: Uint8Array, offset: number, length: number, position: number): Promise<number>;
+  /**
+   * Optional: reads `length` bytes at `position` (fewer only at the end of
+   * the blob) into `targets`, filled in turn, if that can be done without
+   * waiting (bytes in memory or in the page cache). Returns the bytes read,
+   * or undefined, having promised nothing about `targets`, when it would
+   * have to wait: then use `read`.
+   */
+  tryReadv?(targets: readonly Uint8Array[], length: number, position: number): number | undefined;
   close(): Promise<void>;
 }
 
@@ -103,8 +111,21 @@ export function bufferReader(blob: Buffer): BlobReader {
       if (position >= blob.length) return 0;
       return blob.copy(target, offset, position, Math.min(blob.length, position + length));
     },
+    tryReadv: (targets, length, position) => copyToViews(blob, position, Math.min(length, blob.length - position), targets),
     close: async () => {},
   };
+}
+
+/** Copies `length` bytes of `source` from `position` into `targets` in turn; returns the bytes copied (0 past the end). */
+export function copyToViews(source: Uint8Array, position: number, length: number, targets: readonly Uint8Array[]): number {
+  let copied = 0;
+  for (let i = 0; i < targets.length && copied < length; i++) {
+    const target = targets[i];
+    const take = Math.min(target.length, length - copied);
+    target.set(source.subarray(position + copied, position + copied + take));
+    copied += take;
+  }
+  return Math.max(0, copied);
 }
 
 /** Writes a whole buffer as one blob (tests, small metadata). */

@@ -36,14 +36,14 @@ export class DirectoryCache {
     private readonly capacity = 200_000,
   ) {}
 
-  /** The directory, or undefined when the store does not have it. */
-  get(digest: B3Digest): Promise<LoadedDirectory | undefined> {
-    const key = Buffer.from(digest).toString('latin1');
+  /** The directory (at once when it is cached), or undefined when the store does not have it. */
+  get(digest: B3Digest): LoadedDirectory | Promise<LoadedDirectory | undefined> {
+    const key = Buffer.from(digest.buffer, digest.byteOffset, digest.byteLength).toString('latin1');
     const hit = this.loaded.get(key);
     if (hit) {
       this.loaded.delete(key); // re-insert: Map order is the recency order
       this.loaded.set(key, hit);
-      return Promise.resolve(hit);
+      return hit;
     }
     let pending = this.loading.get(key);
     if (!pending) {

@@ -7,7 +7,7 @@
 // (every lookup, every readdirplus entry) and gives them back with forget;
 // an inode whose count drops to zero is dropped, so memory follows what the
 // kernel holds, not what was ever visited.
-import type { BlobReader, BlobService } from '../castore/blobservice.js';
+import { type BlobReader, type BlobService, copyToViews } from '../castore/blobservice.js';
 import { formatDigest } from '../castore/digest.js';
 import type { DirectoryService } from '../castore/directoryservice.js';
 import { displayName, type Node } from '../castore/model.js';
@@ -24,6 +24,13 @@ import { DirectoryCache, findChild, type LoadedDirectory } from './directory-cac
 import { FsError } from './errors.js';
 
 export const ROOT_INODE = 1;
+
+/** A value now, or later: the hot paths (a cached directory, a file's attributes) answer without a promise. */
+export type MaybePromise<T> = T | Promise<T>;
+
+function then<T, U>(value: MaybePromise<T>, next: (value: T) => MaybePromise<U>): MaybePromise<U> {
+  return value instanceof Promise ? value.then(next) : next(value);
+}
 
 /** The top level: which names exist (store path basenames) and what each one is. */
 export interface RootProvider {
@@ -49,6 +56,8 @@ interface Inode {
   lookups: number;
   /** Children the kernel knows, by name bytes (latin1), so a name keeps its inode. */
   children?: Map<string, Inode>;
+  /** A file whose blob the store keeps in memory (readInline), once the first read found out; false: it does not. */
+  inline?: boolean;
 }
 
 /** One entry of a directory listing; `offset` is where the next listing call resumes. */
@@ -80,6 +89,10 @@ export interface FilesystemStats {
   nameMax: number;
   /** Inodes the kernel holds now (statfs's f_files): shows forgets at work. */
   files: number;
+}
+
+function entryWith(attributes: Attributes): Entry {
+  return { attributes, entryTimeout: IMMUTABLE_TIMEOUT, attributeTimeout: IMMUTABLE_TIMEOUT };
 }
 
 export const XATTR_DIRECTORY_DIGEST = 'user.tvix.castore.directory.digest';
@@ -114,20 +127,40 @@ export class ReadOnlyFilesystem {
   }
 
   /** Finds `name` in the directory `parent`; counts one kernel reference to the result. */
-  async lookup(parent: number, name: Buffer): Promise<Entry> {
+  lookup(parent: number, name: Buffer): MaybePromise<Entry> {
     const dir = this.inode(parent);
-    let child = dir.children?.get(name.toString('latin1'));
-    if (!child) {
-      const node = await this.findNode(dir, name);
+    const child = dir.children?.get(name.toString('latin1'));
+    if (child) return this.referencedEntry(child);
+    return then(this.findNode(dir, name), (node) => {
       if (!node) throw new FsError('ENOENT');
-      child = this.adopt(dir, node);
-    }
-    const entry = await this.entryOf(child).catch((err: unknown) => {
-      this.dropIfUnreferenced(child!);
-      throw err;
+      // Another lookup of the same name may have adopted it meanwhile.
+      return this.referencedEntry(dir.children?.get(name.toString('latin1')) ?? this.adopt(dir, node));
     });
-    this.reference(child);
-    return entry;
+  }
+
+  /** The child's entry, counting the kernel reference it hands out; an inode nobody holds is dropped on failure. */
+  private referencedEntry(child: Inode): MaybePromise<Entry> {
+    let entry: MaybePromise<Entry>;
+    try {
+      entry = this.entryOf(child);
+    } catch (err) {
+      this.dropIfUnreferenced(child);
+      throw err;
+    }
+    if (!(entry instanceof Promise)) {
+      this.reference(child);
+      return entry;
+    }
+    return entry.then(
+      (e) => {
+        this.reference(child);
+        return e;
+      },
+      (err: unknown) => {
+        this.dropIfUnreferenced(child);
+        throw err;
+      },
+    );
   }
 
   /** The kernel dropped `count` references to `ino`. */
@@ -162,10 +195,10 @@ export class ReadOnlyFilesystem {
     if (siblings?.get(key) === inode) siblings.delete(key);
   }
 
-  async getattr(ino: number): Promise<{ attributes: Attributes; timeout: number }> {
+  getattr(ino: number): MaybePromise<{ attributes: Attributes; timeout: number }> {
     const inode = this.inode(ino);
     if (!inode.node) return { attributes: rootAttributes(ROOT_INODE), timeout: ROOT_ATTRIBUTE_TIMEOUT };
-    return { attributes: (await this.entryOf(inode)).attributes, timeout: IMMUTABLE_TIMEOUT };
+    return then(this.entryOf(inode), (entry) => ({ attributes: entry.attributes, timeout: IMMUTABLE_TIMEOUT }));
   }
 
   readlink(ino: number): Buffer {
@@ -201,6 +234,41 @@ export class ReadOnlyFilesystem {
       () => this.openBlob(inode),
       (reader) => this.readBlob(inode, reader, target, offset, length, position),
     );
+  }
+
+  /**
+   * Reads like `readInode`, straight into `targets` (filled in turn), but
+   * only if that can be done at once: a blob the store keeps in memory, or an
+   * open blob file whose bytes are in the page cache. Returns the bytes read,
+   * or undefined when it would have to wait (then use readInode).
+   */
+  tryReadInode(ino: number, targets: readonly Uint8Array[], length: number, position: number): number | undefined {
+    const inode = this.inode(ino);
+    const node = inode.node;
+    if (node?.kind !== 'file') throw new FsError(node?.kind === 'symlink' ? 'EINVAL' : 'EISDIR');
+    const wanted = Math.min(length, node.node.size - position);
+    if (wanted <= 0) return 0;
+    if (inode.inline !== false && this.blobs.readInline) {
+      let copied = -1;
+      const found = this.blobs.readInline(node.node.digest, (contents) => {
+        if (contents.length === node.node.size) copied = copyToViews(contents, position, wanted, targets);
+      });
+      inode.inline = found;
+      if (found) {
+        if (copied < 0) throw new FsError('EIO', `${this.pathOf(inode)} (blob ${formatDigest(node.node.digest)}): the blob's size is not the directory's ${node.node.size}`);
+        return copied;
+      }
+    }
+    return this.readers.peek(ino)?.tryReadv?.(targets, wanted, position);
+  }
+
+  /** Like tryReadInode, through an open file handle. */
+  tryRead(handle: number, targets: readonly Uint8Array[], length: number, position: number): number | undefined {
+    const file = this.files.get(handle);
+    if (!file) throw new FsError('EBADF');
+    const wanted = Math.min(length, file.reader.size - position);
+    if (wanted <= 0) return 0;
+    return file.reader.tryReadv?.(targets, wanted, position);
   }
 
   private async openBlob(inode: Inode): Promise<BlobReader> {
@@ -293,11 +361,7 @@ export class ReadOnlyFilesystem {
     if (!dir) throw new FsError('EBADF');
     if (!listed.node) return undefined;
     const child = dir.inode.children?.get(listed.name.toString('latin1')) ?? this.adopt(dir.inode, listed.node);
-    const entry = await this.entryOf(child).catch((err: unknown) => {
-      this.dropIfUnreferenced(child);
-      throw err;
-    });
-    this.reference(child);
+    const entry = await this.referencedEntry(child);
     listed.ino = child.ino;
     return entry;
   }
@@ -347,42 +411,43 @@ export class ReadOnlyFilesystem {
     return child;
   }
 
-  private async findNode(dir: Inode, name: Buffer): Promise<Node | undefined> {
+  private findNode(dir: Inode, name: Buffer): MaybePromise<Node | undefined> {
     if (!dir.node) {
-      const node = await this.root.lookup(name).catch((err: Error) => {
-        throw new FsError('EIO', `looking up ${displayName(name)}: ${err.message}`, { cause: err });
-      });
-      return node && node.node.name.equals(name) ? node : undefined;
+      return this.root.lookup(name).then(
+        (node) => (node && node.node.name.equals(name) ? node : undefined),
+        (err: Error) => {
+          throw new FsError('EIO', `looking up ${displayName(name)}: ${err.message}`, { cause: err });
+        },
+      );
     }
     if (dir.node.kind !== 'directory') throw new FsError('ENOTDIR');
-    return findChild((await this.loadDirectory(dir)).children, name);
+    return then(this.loadDirectory(dir), (loaded) => findChild(loaded.children, name));
   }
 
-  private async entryOf(inode: Inode): Promise<Entry> {
+  private entryOf(inode: Inode): MaybePromise<Entry> {
     const node = inode.node!;
-    const counts =
-      node.kind === 'directory'
-        ? await this.loadDirectory(inode).then((d) => ({ entries: d.children.length, subdirectories: d.subdirectories }))
-        : undefined;
-    return {
-      attributes: nodeAttributes(inode.ino, node, counts),
-      entryTimeout: IMMUTABLE_TIMEOUT,
-      attributeTimeout: IMMUTABLE_TIMEOUT,
-    };
+    if (node.kind !== 'directory') return entryWith(nodeAttributes(inode.ino, node));
+    return then(this.loadDirectory(inode), (d) => entryWith(nodeAttributes(inode.ino, node, { entries: d.children.length, subdirectories: d.subdirectories })));
   }
 
-  private async loadDirectory(inode: Inode): Promise<LoadedDirectory> {
+  private loadDirectory(inode: Inode): MaybePromise<LoadedDirectory> {
     const node = inode.node;
     if (node?.kind !== 'directory') throw new FsError('ENOTDIR');
     const where = () => `${this.pathOf(inode)} (directory ${formatDigest(node.node.digest)})`;
-    let loaded: LoadedDirectory | undefined;
+    const found = (loaded: LoadedDirectory | undefined) => {
+      if (!loaded) throw new FsError('EIO', `${where()}: the directory is missing from the store`);
+      return loaded;
+    };
+    let pending: MaybePromise<LoadedDirectory | undefined>;
     try {
-      loaded = await this.cache.get(node.node.digest);
+      pending = this.cache.get(node.node.digest);
     } catch (err) {
       throw new FsError('EIO', `${where()}: ${(err as Error).message}`, { cause: err });
     }
-    if (!loaded) throw new FsError('EIO', `${where()}: the directory is missing from the store`);
-    return loaded;
+    if (!(pending instanceof Promise)) return found(pending);
+    return pending.then(found, (err: Error) => {
+      throw new FsError('EIO', `${where()}: ${err.message}`, { cause: err });
+    });
   }
 
   /** A readable path for log messages. */

@@ -6,6 +6,8 @@ import type { BlobReader } from '../castore/blobservice.js';
 
 interface Entry {
   reader: Promise<BlobReader>;
+  /** The reader once it has opened. */
+  opened?: BlobReader;
   /** Reads in progress: a reader is closed only when idle. */
   users: number;
   /** Left the cache (evicted or forgotten) while in use: close when the last user is done. */
@@ -27,9 +29,13 @@ export class ReaderCache {
     if (entry) {
       this.entries.delete(ino); // re-insert: Map order is the recency order
     } else {
-      entry = { reader: open(), users: 0, retired: false };
+      const created: Entry = { reader: open(), users: 0, retired: false };
       // A failed open is not cached: the next read tries again (a remote store may be back).
-      entry.reader.catch(() => this.entries.get(ino) === entry && this.entries.delete(ino));
+      created.reader.then(
+        (reader) => void (created.opened = reader),
+        () => this.entries.get(ino) === created && this.entries.delete(ino),
+      );
+      entry = created;
     }
     this.entries.set(ino, entry);
     entry.users++;
@@ -40,6 +46,15 @@ export class ReaderCache {
       entry.users--;
       if (entry.retired && entry.users === 0) void close(entry);
     }
+  }
+
+  /** The inode's reader if it is open already (and counts as a use for recency), without waiting. */
+  peek(ino: number): BlobReader | undefined {
+    const entry = this.entries.get(ino);
+    if (!entry?.opened) return undefined;
+    this.entries.delete(ino);
+    this.entries.set(ino, entry);
+    return entry.opened;
   }
 
   /** The inode is gone: close its reader (once idle). */

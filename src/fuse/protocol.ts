@@ -36,6 +36,16 @@ import {
  */
 export interface ReplySink {
   send(reply: Buffer): void;
+  /**
+   * Optional, for transports that can take a reply where it is going (the
+   * guest's memory on virtio-fs): appends views of the reply's bytes
+   * [offset, offset + length) to `into`, or returns false when there is no
+   * room. The views are valid only until the event loop turns; the reply is
+   * then sent with sendInPlace.
+   */
+  views?(offset: number, length: number, into: Uint8Array[]): boolean;
+  /** Sends a reply of `length` bytes whose bytes after `header` were written through views(). */
+  sendInPlace?(header: Buffer, length: number): void;
 }
 
 export interface FuseServerOptions {
@@ -96,8 +106,12 @@ class Request {
   get args(): Buffer {
     return this.message.subarray(IN_HEADER_SIZE);
   }
-  /** A reply buffer with room for `size` bytes after the out header. */
+  /**
+   * A reply buffer with room for `size` bytes after the out header. Small
+   * ones are one scratch buffer, reused: fill it and send it without waiting.
+   */
   allocate(size: number): Buffer {
+    if (size <= SCRATCH_SIZE) return scratch.subarray(0, OUT_HEADER_SIZE + size);
     return Buffer.allocUnsafe(OUT_HEADER_SIZE + size);
   }
   /** Sends `reply[0..OUT_HEADER_SIZE + size)` as a success. */
@@ -112,13 +126,21 @@ class Request {
     this.ok(this.allocate(0), 0);
   }
   error(errno: number): void {
-    const message = Buffer.alloc(OUT_HEADER_SIZE);
+    const message = header;
     message.writeUInt32LE(OUT_HEADER_SIZE, 0);
     message.writeInt32LE(-errno, 4);
     this.message.copy(message, 8, 8, 16);
     this.sink.send(message);
   }
 }
+
+/**
+ * Replies are written and sent in one go (the sinks copy them before send
+ * returns), so one buffer serves every small reply of every session.
+ */
+const SCRATCH_SIZE = 64 * 1024;
+const scratch = Buffer.allocUnsafe(OUT_HEADER_SIZE + SCRATCH_SIZE);
+const header = Buffer.allocUnsafe(OUT_HEADER_SIZE);
 
 /** A request whose arguments are shorter than its opcode needs. */
 class MalformedRequest extends Error {}
@@ -130,6 +152,8 @@ export class FuseServer {
   private noOpen = false;
   /** Reply buffers of READs that finished, for the next ones. */
   private readonly readBuffers: Buffer[] = [];
+  /** Where a READ's bytes go when the transport takes them in place; emptied after each use. */
+  private readonly readViews: Uint8Array[] = [];
   private readonly log: (message: string) => void;
 
   constructor(
@@ -273,11 +297,10 @@ export class FuseServer {
     request.ok(reply, INIT_OUT_SIZE);
   }
 
-  private async lookup(request: Request): Promise<void> {
-    const entry = await this.fs.lookup(request.nodeid, cString(request.args));
-    const reply = request.allocate(ENTRY_OUT_SIZE);
-    writeEntry(reply, OUT_HEADER_SIZE, entry);
-    request.ok(reply, ENTRY_OUT_SIZE);
+  private lookup(request: Request): Promise<void> | void {
+    const entry = this.fs.lookup(request.nodeid, cString(request.args));
+    if (entry instanceof Promise) return entry.then((e) => replyEntry(request, e));
+    replyEntry(request, entry);
   }
 
   private forget(request: Request): void {
@@ -293,12 +316,10 @@ export class FuseServer {
     }
   }
 
-  private async getattr(request: Request): Promise<void> {
-    const { attributes, timeout } = await this.fs.getattr(request.nodeid);
-    const reply = request.allocate(ATTR_OUT_SIZE).fill(0, OUT_HEADER_SIZE, OUT_HEADER_SIZE + 16);
-    writeU64(reply, OUT_HEADER_SIZE, timeout);
-    writeAttributes(reply, OUT_HEADER_SIZE + 16, attributes);
-    request.ok(reply, ATTR_OUT_SIZE);
+  private getattr(request: Request): Promise<void> | void {
+    const result = this.fs.getattr(request.nodeid);
+    if (result instanceof Promise) return result.then((r) => replyAttributes(request, r.attributes, r.timeout));
+    replyAttributes(request, result.attributes, result.timeout);
   }
 
   private readlink(request: Request): void {
@@ -324,12 +345,36 @@ export class FuseServer {
     request.ok(reply, OPEN_OUT_SIZE);
   }
 
-  private async read(request: Request): Promise<void> {
+  private read(request: Request): Promise<void> | void {
     const args = need(request, 24);
     const handle = readU64(args, 0);
     const position = readU64(args, 8);
     const size = args.readUInt32LE(16);
     if (size > MAX_READ) throw new MalformedRequest(`READ of ${size} bytes`);
+    // Where the transport can take the bytes in place (virtio-fs: the guest's pages), a read that
+    // needs no waiting goes straight there: one copy, from the page cache or the store's memory.
+    const sink = request.sink;
+    const views = this.readViews;
+    views.length = 0;
+    if (sink.views && sink.sendInPlace && sink.views(OUT_HEADER_SIZE, size, views)) {
+      const n =
+        handle === NO_HANDLE
+          ? this.fs.tryReadInode(request.nodeid, views, size, position)
+          : this.fs.tryRead(handle, views, size, position);
+      views.length = 0; // valid only now
+      if (n !== undefined) {
+        header.writeUInt32LE(OUT_HEADER_SIZE + n, 0);
+        header.writeInt32LE(0, 4);
+        request.message.copy(header, 8, 8, 16);
+        sink.sendInPlace(header, OUT_HEADER_SIZE + n);
+        return;
+      }
+    }
+    return this.readWaiting(request, handle, position, size);
+  }
+
+  /** A READ that has to wait (a blob file not in the page cache, a remote store): into a buffer of ours, then sent. */
+  private async readWaiting(request: Request, handle: number, position: number, size: number): Promise<void> {
     // The blob bytes go straight into the reply buffer, after the header. Buffers this large
     // are fresh mappings each time (page faults and all), so they are reused.
     const reply = this.readBuffers.pop() ?? Buffer.allocUnsafe(OUT_HEADER_SIZE + MAX_READ);
@@ -466,6 +511,19 @@ function readU64(buffer: Buffer, at: number): number {
 function writeU64(buffer: Buffer, at: number, value: number): void {
   buffer.writeUInt32LE(value >>> 0, at);
   buffer.writeUInt32LE(Math.floor(value / 0x1_0000_0000), at + 4);
+}
+
+function replyEntry(request: Request, entry: Entry): void {
+  const reply = request.allocate(ENTRY_OUT_SIZE);
+  writeEntry(reply, OUT_HEADER_SIZE, entry);
+  request.ok(reply, ENTRY_OUT_SIZE);
+}
+
+function replyAttributes(request: Request, attributes: Attributes, timeout: number): void {
+  const reply = request.allocate(ATTR_OUT_SIZE).fill(0, OUT_HEADER_SIZE, OUT_HEADER_SIZE + 16);
+  writeU64(reply, OUT_HEADER_SIZE, timeout);
+  writeAttributes(reply, OUT_HEADER_SIZE + 16, attributes);
+  request.ok(reply, ATTR_OUT_SIZE);
 }
 
 /** fuse_attr */

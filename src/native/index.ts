@@ -13,6 +13,8 @@ export interface NativeAddon {
   read(fd: number, buffer: Uint8Array): number;
   /** preadv2(RWF_NOWAIT) into `buffer[offset, offset + length)`: bytes read, or -errno (-EAGAIN: not cached). */
   readCached(fd: number, buffer: Uint8Array, offset: number, length: number, position: number): number;
+  /** preadv2(RWF_NOWAIT) into the buffers in turn (at most 1024): bytes read, or -errno (-EAGAIN: not cached). */
+  readCachedv(fd: number, buffers: Uint8Array[], position: number): number;
   /** One writev(2): bytes written, or -errno. */
   writev(fd: number, buffers: Uint8Array[]): number;
   setNonBlocking(fd: number): number;

@@ -143,6 +143,57 @@ export class GuestMemory {
     }
   }
 
+  /** Throws unless `length` bytes at `gpa` lie in guest memory. */
+  check(gpa: number, length: number): void {
+    this.regionOf(gpa, length);
+  }
+
+  /** Copies `length` bytes at `gpa` into `target[at..]`. */
+  copyOut(gpa: number, length: number, target: Uint8Array, at: number): void {
+    const r = this.regionOf(gpa, length);
+    let offset = gpa - r.guestPhysAddr;
+    let left = length;
+    while (left > 0) {
+      const chunk = Math.floor(offset / CHUNK);
+      const within = offset - chunk * CHUNK;
+      const take = Math.min(left, CHUNK - within);
+      target.set(r.chunks[chunk].subarray(within, within + take), at);
+      at += take;
+      offset += take;
+      left -= take;
+    }
+  }
+
+  /** Copies `source` to guest address `gpa`. */
+  copyIn(gpa: number, source: Uint8Array): void {
+    const r = this.regionOf(gpa, source.length);
+    let offset = gpa - r.guestPhysAddr;
+    let at = 0;
+    while (at < source.length) {
+      const chunk = Math.floor(offset / CHUNK);
+      const within = offset - chunk * CHUNK;
+      const take = Math.min(source.length - at, CHUNK - within);
+      r.chunks[chunk].set(at === 0 && take === source.length ? source : source.subarray(at, at + take), within);
+      at += take;
+      offset += take;
+    }
+  }
+
+  /** Views of `length` bytes at `gpa` (one per chunk crossed), appended to `into`. Valid until the memory table changes. */
+  views(gpa: number, length: number, into: Uint8Array[]): void {
+    const r = this.regionOf(gpa, length);
+    let offset = gpa - r.guestPhysAddr;
+    let left = length;
+    while (left > 0) {
+      const chunk = Math.floor(offset / CHUNK);
+      const within = offset - chunk * CHUNK;
+      const take = Math.min(left, CHUNK - within);
+      into.push(r.chunks[chunk].subarray(within, within + take));
+      offset += take;
+      left -= take;
+    }
+  }
+
   private regionOf(gpa: number, length: number): MappedRegion {
     if (!Number.isSafeInteger(gpa) || !Number.isSafeInteger(length) || gpa < 0 || length < 0) throw new GuestMemoryError(`bad guest address ${gpa} (+${length})`);
     for (const r of this.regions) {

@@ -66,6 +66,8 @@ export class SplitQueue {
   /** Chains taken and not yet completed, and who waits for there to be none. */
   private inFlight = 0;
   private idleWaiters: (() => void)[] = [];
+  /** One chain object per head, reused request after request. */
+  private readonly chains: (DescriptorChain | undefined)[] = [];
 
   constructor(
     private readonly memory: GuestMemory,
@@ -215,13 +217,17 @@ export class SplitQueue {
     this.brokenReason = reason;
   }
 
-  /** Follows a chain from `head`, bounded so that loops and overlong chains end. */
+  /**
+   * Follows a chain from `head`, bounded so that loops and overlong chains
+   * end. The readable bytes are copied into the chain (the guest may change
+   * its memory at any time); writable descriptors are kept as guest addresses.
+   */
   private walk(head: number): DescriptorChain {
-    const readable: Span[] = [];
-    const writable: GuestBuffer[] = [];
-    const scratch: Span[] = [];
-    let readableLength = 0;
-    let writableLength = 0;
+    // A head's chain object is reused once its last request was answered; a
+    // guest that posts a head still in flight gets a fresh one.
+    let chain = this.chains[head];
+    if (!chain || chain.pending) chain = this.chains[head] = new DescriptorChain(this, this.memory, head);
+    chain.begin();
     let table = this.descriptors;
     let tableSize = this.layout.size;
     let inIndirect = false;
@@ -248,20 +254,18 @@ export class SplitQueue {
         continue;
       }
       if (flags & DESC_F_WRITE) {
-        this.memory.spans(address, length, scratch); // checks it lies in guest memory
-        scratch.length = 0;
-        writable.push({ address, length });
-        writableLength += length;
+        this.memory.check(address, length);
+        chain.addWritable(address, length);
       } else {
-        if (writableLength > 0 || writable.length > 0) throw new ChainError(`chain from ${head}: a readable descriptor after a writable one`);
-        readableLength += length;
-        if (readableLength > MAX_READABLE) throw new ChainError(`chain from ${head}: more than ${MAX_READABLE} readable bytes`);
-        this.memory.spans(address, length, readable);
+        if (chain.writableLength > 0 || chain.writableCount > 0) throw new ChainError(`chain from ${head}: a readable descriptor after a writable one`);
+        if (chain.readableLength + length > MAX_READABLE) throw new ChainError(`chain from ${head}: more than ${MAX_READABLE} readable bytes`);
+        chain.addReadable(address, length);
       }
       if (!(flags & DESC_F_NEXT)) break;
       index = table.getUint16(at + 14, true);
     }
-    return new DescriptorChain(this, this.memory, head, readable, readableLength, writable, writableLength);
+    chain.pending = true;
+    return chain;
   }
 
   private span(address: number, length: number, what: string): Span {
@@ -273,37 +277,70 @@ export class SplitQueue {
   }
 }
 
-/** A buffer in guest memory, by guest physical address. */
-interface GuestBuffer {
-  address: number;
-  length: number;
-}
+/** Readable bytes a chain keeps without allocating: FUSE requests are small, except WRITEs we refuse anyway. */
+const REQUEST_BUFFER = 4096;
 
-/** One request from the driver: bytes to read, room to write, and a way to hand it back. */
+/**
+ * One request from the driver: bytes to read, room to write, and a way to
+ * hand it back. The object belongs to its head and is reused for the next
+ * request on that head once this one is answered.
+ */
 export class DescriptorChain {
-  private completed = false;
+  /** Taken from the ring and not yet answered. */
+  pending = false;
+  readableLength = 0;
+  writableLength = 0;
+  writableCount = 0;
+  private buffer = Buffer.allocUnsafe(REQUEST_BUFFER);
+  private view = this.buffer.subarray(0, 0);
+  /** The writable descriptors as guest addresses, resolved when the reply is written (the memory table may change meanwhile). */
+  private readonly writableAddresses: number[] = [];
+  private readonly writableLengths: number[] = [];
 
   constructor(
     private readonly queue: SplitQueue,
     private readonly memory: GuestMemory,
     readonly head: number,
-    /** Only valid until the event loop turns: read() at once. */
-    private readonly readable: Span[],
-    readonly readableLength: number,
-    /** Resolved when the reply is written, so a memory table changed meanwhile is honoured. */
-    private readonly writable: GuestBuffer[],
-    readonly writableLength: number,
   ) {}
 
-  /** A copy of the readable part (the guest may change its memory at any time). */
-  read(): Buffer {
-    const out = Buffer.allocUnsafe(this.readableLength);
-    let at = 0;
-    for (const s of this.readable) {
-      out.set(s.bytes.subarray(s.offset, s.offset + s.length), at);
-      at += s.length;
+  /** Counts the requests this head carried, so a late reply to an earlier one is told apart. */
+  generation = 0;
+
+  /** Starts a new request on this head. */
+  begin(): void {
+    this.generation++;
+    this.readableLength = 0;
+    this.writableLength = 0;
+    this.writableCount = 0;
+  }
+
+  addReadable(address: number, length: number): void {
+    const end = this.readableLength + length;
+    if (end > this.buffer.length) {
+      const grown = Buffer.allocUnsafe(Math.max(end, 2 * this.buffer.length));
+      this.buffer.copy(grown, 0, 0, this.readableLength);
+      this.buffer = grown;
     }
-    return out;
+    this.memory.copyOut(address, length, this.buffer, this.readableLength);
+    this.readableLength = end;
+  }
+
+  addWritable(address: number, length: number): void {
+    this.writableAddresses[this.writableCount] = address;
+    this.writableLengths[this.writableCount] = length;
+    this.writableCount++;
+    this.writableLength += length;
+  }
+
+  /**
+   * The readable part, copied out of guest memory when the chain was taken.
+   * Valid until the chain is answered (the next request on the head reuses it).
+   */
+  read(): Buffer {
+    if (this.view.buffer !== this.buffer.buffer || this.view.byteOffset !== this.buffer.byteOffset || this.view.length !== this.readableLength) {
+      this.view = this.buffer.subarray(0, this.readableLength);
+    }
+    return this.view;
   }
 
   /**
@@ -311,10 +348,10 @@ export class DescriptorChain {
    * length. Throws ChainError (and writes nothing) when it does not fit.
    */
   reply(reply: Uint8Array): void {
-    if (!this.queue.isActive) return void (this.completed = true);
+    if (!this.queue.isActive) return this.drop();
     if (reply.length > this.writableLength) throw new ChainError(`a reply of ${reply.length} bytes does not fit the ${this.writableLength} writable bytes of chain ${this.head}`);
     try {
-      this.write(reply);
+      this.write(reply, 0);
     } catch (err) {
       // The memory was unplugged under the request: nothing more can reach the guest.
       if (!(err instanceof GuestMemoryError)) throw err;
@@ -323,25 +360,75 @@ export class DescriptorChain {
     this.done(reply.length);
   }
 
+  /**
+   * Views of the writable bytes [offset, offset + length) in guest memory,
+   * appended to `into`, for filling them in place; false (and nothing
+   * appended) when the chain has no room for them. The views are valid only
+   * until the event loop turns: finish with replyInPlace() before that.
+   */
+  writableViews(offset: number, length: number, into: Uint8Array[]): boolean {
+    if (!this.queue.isActive || offset + length > this.writableLength) return false;
+    const start = into.length;
+    try {
+      let skip = offset;
+      let left = length;
+      for (let i = 0; i < this.writableCount && left > 0; i++) {
+        const size = this.writableLengths[i];
+        if (skip >= size) {
+          skip -= size;
+          continue;
+        }
+        const take = Math.min(size - skip, left);
+        this.memory.views(this.writableAddresses[i] + skip, take, into);
+        skip = 0;
+        left -= take;
+      }
+    } catch (err) {
+      if (!(err instanceof GuestMemoryError)) throw err;
+      into.length = start;
+      return false;
+    }
+    return true;
+  }
+
+  /** Writes `header` at the start of the writable part, whose bytes after it were filled in place, and returns the chain with `length` bytes. */
+  replyInPlace(header: Uint8Array, length: number): void {
+    if (!this.queue.isActive) return this.drop();
+    if (length > this.writableLength) throw new ChainError(`a reply of ${length} bytes does not fit the ${this.writableLength} writable bytes of chain ${this.head}`);
+    try {
+      this.write(header, 0);
+    } catch (err) {
+      if (!(err instanceof GuestMemoryError)) throw err;
+      return this.done(0);
+    }
+    this.done(length);
+  }
+
   /** Returns the chain to the driver with `length` bytes written (0: nothing). */
   done(length = 0): void {
-    if (this.completed) return;
-    this.completed = true;
+    if (!this.pending) return;
+    this.pending = false;
     this.queue.complete(this.head, length);
   }
 
-  private write(reply: Uint8Array): void {
-    const spans: Span[] = [];
+  private drop(): void {
+    this.pending = false;
+  }
+
+  /** Copies `bytes` into the writable part from `offset` on (it fits: checked by the caller). */
+  private write(bytes: Uint8Array, offset: number): void {
     let at = 0;
-    for (const buffer of this.writable) {
-      if (at >= reply.length) break;
-      const take = Math.min(buffer.length, reply.length - at);
-      spans.length = 0;
-      this.memory.spans(buffer.address, take, spans);
-      for (const s of spans) {
-        s.bytes.set(reply.subarray(at, at + s.length), s.offset);
-        at += s.length;
+    let skip = offset;
+    for (let i = 0; i < this.writableCount && at < bytes.length; i++) {
+      const size = this.writableLengths[i];
+      if (skip >= size) {
+        skip -= size;
+        continue;
       }
+      const take = Math.min(size - skip, bytes.length - at);
+      this.memory.copyIn(this.writableAddresses[i] + skip, at === 0 && take === bytes.length ? bytes : bytes.subarray(at, at + take));
+      skip = 0;
+      at += take;
     }
   }
 }

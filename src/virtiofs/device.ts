@@ -4,7 +4,7 @@
 // same protocol layer and filesystem core as the FUSE mount answer them.
 import { ReadOnlyFilesystem } from '../fs/filesystem.js';
 import { Opcode } from '../fuse/abi.js';
-import { expectsReply, FuseServer } from '../fuse/protocol.js';
+import { expectsReply, FuseServer, type ReplySink } from '../fuse/protocol.js';
 import { ChainError, type DescriptorChain, type VirtioDevice } from '../vhost-user/index.js';
 
 /** virtio-fs has no device feature bits we need (notification queue, bit 0, is unused). */
@@ -43,31 +43,26 @@ export class VirtioFsDevice implements VirtioDevice {
     if (message.length >= 8 && message.readUInt32LE(4) === Opcode.INIT && this.session?.server.negotiatedMinor) this.endSession();
     const { server } = this.current();
     if (!expectsReply(message)) {
-      server.handle(message, { send: () => {} });
+      server.handle(message, NO_REPLY);
       chain.done(0);
       return;
     }
-    server.handle(message, { send: (reply) => this.reply(chain, reply) });
+    server.handle(message, new ChainSink(chain, this));
   }
 
   reset(): void {
     this.endSession();
   }
 
-  private reply(chain: DescriptorChain, reply: Buffer): void {
-    try {
-      chain.reply(reply);
-    } catch (err) {
-      if (!(err instanceof ChainError)) throw err;
-      this.options.log(`request ${reply.readBigUInt64LE(8)}: ${err.message}`);
-      // Tell the guest the request failed, if there is room even for that.
-      if (chain.writableLength < OUT_HEADER_SIZE) return chain.done(0);
-      const failure = Buffer.alloc(OUT_HEADER_SIZE);
-      failure.writeUInt32LE(OUT_HEADER_SIZE, 0);
-      failure.writeInt32LE(-EIO, 4);
-      reply.copy(failure, 8, 8, 16);
-      chain.reply(failure);
-    }
+  /** A reply that does not fit its chain: logged, and the guest told the request failed, if there is room even for that. */
+  replyDidNotFit(chain: DescriptorChain, header: Buffer, err: ChainError): void {
+    this.options.log(`request ${header.readBigUInt64LE(8)}: ${err.message}`);
+    if (chain.writableLength < OUT_HEADER_SIZE) return chain.done(0);
+    const failure = Buffer.alloc(OUT_HEADER_SIZE);
+    failure.writeUInt32LE(OUT_HEADER_SIZE, 0);
+    failure.writeInt32LE(-EIO, 4);
+    header.copy(failure, 8, 8, 16);
+    chain.reply(failure);
   }
 
   private current(): Session {
@@ -84,5 +79,51 @@ export class VirtioFsDevice implements VirtioDevice {
     const session = this.session;
     this.session = undefined;
     session?.fs.close().catch((err: unknown) => this.options.log(`closing the filesystem failed: ${(err as Error).message}`));
+  }
+}
+
+const NO_REPLY: ReplySink = { send: () => {} };
+
+/**
+ * Where one request's reply goes: its chain, by the guest's addresses. The
+ * chain object is reused for the next request on the same head, so a sink
+ * answers only while its own request is the chain's.
+ */
+class ChainSink implements ReplySink {
+  private readonly generation: number;
+
+  constructor(
+    private readonly chain: DescriptorChain,
+    private readonly device: VirtioFsDevice,
+  ) {
+    this.generation = chain.generation;
+  }
+
+  private get current(): boolean {
+    return this.chain.generation === this.generation && this.chain.pending;
+  }
+
+  send(reply: Buffer): void {
+    if (!this.current) return;
+    try {
+      this.chain.reply(reply);
+    } catch (err) {
+      if (!(err instanceof ChainError)) throw err;
+      this.device.replyDidNotFit(this.chain, reply, err);
+    }
+  }
+
+  views(offset: number, length: number, into: Uint8Array[]): boolean {
+    return this.current && this.chain.writableViews(offset, length, into);
+  }
+
+  sendInPlace(header: Buffer, length: number): void {
+    if (!this.current) return;
+    try {
+      this.chain.replyInPlace(header, length);
+    } catch (err) {
+      if (!(err instanceof ChainError)) throw err;
+      this.device.replyDidNotFit(this.chain, header, err);
+    }
   }
 }

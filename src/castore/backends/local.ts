@@ -420,6 +420,19 @@ function readCached(fd: number, target: Uint8Array, offset: number, length: numb
   if (n === -EOPNOTSUPP) nativeReads = false; // a filesystem without RWF_NOWAIT: stop trying
   return Math.max(-1, n);
 }
+/** Like readCached, into several buffers in turn; -1 when not (all) cached. */
+function readCachedv(fd: number, targets: readonly Uint8Array[], position: number): number {
+  if (nativeReads === false) return -1;
+  try {
+    nativeReads ??= native();
+  } catch {
+    nativeReads = false;
+    return -1;
+  }
+  const n = nativeReads.readCachedv(fd, targets as Uint8Array[], position);
+  if (n === -EOPNOTSUPP) nativeReads = false;
+  return Math.max(-1, n);
+}
 const EOPNOTSUPP = osConstants.errno.EOPNOTSUPP;
 let nativeReads: NativeAddon | false | undefined;
 
@@ -433,14 +446,22 @@ function openFd(path: string): Promise<number> {
 
 function fileReader(fd: number): BlobReader {
   let closed: Promise<void> | undefined;
+  const size = fstatSync(fd).size;
   return {
-    size: fstatSync(fd).size,
+    size,
     read: (target, offset, length, position) => {
       // What the page cache holds is read at once; only the rest goes to libuv's thread pool,
       // whose round trip costs many times more than copying a cached 128 KiB.
       const n = readCached(fd, target, offset, length, position);
       if (n >= 0) return Promise.resolve(n);
       return new Promise((resolve, reject) => read(fd, target, offset, length, position, (err, n) => (err ? reject(err) : resolve(n))));
+    },
+    tryReadv: (targets, length, position) => {
+      // Only a whole answer counts: a short read would look like the end of the file.
+      const wanted = Math.min(length, size - position);
+      if (wanted <= 0) return 0;
+      const n = readCachedv(fd, targets, position);
+      return n === wanted ? n : undefined;
     },
     close: () => (closed ??= new Promise<void>((resolve) => close(fd, () => resolve()))),
   };
