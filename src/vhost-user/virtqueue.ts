@@ -61,6 +61,14 @@ export class SplitQueue {
   private nextUsed: number;
   private signalledUsed: number;
   private notifyScheduled = false;
+  /** An interrupt was sent and the driver has not been seen acting on it since (reaping, or adding chains). */
+  private awaitingDriver = false;
+  /** avail.idx when that interrupt was sent. */
+  private availAtInterrupt = 0;
+  private readonly endOfTurn = () => {
+    this.notifyScheduled = false;
+    this.notify(false);
+  };
   private active = true;
   private brokenReason?: string;
   /** Chains taken and not yet completed, and who waits for there to be none. */
@@ -190,27 +198,46 @@ export class SplitQueue {
     this.usedElements[2 * slot + 1] = length;
     this.nextUsed = (this.nextUsed + 1) & 0xffff;
     Atomics.store(this.used, 1, this.nextUsed);
+    // The driver hears of the first reply at once, so it reaps while we answer the rest;
+    // the end of the turn covers whatever it has not seen by then.
+    this.notify(true);
     if (!this.notifyScheduled) {
       this.notifyScheduled = true;
-      // Replies finished in the same turn share one interrupt.
-      queueMicrotask(() => this.notify());
+      queueMicrotask(this.endOfTurn);
     }
   }
 
-  private notify(): void {
-    this.notifyScheduled = false;
+  /**
+   * Interrupts the driver if it wants to hear of the used entries added since
+   * the last check. `early` (right after a reply, mid-turn) also holds back
+   * while an interrupt sent before has not been acted on (the driver neither
+   * reaped nor added chains since): a driver still waking up would only be
+   * interrupted again. The check at the end of the
+   * turn does not hold back, for drivers that never disable interrupts.
+   */
+  private notify(early: boolean): void {
     if (!this.active || this.signalledUsed === this.nextUsed) return;
     const old = this.signalledUsed;
     const now = this.nextUsed;
-    this.signalledUsed = now;
-    let wanted: boolean;
     if (this.layout.eventIdx) {
+      this.signalledUsed = now;
       const usedEvent = Atomics.load(this.avail, 2 + this.layout.size);
-      wanted = ((now - usedEvent - 1) & 0xffff) < ((now - old) & 0xffff);
+      if (((now - usedEvent - 1) & 0xffff) >= ((now - old) & 0xffff)) return;
     } else {
-      wanted = (Atomics.load(this.avail, 0) & AVAIL_F_NO_INTERRUPT) === 0;
+      if (Atomics.load(this.avail, 0) & AVAIL_F_NO_INTERRUPT) {
+        // It is reaping: it looks at used.idx again before it enables interrupts.
+        this.awaitingDriver = false;
+        return;
+      }
+      if (early && this.awaitingDriver) {
+        if (Atomics.load(this.avail, 1) === this.availAtInterrupt) return;
+        this.awaitingDriver = false; // it added chains since: it is awake, or asleep again
+      }
+      this.signalledUsed = now;
     }
-    if (wanted) this.interrupt();
+    this.awaitingDriver = true;
+    this.availAtInterrupt = Atomics.load(this.avail, 1);
+    this.interrupt();
   }
 
   private break(reason: string): void {
