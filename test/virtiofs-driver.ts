@@ -74,15 +74,18 @@ export class Slot {
   /** Writable bytes offered for the reply (out header included). */
   replyLength = 0;
   layout: ReplyLayout = 'single';
-  /** The unique of the request in flight. */
-  unique = 0n;
+  /** The unique of the request in flight (below 2^53: a number, no bigint on the hot path). */
+  unique = 0;
   /** Whatever the job keeps per slot (its "process" state). */
   state: unknown;
-  readonly requestGpa: bigint;
-  readonly replyGpa: bigint;
-  readonly pageGpas: bigint[];
-  readonly tableGpa: bigint;
+  readonly requestGpa: number;
+  readonly replyGpa: number;
+  readonly pageGpas: number[];
+  readonly tableGpa: number;
+  /** The slot's indirect table. */
+  readonly table: DataView;
   private readonly replyView: Buffer;
+  private readonly headerView: Buffer;
   private readonly pageViews: Buffer[];
   private readonly gathered = Buffer.alloc(REPLY_AREA);
 
@@ -92,19 +95,26 @@ export class Slot {
     /** Where this slot's pages lie: spread out, so no two pages of a reply are adjacent. */
     pageGpa: (page: number) => bigint,
   ) {
-    this.requestGpa = memory.alloc(REQUEST_AREA, PAGE);
-    this.request = memory.view(this.requestGpa, REQUEST_AREA);
-    this.replyGpa = memory.alloc(REPLY_AREA, PAGE);
-    this.replyView = memory.view(this.replyGpa, REPLY_AREA);
-    this.pageGpas = Array.from({ length: MAX_REPLY_PAGES }, (_, i) => pageGpa(i));
-    this.pageViews = this.pageGpas.map((gpa) => memory.view(gpa, PAGE));
+    const requestGpa = memory.alloc(REQUEST_AREA, PAGE);
+    this.request = memory.view(requestGpa, REQUEST_AREA);
+    const replyGpa = memory.alloc(REPLY_AREA, PAGE);
+    this.replyView = memory.view(replyGpa, REPLY_AREA);
+    this.headerView = this.replyView.subarray(0, FUSE_OUT_HEADER);
+    const pages = Array.from({ length: MAX_REPLY_PAGES }, (_, i) => pageGpa(i));
+    this.pageViews = pages.map((gpa) => memory.view(gpa, PAGE));
     // request header, arguments, out header, pages
-    this.tableGpa = memory.alloc(16 * (3 + MAX_REPLY_PAGES), 16);
+    const tableGpa = memory.alloc(16 * (3 + MAX_REPLY_PAGES), 16);
+    this.requestGpa = Number(requestGpa);
+    this.replyGpa = Number(replyGpa);
+    this.pageGpas = pages.map(Number);
+    this.tableGpa = Number(tableGpa);
+    const table = memory.view(tableGpa, 16 * (3 + MAX_REPLY_PAGES));
+    this.table = new DataView(table.buffer, table.byteOffset, table.length);
   }
 
   /** The reply's out header (a view of guest memory). */
   header(): Buffer {
-    return this.replyView.subarray(0, FUSE_OUT_HEADER);
+    return this.headerView;
   }
 
   /** The reply's first `length` bytes: a view of guest memory, or (pages) gathered into a scratch buffer. */
@@ -172,7 +182,7 @@ export interface RunResult {
 
 export class VirtioFsDriver {
   readonly slots: Slot[] = [];
-  private unique = 0n;
+  private unique = 0;
   private readonly availFlags: Uint16Array;
   private readonly availIdx: Uint16Array;
   private readonly availRing: Uint16Array;
@@ -182,7 +192,7 @@ export class VirtioFsDriver {
   private readonly descriptors: DataView;
   private nextAvail = 0;
   private lastUsed = 0;
-  private readonly bySlotHead = new Map<number, Slot>();
+  private readonly bySlotHead: (Slot | undefined)[] = [];
   private readonly eventBuffer = Buffer.alloc(8);
   /** INIT's reply body (fuse_init_out). */
   initReply?: Buffer;
@@ -295,10 +305,12 @@ export class VirtioFsDriver {
     let published = false;
     const post = (slot: Slot): boolean => {
       if (!job.issue(slot)) return false;
-      this.unique += 2n;
+      this.unique += 2;
       slot.unique = this.unique;
-      slot.request.writeUInt32LE(slot.requestLength, 0);
-      slot.request.writeBigUInt64LE(slot.unique, 8);
+      const request = slot.request;
+      request.writeUInt32LE(slot.requestLength, 0);
+      request.writeUInt32LE(this.unique >>> 0, 8);
+      request.writeUInt32LE(Math.floor(this.unique / 2 ** 32), 12);
       const head = this.writeChain(slot);
       this.availRing[this.nextAvail & (this.queue.size - 1)] = head;
       this.nextAvail = (this.nextAvail + 1) & 0xffff;
@@ -344,7 +356,7 @@ export class VirtioFsDriver {
             const head = this.usedRing[at];
             const length = this.usedRing[at + 1];
             this.lastUsed = (this.lastUsed + 1) & 0xffff;
-            const slot = this.bySlotHead.get(head);
+            const slot = this.bySlotHead[head];
             if (!slot) throw new Error(`used ring names descriptor ${head}, which is no request in flight`);
             inFlight--;
             requests++;
@@ -388,7 +400,7 @@ export class VirtioFsDriver {
   /** Writes the slot's chain into the descriptor table (slot i owns descriptors 2i and 2i + 1); returns its head. */
   private writeChain(slot: Slot): number {
     const head = 2 * slot.index;
-    this.bySlotHead.set(head, slot);
+    this.bySlotHead[head] = slot;
     slot.poison();
     const d = this.descriptors;
     if (slot.layout === 'single') {
@@ -397,12 +409,11 @@ export class VirtioFsDriver {
       return head;
     }
     // As Linux builds a READ: in header, arguments, out header, then one descriptor per page.
-    const region = this.memory.regions[0];
-    const table = new DataView(region.arrayBuffer, Number(slot.tableGpa - region.gpa), 16 * (3 + MAX_REPLY_PAGES));
+    const table = slot.table;
     const pages = Math.ceil((slot.replyLength - FUSE_OUT_HEADER) / PAGE);
     const entries = 3 + pages;
     writeDescriptor(table, 0, slot.requestGpa, FUSE_IN_HEADER, DESC_F_NEXT, 1);
-    writeDescriptor(table, 1, slot.requestGpa + BigInt(FUSE_IN_HEADER), slot.requestLength - FUSE_IN_HEADER, DESC_F_NEXT, 2);
+    writeDescriptor(table, 1, slot.requestGpa + FUSE_IN_HEADER, slot.requestLength - FUSE_IN_HEADER, DESC_F_NEXT, 2);
     writeDescriptor(table, 2, slot.replyGpa, FUSE_OUT_HEADER, DESC_F_WRITE | (pages > 0 ? DESC_F_NEXT : 0), 3);
     for (let i = 0; i < pages; i++) {
       const last = i === pages - 1;
@@ -422,9 +433,10 @@ export class VirtioFsDriver {
   }
 }
 
-function writeDescriptor(table: DataView, index: number, gpa: bigint, length: number, flags: number, next: number): void {
+function writeDescriptor(table: DataView, index: number, gpa: number, length: number, flags: number, next: number): void {
   const at = 16 * index;
-  table.setBigUint64(at, gpa, true);
+  table.setUint32(at, gpa >>> 0, true);
+  table.setUint32(at + 4, Math.floor(gpa / 2 ** 32), true);
   table.setUint32(at + 8, length, true);
   table.setUint16(at + 12, flags, true);
   table.setUint16(at + 14, next, true);
@@ -435,7 +447,7 @@ function checkReply(slot: Slot, usedLength: number): void {
   if (usedLength < FUSE_OUT_HEADER) throw new Error(`request ${slot.unique}: used length ${usedLength}, shorter than an out header`);
   const header = slot.header();
   const length = header.readUInt32LE(0);
-  const unique = header.readBigUInt64LE(8);
+  const unique = header.readUInt32LE(8) + header.readUInt32LE(12) * 2 ** 32;
   if (unique !== slot.unique) throw new Error(`request ${slot.unique}: the reply names request ${unique}`);
   if (length !== usedLength) throw new Error(`request ${slot.unique}: used length ${usedLength}, the reply header says ${length}`);
 }
@@ -443,10 +455,14 @@ function checkReply(slot: Slot, usedLength: number): void {
 /** Writes a FUSE request (in header and `args`) into the slot; the engine fills in len and unique. */
 export function writeRequest(slot: Slot, opcode: number, nodeid: bigint | number, args: Buffer): void {
   const b = slot.request;
-  b.fill(0, 0, FUSE_IN_HEADER);
+  const id = Number(nodeid);
   b.writeUInt32LE(opcode, 4);
-  b.writeBigUInt64LE(BigInt(nodeid), 16);
-  b.writeUInt32LE(1, 32); // pid 1, uid and gid 0: root, as the kernel says for a root process
+  b.writeUInt32LE(id >>> 0, 16);
+  b.writeUInt32LE(Math.floor(id / 2 ** 32), 20);
+  b.writeUInt32LE(0, 24); // uid, gid 0, pid 1: root, as the kernel says for a root process
+  b.writeUInt32LE(0, 28);
+  b.writeUInt32LE(1, 32);
+  b.writeUInt32LE(0, 36);
   args.copy(b, FUSE_IN_HEADER);
   slot.requestLength = FUSE_IN_HEADER + args.length;
   slot.layout = 'single';

@@ -83,6 +83,8 @@ export interface NixcasVirtiofsOptions {
   env?: NodeJS.ProcessEnv;
   /** Defaults to the repository's dist/cli/nixcas.cjs (run `npm run build` first). */
   cli?: string;
+  /** Flags for node itself, before the script (e.g. --cpu-prof, which NODE_OPTIONS may not carry). */
+  nodeArgs?: string[];
   readyTimeoutMs?: number;
 }
 
@@ -94,7 +96,7 @@ export const NIXCAS_CLI = join(dirname(fileURLToPath(import.meta.url)), '..', 'd
  * virtiofsd it keeps listening after a front end disconnects, so one backend serves many boots.
  */
 export function startNixcasVirtiofs(o: NixcasVirtiofsOptions): Promise<Backend> {
-  const args = [o.cli ?? NIXCAS_CLI, 'virtiofs', o.socketPath];
+  const args = [...(o.nodeArgs ?? []), o.cli ?? NIXCAS_CLI, 'virtiofs', o.socketPath];
   if (o.listRoot) args.push('--list-root');
   if (o.numRequestQueues !== undefined) args.push('--num-request-queues', String(o.numRequestQueues));
   if (o.store !== undefined) args.push('--store', o.store);
