@@ -592,6 +592,7 @@ export async function benchVirtiofsRequests(rows: Row[], work: string, repeats: 
         throw new Error(`${side}: ${(err as Error).message}\n--- back end output ---\n${backend.output().trim()}`);
       } finally {
         await backend.stop();
+        if (process.env.BENCH_VIRTIOFS_REQUESTS_SHOW_OUTPUT) console.error(`--- ${side} output ---\n${backend.output()}`);
       }
     }
   }

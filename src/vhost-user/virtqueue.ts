@@ -16,6 +16,12 @@ const DESC_F_WRITE = 2;
 const DESC_F_INDIRECT = 4;
 const DESC_SIZE = 16;
 const AVAIL_F_NO_INTERRUPT = 1;
+/**
+ * Replies that make an interrupt worth sending before the turn ends: enough
+ * for the driver to reap and post more while we answer the rest, few enough
+ * that an interrupt (a wake-up on another CPU) is not paid per reply.
+ */
+const EARLY_INTERRUPT_BATCH = 16;
 /** A request's readable part is copied into one buffer; FUSE requests are far smaller. */
 const MAX_READABLE = 4 * 1024 * 1024;
 
@@ -198,7 +204,7 @@ export class SplitQueue {
     this.usedElements[2 * slot + 1] = length;
     this.nextUsed = (this.nextUsed + 1) & 0xffff;
     Atomics.store(this.used, 1, this.nextUsed);
-    // The driver hears of the first reply at once, so it reaps while we answer the rest;
+    // The driver hears of a batch of replies at once, so it reaps while we answer the rest;
     // the end of the turn covers whatever it has not seen by then.
     this.notify(true);
     if (!this.notifyScheduled) {
@@ -209,16 +215,17 @@ export class SplitQueue {
 
   /**
    * Interrupts the driver if it wants to hear of the used entries added since
-   * the last check. `early` (right after a reply, mid-turn) also holds back
-   * while an interrupt sent before has not been acted on (the driver neither
-   * reaped nor added chains since): a driver still waking up would only be
-   * interrupted again. The check at the end of the
+   * the last check. `early` (right after a reply, mid-turn) waits for a batch
+   * of replies, and holds back while an interrupt sent before has not been
+   * acted on (the driver neither reaped nor added chains since): a driver
+   * still waking up would only be interrupted again. The check at the end of the
    * turn does not hold back, for drivers that never disable interrupts.
    */
   private notify(early: boolean): void {
     if (!this.active || this.signalledUsed === this.nextUsed) return;
     const old = this.signalledUsed;
     const now = this.nextUsed;
+    if (early && ((now - old) & 0xffff) < EARLY_INTERRUPT_BATCH) return;
     if (this.layout.eventIdx) {
       this.signalledUsed = now;
       const usedEvent = Atomics.load(this.avail, 2 + this.layout.size);
