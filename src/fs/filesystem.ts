@@ -69,6 +69,8 @@ export interface ListingEntry {
   offset: number;
   /** The child itself; undefined for "." and "..". */
   node?: Node;
+  /** The name as the key of the parent's children (latin1), once needed. */
+  key?: string;
 }
 
 interface DirectoryHandle {
@@ -356,14 +358,15 @@ export class ReadOnlyFilesystem {
    * The entry of a listed child, for readdirplus: like a lookup, it counts a
    * kernel reference. Undefined for "." and "..", which the kernel resolves itself.
    */
-  async listedEntry(handle: number, listed: ListingEntry): Promise<Entry | undefined> {
+  listedEntry(handle: number, listed: ListingEntry): MaybePromise<Entry | undefined> {
     const dir = this.directoryHandles.get(handle);
     if (!dir) throw new FsError('EBADF');
     if (!listed.node) return undefined;
-    const child = dir.inode.children?.get(listed.name.toString('latin1')) ?? this.adopt(dir.inode, listed.node);
-    const entry = await this.referencedEntry(child);
-    listed.ino = child.ino;
-    return entry;
+    const child = dir.inode.children?.get(listed.key ??= listed.name.toString('latin1')) ?? this.adopt(dir.inode, listed.node);
+    return then(this.referencedEntry(child), (entry) => {
+      listed.ino = child.ino;
+      return entry;
+    });
   }
 
   releasedir(handle: number): void {

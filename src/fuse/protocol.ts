@@ -5,7 +5,7 @@
 import { constants } from 'node:os';
 import type { Attributes, Entry } from '../fs/attributes.js';
 import { FsError } from '../fs/errors.js';
-import type { ListingEntry, ReadOnlyFilesystem } from '../fs/filesystem.js';
+import type { ListingEntry, MaybePromise, ReadOnlyFilesystem } from '../fs/filesystem.js';
 import {
   ATTR_OUT_SIZE,
   DIRENT_HEADER_SIZE,
@@ -140,6 +140,7 @@ class Request {
  */
 const SCRATCH_SIZE = 64 * 1024;
 const scratch = Buffer.allocUnsafe(OUT_HEADER_SIZE + SCRATCH_SIZE);
+const scratchView = new DataView(scratch.buffer, scratch.byteOffset, scratch.length);
 const header = Buffer.allocUnsafe(OUT_HEADER_SIZE);
 
 /** A request whose arguments are shorter than its opcode needs. */
@@ -401,12 +402,13 @@ export class FuseServer {
     this.replyOpen(request, handle, ino === 1 ? 0 : OpenFlag.CACHE_DIR | OpenFlag.KEEP_CACHE);
   }
 
-  private async readdir(request: Request, plus: boolean): Promise<void> {
+  private readdir(request: Request, plus: boolean): Promise<void> | void {
     const args = need(request, 24);
     const handle = readU64(args, 0);
     let offset = readU64(args, 8);
     const size = Math.min(args.readUInt32LE(16), MAX_READ);
-    // First decide which entries fit, then resolve their entries (plus) concurrently.
+    // First decide which entries fit, then resolve their entries (plus): at once where the
+    // directories involved are cached, otherwise concurrently.
     const chosen: ListingEntry[] = [];
     let used = 0;
     for (let batch = this.fs.list(handle, offset); batch.length > 0; batch = this.fs.list(handle, offset)) {
@@ -423,28 +425,47 @@ export class FuseServer {
       }
       if (full) break;
     }
-    const entries = plus
-      ? await Promise.all(
-          chosen.map((listed) =>
-            this.fs.listedEntry(handle, listed).catch((err: unknown) => {
-              // The kernel will look the name up itself and get the error then.
-              if (err instanceof FsError && err.detail) this.log(`READDIRPLUS: ${err.message}`);
-              return undefined;
-            }),
-          ),
-        )
-      : [];
+    if (!plus) return this.replyListing(request, chosen, undefined, used);
+    const entries: MaybePromise<Entry | undefined>[] = [];
+    let waiting = false;
+    for (const listed of chosen) {
+      let entry: MaybePromise<Entry | undefined>;
+      try {
+        entry = this.fs.listedEntry(handle, listed);
+      } catch (err) {
+        entry = this.unresolved(err);
+      }
+      if (entry instanceof Promise) {
+        waiting = true;
+        entry = entry.catch((err: unknown) => this.unresolved(err));
+      }
+      entries.push(entry);
+    }
+    if (!waiting) return this.replyListing(request, chosen, entries as (Entry | undefined)[], used);
+    return Promise.all(entries).then((resolved) => this.replyListing(request, chosen, resolved, used));
+  }
+
+  /** An entry READDIRPLUS could not resolve: left blank; the kernel will look the name up itself and get the error then. */
+  private unresolved(err: unknown): undefined {
+    if (!(err instanceof FsError)) throw err;
+    if (err.detail) this.log(`READDIRPLUS: ${err.message}`);
+    return undefined;
+  }
+
+  private replyListing(request: Request, chosen: ListingEntry[], entries: (Entry | undefined)[] | undefined, used: number): void {
     const reply = request.allocate(used);
+    const view = viewOf(reply);
     let at = OUT_HEADER_SIZE;
-    chosen.forEach((listed, i) => {
-      if (plus) {
+    for (let i = 0; i < chosen.length; i++) {
+      const listed = chosen[i];
+      if (entries) {
         const entry = entries[i];
-        if (entry) writeEntry(reply, at, entry);
+        if (entry) writeEntry(view, at, entry);
         else reply.fill(0, at, at + ENTRY_OUT_SIZE);
         at += ENTRY_OUT_SIZE;
       }
-      at = writeDirent(reply, at, listed);
-    });
+      at = writeDirent(reply, view, at, listed);
+    }
     request.ok(reply, used);
   }
 
@@ -515,54 +536,69 @@ function writeU64(buffer: Buffer, at: number, value: number): void {
 
 function replyEntry(request: Request, entry: Entry): void {
   const reply = request.allocate(ENTRY_OUT_SIZE);
-  writeEntry(reply, OUT_HEADER_SIZE, entry);
+  writeEntry(viewOf(reply), OUT_HEADER_SIZE, entry);
   request.ok(reply, ENTRY_OUT_SIZE);
 }
 
 function replyAttributes(request: Request, attributes: Attributes, timeout: number): void {
-  const reply = request.allocate(ATTR_OUT_SIZE).fill(0, OUT_HEADER_SIZE, OUT_HEADER_SIZE + 16);
-  writeU64(reply, OUT_HEADER_SIZE, timeout);
-  writeAttributes(reply, OUT_HEADER_SIZE + 16, attributes);
+  const reply = request.allocate(ATTR_OUT_SIZE);
+  const view = viewOf(reply);
+  setU64(view, OUT_HEADER_SIZE, timeout); // attr_valid
+  setU64(view, OUT_HEADER_SIZE + 8, 0); // attr_valid_nsec, dummy
+  writeAttributes(view, OUT_HEADER_SIZE + 16, attributes);
   request.ok(reply, ATTR_OUT_SIZE);
 }
 
+/** A DataView over a reply buffer (the scratch one's is kept): field stores that V8 inlines. */
+function viewOf(buffer: Buffer): DataView {
+  return buffer.buffer === scratch.buffer && buffer.byteOffset === scratch.byteOffset ? scratchView : new DataView(buffer.buffer, buffer.byteOffset, buffer.length);
+}
+
+function setU64(view: DataView, at: number, value: number): void {
+  view.setUint32(at, value >>> 0, true);
+  view.setUint32(at + 4, Math.floor(value / 0x1_0000_0000), true);
+}
+
 /** fuse_attr */
-function writeAttributes(buffer: Buffer, at: number, a: Attributes): void {
-  writeU64(buffer, at, a.ino);
-  writeU64(buffer, at + 8, a.size);
-  writeU64(buffer, at + 16, a.blocks);
-  writeU64(buffer, at + 24, 0); // atime
-  writeU64(buffer, at + 32, a.mtime);
-  writeU64(buffer, at + 40, 0); // ctime
-  buffer.fill(0, at + 48, at + 60); // the three nanosecond fields
-  buffer.writeUInt32LE(a.mode, at + 60);
-  buffer.writeUInt32LE(a.nlink, at + 64);
-  buffer.writeUInt32LE(a.uid, at + 68);
-  buffer.writeUInt32LE(a.gid, at + 72);
-  buffer.writeUInt32LE(0, at + 76); // rdev
-  buffer.writeUInt32LE(a.blksize, at + 80);
-  buffer.writeUInt32LE(0, at + 84); // flags
+function writeAttributes(view: DataView, at: number, a: Attributes): void {
+  setU64(view, at, a.ino);
+  setU64(view, at + 8, a.size);
+  setU64(view, at + 16, a.blocks);
+  setU64(view, at + 24, 0); // atime
+  setU64(view, at + 32, a.mtime);
+  setU64(view, at + 40, 0); // ctime
+  view.setUint32(at + 48, 0, true); // the three nanosecond fields
+  view.setUint32(at + 52, 0, true);
+  view.setUint32(at + 56, 0, true);
+  view.setUint32(at + 60, a.mode, true);
+  view.setUint32(at + 64, a.nlink, true);
+  view.setUint32(at + 68, a.uid, true);
+  view.setUint32(at + 72, a.gid, true);
+  view.setUint32(at + 76, 0, true); // rdev
+  view.setUint32(at + 80, a.blksize, true);
+  view.setUint32(at + 84, 0, true); // flags
 }
 
 /** fuse_entry_out */
-function writeEntry(buffer: Buffer, at: number, entry: Entry): void {
-  writeU64(buffer, at, entry.attributes.ino);
-  writeU64(buffer, at + 8, 0); // generation: inode numbers are never reused
-  writeU64(buffer, at + 16, entry.entryTimeout);
-  writeU64(buffer, at + 24, entry.attributeTimeout);
-  buffer.fill(0, at + 32, at + 40);
-  writeAttributes(buffer, at + 40, entry.attributes);
+function writeEntry(view: DataView, at: number, entry: Entry): void {
+  setU64(view, at, entry.attributes.ino);
+  setU64(view, at + 8, 0); // generation: inode numbers are never reused
+  setU64(view, at + 16, entry.entryTimeout);
+  setU64(view, at + 24, entry.attributeTimeout);
+  setU64(view, at + 32, 0); // the two nanosecond fields
+  writeAttributes(view, at + 40, entry.attributes);
 }
 
 /** fuse_dirent, padded; returns the offset after it. */
-function writeDirent(buffer: Buffer, at: number, listed: ListingEntry): number {
-  const size = direntSize(listed.name.length);
-  writeU64(buffer, at, listed.ino || UNKNOWN_INO);
-  writeU64(buffer, at + 8, listed.offset);
-  buffer.writeUInt32LE(listed.name.length, at + 16);
-  buffer.writeUInt32LE(listed.kind === 'directory' ? DT_DIR : listed.kind === 'file' ? DT_REG : DT_LNK, at + 20);
+function writeDirent(buffer: Buffer, view: DataView, at: number, listed: ListingEntry): number {
+  const length = listed.name.length;
+  const size = direntSize(length);
+  setU64(view, at, listed.ino || UNKNOWN_INO);
+  setU64(view, at + 8, listed.offset);
+  view.setUint32(at + 16, length, true);
+  view.setUint32(at + 20, listed.kind === 'directory' ? DT_DIR : listed.kind === 'file' ? DT_REG : DT_LNK, true);
   listed.name.copy(buffer, at + DIRENT_HEADER_SIZE);
-  buffer.fill(0, at + DIRENT_HEADER_SIZE + listed.name.length, at + size);
+  for (let i = at + DIRENT_HEADER_SIZE + length; i < at + size; i++) buffer[i] = 0;
   return at + size;
 }
 
