@@ -58,6 +58,13 @@ interface Inode {
   children?: Map<string, Inode>;
   /** A file whose blob the store keeps in memory (readInline), once the first read found out; false: it does not. */
   inline?: boolean;
+  /** A directory's decoded contents once loaded: immutable, and kept no longer than the kernel holds the inode. */
+  directory?: LoadedDirectory;
+}
+
+/** Every inode has the same fields from the start, so the code that reads them sees one shape. */
+function newInode(ino: number, node: Node | undefined, parent: Inode | undefined, lookups: number): Inode {
+  return { ino, node, parent, lookups, children: undefined, inline: undefined, directory: undefined };
 }
 
 /** One entry of a directory listing; `offset` is where the next listing call resumes. */
@@ -116,7 +123,7 @@ export class ReadOnlyFilesystem {
     private readonly options: FilesystemOptions = {},
   ) {
     this.cache = options.directoryCache ?? new DirectoryCache(directories, options.directoryCacheEntries);
-    this.inodes.set(ROOT_INODE, { ino: ROOT_INODE, lookups: 1 });
+    this.inodes.set(ROOT_INODE, newInode(ROOT_INODE, undefined, undefined, 1));
   }
 
   /** Inodes currently known to the kernel (root included). */
@@ -317,8 +324,8 @@ export class ReadOnlyFilesystem {
     const inode = this.inode(ino);
     const parentIno = inode.parent?.ino ?? ROOT_INODE;
     const entries: ListingEntry[] = [
-      { name: Buffer.from('.'), kind: 'directory', ino, offset: 1 },
-      { name: Buffer.from('..'), kind: 'directory', ino: parentIno, offset: 2 },
+      { name: Buffer.from('.'), kind: 'directory', ino, offset: 1, node: undefined, key: undefined },
+      { name: Buffer.from('..'), kind: 'directory', ino: parentIno, offset: 2, node: undefined, key: undefined },
     ];
     const add = (node: Node) =>
       entries.push({
@@ -327,6 +334,7 @@ export class ReadOnlyFilesystem {
         ino: inode.children?.get(node.node.name.toString('latin1'))?.ino ?? 0,
         offset: entries.length + 1,
         node,
+        key: undefined,
       });
     if (!inode.node) {
       // Without --list-root the root opens (so `cd`, `tar -C` and openat work) but does not list.
@@ -408,7 +416,7 @@ export class ReadOnlyFilesystem {
   }
 
   private adopt(parent: Inode, node: Node): Inode {
-    const child: Inode = { ino: this.nextIno++, node, parent, lookups: 0 };
+    const child = newInode(this.nextIno++, node, parent, 0);
     this.inodes.set(child.ino, child);
     (parent.children ??= new Map()).set(node.node.name.toString('latin1'), child);
     return child;
@@ -434,11 +442,13 @@ export class ReadOnlyFilesystem {
   }
 
   private loadDirectory(inode: Inode): MaybePromise<LoadedDirectory> {
+    if (inode.directory) return inode.directory;
     const node = inode.node;
     if (node?.kind !== 'directory') throw new FsError('ENOTDIR');
     const where = () => `${this.pathOf(inode)} (directory ${formatDigest(node.node.digest)})`;
     const found = (loaded: LoadedDirectory | undefined) => {
       if (!loaded) throw new FsError('EIO', `${where()}: the directory is missing from the store`);
+      inode.directory = loaded;
       return loaded;
     };
     let pending: MaybePromise<LoadedDirectory | undefined>;

@@ -111,6 +111,7 @@ class Request {
    * ones are one scratch buffer, reused: fill it and send it without waiting.
    */
   allocate(size: number): Buffer {
+    if (size <= SMALL_REPLY) return (scratchViews[size] ??= scratch.subarray(0, OUT_HEADER_SIZE + size));
     if (size <= SCRATCH_SIZE) return scratch.subarray(0, OUT_HEADER_SIZE + size);
     return Buffer.allocUnsafe(OUT_HEADER_SIZE + size);
   }
@@ -119,7 +120,7 @@ class Request {
     const message = reply.length === OUT_HEADER_SIZE + size ? reply : reply.subarray(0, OUT_HEADER_SIZE + size);
     message.writeUInt32LE(message.length, 0);
     message.writeInt32LE(0, 4);
-    this.message.copy(message, 8, 8, 16);
+    copyUnique(this.message, message);
     this.sink.send(message);
   }
   empty(): void {
@@ -129,7 +130,7 @@ class Request {
     const message = header;
     message.writeUInt32LE(OUT_HEADER_SIZE, 0);
     message.writeInt32LE(-errno, 4);
-    this.message.copy(message, 8, 8, 16);
+    copyUnique(this.message, message);
     this.sink.send(message);
   }
 }
@@ -141,6 +142,15 @@ class Request {
 const SCRATCH_SIZE = 64 * 1024;
 const scratch = Buffer.allocUnsafe(OUT_HEADER_SIZE + SCRATCH_SIZE);
 const scratchView = new DataView(scratch.buffer, scratch.byteOffset, scratch.length);
+/** Views of the scratch buffer for replies up to this size, made once each. */
+const SMALL_REPLY = 4096;
+const scratchViews: Buffer[] = [];
+
+/** The request's unique into the reply header (bytes 8..16 of both). */
+function copyUnique(request: Buffer, reply: Buffer): void {
+  reply.writeUInt32LE(request.readUInt32LE(8), 8);
+  reply.writeUInt32LE(request.readUInt32LE(12), 12);
+}
 const header = Buffer.allocUnsafe(OUT_HEADER_SIZE);
 
 /** A request whose arguments are shorter than its opcode needs. */
@@ -366,7 +376,7 @@ export class FuseServer {
       if (n !== undefined) {
         header.writeUInt32LE(OUT_HEADER_SIZE + n, 0);
         header.writeInt32LE(0, 4);
-        request.message.copy(header, 8, 8, 16);
+        copyUnique(request.message, header);
         sink.sendInPlace(header, OUT_HEADER_SIZE + n);
         return;
       }
@@ -534,15 +544,16 @@ function writeU64(buffer: Buffer, at: number, value: number): void {
   buffer.writeUInt32LE(Math.floor(value / 0x1_0000_0000), at + 4);
 }
 
+// Both fit the scratch buffer: its DataView is theirs.
 function replyEntry(request: Request, entry: Entry): void {
   const reply = request.allocate(ENTRY_OUT_SIZE);
-  writeEntry(viewOf(reply), OUT_HEADER_SIZE, entry);
+  writeEntry(scratchView, OUT_HEADER_SIZE, entry);
   request.ok(reply, ENTRY_OUT_SIZE);
 }
 
 function replyAttributes(request: Request, attributes: Attributes, timeout: number): void {
   const reply = request.allocate(ATTR_OUT_SIZE);
-  const view = viewOf(reply);
+  const view = scratchView;
   setU64(view, OUT_HEADER_SIZE, timeout); // attr_valid
   setU64(view, OUT_HEADER_SIZE + 8, 0); // attr_valid_nsec, dummy
   writeAttributes(view, OUT_HEADER_SIZE + 16, attributes);

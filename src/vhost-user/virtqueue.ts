@@ -198,7 +198,7 @@ export class SplitQueue {
   /** Puts a chain on the used ring with `length` bytes written; interrupts the driver soon after if it wants that. */
   complete(head: number, length: number): void {
     if (!this.active) return;
-    if (this.inFlight > 0 && --this.inFlight === 0) for (const resolve of this.idleWaiters.splice(0)) resolve();
+    if (this.inFlight > 0 && --this.inFlight === 0 && this.idleWaiters.length > 0) for (const resolve of this.idleWaiters.splice(0)) resolve();
     const slot = this.nextUsed & this.mask;
     this.usedElements[2 * slot] = head;
     this.usedElements[2 * slot + 1] = length;
