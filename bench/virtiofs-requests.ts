@@ -530,6 +530,7 @@ async function measureSide(side: Side, backend: Backend, tree: Tree, share: stri
       pin(processTree(pid), 1);
       await driver.run(workload.job(guest, Math.max(64, Math.round((workload.counts[64] * SCALE) / 10)), 'warm'), 64);
       for (const depth of DEPTHS) {
+        if (process.env.BENCH_VIRTIOFS_REQUESTS_DEPTHS && !process.env.BENCH_VIRTIOFS_REQUESTS_DEPTHS.split(',').includes(String(depth))) continue;
         pin([process.pid], 0);
         pin(processTree(pid), depth === 1 ? 0 : 1);
         const count = Math.max(depth, Math.round(workload.counts[depth] * SCALE));
