@@ -1,6 +1,18 @@
 // BlobService: content-addressed byte strings, identified by their BLAKE3.
 import type { B3Digest } from './digest.js';
 
+/**
+ * Where bytes are to go without being gathered first: `count` pieces, piece i
+ * being `spans[3i + 2]` bytes of `buffers[spans[3i]]` from `spans[3i + 1]`,
+ * filled in turn (a reply's pages in guest memory). Plain numbers in one
+ * typed array, so that making one allocates nothing per piece.
+ */
+export interface ScatterList {
+  buffers: Uint8Array[];
+  spans: Uint32Array;
+  count: number;
+}
+
 /** Random access to one blob without ever holding it whole in memory. */
 export interface BlobReader {
   readonly size: number;
@@ -16,7 +28,7 @@ export interface BlobReader {
    * or undefined, having promised nothing about `targets`, when it would
    * have to wait: then use `read`.
    */
-  tryReadv?(targets: readonly Uint8Array[], length: number, position: number): number | undefined;
+  tryReadv?(targets: ScatterList, length: number, position: number): number | undefined;
   close(): Promise<void>;
 }
 
@@ -111,18 +123,18 @@ export function bufferReader(blob: Buffer): BlobReader {
       if (position >= blob.length) return 0;
       return blob.copy(target, offset, position, Math.min(blob.length, position + length));
     },
-    tryReadv: (targets, length, position) => copyToViews(blob, position, Math.min(length, blob.length - position), targets),
+    tryReadv: (targets, length, position) => copyToScatter(blob, position, Math.min(length, blob.length - position), targets),
     close: async () => {},
   };
 }
 
 /** Copies `length` bytes of `source` from `position` into `targets` in turn; returns the bytes copied (0 past the end). */
-export function copyToViews(source: Uint8Array, position: number, length: number, targets: readonly Uint8Array[]): number {
+export function copyToScatter(source: Uint8Array, position: number, length: number, targets: ScatterList): number {
   let copied = 0;
-  for (let i = 0; i < targets.length && copied < length; i++) {
-    const target = targets[i];
-    const take = Math.min(target.length, length - copied);
-    target.set(source.subarray(position + copied, position + copied + take));
+  const { buffers, spans } = targets;
+  for (let i = 0; i < targets.count && copied < length; i++) {
+    const take = Math.min(spans[3 * i + 2], length - copied);
+    buffers[spans[3 * i]].set(source.subarray(position + copied, position + copied + take), spans[3 * i + 1]);
     copied += take;
   }
   return Math.max(0, copied);

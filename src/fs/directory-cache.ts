@@ -17,12 +17,24 @@ export function findChild(children: readonly Node[], name: Uint8Array): Node | u
   let high = children.length - 1;
   while (low <= high) {
     const middle = (low + high) >>> 1;
-    const order = Buffer.compare(children[middle].node.name, name);
+    const order = compareBytes(children[middle].node.name, name);
     if (order === 0) return children[middle];
     if (order < 0) low = middle + 1;
     else high = middle - 1;
   }
   return undefined;
+}
+
+/**
+ * Byte order of two names, in JavaScript: names are short, and a call into
+ * Buffer.compare costs more than comparing them here.
+ */
+export function compareBytes(a: Uint8Array, b: Uint8Array): number {
+  const n = Math.min(a.length, b.length);
+  for (let i = 0; i < n; i++) {
+    if (a[i] !== b[i]) return a[i] - b[i];
+  }
+  return a.length - b.length;
 }
 
 export class DirectoryCache {

@@ -7,7 +7,7 @@
 // (every lookup, every readdirplus entry) and gives them back with forget;
 // an inode whose count drops to zero is dropped, so memory follows what the
 // kernel holds, not what was ever visited.
-import { type BlobReader, type BlobService, copyToViews } from '../castore/blobservice.js';
+import { type BlobReader, type BlobService, type ScatterList, copyToScatter } from '../castore/blobservice.js';
 import { formatDigest } from '../castore/digest.js';
 import type { DirectoryService } from '../castore/directoryservice.js';
 import { displayName, type Node } from '../castore/model.js';
@@ -251,7 +251,7 @@ export class ReadOnlyFilesystem {
    * open blob file whose bytes are in the page cache. Returns the bytes read,
    * or undefined when it would have to wait (then use readInode).
    */
-  tryReadInode(ino: number, targets: readonly Uint8Array[], length: number, position: number): number | undefined {
+  tryReadInode(ino: number, targets: ScatterList, length: number, position: number): number | undefined {
     const inode = this.inode(ino);
     const node = inode.node;
     if (node?.kind !== 'file') throw new FsError(node?.kind === 'symlink' ? 'EINVAL' : 'EISDIR');
@@ -260,7 +260,7 @@ export class ReadOnlyFilesystem {
     if (inode.inline !== false && this.blobs.readInline) {
       let copied = -1;
       const found = this.blobs.readInline(node.node.digest, (contents) => {
-        if (contents.length === node.node.size) copied = copyToViews(contents, position, wanted, targets);
+        if (contents.length === node.node.size) copied = copyToScatter(contents, position, wanted, targets);
       });
       inode.inline = found;
       if (found) {
@@ -272,7 +272,7 @@ export class ReadOnlyFilesystem {
   }
 
   /** Like tryReadInode, through an open file handle. */
-  tryRead(handle: number, targets: readonly Uint8Array[], length: number, position: number): number | undefined {
+  tryRead(handle: number, targets: ScatterList, length: number, position: number): number | undefined {
     const file = this.files.get(handle);
     if (!file) throw new FsError('EBADF');
     const wanted = Math.min(length, file.reader.size - position);

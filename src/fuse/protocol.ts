@@ -3,6 +3,7 @@
 // Requests are handled concurrently and answered in whatever order they
 // finish; each reply carries the request's unique id.
 import { constants } from 'node:os';
+import type { ScatterList } from '../castore/blobservice.js';
 import type { Attributes, Entry } from '../fs/attributes.js';
 import { FsError } from '../fs/errors.js';
 import type { ListingEntry, MaybePromise, ReadOnlyFilesystem } from '../fs/filesystem.js';
@@ -38,13 +39,13 @@ export interface ReplySink {
   send(reply: Buffer): void;
   /**
    * Optional, for transports that can take a reply where it is going (the
-   * guest's memory on virtio-fs): appends views of the reply's bytes
-   * [offset, offset + length) to `into`, or returns false when there is no
-   * room. The views are valid only until the event loop turns; the reply is
-   * then sent with sendInPlace.
+   * guest's memory on virtio-fs): sets `into` to the places of the reply's
+   * bytes [offset, offset + length), or returns false when there is no room.
+   * Valid only until the event loop turns; the reply is then sent with
+   * sendInPlace.
    */
-  views?(offset: number, length: number, into: Uint8Array[]): boolean;
-  /** Sends a reply of `length` bytes whose bytes after `header` were written through views(). */
+  scatter?(offset: number, length: number, into: ScatterList): boolean;
+  /** Sends a reply of `length` bytes whose bytes after `header` were written through scatter(). */
   sendInPlace?(header: Buffer, length: number): void;
 }
 
@@ -164,7 +165,7 @@ export class FuseServer {
   /** Reply buffers of READs that finished, for the next ones. */
   private readonly readBuffers: Buffer[] = [];
   /** Where a READ's bytes go when the transport takes them in place; emptied after each use. */
-  private readonly readViews: Uint8Array[] = [];
+  private readonly readPlaces: ScatterList = { buffers: [], spans: new Uint32Array(3 * MAX_READ_PIECES), count: 0 };
   private readonly log: (message: string) => void;
 
   constructor(
@@ -365,14 +366,14 @@ export class FuseServer {
     // Where the transport can take the bytes in place (virtio-fs: the guest's pages), a read that
     // needs no waiting goes straight there: one copy, from the page cache or the store's memory.
     const sink = request.sink;
-    const views = this.readViews;
-    views.length = 0;
-    if (sink.views && sink.sendInPlace && sink.views(OUT_HEADER_SIZE, size, views)) {
+    const places = this.readPlaces;
+    if (sink.scatter && sink.sendInPlace && sink.scatter(OUT_HEADER_SIZE, size, places)) {
       const n =
         handle === NO_HANDLE
-          ? this.fs.tryReadInode(request.nodeid, views, size, position)
-          : this.fs.tryRead(handle, views, size, position);
-      views.length = 0; // valid only now
+          ? this.fs.tryReadInode(request.nodeid, places, size, position)
+          : this.fs.tryRead(handle, places, size, position);
+      places.buffers.length = 0; // valid only now
+      places.count = 0;
       if (n !== undefined) {
         header.writeUInt32LE(OUT_HEADER_SIZE + n, 0);
         header.writeInt32LE(0, 4);
@@ -514,6 +515,9 @@ export class FuseServer {
     request.ok(reply, value.length);
   }
 }
+
+/** Pieces a READ's reply may come in (a page each, as Linux builds them, and some to spare). */
+const MAX_READ_PIECES = 1024;
 
 /** The largest READ or READDIR answered: 256 pages of 4 KiB plus slack. */
 const MAX_READ = 1024 * 1024 + 4096;

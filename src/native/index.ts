@@ -6,15 +6,23 @@ export interface Watch {
 }
 
 export interface NativeAddon {
-  /** Calls `onReady` whenever `fd` is readable, or writable with `writable` (or in error); `status` < 0 is a libuv error. */
-  watch(fd: number, onReady: (status: number, events: number) => void, writable?: boolean): Watch;
+  /**
+   * Calls `onReady` whenever `fd` is readable, or writable with `writable` (or in error); `status` < 0 is a libuv error.
+   * With `drainEventfd`, `fd` is an eventfd whose counter is read (reset) before each call.
+   */
+  watch(fd: number, onReady: (status: number, events: number) => void, writable?: boolean, drainEventfd?: boolean): Watch;
   unwatch(handle: Watch): void;
   /** Bytes read, or -errno (-EAGAIN when a non-blocking fd has nothing). */
   read(fd: number, buffer: Uint8Array): number;
   /** preadv2(RWF_NOWAIT) into `buffer[offset, offset + length)`: bytes read, or -errno (-EAGAIN: not cached). */
   readCached(fd: number, buffer: Uint8Array, offset: number, length: number, position: number): number;
-  /** preadv2(RWF_NOWAIT) into the buffers in turn (at most 1024): bytes read, or -errno (-EAGAIN: not cached). */
-  readCachedv(fd: number, buffers: Uint8Array[], position: number): number;
+  /**
+   * preadv2(RWF_NOWAIT) into `count` pieces (at most 1024), piece i being `spans[3i + 2]` bytes of
+   * `buffers[spans[3i]]` from `spans[3i + 1]`: bytes read, or -errno (-EAGAIN: not cached).
+   */
+  readCachedScatter(fd: number, buffers: Uint8Array[], spans: Uint32Array, count: number, position: number): number;
+  /** Adds 1 to an eventfd's counter: 0, or -errno. */
+  signal(fd: number): number;
   /** One writev(2): bytes written, or -errno. */
   writev(fd: number, buffers: Uint8Array[]): number;
   setNonBlocking(fd: number): number;

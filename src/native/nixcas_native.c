@@ -89,6 +89,9 @@ typedef struct {
   napi_ref callback;
   napi_async_context context;
   int closed;
+  // An eventfd whose counter is read here before each call back (a kick): one system call less
+  // through N-API per wake-up.
+  int drain_fd;
 } watcher_t;
 
 static void watcher_closed(uv_handle_t *handle) {
@@ -98,6 +101,12 @@ static void watcher_closed(uv_handle_t *handle) {
 static void watcher_fired(uv_poll_t *handle, int status, int events) {
   watcher_t *w = handle->data;
   if (w->closed) return;
+  if (w->drain_fd >= 0 && status == 0) {
+    uint64_t counter;
+    ssize_t n;
+    do n = read(w->drain_fd, &counter, sizeof counter);
+    while (n < 0 && errno == EINTR);
+  }
   napi_env env = w->env;
   napi_handle_scope scope;
   napi_open_handle_scope(env, &scope);
@@ -123,23 +132,26 @@ static void watcher_stop(napi_env env, watcher_t *w) {
   uv_close((uv_handle_t *)&w->handle, watcher_closed);
 }
 
-// watch(fd, callback(status, events), writable?) -> handle. Calls back whenever
-// fd is readable (or, with writable true, writable).
+// watch(fd, callback(status, events), writable?, drainEventfd?) -> handle. Calls back whenever
+// fd is readable (or, with writable true, writable); with drainEventfd, fd is an eventfd whose
+// counter is read (reset) before each call back.
 static napi_value watch(napi_env env, napi_callback_info info) {
-  napi_value argv[3];
+  napi_value argv[4];
   int64_t fd;
-  size_t argc = 3;
+  size_t argc = 4;
   if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 2) {
     napi_throw_type_error(env, NULL, "nixcas native: too few arguments");
     return NULL;
   }
   if (!get_int(env, argv[0], &fd)) return NULL;
-  bool writable = false;
+  bool writable = false, drain = false;
   if (argc >= 3) napi_get_value_bool(env, argv[2], &writable);
+  if (argc >= 4) napi_get_value_bool(env, argv[3], &drain);
   uv_loop_t *loop;
   CHECK(napi_get_uv_event_loop(env, &loop));
   watcher_t *w = calloc(1, sizeof(*w));
   w->env = env;
+  w->drain_fd = drain ? (int)fd : -1;
   int rc = uv_poll_init(loop, &w->handle, (int)fd);
   if (rc != 0) {
     free(w);
@@ -211,29 +223,69 @@ static napi_value read_cached(napi_env env, napi_callback_info info) {
   return make_int(env, n < 0 ? -errno : n);
 }
 
-// readCachedv(fd, buffers[], position) -> bytes read into the buffers in turn, or -errno; -EAGAIN
-// when the data is not in the page cache. One preadv2(RWF_NOWAIT) into many pieces: a READ's
-// bytes land straight in the guest's pages.
-static napi_value read_cached_v(napi_env env, napi_callback_info info) {
-  napi_value argv[3];
-  int64_t fd, position;
-  if (!get_args(env, info, 3, argv) || !get_int(env, argv[0], &fd) || !get_int(env, argv[2], &position)) return NULL;
-  uint32_t count;
-  CHECK(napi_get_array_length(env, argv[1], &count));
-  if (count > MAX_IOVECS || position < 0) {
-    napi_throw_range_error(env, NULL, "nixcas native: readCachedv with too many buffers or a negative position");
+#define MAX_SCATTER_BUFFERS 16
+
+// readCachedScatter(fd, buffers[], spans: Uint32Array, count, position) -> bytes read, or -errno;
+// -EAGAIN when the data is not in the page cache. Piece i is spans[3i + 2] bytes of
+// buffers[spans[3i]] from spans[3i + 1]; every piece is checked to lie in its buffer. One
+// preadv2(RWF_NOWAIT) into them all: a READ's bytes land straight in the guest's pages, and the
+// pieces cost no JavaScript object each.
+static napi_value read_cached_scatter(napi_env env, napi_callback_info info) {
+  napi_value argv[5];
+  int64_t fd, count, position;
+  if (!get_args(env, info, 5, argv) || !get_int(env, argv[0], &fd) || !get_int(env, argv[3], &count) ||
+      !get_int(env, argv[4], &position))
+    return NULL;
+  uint32_t buffer_count;
+  CHECK(napi_get_array_length(env, argv[1], &buffer_count));
+  if (count < 0 || count > MAX_IOVECS || buffer_count > MAX_SCATTER_BUFFERS || position < 0) {
+    napi_throw_range_error(env, NULL, "nixcas native: readCachedScatter with too many pieces or a negative position");
     return NULL;
   }
-  struct iovec iov[MAX_IOVECS];
-  for (uint32_t i = 0; i < count; i++) {
+  char *bases[MAX_SCATTER_BUFFERS];
+  size_t sizes[MAX_SCATTER_BUFFERS];
+  for (uint32_t i = 0; i < buffer_count; i++) {
     napi_value element;
+    void *data;
     CHECK(napi_get_element(env, argv[1], i, &element));
-    CHECK(napi_get_buffer_info(env, element, &iov[i].iov_base, &iov[i].iov_len));
+    CHECK(napi_get_buffer_info(env, element, &data, &sizes[i]));
+    bases[i] = data;
+  }
+  napi_typedarray_type type;
+  size_t span_words;
+  void *span_data;
+  CHECK(napi_get_typedarray_info(env, argv[2], &type, &span_words, &span_data, NULL, NULL));
+  if (type != napi_uint32_array || span_words < (size_t)count * 3) {
+    napi_throw_type_error(env, NULL, "nixcas native: readCachedScatter needs a Uint32Array of 3 words per piece");
+    return NULL;
+  }
+  const uint32_t *spans = span_data;
+  struct iovec iov[MAX_IOVECS];
+  for (int64_t i = 0; i < count; i++) {
+    uint32_t buffer = spans[3 * i], offset = spans[3 * i + 1], length = spans[3 * i + 2];
+    if (buffer >= buffer_count || (uint64_t)offset + length > sizes[buffer]) {
+      napi_throw_range_error(env, NULL, "nixcas native: readCachedScatter piece outside its buffer");
+      return NULL;
+    }
+    iov[i].iov_base = bases[buffer] + offset;
+    iov[i].iov_len = length;
   }
   ssize_t n;
   do n = preadv2((int)fd, iov, (int)count, (off_t)position, RWF_NOWAIT);
   while (n < 0 && errno == EINTR);
   return make_int(env, n < 0 ? -errno : n);
+}
+
+// signal(fd) -> 0 or -errno: adds 1 to an eventfd's counter (an interrupt to a guest, a kick).
+static napi_value signal_fd(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  int64_t fd;
+  if (!get_args(env, info, 1, argv) || !get_int(env, argv[0], &fd)) return NULL;
+  uint64_t one = 1;
+  ssize_t n;
+  do n = write((int)fd, &one, sizeof one);
+  while (n < 0 && errno == EINTR);
+  return make_int(env, n < 0 ? -errno : 0);
 }
 
 // writev(fd, buffers[]) -> bytes written, or -errno. One system call, so a
@@ -727,7 +779,8 @@ static napi_value init(napi_env env, napi_value exports) {
       {"read", NULL, read_fd, NULL, NULL, NULL, napi_default, NULL},
       {"writev", NULL, writev_fd, NULL, NULL, NULL, napi_default, NULL},
       {"readCached", NULL, read_cached, NULL, NULL, NULL, napi_default, NULL},
-      {"readCachedv", NULL, read_cached_v, NULL, NULL, NULL, napi_default, NULL},
+      {"readCachedScatter", NULL, read_cached_scatter, NULL, NULL, NULL, napi_default, NULL},
+      {"signal", NULL, signal_fd, NULL, NULL, NULL, napi_default, NULL},
       {"setNonBlocking", NULL, set_non_blocking, NULL, NULL, NULL, napi_default, NULL},
       {"widenPipe", NULL, widen_pipe, NULL, NULL, NULL, napi_default, NULL},
       {"misalignment", NULL, misalignment, NULL, NULL, NULL, napi_default, NULL},

@@ -60,14 +60,8 @@ interface Vring {
   queue?: SplitQueue;
 }
 
-const KICK_BUFFER = Buffer.alloc(8);
 /** How long GET_VRING_BASE waits for the requests in flight before dropping their replies. */
 const STOP_TIMEOUT_MS = 5000;
-const INTERRUPT = (() => {
-  const one = Buffer.alloc(8);
-  one.writeBigUInt64LE(1n);
-  return one;
-})();
 
 export class VhostUserBackend {
   private readonly channel: MessageChannel;
@@ -306,11 +300,8 @@ export class VhostUserBackend {
     vring.kickFd = fd;
     const error = native().setNonBlocking(fd);
     if (error < 0) throw new ProtocolError(`the kick fd: errno ${-error}`);
-    vring.kickWatch = native().watch(fd, () => {
-      // Drain the eventfd's counter, then take whatever the driver added.
-      native().read(fd, KICK_BUFFER);
-      this.service(index);
-    });
+    // The addon drains the eventfd's counter before each call; then take whatever the driver added.
+    vring.kickWatch = native().watch(fd, () => this.service(index), false, true);
     this.startVring(index);
   }
 
@@ -333,7 +324,7 @@ export class VhostUserBackend {
       indirect: (this.ackedFeatures & VirtioFeature.INDIRECT_DESC) !== 0n,
     };
     try {
-      vring.queue = new SplitQueue(this.memory, layout, () => vring.callFd !== undefined && native().writev(vring.callFd, [INTERRUPT]));
+      vring.queue = new SplitQueue(this.memory, layout, () => vring.callFd !== undefined && native().signal(vring.callFd));
     } catch (err) {
       throw new ProtocolError(`ring ${index}: ${(err as Error).message}`);
     }

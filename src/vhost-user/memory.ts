@@ -14,6 +14,20 @@ export interface MemoryRegion {
   mmapOffset: number;
 }
 
+/**
+ * Pieces of guest memory as plain numbers: piece i is `spans[3i + 2]` bytes
+ * of `buffers[spans[3i]]` from `spans[3i + 1]` (the layout of castore's
+ * ScatterList, which this library does not import).
+ */
+/** Distinct mappings one Places may refer to (the addon's limit). */
+export const MAX_PLACE_BUFFERS = 16;
+
+export interface Places {
+  buffers: Uint8Array[];
+  spans: Uint32Array;
+  count: number;
+}
+
 /** A piece of guest memory: `bytes[offset .. offset + length)`. */
 export interface Span {
   bytes: Uint8Array;
@@ -179,8 +193,12 @@ export class GuestMemory {
     }
   }
 
-  /** Views of `length` bytes at `gpa` (one per chunk crossed), appended to `into`. Valid until the memory table changes. */
-  views(gpa: number, length: number, into: Uint8Array[]): void {
+  /**
+   * Appends the places of `length` bytes at `gpa` (one piece per chunk
+   * crossed) to `into`; false when `into` is full. Valid until the memory
+   * table changes.
+   */
+  places(gpa: number, length: number, into: Places): boolean {
     const r = this.regionOf(gpa, length);
     let offset = gpa - r.guestPhysAddr;
     let left = length;
@@ -188,10 +206,22 @@ export class GuestMemory {
       const chunk = Math.floor(offset / CHUNK);
       const within = offset - chunk * CHUNK;
       const take = Math.min(left, CHUNK - within);
-      into.push(r.chunks[chunk].subarray(within, within + take));
+      const bytes = r.chunks[chunk];
+      let buffer = into.buffers.indexOf(bytes);
+      if (buffer < 0) {
+        if (into.buffers.length === MAX_PLACE_BUFFERS) return false;
+        buffer = into.buffers.push(bytes) - 1;
+      }
+      const at = 3 * into.count;
+      if (at + 3 > into.spans.length) return false;
+      into.spans[at] = buffer;
+      into.spans[at + 1] = within;
+      into.spans[at + 2] = take;
+      into.count++;
       offset += take;
       left -= take;
     }
+    return true;
   }
 
   private regionOf(gpa: number, length: number): MappedRegion {

@@ -9,7 +9,7 @@
 // (release); Atomics.store is a full fence (XCHG), which the spec needs
 // between publishing used.idx and reading used_event, and between
 // publishing avail_event and re-reading avail.idx (else a kick is lost).
-import { GuestMemory, GuestMemoryError, hex, type Span } from './memory.js';
+import { GuestMemory, GuestMemoryError, hex, type Places, type Span } from './memory.js';
 
 const DESC_F_NEXT = 1;
 const DESC_F_WRITE = 2;
@@ -395,14 +395,16 @@ export class DescriptorChain {
   }
 
   /**
-   * Views of the writable bytes [offset, offset + length) in guest memory,
-   * appended to `into`, for filling them in place; false (and nothing
-   * appended) when the chain has no room for them. The views are valid only
-   * until the event loop turns: finish with replyInPlace() before that.
+   * The places of the writable bytes [offset, offset + length) in guest
+   * memory, put in `into` (its pieces replaced), for filling them in place;
+   * false when the chain has no room for them or they are too many pieces.
+   * Valid only until the event loop turns: finish with replyInPlace() before
+   * that.
    */
-  writableViews(offset: number, length: number, into: Uint8Array[]): boolean {
+  writablePlaces(offset: number, length: number, into: Places): boolean {
+    into.buffers.length = 0;
+    into.count = 0;
     if (!this.queue.isActive || offset + length > this.writableLength) return false;
-    const start = into.length;
     try {
       let skip = offset;
       let left = length;
@@ -413,13 +415,13 @@ export class DescriptorChain {
           continue;
         }
         const take = Math.min(size - skip, left);
-        this.memory.views(this.writableAddresses[i] + skip, take, into);
+        if (!this.memory.places(this.writableAddresses[i] + skip, take, into)) return false;
         skip = 0;
         left -= take;
       }
     } catch (err) {
       if (!(err instanceof GuestMemoryError)) throw err;
-      into.length = start;
+      into.count = 0;
       return false;
     }
     return true;

@@ -4,6 +4,7 @@
 // same protocol layer and filesystem core as the FUSE mount answer them.
 import { ReadOnlyFilesystem } from '../fs/filesystem.js';
 import { Opcode } from '../fuse/abi.js';
+import type { ScatterList } from '../castore/blobservice.js';
 import { expectsReply, FuseServer, type ReplySink } from '../fuse/protocol.js';
 import { ChainError, type DescriptorChain, type VirtioDevice } from '../vhost-user/index.js';
 
@@ -113,8 +114,8 @@ class ChainSink implements ReplySink {
     }
   }
 
-  views(offset: number, length: number, into: Uint8Array[]): boolean {
-    return this.current && this.chain.writableViews(offset, length, into);
+  scatter(offset: number, length: number, into: ScatterList): boolean {
+    return this.current && this.chain.writablePlaces(offset, length, into);
   }
 
   sendInPlace(header: Buffer, length: number): void {

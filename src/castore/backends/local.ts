@@ -20,7 +20,7 @@ import { close, constants, fstat, fstatSync, open, promises as fs, read, readdir
 import { constants as osConstants } from 'node:os';
 import { join } from 'node:path';
 import { type Database, type RootDatabase, open as openLmdb } from 'lmdb';
-import { type BlobFile, type BlobReader, type BlobService, type BlobWriter, bufferReader, streamBlobReader } from '../blobservice.js';
+import { type BlobFile, type BlobReader, type BlobService, type BlobWriter, type ScatterList, bufferReader, streamBlobReader } from '../blobservice.js';
 import { type B3Digest, type Blake3Hasher, blake3, createBlake3, digestKey, formatDigest } from '../digest.js';
 import { type DirectoryService, checkBatch, readUnderDigest, walkDirectories } from '../directoryservice.js';
 import type { Directory } from '../model.js';
@@ -420,8 +420,8 @@ function readCached(fd: number, target: Uint8Array, offset: number, length: numb
   if (n === -EOPNOTSUPP) nativeReads = false; // a filesystem without RWF_NOWAIT: stop trying
   return Math.max(-1, n);
 }
-/** Like readCached, into several buffers in turn; -1 when not (all) cached. */
-function readCachedv(fd: number, targets: readonly Uint8Array[], position: number): number {
+/** Like readCached, into the pieces of a scatter list in turn; -1 when not (all) cached. */
+function readCachedScatter(fd: number, targets: ScatterList, position: number): number {
   if (nativeReads === false) return -1;
   try {
     nativeReads ??= native();
@@ -429,7 +429,7 @@ function readCachedv(fd: number, targets: readonly Uint8Array[], position: numbe
     nativeReads = false;
     return -1;
   }
-  const n = nativeReads.readCachedv(fd, targets as Uint8Array[], position);
+  const n = nativeReads.readCachedScatter(fd, targets.buffers, targets.spans, targets.count, position);
   if (n === -EOPNOTSUPP) nativeReads = false;
   return Math.max(-1, n);
 }
@@ -460,7 +460,7 @@ function fileReader(fd: number): BlobReader {
       // Only a whole answer counts: a short read would look like the end of the file.
       const wanted = Math.min(length, size - position);
       if (wanted <= 0) return 0;
-      const n = readCachedv(fd, targets, position);
+      const n = readCachedScatter(fd, targets, position);
       return n === wanted ? n : undefined;
     },
     close: () => (closed ??= new Promise<void>((resolve) => close(fd, () => resolve()))),
