@@ -351,6 +351,7 @@ export class VhostUserBackend {
     if (!queue || !vring.enabled || this.closed) return;
     const rejected = (error: Error) => this.options.log(`queue ${index}: request rejected: ${error.message}`);
     do {
+      queue.disableNotification();
       for (let chain = queue.pop(rejected); chain; chain = queue.pop(rejected)) {
         try {
           this.device.handle(index, chain);

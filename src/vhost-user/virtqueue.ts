@@ -16,6 +16,7 @@ const DESC_F_WRITE = 2;
 const DESC_F_INDIRECT = 4;
 const DESC_SIZE = 16;
 const AVAIL_F_NO_INTERRUPT = 1;
+const USED_F_NO_NOTIFY = 1;
 /**
  * Replies that make an interrupt worth sending before the turn ends: enough
  * for the driver to reap and post more while we answer the rest, few enough
@@ -192,7 +193,19 @@ export class SplitQueue {
   enableNotification(): boolean {
     if (!this.active || this.brokenReason !== undefined) return false;
     if (this.layout.eventIdx) Atomics.store(this.used, this.availEventIndex, this.nextAvail);
+    else Atomics.store(this.used, 0, 0);
     return Atomics.load(this.avail, 1) !== this.nextAvail;
+  }
+
+  /**
+   * Tells the driver it need not kick while we are taking chains anyway
+   * (VRING_USED_F_NO_NOTIFY; with EVENT_IDX, avail_event already says so
+   * until enableNotification moves it): a kick costs it a system call and us
+   * a wake-up.
+   */
+  disableNotification(): void {
+    if (!this.active || this.layout.eventIdx) return;
+    this.used[0] = USED_F_NO_NOTIFY;
   }
 
   /** Puts a chain on the used ring with `length` bytes written; interrupts the driver soon after if it wants that. */
