@@ -274,7 +274,7 @@ const getattr: Workload = {
     return {
       issue: (slot) => {
         if (take() === undefined) return false;
-        writeRequest(slot, FuseOp.GETATTR, guest.nodes.big, args);
+        writeRequest(slot, FuseOp.GETATTR, guest.nodes.big, args, true);
         slot.replyLength = FUSE_OUT_HEADER + 104;
         return true;
       },
@@ -298,7 +298,7 @@ const lookup: Workload = {
         const n = take();
         if (n === undefined) return false;
         slot.state = n % names.length;
-        writeRequest(slot, FuseOp.LOOKUP, guest.nodes.dir, args[slot.state as number]);
+        writeRequest(slot, FuseOp.LOOKUP, guest.nodes.dir, args[slot.state as number], true);
         slot.replyLength = FUSE_OUT_HEADER + 128;
         return true;
       },

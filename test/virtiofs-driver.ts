@@ -44,6 +44,7 @@ const REPLY_AREA = 1024 * 1024 + PAGE;
 /** Pages of an indirect READ reply, each in its own descriptor: up to 256 (1 MiB). */
 const MAX_REPLY_PAGES = 256;
 const ONE = u64(1);
+const SMALL_REPLY = 4096;
 
 /** Linux 6.1's fuse_init_in flags (FUSE 7.36): every flag up to INIT_EXT, NO_OPEN_SUPPORT among them. */
 export const LINUX_INIT_FLAGS = 0x7fffffff;
@@ -88,6 +89,9 @@ export class Slot {
   private readonly headerView: Buffer;
   private readonly pageViews: Buffer[];
   private readonly gathered = Buffer.alloc(REPLY_AREA);
+  private readonly replyViews: Buffer[] = [];
+  /** What writeRequest last wrote here, so an identical request is not written again. */
+  written?: { opcode: number; nodeid: number; args: Buffer };
 
   constructor(
     readonly index: number,
@@ -119,7 +123,11 @@ export class Slot {
 
   /** The reply's first `length` bytes: a view of guest memory, or (pages) gathered into a scratch buffer. */
   reply(length: number): Buffer {
-    if (this.layout === 'single') return this.replyView.subarray(0, length);
+    if (this.layout === 'single') {
+      // Views of small replies are made once per length: the driver's cost per request is part of every measurement.
+      if (length > SMALL_REPLY) return this.replyView.subarray(0, length);
+      return (this.replyViews[length] ??= this.replyView.subarray(0, length));
+    }
     const out = this.gathered;
     this.replyView.copy(out, 0, 0, Math.min(length, FUSE_OUT_HEADER));
     let at = FUSE_OUT_HEADER;
@@ -452,10 +460,18 @@ function checkReply(slot: Slot, usedLength: number): void {
   if (length !== usedLength) throw new Error(`request ${slot.unique}: used length ${usedLength}, the reply header says ${length}`);
 }
 
-/** Writes a FUSE request (in header and `args`) into the slot; the engine fills in len and unique. */
-export function writeRequest(slot: Slot, opcode: number, nodeid: bigint | number, args: Buffer): void {
+/**
+ * Writes a FUSE request (in header and `args`) into the slot; the engine
+ * fills in len and unique. With `constantArgs` (the caller never changes that
+ * buffer) the same request as the slot's last one is not written again.
+ */
+export function writeRequest(slot: Slot, opcode: number, nodeid: bigint | number, args: Buffer, constantArgs = false): void {
   const b = slot.request;
   const id = Number(nodeid);
+  slot.layout = 'single';
+  const last = slot.written;
+  if (constantArgs && last && last.opcode === opcode && last.nodeid === id && last.args === args) return;
+  slot.written = constantArgs ? { opcode, nodeid: id, args } : undefined;
   b.writeUInt32LE(opcode, 4);
   b.writeUInt32LE(id >>> 0, 16);
   b.writeUInt32LE(Math.floor(id / 2 ** 32), 20);
@@ -465,5 +481,4 @@ export function writeRequest(slot: Slot, opcode: number, nodeid: bigint | number
   b.writeUInt32LE(0, 36);
   args.copy(b, FUSE_IN_HEADER);
   slot.requestLength = FUSE_IN_HEADER + args.length;
-  slot.layout = 'single';
 }
