@@ -30,13 +30,14 @@ const SMALL_FILES = 2000;
 const DIR_ENTRIES = 1000;
 const BIG_MIB = 64;
 const DEPTHS = [1, 64] as const;
-const SCALE = Number(process.env.BENCH_VIRTIOFS_REQUESTS_SCALE ?? 1);
+/** Request counts are multiplied by this (BENCH_VIRTIOFS_REQUESTS_SCALE; the test runs a small fraction). */
+const DEFAULT_SCALE = Number(process.env.BENCH_VIRTIOFS_REQUESTS_SCALE ?? 1);
 const ENOSYS = 38;
 const S_IFMT = 0o170000;
 const S_IFREG = 0o100000;
 const S_IFDIR = 0o040000;
 
-type Side = 'nixcas' | 'virtiofsd';
+export type Side = 'nixcas' | 'virtiofsd';
 
 // ---------------------------------------------------------------- the tree
 
@@ -106,7 +107,7 @@ function cpuNs(pid: number): number {
   return total;
 }
 
-interface Rss {
+export interface Rss {
   anon: number;
   file: number;
 }
@@ -248,7 +249,7 @@ class Guest {
 
 // ---------------------------------------------------------------- workloads
 
-interface Workload {
+export interface Workload {
   name: string;
   /** What one op is (request, or file). */
   unit: string;
@@ -501,7 +502,7 @@ const SIDES = (process.env.BENCH_VIRTIOFS_REQUESTS_SIDES?.split(',') ?? ['nixcas
 
 // ---------------------------------------------------------------- measuring
 
-interface Sample {
+export interface Sample {
   ops: number;
   wallNs: number;
   cpuNs: number;
@@ -512,13 +513,13 @@ interface Sample {
   driverNs: number;
 }
 
-interface Measured {
+export interface Measured {
   samples: Record<Side, Sample[]>;
   workload: Workload;
   depth: number;
 }
 
-async function measureSide(side: Side, backend: Backend, tree: Tree, share: string, results: Map<string, Measured>, rss: Record<Side, Rss>): Promise<void> {
+async function measureSide(side: Side, backend: Backend, tree: Tree, share: string, results: Map<string, Measured>, rss: Record<Side, Rss>, scale: number): Promise<void> {
   const pid = backend.process.pid!;
   const driver = await VirtioFsDriver.connect(backend.socketPath, { maxDepth: 64, queueSize: 256 });
   try {
@@ -528,12 +529,12 @@ async function measureSide(side: Side, backend: Backend, tree: Tree, share: stri
       // Warm-up: a tenth of the depth-64 count (small files: their own set).
       pin([process.pid], 0);
       pin(processTree(pid), 1);
-      await driver.run(workload.job(guest, Math.max(64, Math.round((workload.counts[64] * SCALE) / 10)), 'warm'), 64);
+      await driver.run(workload.job(guest, Math.max(64, Math.round((workload.counts[64] * scale) / 10)), 'warm'), 64);
       for (const depth of DEPTHS) {
         if (process.env.BENCH_VIRTIOFS_REQUESTS_DEPTHS && !process.env.BENCH_VIRTIOFS_REQUESTS_DEPTHS.split(',').includes(String(depth))) continue;
         pin([process.pid], 0);
         pin(processTree(pid), depth === 1 ? 0 : 1);
-        const count = Math.max(depth, Math.round(workload.counts[depth] * SCALE));
+        const count = Math.max(depth, Math.round(workload.counts[depth] * scale));
         const job = workload.job(guest, count, `d${depth}`);
         const cpuBefore = cpuNs(pid);
         const driverBefore = process.cpuUsage();
@@ -558,12 +559,16 @@ function fmt(n: number, digits = 1): string {
   return n >= 100 ? n.toFixed(0) : n.toFixed(digits);
 }
 
-export async function benchVirtiofsRequests(rows: Row[], work: string, repeats: number, cli: string): Promise<void> {
-  if (process.getuid?.() !== 0) {
-    console.error('bench virtiofs-requests: skipped (QEMU\'s virtiofsd needs root)');
-    return;
-  }
-  ensureVmPackages({ install: true });
+export interface RequestRun {
+  results: Map<string, Measured>;
+  rss: Record<Side, Rss>;
+}
+
+/**
+ * Makes the tree, then per round starts each back end and runs every
+ * workload at each depth. Throws at the first wrong answer from either.
+ */
+export async function runVirtiofsRequests(work: string, repeats: number, cli: string, scale = DEFAULT_SCALE, sides: Side[] = SIDES): Promise<RequestRun> {
   const source = join(work, 'requests');
   console.error('bench virtiofs-requests: making the tree');
   const made = makeTree(source);
@@ -579,7 +584,7 @@ export async function benchVirtiofsRequests(rows: Row[], work: string, repeats: 
   const results = new Map<string, Measured>();
   const rss: Record<Side, Rss> = { nixcas: { anon: 0, file: 0 }, virtiofsd: { anon: 0, file: 0 } };
   for (let round = 0; round < repeats; round++) {
-    const order: Side[] = (round % 2 === 0 ? ['nixcas', 'virtiofsd'] : ['virtiofsd', 'nixcas']).filter((side) => SIDES.includes(side as Side)) as Side[];
+    const order: Side[] = (round % 2 === 0 ? ['nixcas', 'virtiofsd'] : ['virtiofsd', 'nixcas']).filter((side) => sides.includes(side as Side)) as Side[];
     for (const side of order) {
       const socketPath = join(work, `${side}-${round}.sock`);
       console.error(`bench virtiofs-requests: round ${round + 1} of ${repeats}, ${side}`);
@@ -588,7 +593,7 @@ export async function benchVirtiofsRequests(rows: Row[], work: string, repeats: 
           ? await startNixcasVirtiofs({ socketPath, store, cli, nodeArgs: process.env.BENCH_VIRTIOFS_REQUESTS_NODE_ARGS?.split(' ').filter(Boolean) })
           : await startVirtiofsd({ source: share, socketPath, cache: 'always' });
       try {
-        await measureSide(side, backend, tree, share, results, rss);
+        await measureSide(side, backend, tree, share, results, rss, scale);
       } catch (err) {
         throw new Error(`${side}: ${(err as Error).message}\n--- back end output ---\n${backend.output().trim()}`);
       } finally {
@@ -597,6 +602,16 @@ export async function benchVirtiofsRequests(rows: Row[], work: string, repeats: 
       }
     }
   }
+  return { results, rss };
+}
+
+export async function benchVirtiofsRequests(rows: Row[], work: string, repeats: number, cli: string): Promise<void> {
+  if (process.getuid?.() !== 0) {
+    console.error('bench virtiofs-requests: skipped (QEMU\'s virtiofsd needs root)');
+    return;
+  }
+  ensureVmPackages({ install: true });
+  const { results, rss } = await runVirtiofsRequests(work, repeats, cli);
 
   console.log(`\n### virtio-fs requests without a guest (${repeats} rounds, medians; back-end CPU of all its threads)\n`);
   console.log('| workload | depth | nixcas ops/s | virtiofsd ops/s | nixcas wall µs/op | virtiofsd wall µs/op | nixcas CPU µs/op | virtiofsd CPU µs/op | ratio (virtiofsd time ÷ nixcas time) |');
