@@ -144,17 +144,7 @@ export class GuestMemory {
 
   /** `length` bytes at guest address `gpa`, split where chunks end, appended to `into`. */
   spans(gpa: number, length: number, into: Span[]): void {
-    const r = this.regionOf(gpa, length);
-    let offset = gpa - r.guestPhysAddr;
-    let left = length;
-    while (left > 0) {
-      const chunk = Math.floor(offset / CHUNK);
-      const within = offset - chunk * CHUNK;
-      const take = Math.min(left, CHUNK - within);
-      into.push({ bytes: r.chunks[chunk], offset: within, length: take });
-      offset += take;
-      left -= take;
-    }
+    this.pieces(gpa, length, (bytes, offset, take) => void into.push({ bytes, offset, length: take }));
   }
 
   /** Throws unless `length` bytes at `gpa` lie in guest memory. */
@@ -164,33 +154,14 @@ export class GuestMemory {
 
   /** Copies `length` bytes at `gpa` into `target[at..]`. */
   copyOut(gpa: number, length: number, target: Uint8Array, at: number): void {
-    const r = this.regionOf(gpa, length);
-    let offset = gpa - r.guestPhysAddr;
-    let left = length;
-    while (left > 0) {
-      const chunk = Math.floor(offset / CHUNK);
-      const within = offset - chunk * CHUNK;
-      const take = Math.min(left, CHUNK - within);
-      target.set(r.chunks[chunk].subarray(within, within + take), at);
-      at += take;
-      offset += take;
-      left -= take;
-    }
+    this.pieces(gpa, length, (bytes, offset, take, done) => void target.set(bytes.subarray(offset, offset + take), at + done));
   }
 
   /** Copies `source` to guest address `gpa`. */
   copyIn(gpa: number, source: Uint8Array): void {
-    const r = this.regionOf(gpa, source.length);
-    let offset = gpa - r.guestPhysAddr;
-    let at = 0;
-    while (at < source.length) {
-      const chunk = Math.floor(offset / CHUNK);
-      const within = offset - chunk * CHUNK;
-      const take = Math.min(source.length - at, CHUNK - within);
-      r.chunks[chunk].set(at === 0 && take === source.length ? source : source.subarray(at, at + take), within);
-      at += take;
-      offset += take;
-    }
+    this.pieces(gpa, source.length, (bytes, offset, take, done) =>
+      void bytes.set(take === source.length ? source : source.subarray(done, done + take), offset),
+    );
   }
 
   /**
@@ -199,14 +170,7 @@ export class GuestMemory {
    * table changes.
    */
   places(gpa: number, length: number, into: Places): boolean {
-    const r = this.regionOf(gpa, length);
-    let offset = gpa - r.guestPhysAddr;
-    let left = length;
-    while (left > 0) {
-      const chunk = Math.floor(offset / CHUNK);
-      const within = offset - chunk * CHUNK;
-      const take = Math.min(left, CHUNK - within);
-      const bytes = r.chunks[chunk];
+    return this.pieces(gpa, length, (bytes, offset, take) => {
       let buffer = into.buffers.indexOf(bytes);
       if (buffer < 0) {
         if (into.buffers.length === MAX_PLACE_BUFFERS) return false;
@@ -215,11 +179,28 @@ export class GuestMemory {
       const at = 3 * into.count;
       if (at + 3 > into.spans.length) return false;
       into.spans[at] = buffer;
-      into.spans[at + 1] = within;
+      into.spans[at + 1] = offset;
       into.spans[at + 2] = take;
       into.count++;
+      return true;
+    });
+  }
+
+  /**
+   * Calls `visit` for each piece of `length` bytes at `gpa` that lies in one
+   * chunk (`done` bytes came before it); stops and returns false when
+   * `visit` returns false.
+   */
+  private pieces(gpa: number, length: number, visit: (bytes: Uint8Array, offset: number, take: number, done: number) => boolean | void): boolean {
+    const r = this.regionOf(gpa, length);
+    let offset = gpa - r.guestPhysAddr;
+    for (let done = 0; done < length; ) {
+      const chunk = Math.floor(offset / CHUNK);
+      const within = offset - chunk * CHUNK;
+      const take = Math.min(length - done, CHUNK - within);
+      if (visit(r.chunks[chunk], within, take, done) === false) return false;
       offset += take;
-      left -= take;
+      done += take;
     }
     return true;
   }

@@ -409,28 +409,29 @@ async function releaseOnce(service: { onClose?: () => Promise<void> }): Promise<
 // is done synchronously.
 /** Bytes read without waiting for the disk, or -1 when the data is not cached (or the addon is missing). */
 function readCached(fd: number, target: Uint8Array, offset: number, length: number, position: number): number {
-  if (nativeReads === false) return -1;
-  try {
-    nativeReads ??= native();
-  } catch {
-    nativeReads = false;
-    return -1;
-  }
-  const n = nativeReads.readCached(fd, target, offset, length, position);
-  if (n === -EOPNOTSUPP) nativeReads = false; // a filesystem without RWF_NOWAIT: stop trying
-  return Math.max(-1, n);
+  const addon = nativeReader();
+  return addon ? checkedRead(addon.readCached(fd, target, offset, length, position)) : -1;
 }
+
 /** Like readCached, into the pieces of a scatter list in turn; -1 when not (all) cached. */
 function readCachedScatter(fd: number, targets: ScatterList, position: number): number {
-  if (nativeReads === false) return -1;
-  try {
-    nativeReads ??= native();
-  } catch {
-    nativeReads = false;
-    return -1;
+  const addon = nativeReader();
+  return addon ? checkedRead(addon.readCachedScatter(fd, targets.buffers, targets.spans, targets.count, position)) : -1;
+}
+
+function nativeReader(): NativeAddon | undefined {
+  if (nativeReads === undefined) {
+    try {
+      nativeReads = native();
+    } catch {
+      nativeReads = false;
+    }
   }
-  const n = nativeReads.readCachedScatter(fd, targets.buffers, targets.spans, targets.count, position);
-  if (n === -EOPNOTSUPP) nativeReads = false;
+  return nativeReads || undefined;
+}
+
+function checkedRead(n: number): number {
+  if (n === -EOPNOTSUPP) nativeReads = false; // a filesystem without RWF_NOWAIT: stop trying
   return Math.max(-1, n);
 }
 const EOPNOTSUPP = osConstants.errno.EOPNOTSUPP;
