@@ -42,6 +42,8 @@ export function virtiofsCommand(): Command {
         requestQueues: options.numRequestQueues,
         makeFilesystem: () => new ReadOnlyFilesystem(services.blobs, services.directories, root, { listRoot: options.listRoot, directoryCache }),
         log,
+        // For comparing with and without the wait in poll(2) (docs/benchmarks.md).
+        waitForKicks: process.env.NIXCAS_VIRTIOFS_WAIT_FOR_KICKS !== '0',
       });
       if (options.socketMode !== undefined) chmodSync(socketPath, options.socketMode);
     } catch (err) {

@@ -183,13 +183,15 @@ export class FuseServer {
   /**
    * Handles one request message. The reply, if the opcode has one, goes to
    * `sink` when ready. Never throws: a malformed message is logged and, when
-   * it carries a unique id, answered EINVAL.
+   * it carries a unique id, answered EINVAL. Returns true when the request
+   * waits for something (its reply comes from a later turn of the event
+   * loop), false when it was dealt with at once.
    */
-  handle(message: Buffer, sink: ReplySink): void {
+  handle(message: Buffer, sink: ReplySink): boolean {
     if (message.length < IN_HEADER_SIZE || message.readUInt32LE(0) !== message.length) {
       this.log(`malformed FUSE request: ${message.length} bytes, header says ${message.length >= 4 ? message.readUInt32LE(0) : '?'}`);
       if (message.length >= 16) new Request(message, sink).error(errno.EINVAL);
-      return;
+      return false;
     }
     const request = new Request(message, sink);
     let pending: Promise<void> | void;
@@ -197,9 +199,11 @@ export class FuseServer {
       pending = this.dispatch(request);
     } catch (err) {
       this.fail(request, err);
-      return;
+      return false;
     }
-    pending?.catch((err: unknown) => this.fail(request, err));
+    if (!pending) return false;
+    pending.catch((err: unknown) => this.fail(request, err));
+    return true;
   }
 
   private fail(request: Request, err: unknown): void {

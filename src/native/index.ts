@@ -21,6 +21,11 @@ export interface NativeAddon {
    * `buffers[spans[3i]]` from `spans[3i + 1]`: bytes read, or -errno (-EAGAIN: not cached).
    */
   readCachedScatter(fd: number, buffers: Uint8Array[], spans: Uint32Array, count: number, position: number): number;
+  /**
+   * Waits in poll(2) for the eventfd `fd` and reads its counter: 1. Returns 0 instead as soon as
+   * anything the event loop watches is ready or its next timer is due; -errno on failure.
+   */
+  waitKick(fd: number): number;
   /** Adds 1 to an eventfd's counter: 0, or -errno. */
   signal(fd: number): number;
   /** One writev(2): bytes written, or -errno. */

@@ -234,6 +234,11 @@ export class SplitQueue {
    * still waking up would only be interrupted again. The check at the end of the
    * turn does not hold back, for drivers that never disable interrupts.
    */
+  /** Sends the interrupt the end of the turn would send, now (before the device waits for a kick). */
+  flushInterrupt(): void {
+    this.notify(false);
+  }
+
   private notify(early: boolean): void {
     if (!this.active || this.signalledUsed === this.nextUsed) return;
     const old = this.signalledUsed;

@@ -37,18 +37,18 @@ export class VirtioFsDevice implements VirtioDevice {
     this.queueCount = 1 + options.requestQueues;
   }
 
-  handle(_queue: number, chain: DescriptorChain): void {
+  handle(_queue: number, chain: DescriptorChain): boolean {
     const message = chain.read();
     // A kernel sends INIT once per connection: another one means the guest rebooted (or crashed)
     // without a DESTROY, so whatever it knew of the last session is gone.
     if (message.length >= 8 && message.readUInt32LE(4) === Opcode.INIT && this.session?.server.negotiatedMinor) this.endSession();
     const { server } = this.current();
     if (!expectsReply(message)) {
-      server.handle(message, NO_REPLY);
+      const waits = server.handle(message, NO_REPLY);
       chain.done(0);
-      return;
+      return waits;
     }
-    server.handle(message, new ChainSink(chain, this));
+    return server.handle(message, new ChainSink(chain, this));
   }
 
   reset(): void {

@@ -12,6 +12,8 @@ export interface VirtioFsServerOptions {
   /** A fresh filesystem (inode table) for each FUSE session; they may share caches. */
   makeFilesystem(): ReadOnlyFilesystem;
   log(message: string): void;
+  /** Wait for kicks in poll(2) between turns whose requests were answered at once (default true). */
+  waitForKicks?: boolean;
 }
 
 export class VirtioFsServer {
@@ -47,6 +49,7 @@ export class VirtioFsServer {
     const device = new VirtioFsDevice({ requestQueues: this.options.requestQueues, makeFilesystem: this.options.makeFilesystem, log });
     const backend = new VhostUserBackend(fd, device, {
       log,
+      waitForKicks: this.options.waitForKicks ?? true,
       onClosed: (reason) => {
         this.backends.delete(backend);
         log(`closed (${reason})`);
