@@ -138,12 +138,13 @@ export class ReadOnlyFilesystem {
   /** Finds `name` in the directory `parent`; counts one kernel reference to the result. */
   lookup(parent: number, name: Buffer): MaybePromise<Entry> {
     const dir = this.inode(parent);
-    const child = dir.children?.get(name.toString('latin1'));
+    const key = name.toString('latin1');
+    const child = dir.children?.get(key);
     if (child) return this.referencedEntry(child);
     return then(this.findNode(dir, name), (node) => {
       if (!node) throw new FsError('ENOENT');
       // Another lookup of the same name may have adopted it meanwhile.
-      return this.referencedEntry(dir.children?.get(name.toString('latin1')) ?? this.adopt(dir, node));
+      return this.referencedEntry(dir.children?.get(key) ?? this.adopt(dir, node, key));
     });
   }
 
@@ -370,7 +371,8 @@ export class ReadOnlyFilesystem {
     const dir = this.directoryHandles.get(handle);
     if (!dir) throw new FsError('EBADF');
     if (!listed.node) return undefined;
-    const child = dir.inode.children?.get(listed.key ??= listed.name.toString('latin1')) ?? this.adopt(dir.inode, listed.node);
+    const key = (listed.key ??= listed.name.toString('latin1'));
+    const child = dir.inode.children?.get(key) ?? this.adopt(dir.inode, listed.node, key);
     return then(this.referencedEntry(child), (entry) => {
       listed.ino = child.ino;
       return entry;
@@ -415,10 +417,11 @@ export class ReadOnlyFilesystem {
     return inode;
   }
 
-  private adopt(parent: Inode, node: Node): Inode {
+  /** A new inode for `node` in `parent`, under `key` (its name in latin1). */
+  private adopt(parent: Inode, node: Node, key: string): Inode {
     const child = newInode(this.nextIno++, node, parent, 0);
     this.inodes.set(child.ino, child);
-    (parent.children ??= new Map()).set(node.node.name.toString('latin1'), child);
+    (parent.children ??= new Map()).set(key, child);
     return child;
   }
 
