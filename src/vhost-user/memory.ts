@@ -142,11 +142,6 @@ export class GuestMemory {
     return { bytes: r.chunks[chunk], offset: offset - chunk * CHUNK, length };
   }
 
-  /** `length` bytes at guest address `gpa`, split where chunks end, appended to `into`. */
-  spans(gpa: number, length: number, into: Span[]): void {
-    this.pieces(gpa, length, (bytes, offset, take) => void into.push({ bytes, offset, length: take }));
-  }
-
   /** Throws unless `length` bytes at `gpa` lie in guest memory. */
   check(gpa: number, length: number): void {
     this.regionOf(gpa, length);
