@@ -60,11 +60,13 @@ interface Inode {
   inline?: boolean;
   /** A directory's decoded contents once loaded: immutable, and kept no longer than the kernel holds the inode. */
   directory?: LoadedDirectory;
+  /** Its entry (attributes and timeouts), once made. */
+  entry?: Entry;
 }
 
 /** Every inode has the same fields from the start, so the code that reads them sees one shape. */
 function newInode(ino: number, node: Node | undefined, parent: Inode | undefined, lookups: number): Inode {
-  return { ino, node, parent, lookups, children: undefined, inline: undefined, directory: undefined };
+  return { ino, node, parent, lookups, children: undefined, inline: undefined, directory: undefined, entry: undefined };
 }
 
 /** One entry of a directory listing; `offset` is where the next listing call resumes. */
@@ -103,6 +105,9 @@ export interface FilesystemStats {
 function entryWith(attributes: Attributes): Entry {
   return { attributes, entryTimeout: IMMUTABLE_TIMEOUT, attributeTimeout: IMMUTABLE_TIMEOUT };
 }
+
+/** The top level changes whenever a path is registered: its attributes are kept for a second only. */
+const ROOT_ENTRY: Entry = { attributes: rootAttributes(ROOT_INODE), entryTimeout: ROOT_ATTRIBUTE_TIMEOUT, attributeTimeout: ROOT_ATTRIBUTE_TIMEOUT };
 
 export const XATTR_DIRECTORY_DIGEST = 'user.tvix.castore.directory.digest';
 export const XATTR_BLOB_DIGEST = 'user.tvix.castore.blob.digest';
@@ -205,10 +210,11 @@ export class ReadOnlyFilesystem {
     if (siblings?.get(key) === inode) siblings.delete(key);
   }
 
-  getattr(ino: number): MaybePromise<{ attributes: Attributes; timeout: number }> {
+  /** The inode's attributes; `attributeTimeout` is how long the kernel may keep them. */
+  getattr(ino: number): MaybePromise<Entry> {
     const inode = this.inode(ino);
-    if (!inode.node) return { attributes: rootAttributes(ROOT_INODE), timeout: ROOT_ATTRIBUTE_TIMEOUT };
-    return then(this.entryOf(inode), (entry) => ({ attributes: entry.attributes, timeout: IMMUTABLE_TIMEOUT }));
+    if (!inode.node) return ROOT_ENTRY;
+    return this.entryOf(inode);
   }
 
   readlink(ino: number): Buffer {
@@ -438,10 +444,15 @@ export class ReadOnlyFilesystem {
     return then(this.loadDirectory(dir), (loaded) => findChild(loaded.children, name));
   }
 
+  /** Made once per inode: what it is never changes. */
   private entryOf(inode: Inode): MaybePromise<Entry> {
+    if (inode.entry) return inode.entry;
     const node = inode.node!;
-    if (node.kind !== 'directory') return entryWith(nodeAttributes(inode.ino, node));
-    return then(this.loadDirectory(inode), (d) => entryWith(nodeAttributes(inode.ino, node, { entries: d.children.length, subdirectories: d.subdirectories })));
+    if (node.kind !== 'directory') return (inode.entry = entryWith(nodeAttributes(inode.ino, node)));
+    return then(
+      this.loadDirectory(inode),
+      (d) => (inode.entry = entryWith(nodeAttributes(inode.ino, node, { entries: d.children.length, subdirectories: d.subdirectories }))),
+    );
   }
 
   private loadDirectory(inode: Inode): MaybePromise<LoadedDirectory> {

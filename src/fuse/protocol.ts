@@ -333,9 +333,9 @@ export class FuseServer {
   }
 
   private getattr(request: Request): Promise<void> | void {
-    const result = this.fs.getattr(request.nodeid);
-    if (result instanceof Promise) return result.then((r) => replyAttributes(request, r.attributes, r.timeout));
-    replyAttributes(request, result.attributes, result.timeout);
+    const entry = this.fs.getattr(request.nodeid);
+    if (entry instanceof Promise) return entry.then((e) => replyAttributes(request, e.attributes, e.attributeTimeout));
+    replyAttributes(request, entry.attributes, entry.attributeTimeout);
   }
 
   private readlink(request: Request): void {
