@@ -10,7 +10,7 @@ import assert from 'node:assert/strict';
 import { afterEach, beforeEach, describe, test } from 'node:test';
 import { GuestMemory as DeviceMemory, type Places } from '../src/vhost-user/memory.js';
 import { ChainError, type DescriptorChain, SplitQueue as DeviceQueue } from '../src/vhost-user/virtqueue.js';
-import { closeEverything, defaultGuestMemory, type GuestMemory, type Posted, type Segment, SplitQueue } from './vhost-user-frontend.js';
+import { closeEverything, defaultGuestMemory, GuestMemory as GuestMemoryClass, type GuestMemory, type Posted, type Segment, SplitQueue } from './vhost-user-frontend.js';
 
 const QUEUE_SIZE = 256;
 const AVAIL_F_NO_INTERRUPT = 1;
@@ -267,6 +267,53 @@ test('with EVENT_IDX, interrupts follow used_event', async () => {
     assert.equal(r.interrupts.count, 1, 'no more until the driver moves used_event');
   } finally {
     free(r);
+    closeEverything();
+  }
+});
+
+test('requests and replies that cross the 1 GiB boundary between two mappings of a region', () => {
+  // One region of 1 GiB + 4 MiB: the back end maps it as two chunks, split at 1 GiB. The memfd is
+  // sparse, and nothing here touches more than a few pages of it.
+  const guest = new GuestMemoryClass([{ gpa: 0x10_0000n, size: 2 ** 30 + (4 << 20), userAddr: 0x7e00_0000_0000n }], 'nixcas-virtqueue-big');
+  const driver = new SplitQueue(guest, 1, QUEUE_SIZE);
+  const memory = new DeviceMemory(8);
+  const r = guest.regions[0];
+  memory.add({ guestPhysAddr: Number(r.gpa), size: r.size, userAddr: Number(r.userAddr), mmapOffset: r.mmapOffset }, r.fd);
+  const queue = new DeviceQueue(memory, { size: QUEUE_SIZE, desc: Number(driver.desc), avail: Number(driver.avail), used: Number(driver.used), nextAvail: 0, eventIdx: false, indirect: true }, () => {});
+  try {
+    const boundary = r.gpa + BigInt(2 ** 30);
+    const request = bytes(80, 31);
+    const requestGpa = boundary - 40n;
+    guest.write(requestGpa, request);
+    const replyGpa = boundary - 50n;
+    const placesGpa = boundary + (1n << 20n) - 30n; // just before the end of the first mapping's 1 MiB overlap: from the second one
+    const d = (i: number, addr: bigint, len: number, flags: number, next: number) => driver.writeDescriptor(driver.desc, i, { addr, len, flags, next });
+    d(0, requestGpa, 80, 1, 1);
+    d(1, replyGpa, 100, 2 | 1, 2);
+    d(2, placesGpa, 60, 2, 0);
+    driver.publish([0]);
+    const chain = queue.pop(() => assert.fail('not rejected'))!;
+    assert.ok(chain.read().equals(request), 'the request reads back across the boundary');
+    const places: Places = { buffers: [], spans: new Uint32Array(3 * 8), count: 0 };
+    assert.ok(chain.writablePlaces(100, 60, places));
+    const data = bytes(60, 32);
+    let copied = 0;
+    for (let i = 0; i < places.count; i++) {
+      const [buffer, offset, length] = places.spans.subarray(3 * i, 3 * i + 3);
+      places.buffers[buffer].set(data.subarray(copied, copied + length), offset);
+      copied += length;
+    }
+    assert.equal(copied, 60);
+    const header = bytes(100, 33);
+    chain.replyInPlace(header, 160);
+    assert.ok(guest.read(replyGpa, 100).equals(header), 'the first part, across the 1 GiB boundary');
+    assert.ok(guest.read(placesGpa, 60).equals(data), 'the second part, in place');
+    assert.deepEqual(driver.collect(), [{ id: 0, len: 160 }]);
+  } finally {
+    queue.deactivate();
+    memory.clear();
+    driver.close();
+    guest.free();
     closeEverything();
   }
 });
