@@ -79,6 +79,8 @@ export class VhostUserBackend {
   private readonly memory = new GuestMemory(MAX_MEM_SLOTS);
   private readonly vrings: Vring[];
   private ackedFeatures = 0n;
+  /** Per queue: what a chain that breaks the rules is reported through. */
+  private readonly onRejected: ((error: Error) => void)[] = [];
   private ackedProtocolFeatures = 0n;
   private status = 0n;
   private closed = false;
@@ -381,7 +383,7 @@ export class VhostUserBackend {
     const vring = this.vrings[index];
     const queue = vring.queue;
     if (!queue || !vring.enabled || this.closed) return false;
-    const rejected = (error: Error) => this.options.log(`queue ${index}: request rejected: ${error.message}`);
+    const rejected = (this.onRejected[index] ??= (error: Error) => this.options.log(`queue ${index}: request rejected: ${error.message}`));
     let waiting = false;
     do {
       queue.disableNotification();
