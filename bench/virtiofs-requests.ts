@@ -493,9 +493,13 @@ const smallFiles: Workload = {
   },
 };
 
-/** BENCH_VIRTIOFS_REQUESTS_WORKLOADS=GETATTR,small picks workloads by (part of) their names. */
+/** BENCH_VIRTIOFS_REQUESTS_WORKLOADS=GETATTR,small picks workloads by (part of) their names; `=NAME` one by its whole name. */
 const WORKLOADS = [getattr, lookup, readWorkload(false), readWorkload(true), readdirplus, smallFiles].filter(
-  (w) => !process.env.BENCH_VIRTIOFS_REQUESTS_WORKLOADS || process.env.BENCH_VIRTIOFS_REQUESTS_WORKLOADS.split(',').some((part) => w.name.includes(part)),
+  (w) => {
+    const wanted = process.env.BENCH_VIRTIOFS_REQUESTS_WORKLOADS;
+    if (!wanted) return true;
+    return wanted.startsWith('=') ? w.name === wanted.slice(1) : wanted.split(',').some((part) => w.name.includes(part));
+  },
 );
 /** For profiling: BENCH_VIRTIOFS_REQUESTS_SIDES=nixcas, and node's own flags for it (e.g. --cpu-prof) in BENCH_VIRTIOFS_REQUESTS_NODE_ARGS. */
 const SIDES = (process.env.BENCH_VIRTIOFS_REQUESTS_SIDES?.split(',') ?? ['nixcas', 'virtiofsd']) as Side[];
