@@ -104,6 +104,12 @@ export async function verifyLocalStore(dir: string): Promise<{ blobs: number; di
   return { blobs, directories: count, problems };
 }
 
+/** An empty local store at `dir` (read-only commands do not make one). */
+export async function makeEmptyStore(dir: string): Promise<void> {
+  const { LocalStore } = await import('../src/castore/backends/local.js');
+  await LocalStore.blobService(dir).close();
+}
+
 export function removeDir(dir: string): void {
   rmSync(dir, { recursive: true, force: true });
 }

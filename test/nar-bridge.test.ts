@@ -11,7 +11,7 @@ import net from 'node:net';
 import { basename, join } from 'node:path';
 import { test } from 'node:test';
 import * as nixbase32 from '../src/store/nixbase32.js';
-import { buildClosureFixture, type Daemon, nix, nixcas, removeDir, startNixcas, tempDir } from './helpers.js';
+import { buildClosureFixture, type Daemon, makeEmptyStore, nix, nixcas, removeDir, startNixcas, tempDir } from './helpers.js';
 
 // ---------------------------------------------------------------- plumbing
 
@@ -396,6 +396,7 @@ test('nar-bridge: uploads need --allow-upload, and with --upload-credentials val
     }
 
     // Without --allow-upload every PUT is 403, whatever the credentials, and nix copy --to fails.
+    await makeEmptyStore(join(work, 'store-ro'));
     const readOnly = await startBridge(join(work, 'store-ro'));
     try {
       const narPut = await request(readOnly.port, 'PUT', `/nar/${hash}.nar`, { body: nar });
@@ -686,6 +687,7 @@ test('nar-bridge: /nix-cache-info, unknown paths, the access log', async () => {
   const accessLine = /^127\.0\.0\.1 \S+ \S+ \[[^\]]+\] "(GET|HEAD|PUT) \S+ HTTP\/1\.1" \d{3} \d+ .*\d$/gm;
   try {
     for (const [args, priority] of [[['--priority', '23'], '23'], [['--priority', '70'], '70'], [[], undefined]] as const) {
+      await makeEmptyStore(join(work, `store-${priority}`));
       const bridge = await startBridge(join(work, `store-${priority}`), [...args]);
       try {
         const res = await request(bridge.port, 'GET', '/nix-cache-info');
@@ -712,6 +714,7 @@ test('nar-bridge: /nix-cache-info, unknown paths, the access log', async () => {
       }
     }
     // --no-access-log: no request lines.
+    await makeEmptyStore(join(work, 'store-quiet'));
     const quiet = await startBridge(join(work, 'store-quiet'), ['--no-access-log']);
     try {
       assert.equal((await request(quiet.port, 'GET', '/nix-cache-info')).status, 200);

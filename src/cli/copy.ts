@@ -41,7 +41,7 @@ export function copyCommand(): Command {
     const { entries, problems } = parseClosure(json);
     for (const { path, error } of problems) console.error(`nixcas copy: ${path}: ${error.message}`);
     startHashThread(); // boots while the store opens
-    const services = await openServices(options);
+    const services = await openServices(options, { writes: true });
     const progress = new Progress();
     let done = 0;
     let bytes = 0;

@@ -17,7 +17,7 @@ export function daemonCommand(): Command {
     .option('-l, --listen <address>', 'host:port, [ipv6]:port, or a unix socket path', DEFAULT_LISTEN);
   return addStoreOptions(command).action(async (options) => {
     const { createServer, grpcListenTarget, listen } = await import('../grpc/server.js'); // loaded only when serving
-    const services = await openServices(options);
+    const services = await openServices(options, { writes: true });
     const server = createServer(services);
     const port = await listen(server, options.listen);
     const { socketPath } = grpcListenTarget(options.listen);

@@ -19,7 +19,7 @@ export function importCommand(): Command {
   return addStoreOptions(command).action(async (paths: string[], options) => {
     if (options.name && paths.length > 1) throw new Error('--name works with one PATH only');
     startHashThread(); // boots while the store opens
-    const services = await openServices(options);
+    const services = await openServices(options, { writes: true });
     const progress = new Progress();
     let failed = 0;
     try {

@@ -25,7 +25,7 @@ export function mountCommand(): Command {
       import('../store/fs-root.js'),
     ]);
     const log = (message: string) => console.error(`nixcas mount: ${message}`);
-    const services = await openServices(options);
+    const services = await openServices(options, { writes: false });
     const fs = new ReadOnlyFilesystem(services.blobs, services.directories, storePathRoot(services.pathInfos), {
       listRoot: options.listRoot,
     });

@@ -39,7 +39,7 @@ export function narBridgeCommand(): Command {
       if (loaded.warning) log(`warning: ${loaded.warning}`);
       credentials = loaded.credentials;
     }
-    const services = await openServices(options);
+    const services = await openServices(options, { writes: options.allowUpload === true });
     const bridge = new NarBridge({
       services,
       priority: options.priority,

@@ -21,7 +21,7 @@ export function narCommand(): Command {
     if (writeNarNatively(raw, options)) return;
     const storePath = narArgument(raw);
     const { writeNarToFd } = await import('../store/nar/write-fd.js');
-    const services = await openServices(options);
+    const services = await openServices(options, { writes: false });
     try {
       const info = await services.pathInfos.get(storePath.digest);
       // Registered under its hash part; a path of that hash with another name is not this one.

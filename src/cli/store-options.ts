@@ -21,11 +21,16 @@ export interface OpenServices {
   close(): Promise<void>;
 }
 
-export async function openServices(options: AddressOptions): Promise<OpenServices> {
+/**
+ * Opens the three services. `writes`: the command stores things, so a local
+ * store may be made where there is none (in an empty or missing directory);
+ * commands that only read never make one.
+ */
+export async function openServices(options: AddressOptions, { writes }: { writes: boolean }): Promise<OpenServices> {
   const addresses = resolveAddresses(options);
-  const blobs = await openBlobService(addresses.blob);
-  const directories = await openDirectoryService(addresses.directory);
-  const pathInfos = await openPathInfoService(addresses.pathInfo);
+  const blobs = await openBlobService(addresses.blob, { create: writes });
+  const directories = await openDirectoryService(addresses.directory, { create: writes });
+  const pathInfos = await openPathInfoService(addresses.pathInfo, { create: writes });
   return {
     addresses,
     blobs,

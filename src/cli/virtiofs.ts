@@ -31,7 +31,7 @@ export function virtiofsCommand(): Command {
       import('../store/fs-root.js'),
     ]);
     const log = (message: string) => console.error(`nixcas virtiofs: ${message}`);
-    const services = await openServices(options);
+    const services = await openServices(options, { writes: false });
     const root = storePathRoot(services.pathInfos);
     // One cache of decoded directories for every VM.
     const directoryCache = new DirectoryCache(services.directories);

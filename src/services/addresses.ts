@@ -81,33 +81,38 @@ function schemeOf(raw: string): URL {
   }
 }
 
-export async function openBlobService(raw: string): Promise<BlobService> {
+/** How a service is opened: `create` lets a local store be made where there is none (commands that write). */
+export interface OpenServiceOptions {
+  create?: boolean;
+}
+
+export async function openBlobService(raw: string, options: OpenServiceOptions = {}): Promise<BlobService> {
   const url = schemeOf(raw);
   switch (url.protocol) {
     case 'memory:': return new (await memoryCastore()).MemoryBlobService();
-    case 'local:': return (await localCastore()).LocalStore.blobService(localPath(url, raw));
+    case 'local:': return (await localCastore()).LocalStore.blobService(localPath(url, raw), options);
     case 'grpc+unix:':
     case 'grpc+http:': return new (await grpcCastore()).GrpcBlobService(raw);
     default: throw new Error(`${raw}: unknown blob service scheme ${url.protocol}`);
   }
 }
 
-export async function openDirectoryService(raw: string): Promise<DirectoryService> {
+export async function openDirectoryService(raw: string, options: OpenServiceOptions = {}): Promise<DirectoryService> {
   const url = schemeOf(raw);
   switch (url.protocol) {
     case 'memory:': return new (await memoryCastore()).MemoryDirectoryService();
-    case 'local:': return (await localCastore()).LocalStore.directoryService(localPath(url, raw));
+    case 'local:': return (await localCastore()).LocalStore.directoryService(localPath(url, raw), options);
     case 'grpc+unix:':
     case 'grpc+http:': return new (await grpcCastore()).GrpcDirectoryService(raw);
     default: throw new Error(`${raw}: unknown directory service scheme ${url.protocol}`);
   }
 }
 
-export async function openPathInfoService(raw: string): Promise<PathInfoService> {
+export async function openPathInfoService(raw: string, options: OpenServiceOptions = {}): Promise<PathInfoService> {
   const url = schemeOf(raw);
   switch (url.protocol) {
     case 'memory:': return new (await import('../store/backends/memory.js')).MemoryPathInfoService();
-    case 'local:': return new (await import('../store/backends/local.js')).LocalPathInfoService(localPath(url, raw));
+    case 'local:': return new (await import('../store/backends/local.js')).LocalPathInfoService(localPath(url, raw), options);
     case 'grpc+unix:':
     case 'grpc+http:': return new (await import('../grpc/store-client.js')).GrpcPathInfoService(raw);
     default: throw new Error(`${raw}: unknown path info service scheme ${url.protocol}`);

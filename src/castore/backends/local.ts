@@ -40,6 +40,7 @@ const READABLE_LAYOUTS = [1, 2];
  * and a counter is cheaper than random bytes for each of thousands of writers.
  */
 const TEMP_NAME_NONCE = randomBytes(6).toString('hex');
+const TEMP_NAME = /^([0-9]+)-[0-9a-f]{12}-[0-9]+$/;
 let tempFiles = 0;
 
 /** Blobs up to this size are kept in LMDB rather than as files. */
@@ -54,15 +55,18 @@ function processIsAlive(pid: number): boolean {
   }
 }
 
+export interface OpenOptions {
+  /** Make a store where there is none, if the directory is empty or missing (default true; read-only commands say false). */
+  create?: boolean;
+}
+
 export class LocalStore {
   private readonly env: RootDatabase;
   private readonly directoryDb: Database<Buffer, Buffer>;
   private readonly smallBlobDb: Database<Buffer, Buffer>;
   private users = 0;
 
-  private constructor(readonly root: string) {
-    mkdirSync(join(root, 'blobs'), { recursive: true });
-    mkdirSync(join(root, 'tmp'), { recursive: true });
+  private constructor(readonly root: string, create: boolean) {
     const marker = join(root, LAYOUT_MARKER);
     if (existsSync(marker)) {
       const version = Number(readFileSync(marker, 'utf8').trim().split(' ')[1]);
@@ -71,8 +75,12 @@ export class LocalStore {
       }
       if (version !== LAYOUT_VERSION) writeFileSync(marker, `${LAYOUT_MARKER} ${LAYOUT_VERSION}\n`);
     } else {
+      LocalStore.createIn(root, create);
+      // The marker first: a creation cut short is still recognised as a store, never as someone's directory.
       writeFileSync(marker, `${LAYOUT_MARKER} ${LAYOUT_VERSION}\n`);
     }
+    mkdirSync(join(root, 'blobs'), { recursive: true });
+    mkdirSync(join(root, 'tmp'), { recursive: true });
     this.removeAbandonedTempFiles();
     // overlappingSync off: with it, a SIGKILL was seen to leave a directory durable without a small blob
     // committed before it (test/crash.test.ts). Plain LMDB commits are durable and ordered when they resolve.
@@ -81,12 +89,46 @@ export class LocalStore {
     this.smallBlobDb = this.env.openDB({ name: 'small-blobs', encoding: 'binary', keyEncoding: 'binary' });
   }
 
-  /** Temp files of writers that no longer run (killed mid-write) are garbage. */
+  /**
+   * A directory without the marker becomes a store only when it is missing or
+   * empty, and only for a command that writes: nixcas never fills someone
+   * else's directory with its own files.
+   */
+  private static createIn(root: string, create: boolean): void {
+    if (!create) {
+      throw new Error(
+        `${root} holds no nixcas store (there is no ${LAYOUT_MARKER} file in it), and this command only reads one: ` +
+          'make one with `nixcas import` or `nixcas copy`, or name another with --store',
+      );
+    }
+    let entries: string[];
+    try {
+      entries = readdirSync(root);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw new Error(`${root}: cannot make a store there: ${(err as Error).message}`, { cause: err });
+      entries = [];
+    }
+    if (entries.length > 0) {
+      const shown = entries.slice(0, 3).join(', ') + (entries.length > 3 ? ', …' : '');
+      throw new Error(
+        `${root} is not a nixcas store (there is no ${LAYOUT_MARKER} file in it) and is not empty (${shown}): ` +
+          'nixcas makes a new store only in an empty or missing directory; name another with --store',
+      );
+    }
+    mkdirSync(root, { recursive: true });
+  }
+
+  /**
+   * Temp files of writers that no longer run (killed mid-write) are garbage.
+   * Only names nixcas gives its temp files (PID-NONCE-N) are touched.
+   */
   private removeAbandonedTempFiles(): void {
     const tmp = join(this.root, 'tmp');
     for (const name of readdirSync(tmp)) {
-      const pid = Number(name.split('-')[0]);
-      if (Number.isInteger(pid) && pid > 0 && !processIsAlive(pid)) {
+      const ours = TEMP_NAME.exec(name);
+      if (!ours) continue;
+      const pid = Number(ours[1]);
+      if (pid > 0 && !processIsAlive(pid)) {
         try {
           unlinkSync(join(tmp, name));
         } catch {
@@ -98,11 +140,14 @@ export class LocalStore {
 
   private static readonly open = new Map<string, LocalStore>();
 
-  /** One LocalStore per directory per process, shared by every service that names it. */
-  private static acquire(root: string): LocalStore {
+  /**
+   * One LocalStore per directory per process, shared by every service that
+   * names it. `create`: whether a missing store may be made here (see createIn).
+   */
+  private static acquire(root: string, create: boolean): LocalStore {
     let store = LocalStore.open.get(root);
     if (!store) {
-      store = new LocalStore(root);
+      store = new LocalStore(root, create);
       LocalStore.open.set(root, store);
     }
     store.users++;
@@ -110,14 +155,14 @@ export class LocalStore {
   }
 
   /** A BlobService on the store at `root`; closing it releases the store. */
-  static blobService(root: string): LocalBlobService {
-    const store = LocalStore.acquire(root);
+  static blobService(root: string, options: OpenOptions = {}): LocalBlobService {
+    const store = LocalStore.acquire(root, options.create ?? true);
     return new LocalBlobService(root, store.smallBlobDb, () => store.release());
   }
 
   /** A DirectoryService on the store at `root`; closing it releases the store. */
-  static directoryService(root: string): LocalDirectoryService {
-    const store = LocalStore.acquire(root);
+  static directoryService(root: string, options: OpenOptions = {}): LocalDirectoryService {
+    const store = LocalStore.acquire(root, options.create ?? true);
     return new LocalDirectoryService(store.directoryDb, () => store.release());
   }
 
@@ -125,9 +170,9 @@ export class LocalStore {
    * Another named database in the store's LMDB environment, for the layers
    * above castore (store/ keeps PathInfos here). Call release() when done.
    */
-  static metadataDb<V>(root: string, name: string, options: { encoding: 'msgpack' | 'binary' }): { db: Database<V, Buffer>; release: () => Promise<void> } {
-    const store = LocalStore.acquire(root);
-    const db = store.env.openDB<V, Buffer>({ name, keyEncoding: 'binary', ...options, useRecords: false } as never);
+  static metadataDb<V>(root: string, name: string, options: { encoding: 'msgpack' | 'binary' } & OpenOptions): { db: Database<V, Buffer>; release: () => Promise<void> } {
+    const store = LocalStore.acquire(root, options.create ?? true);
+    const db = store.env.openDB<V, Buffer>({ name, keyEncoding: 'binary', encoding: options.encoding, useRecords: false } as never);
     return { db, release: () => store.release() };
   }
 

@@ -2,7 +2,7 @@
 // keyed by the 20-byte digest. Values are msgpack (lmdb's own encoding,
 // which keeps Buffers as binary), tagged with a format version.
 import type { Database } from 'lmdb';
-import { LocalStore } from '../../castore/backends/local.js';
+import { LocalStore, type OpenOptions } from '../../castore/backends/local.js';
 import { type PathInfo, validatePathInfo } from '../pathinfo.js';
 import type { PathInfoService } from '../pathinfoservice.js';
 
@@ -24,8 +24,8 @@ export class LocalPathInfoService implements PathInfoService {
   private readonly release: () => Promise<void>;
   private closed = false;
 
-  constructor(root: string) {
-    const { db, release } = LocalStore.metadataDb<StoredPathInfo>(root, 'pathinfos', { encoding: 'msgpack' });
+  constructor(root: string, options: OpenOptions = {}) {
+    const { db, release } = LocalStore.metadataDb<StoredPathInfo>(root, 'pathinfos', { encoding: 'msgpack', ...options });
     this.db = db;
     this.release = release;
   }
