@@ -1,13 +1,15 @@
-// Nothing nixcas did not create is ever touched (issue #22, "only our own
-// files"): a directory without the nixcas-store marker becomes a store only if
-// it is empty or missing and only for a command that writes; opening a store
-// removes only temp files named as nixcas names them, of writers that are gone.
+// Nothing nixcas did not create is ever touched, and nothing it creates is
+// open to everyone (issue #22, "only our own files" and "socket modes"): a
+// directory without the nixcas-store marker becomes a store only if it is
+// empty or missing and only for a command that writes; opening a store
+// removes only temp files named as nixcas names them, of writers that are
+// gone; sockets are 0600 and store directories 0755 whatever the umask.
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { CLI, nixcas, removeDir, tempDir } from './helpers.js';
+import { CLI, nixcas, removeDir, startNixcas, tempDir } from './helpers.js';
 
 /** Every file under `dir` with its contents, to compare before and after. */
 function snapshot(dir: string): Record<string, string> {
@@ -95,6 +97,38 @@ test("opening a store removes only its own writers' abandoned temp files", () =>
     assert.equal(again.status, 0, again.stderr);
     assert.equal(again.stdout.trim(), storePath);
     assert.deepEqual(readdirSync(tmp).sort(), [...notOurs].sort(), 'only the abandoned temp file of a dead nixcas writer is gone');
+  } finally {
+    removeDir(work);
+  }
+});
+
+test('sockets are 0600 and store directories not world-writable, whatever the umask; --socket-mode opens a socket up', async () => {
+  const work = tempDir('own-modes');
+  const underUmask000 = ['sh', '-c', 'umask 000; exec "$0" "$@"'];
+  const mode = (path: string) => statSync(path).mode & 0o777;
+  try {
+    const store = join(work, 'store');
+    for (const [extra, expected] of [[[], 0o600], [['--socket-mode', '0660'], 0o660]] as const) {
+      const socket = join(work, `daemon-${expected.toString(8)}.sock`);
+      const daemon = await startNixcas(['daemon', '--listen', socket, '--store', store, ...extra], 'listening on', {}, underUmask000);
+      try {
+        assert.equal(mode(socket), expected, `the daemon's socket with ${extra.join(' ') || 'no --socket-mode'}`);
+      } finally {
+        await daemon.stop();
+      }
+    }
+    for (const path of [store, join(store, 'blobs'), join(store, 'tmp'), join(store, 'metadata'), join(store, 'nixcas-store')]) {
+      assert.equal(mode(path) & 0o022, 0, `${path} is writable by its owner only (mode ${mode(path).toString(8)})`);
+    }
+    for (const [extra, expected] of [[[], 0o600], [['--socket-mode', '0640'], 0o640]] as const) {
+      const socket = join(work, `fs-${expected.toString(8)}.sock`);
+      const served = await startNixcas(['virtiofs', socket, '--store', store, ...extra], 'listening on', {}, underUmask000);
+      try {
+        assert.equal(mode(socket), expected, `the virtio-fs socket with ${extra.join(' ') || 'no --socket-mode'}`);
+      } finally {
+        await served.stop();
+      }
+    }
   } finally {
     removeDir(work);
   }

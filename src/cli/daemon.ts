@@ -1,7 +1,7 @@
 // `nixcas daemon`: serve the store over gRPC until SIGINT/SIGTERM.
 import { unlinkSync } from 'node:fs';
 import { Command } from 'commander';
-import { addStoreOptions, openServices } from './store-options.js';
+import { addStoreOptions, octalMode, openServices } from './store-options.js';
 
 export const DEFAULT_LISTEN = '[::1]:8000';
 
@@ -14,12 +14,13 @@ export function daemonCommand(): Command {
         `the default address is loopback only (${DEFAULT_LISTEN}); listening elsewhere exposes the ` +
         'store to whoever can reach that address.',
     )
-    .option('-l, --listen <address>', 'host:port, [ipv6]:port, or a unix socket path', DEFAULT_LISTEN);
+    .option('-l, --listen <address>', 'host:port, [ipv6]:port, or a unix socket path', DEFAULT_LISTEN)
+    .option('--socket-mode <octal>', 'permissions of a unix socket, whatever the umask (default 0600); e.g. 0660 to let a group connect', octalMode);
   return addStoreOptions(command).action(async (options) => {
     const { createServer, grpcListenTarget, listen } = await import('../grpc/server.js'); // loaded only when serving
     const services = await openServices(options, { writes: true });
     const server = createServer(services);
-    const port = await listen(server, options.listen);
+    const port = await listen(server, options.listen, options.socketMode);
     const { socketPath } = grpcListenTarget(options.listen);
     const where = socketPath ?? options.listen.replace(/:0$/, `:${port}`);
     console.error(`nixcas daemon: listening on ${where} (blobs: ${services.addresses.blob}, directories: ${services.addresses.directory}, path infos: ${services.addresses.pathInfo})`);

@@ -1,5 +1,5 @@
 // The store flags every subcommand shares, and opening what they name.
-import { type Command, Option } from 'commander';
+import { type Command, InvalidArgumentError, Option } from 'commander';
 import type { BlobService } from '../castore/blobservice.js';
 import type { DirectoryService } from '../castore/directoryservice.js';
 import {
@@ -42,4 +42,10 @@ export async function openServices(options: AddressOptions, { writes }: { writes
       await directories.close();
     },
   };
+}
+
+/** A permission mode given as octal (`--socket-mode 0660`). */
+export function octalMode(value: string): number {
+  if (!/^0?[0-7]{3}$/.test(value)) throw new InvalidArgumentError('expected an octal mode such as 0660');
+  return parseInt(value, 8);
 }

@@ -1,8 +1,7 @@
 // `nixcas virtiofs SOCKET`: the store as /nix/store for VMs, over virtio-fs
 // (a vhost-user-fs back end for QEMU and cloud-hypervisor).
-import { chmodSync } from 'node:fs';
 import { Command, InvalidArgumentError } from 'commander';
-import { addStoreOptions, openServices } from './store-options.js';
+import { addStoreOptions, octalMode, openServices } from './store-options.js';
 
 export function virtiofsCommand(): Command {
   const command = new Command('virtiofs')
@@ -21,7 +20,7 @@ export function virtiofsCommand(): Command {
     .argument('<socket>', 'path of the unix socket to create, e.g. /run/nixcas-fs.sock')
     .option('--list-root', 'allow listing the top level (otherwise readdir of the root is refused with EPERM)', false)
     .option('--num-request-queues <n>', "request queues besides the high-priority one: QEMU's num-request-queues, cloud-hypervisor's num_queues", positiveInteger, 1)
-    .option('--socket-mode <octal>', 'permissions of the socket file, e.g. 0660 to let a group of VM users connect', octalMode);
+    .option('--socket-mode <octal>', 'permissions of the socket file, whatever the umask (default 0600); e.g. 0660 to let a group of VM users connect', octalMode);
   return addStoreOptions(command).action(async (socketPath: string, options) => {
     await withSmallYoungGeneration();
     const [{ ReadOnlyFilesystem }, { DirectoryCache }, { VirtioFsServer }, { storePathRoot }] = await Promise.all([
@@ -40,12 +39,12 @@ export function virtiofsCommand(): Command {
       server = VirtioFsServer.listen({
         socketPath,
         requestQueues: options.numRequestQueues,
+        socketMode: options.socketMode,
         makeFilesystem: () => new ReadOnlyFilesystem(services.blobs, services.directories, root, { listRoot: options.listRoot, directoryCache }),
         log,
         // For comparing with and without the wait in poll(2) (docs/benchmarks.md).
         waitForKicks: process.env.NIXCAS_VIRTIOFS_WAIT_FOR_KICKS !== '0',
       });
-      if (options.socketMode !== undefined) chmodSync(socketPath, options.socketMode);
     } catch (err) {
       server?.close();
       await services.close();
@@ -72,10 +71,6 @@ function positiveInteger(value: string): number {
   return n;
 }
 
-function octalMode(value: string): number {
-  if (!/^0?[0-7]{3}$/.test(value)) throw new InvalidArgumentError('expected an octal mode such as 0660');
-  return parseInt(value, 8);
-}
 
 /**
  * V8 lets its young generation grow to 3 × 16 MiB; a daemon answering small

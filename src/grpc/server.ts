@@ -1,6 +1,6 @@
 // One gRPC server exposing the castore services under tvix's and snix's
 // package names, plus the standard health and reflection services.
-import { existsSync, statSync, unlinkSync } from 'node:fs';
+import { chmodSync, existsSync, statSync, unlinkSync } from 'node:fs';
 import { connect } from 'node:net';
 import * as grpc from '@grpc/grpc-js';
 import { ReflectionService } from '@grpc/reflection';
@@ -59,11 +59,23 @@ async function clearStaleSocket(path: string): Promise<void> {
   unlinkSync(path);
 }
 
-/** Binds the server; resolves with the bound port (0 for unix sockets). */
-export async function listen(server: grpc.Server, address: string): Promise<number> {
+/**
+ * Binds the server; resolves with the bound port (0 for unix sockets). A unix
+ * socket gets permissions `socketMode` whatever the umask: it is bound 0600
+ * (the umask is narrowed until the bind is done) and only then opened up.
+ */
+export async function listen(server: grpc.Server, address: string, socketMode = 0o600): Promise<number> {
   const { target, socketPath } = grpcListenTarget(address);
   if (socketPath) await clearStaleSocket(socketPath);
-  return new Promise((resolve, reject) => {
-    server.bindAsync(target, grpc.ServerCredentials.createInsecure(), (err, port) => (err ? reject(err) : resolve(port)));
-  });
+  const umask = socketPath ? process.umask(0o177) : undefined;
+  let port: number;
+  try {
+    port = await new Promise<number>((resolve, reject) => {
+      server.bindAsync(target, grpc.ServerCredentials.createInsecure(), (err, bound) => (err ? reject(err) : resolve(bound)));
+    });
+  } finally {
+    if (umask !== undefined) process.umask(umask);
+  }
+  if (socketPath && socketMode !== 0o600) chmodSync(socketPath, socketMode);
+  return port;
 }

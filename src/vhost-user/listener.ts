@@ -1,7 +1,7 @@
 // The unix socket front ends connect to. Each connection is its own device
 // (one VM); when a VM goes away the socket stays, so the next VM can connect
 // to the same running back end.
-import { lstatSync, unlinkSync } from 'node:fs';
+import { chmodSync, lstatSync, unlinkSync } from 'node:fs';
 import { constants } from 'node:os';
 import { closeAll } from './channel.js';
 import { native, type Watch } from '../native/index.js';
@@ -18,13 +18,27 @@ export class UnixListener {
   ) {}
 
   /**
-   * Listens at `path`. A socket file left by a back end that is gone is
-   * replaced; one that still answers, or any other kind of file, is an error.
+   * Listens at `path`, a socket with permissions `mode` whatever the umask
+   * (it is created 0600 and only then opened up). A socket file left by a back
+   * end that is gone is replaced; one that still answers, or any other kind
+   * of file, is an error.
    */
-  static listen(path: string, onConnection: (fd: number) => void, log: (message: string) => void): UnixListener {
+  static listen(path: string, onConnection: (fd: number) => void, log: (message: string) => void, mode = 0o600): UnixListener {
     removeStaleSocket(path);
-    const fd = native().listenUnix(path);
+    const umask = process.umask(0o177);
+    let fd: number;
+    try {
+      fd = native().listenUnix(path);
+    } finally {
+      process.umask(umask);
+    }
     if (fd < 0) throw new ListenError(`cannot listen on ${path}: ${errnoName(-fd)}`);
+    try {
+      if (mode !== 0o600) chmodSync(path, mode);
+    } catch (err) {
+      closeAll([fd]);
+      throw new ListenError(`cannot give ${path} mode ${mode.toString(8)}: ${(err as Error).message}`);
+    }
     const listener = new UnixListener(path, fd);
     listener.watch = native().watch(fd, () => {
       for (;;) {

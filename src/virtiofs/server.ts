@@ -12,6 +12,8 @@ export interface VirtioFsServerOptions {
   /** A fresh filesystem (inode table) for each FUSE session; they may share caches. */
   makeFilesystem(): ReadOnlyFilesystem;
   log(message: string): void;
+  /** The socket's permissions (default 0600, whatever the umask). */
+  socketMode?: number;
   /** Wait for kicks in poll(2) between turns whose requests were answered at once (default true). */
   waitForKicks?: boolean;
 }
@@ -25,7 +27,7 @@ export class VirtioFsServer {
 
   static listen(options: VirtioFsServerOptions): VirtioFsServer {
     const server = new VirtioFsServer(options);
-    server.listener = UnixListener.listen(options.socketPath, (fd) => server.accept(fd), options.log);
+    server.listener = UnixListener.listen(options.socketPath, (fd) => server.accept(fd), options.log, options.socketMode);
     return server;
   }
 

@@ -41,6 +41,9 @@ const READABLE_LAYOUTS = [1, 2];
  */
 const TEMP_NAME_NONCE = randomBytes(6).toString('hex');
 const TEMP_NAME = /^([0-9]+)-[0-9a-f]{12}-[0-9]+$/;
+/** What the store's own directories and files are made with (the umask can only narrow them). */
+const DIRECTORY_MODE = 0o755;
+const FILE_MODE = 0o644;
 let tempFiles = 0;
 
 /** Blobs up to this size are kept in LMDB rather than as files. */
@@ -77,10 +80,10 @@ export class LocalStore {
     } else {
       LocalStore.createIn(root, create);
       // The marker first: a creation cut short is still recognised as a store, never as someone's directory.
-      writeFileSync(marker, `${LAYOUT_MARKER} ${LAYOUT_VERSION}\n`);
+      writeFileSync(marker, `${LAYOUT_MARKER} ${LAYOUT_VERSION}\n`, { mode: FILE_MODE });
     }
-    mkdirSync(join(root, 'blobs'), { recursive: true });
-    mkdirSync(join(root, 'tmp'), { recursive: true });
+    // Explicit modes: a store is never world-writable, whatever the umask.
+    for (const dir of ['blobs', 'tmp', 'metadata']) mkdirSync(join(root, dir), { recursive: true, mode: DIRECTORY_MODE });
     this.removeAbandonedTempFiles();
     // overlappingSync off: with it, a SIGKILL was seen to leave a directory durable without a small blob
     // committed before it (test/crash.test.ts). Plain LMDB commits are durable and ordered when they resolve.
@@ -115,7 +118,7 @@ export class LocalStore {
           'nixcas makes a new store only in an empty or missing directory; name another with --store',
       );
     }
-    mkdirSync(root, { recursive: true });
+    mkdirSync(root, { recursive: true, mode: DIRECTORY_MODE });
   }
 
   /**
@@ -279,7 +282,7 @@ export class LocalBlobService implements BlobService {
     const finalPath = this.pathOf(digest);
     const prefixDir = join(finalPath, '..');
     if (!this.knownPrefixDirs.has(prefixDir)) {
-      await fs.mkdir(prefixDir, { recursive: true });
+      await fs.mkdir(prefixDir, { recursive: true, mode: DIRECTORY_MODE });
       this.knownPrefixDirs.add(prefixDir);
     }
     if (await this.has(digest)) {
