@@ -67,7 +67,7 @@ test('a directory that is not a store is never made one: not by a read-only comm
 
     // A command that writes makes one in an empty or a missing directory.
     const empty = join(work, 'empty');
-    mkdirSync(empty);
+    mkdirSync(join(empty, 'lost+found'), { recursive: true }); // a file system mounted there for the store
     for (const dir of [empty, join(work, 'new', 'store')]) {
       const run = nixcas(['import', '--store', dir, tree]);
       assert.equal(run.status, 0, run.stderr);

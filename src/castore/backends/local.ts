@@ -111,6 +111,8 @@ export class LocalStore {
       if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw new Error(`${root}: cannot make a store there: ${(err as Error).message}`, { cause: err });
       entries = [];
     }
+    // A file system of its own, mounted there, starts with lost+found: that counts as empty.
+    entries = entries.filter((name) => name !== 'lost+found');
     if (entries.length > 0) {
       const shown = entries.slice(0, 3).join(', ') + (entries.length > 3 ? ', …' : '');
       throw new Error(
