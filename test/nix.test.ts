@@ -292,7 +292,7 @@ test('nar of a damaged store: a missing or shortened blob, a missing directory f
   }
 });
 
-test('a layout-1 store (every blob a file, no small-blobs database) is read by both renderers and upgraded in place', async () => {
+test('a layout-1 store (every blob a file, no small-blobs database) is read by both renderers and upgraded in place by the first command that writes', async () => {
   const work = tempDir('nix-layout-1');
   try {
     const tree = join(work, 'tree');
@@ -329,7 +329,7 @@ test('a layout-1 store (every blob a file, no small-blobs database) is read by b
     assert.ok(nixcasBytes(['nar', path], { NIXCAS_STORE: store, ...RENDERERS.native }).equals(expected), 'native renderer, layout 1');
     assert.equal(readFileSync(join(store, 'nixcas-store'), 'utf8'), 'nixcas-store 1\n', 'reading natively leaves the marker alone');
     assert.ok(nixcasBytes(['nar', path], { NIXCAS_STORE: store, ...RENDERERS.typescript }).equals(expected), 'TypeScript renderer, layout 1');
-    assert.equal(readFileSync(join(store, 'nixcas-store'), 'utf8'), 'nixcas-store 2\n', 'opened by lmdb-js, the store says layout 2');
+    assert.equal(readFileSync(join(store, 'nixcas-store'), 'utf8'), 'nixcas-store 1\n', 'a command that only reads writes nothing, the marker included');
 
     // Upgraded: new small blobs go to LMDB, old ones are still read from their files.
     const more = join(work, 'more');
@@ -337,6 +337,7 @@ test('a layout-1 store (every blob a file, no small-blobs database) is read by b
     writeFileSync(join(more, 'note'), 'written after the upgrade\n');
     const second = nixcas(['import', more], { env: { NIXCAS_STORE: store } });
     assert.equal(second.status, 0, second.stderr);
+    assert.equal(readFileSync(join(store, 'nixcas-store'), 'utf8'), 'nixcas-store 2\n', 'the first command that writes upgrades the store to layout 2');
     for (const [name, renderer] of Object.entries(RENDERERS)) {
       assert.ok(nixcasBytes(['nar', path], { NIXCAS_STORE: store, ...renderer }).equals(expected), `${name} renderer, the old path after the upgrade`);
       assert.ok(nixcasBytes(['nar', second.stdout.trim()], { NIXCAS_STORE: store, ...renderer }).equals(nix('nix-store', ['--dump', more])), `${name} renderer, the new path`);

@@ -58,6 +58,15 @@ function processIsAlive(pid: number): boolean {
   }
 }
 
+/** What a database that does not exist reads as, in a store opened read-only: nothing. */
+const EMPTY_DATABASE = {
+  get: () => undefined,
+  getBinaryFast: () => undefined,
+  doesExist: () => false,
+  getRange: () => [],
+  getKeys: () => [],
+} as unknown as Database<Buffer, Buffer>;
+
 export interface OpenOptions {
   /** Make a store where there is none, if the directory is empty or missing (default true; read-only commands say false). */
   create?: boolean;
@@ -69,27 +78,55 @@ export class LocalStore {
   private readonly smallBlobDb: Database<Buffer, Buffer>;
   private users = 0;
 
+  /**
+   * `create` false: the store is only read (a command that writes nothing).
+   * Then nothing is written to it either: LMDB is opened read-only, which
+   * also works on a read-only file system, and no clean-up or upgrade runs.
+   */
   private constructor(readonly root: string, create: boolean) {
     const marker = join(root, LAYOUT_MARKER);
+    const readOnly = !create;
     if (existsSync(marker)) {
       const version = Number(readFileSync(marker, 'utf8').trim().split(' ')[1]);
       if (!READABLE_LAYOUTS.includes(version)) {
         throw new Error(`${root}: store layout version ${version}, this nixcas reads versions ${READABLE_LAYOUTS.join(' and ')}`);
       }
-      if (version !== LAYOUT_VERSION) writeFileSync(marker, `${LAYOUT_MARKER} ${LAYOUT_VERSION}\n`);
+      if (version !== LAYOUT_VERSION && !readOnly) writeFileSync(marker, `${LAYOUT_MARKER} ${LAYOUT_VERSION}\n`);
     } else {
       LocalStore.createIn(root, create);
       // The marker first: a creation cut short is still recognised as a store, never as someone's directory.
       writeFileSync(marker, `${LAYOUT_MARKER} ${LAYOUT_VERSION}\n`, { mode: FILE_MODE });
     }
-    // Explicit modes: a store is never world-writable, whatever the umask.
-    for (const dir of ['blobs', 'tmp', 'metadata']) mkdirSync(join(root, dir), { recursive: true, mode: DIRECTORY_MODE });
-    this.removeAbandonedTempFiles();
+    if (!readOnly) {
+      // Explicit modes: a store is never world-writable, whatever the umask.
+      for (const dir of ['blobs', 'tmp', 'metadata']) mkdirSync(join(root, dir), { recursive: true, mode: DIRECTORY_MODE });
+      this.removeAbandonedTempFiles();
+    }
     // overlappingSync off: with it, a SIGKILL was seen to leave a directory durable without a small blob
     // committed before it (test/crash.test.ts). Plain LMDB commits are durable and ordered when they resolve.
-    this.env = openLmdb({ path: join(root, 'metadata'), maxDbs: 8, compression: false, overlappingSync: false });
-    this.directoryDb = this.env.openDB({ name: 'directories', encoding: 'binary', keyEncoding: 'binary' });
-    this.smallBlobDb = this.env.openDB({ name: 'small-blobs', encoding: 'binary', keyEncoding: 'binary' });
+    const metadata = join(root, 'metadata');
+    try {
+      this.env = openLmdb({ path: metadata, maxDbs: 8, compression: false, overlappingSync: false, readOnly });
+    } catch (err) {
+      const message = (err as Error).message;
+      const denied = /permission denied|read-only file system|operation not permitted/i.test(message);
+      const hint = denied && !readOnly ? ': this command stores things there, which needs write access to the store directory; commands that only read (nar, mount, virtiofs) do not' : '';
+      throw new Error(`${root}: cannot open the store's database ${metadata}: ${message}${hint}`, { cause: err });
+    }
+    this.readOnly = readOnly;
+    this.directoryDb = this.openBinary('directories');
+    this.smallBlobDb = this.openBinary('small-blobs');
+  }
+
+  private readonly readOnly: boolean;
+
+  /**
+   * A named database. Read-only, one that was never written (a layout-1
+   * store has no small-blobs; an empty store no pathinfos) reads as empty.
+   */
+  private openBinary(name: string): Database<Buffer, Buffer> {
+    // lmdb-js returns undefined for a database it may not create.
+    return (this.env.openDB({ name, encoding: 'binary', keyEncoding: 'binary' }) as Database<Buffer, Buffer> | undefined) ?? EMPTY_DATABASE;
   }
 
   /**
@@ -151,6 +188,7 @@ export class LocalStore {
    */
   private static acquire(root: string, create: boolean): LocalStore {
     let store = LocalStore.open.get(root);
+    if (store && create && store.readOnly) throw new Error(`${root}: the store is open read-only in this process and cannot also be written`);
     if (!store) {
       store = new LocalStore(root, create);
       LocalStore.open.set(root, store);
@@ -177,7 +215,10 @@ export class LocalStore {
    */
   static metadataDb<V>(root: string, name: string, options: { encoding: 'msgpack' | 'binary' } & OpenOptions): { db: Database<V, Buffer>; release: () => Promise<void> } {
     const store = LocalStore.acquire(root, options.create ?? true);
-    const db = store.env.openDB<V, Buffer>({ name, keyEncoding: 'binary', encoding: options.encoding, useRecords: false } as never);
+    // Read-only, a database never written is undefined: it reads as empty.
+    const db =
+      (store.env.openDB<V, Buffer>({ name, keyEncoding: 'binary', encoding: options.encoding, useRecords: false } as never) as Database<V, Buffer> | undefined) ??
+      (EMPTY_DATABASE as unknown as Database<V, Buffer>);
     return { db, release: () => store.release() };
   }
 
