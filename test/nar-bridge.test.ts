@@ -728,3 +728,41 @@ test('nar-bridge: /nix-cache-info, unknown paths, the access log', async () => {
     removeDir(work);
   }
 });
+
+test('nar-bridge: a registered path does not change: the same narinfo again is 200, a new signature is added, another Deriver, CA or NAR is 409', async () => {
+  const work = tempDir('narbridge-immutable');
+  const bridge = await startBridge(join(work, 'store'), ['--allow-upload']);
+  const putInfo = (storePath: string, body: string) => request(bridge.port, 'PUT', `/${hashPartOf(storePath)}.narinfo`, { headers: { 'Content-Type': 'text/x-nix-narinfo' }, body });
+  try {
+    const good = fileNar(work, 'good', randomBytes(3000));
+    const other = fileNar(work, 'other', randomBytes(3000));
+    for (const { nar, hash } of [good, other]) assert.equal((await request(bridge.port, 'PUT', `/nar/${hash}.nar`, { body: nar })).status, 200);
+    const storePath = randomStorePath('payload');
+    const base = narinfoText({ storePath, narHash: good.hash, narSize: good.nar.length });
+    assert.equal((await putInfo(storePath, base)).status, 200, 'registered');
+    const served = async () => (await request(bridge.port, 'GET', `/${hashPartOf(storePath)}.narinfo`)).body.toString();
+    const first = await served();
+
+    assert.equal((await putInfo(storePath, base)).status, 200, 'the same narinfo again');
+    assert.equal(await served(), first, 'changes nothing');
+    const signature = `test-1:${Buffer.alloc(64, 5).toString('base64')}`;
+    assert.equal((await putInfo(storePath, `${base}Sig: ${signature}\n`)).status, 200, 'with a new signature');
+    const signed = await served();
+    assert.ok(signed.includes(`Sig: ${signature}`), `the signature is served: ${signed}`);
+
+    const deriver = `${randomStorePath('maker').slice('/nix/store/'.length)}.drv`;
+    for (const [what, body] of [
+      ['another Deriver', `${base}Deriver: ${deriver}\n`],
+      ['a CA', `${base}CA: fixed:r:sha256:${good.hash}\n`],
+      ['another NAR', narinfoText({ storePath, narHash: other.hash, narSize: other.nar.length })],
+    ]) {
+      const res = await putInfo(storePath, body);
+      assert.equal(res.status, 409, `${what}: ${res.status} ${res.body}`);
+      assert.match(res.body.toString(), /registered already|already has this path/);
+      assert.equal(await served(), signed, `${what} changes nothing`);
+    }
+  } finally {
+    await bridge.daemon.stop();
+    removeDir(work);
+  }
+});

@@ -7,7 +7,7 @@ import { after, before, describe, test } from 'node:test';
 import { type BlobService, getBlob, putBlob } from '../src/castore/blobservice.js';
 import { blake3, digestKey } from '../src/castore/digest.js';
 import { type DirectoryService, directoryDigest } from '../src/castore/directoryservice.js';
-import { InvalidInputError } from '../src/castore/errors.js';
+import { AlreadyExistsError, InvalidInputError } from '../src/castore/errors.js';
 import { type Directory, directorySize } from '../src/castore/model.js';
 import { openBlobService, openDirectoryService, openPathInfoService } from '../src/services/addresses.js';
 import { GrpcPathInfoService } from '../src/grpc/store-client.js';
@@ -72,9 +72,19 @@ for (const [name, url] of backends) {
         assert.deepEqual(await pathInfos.calculateNar({ ...info.node, node: { ...info.node.node, name: Buffer.alloc(0) } } as PathInfo['node']), nar);
       }
 
-      const withReference: PathInfo = { ...info, references: [storePath], signatures: [{ name: 'test-1', data: Buffer.alloc(64, 1) }] };
-      assert.deepEqual(await pathInfos.put(withReference), withReference);
-      assert.deepEqual((await pathInfos.get(storePath.digest))!.references, [storePath]);
+      // A registered path does not change: the same again only adds signatures, anything else is refused.
+      const signed: PathInfo = { ...info, signatures: [...info.signatures, { name: 'test-1', data: Buffer.alloc(64, 1) }] };
+      assert.deepEqual(await pathInfos.put(signed), signed, 'a new signature is added');
+      assert.deepEqual(await pathInfos.put(info), signed, 'the same again keeps the signatures it has');
+      assert.deepEqual((await pathInfos.get(storePath.digest))!.signatures, signed.signatures);
+      for (const [what, other] of [
+        ['References', { ...info, references: [storePath] }],
+        ['Deriver', { ...info, deriver: { digest: Buffer.alloc(20, 3), name: 'other' } }],
+        ['NAR', { ...info, narSize: info.narSize + 1 }],
+      ] as [string, PathInfo][]) {
+        await assert.rejects(pathInfos.put(other), (err: Error) => err instanceof AlreadyExistsError && err.message.includes(what), `another ${what} is refused`);
+      }
+      assert.deepEqual(await pathInfos.get(storePath.digest), signed, 'and nothing changed');
 
       const invalid: [string, PathInfo][] = [
         ['NAR SHA-256 is 31 bytes', { ...info, narSha256: Buffer.alloc(31) }],

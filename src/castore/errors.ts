@@ -6,6 +6,11 @@ export class InvalidInputError extends Error {
   override name = 'InvalidInputError';
 }
 
+/** The store has this already, with other contents or metadata, and it does not change. */
+export class AlreadyExistsError extends Error {
+  override name = 'AlreadyExistsError';
+}
+
 /** The requested blob, directory or path is not in the store. */
 export class NotFoundError extends Error {
   override name = 'NotFoundError';

@@ -2,7 +2,7 @@
 // castore as they are sent; uploads are stored in castore as they arrive and
 // become visible only when their narinfo is registered.
 import { type IncomingMessage, type Server, type ServerResponse, createServer } from 'node:http';
-import { InvalidInputError } from '../castore/errors.js';
+import { AlreadyExistsError, InvalidInputError } from '../castore/errors.js';
 import type { Node } from '../castore/model.js';
 import { type CastoreServices, renderNar } from '../store/nar/render.js';
 import { formatNarHash, formatNarInfo, narInfoFingerprint, parseNarInfo } from '../store/narinfo.js';
@@ -104,6 +104,7 @@ export class NarBridge {
     let status = 500;
     if (err instanceof BadRequestError) status = err.status;
     else if (err instanceof InvalidInputError || err instanceof DecompressionError) status = 400;
+    else if (err instanceof AlreadyExistsError) status = 409; // a registered path does not change
     else if (err instanceof DecompressorMissingError) status = 415;
     else if (exchange.request.destroyed && !exchange.bodyRead) status = 400; // the client went away mid-upload
     if (status === 500) this.options.errorLog(`nixcas nar-bridge: ${exchange.request.method} ${exchange.request.url}: ${err.stack ?? err.message}`);
@@ -302,7 +303,9 @@ export class NarBridge {
     } else {
       return fail(`no NAR with NarHash ${formatNarHash(narinfo.narSha256)} has been uploaded: PUT it to /nar/${nixbase32.encode(narinfo.narSha256)}.nar first`);
     }
-    if (existing && !sameNar) fail('the store already has this path with a different NAR');
+    if (existing && !sameNar) {
+      throw new AlreadyExistsError(`${formatStorePath(storePath)}: the store already has this path with a different NAR; a registered path does not change`);
+    }
     for (const reference of narinfo.references) {
       if (reference.digest.equals(storePath.digest)) continue;
       if (!(await pathInfos.get(reference.digest))) fail(`its reference ${formatStorePath(reference)} is not in the store: upload a path's references before the path`);

@@ -2,7 +2,7 @@
 // node (named by the path's basename), its references, and the NAR facts Nix
 // needs (size, SHA-256, signatures, deriver, content address).
 import { checkDigestLength } from '../castore/digest.js';
-import { InvalidInputError } from '../castore/errors.js';
+import { AlreadyExistsError, InvalidInputError } from '../castore/errors.js';
 import type { Node } from '../castore/model.js';
 import { symlinkTargetProblem } from '../castore/validate.js';
 import { HASH_PART_BYTES, type StorePath, formatBasename, formatStorePath, parseBasename } from './storepath.js';
@@ -40,6 +40,42 @@ export interface PathInfo {
 }
 
 const CA_DIGEST_LENGTHS: Record<string, number> = { SHA256: 32, SHA1: 20, SHA512: 64, MD5: 16 };
+
+/**
+ * What registering `incoming` for a path the store has as `existing` leaves:
+ * a registered path never changes, so everything but the signatures must be
+ * the same, and signatures not yet there are added. Throws
+ * AlreadyExistsError naming what differs.
+ */
+export function reRegistration(existing: PathInfo, incoming: PathInfo): PathInfo {
+  const differs = (what: string): never => {
+    throw new AlreadyExistsError(`${formatStorePath(storePathOf(existing))} is registered already with another ${what}; a registered path does not change (only signatures may be added)`);
+  };
+  if (!sameNode(existing.node, incoming.node)) differs('root (castore node)');
+  if (existing.narSize !== incoming.narSize || !existing.narSha256.equals(incoming.narSha256)) differs('NAR (NarHash, NarSize)');
+  const refs = (info: PathInfo) => info.references.map((r) => formatBasename(r)).sort().join(' ');
+  if (refs(existing) !== refs(incoming)) differs('References');
+  if ((existing.deriver && formatBasename(existing.deriver)) !== (incoming.deriver && formatBasename(incoming.deriver))) differs('Deriver');
+  const ca = (info: PathInfo) => (info.ca ? `${info.ca.type}:${info.ca.digest.toString('hex')}` : '');
+  if (ca(existing) !== ca(incoming)) differs('CA');
+  const signatures = [...existing.signatures];
+  for (const s of incoming.signatures) {
+    if (!signatures.some((kept) => kept.name === s.name && kept.data.equals(s.data))) signatures.push(s);
+  }
+  return { ...existing, signatures };
+}
+
+function sameNode(a: Node, b: Node): boolean {
+  if (a.kind !== b.kind || !a.node.name.equals(b.node.name)) return false;
+  switch (a.kind) {
+    case 'directory':
+      return b.kind === 'directory' && a.node.digest.equals(b.node.digest) && a.node.size === b.node.size;
+    case 'file':
+      return b.kind === 'file' && a.node.digest.equals(b.node.digest) && a.node.size === b.node.size && a.node.executable === b.node.executable;
+    case 'symlink':
+      return b.kind === 'symlink' && a.node.target.equals(b.node.target);
+  }
+}
 
 export function storePathOf(info: PathInfo): StorePath {
   return parseBasename(info.node.node.name.toString('latin1'));

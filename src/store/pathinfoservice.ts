@@ -5,9 +5,10 @@ export interface PathInfoService {
   /** The PathInfo of the store path whose hash part decodes to `digest`. */
   get(digest: Buffer): Promise<PathInfo | undefined>;
   /**
-   * Validates and stores `info`; replaces an existing entry for the same
-   * path. The caller must have stored the node's tree first. Returns what
-   * was stored.
+   * Validates and stores `info`. A path registered already stays as it is:
+   * the same metadata again adds only signatures it did not have, other
+   * metadata is refused (AlreadyExistsError). The caller must have stored
+   * the node's tree first. Returns what the store has now.
    */
   put(info: PathInfo): Promise<PathInfo>;
   /** Every PathInfo, in no particular order. */

@@ -74,20 +74,27 @@ ok(f"List streams {len(listed)} path(s), including {basename}")
 expect_code(grpc.StatusCode.NOT_FOUND, lambda: tvix.Get(tvix_rpc.GetPathInfoRequest(by_output_hash=b"\x01" * 20)), "Get of an unknown path")
 expect_code(grpc.StatusCode.INVALID_ARGUMENT, lambda: tvix.Get(tvix_rpc.GetPathInfoRequest(by_output_hash=b"\x01" * 19)), "Get with a 19-byte hash")
 
-# Re-register with a self-reference and a signature, as a substituter would.
+# Registered again with a signature, as a substituter would: the signature is added.
 signed = tvix_pathinfo.PathInfo()
 signed.CopyFrom(info)
-signed.references.append(output_hash)
-signed.narinfo.reference_names.append(basename)
 signed.narinfo.signatures.add(name="python-test-1", data=b"\x07" * 64)
-signed.narinfo.deriver.name = "made-by"
-signed.narinfo.deriver.digest = b"\x02" * 20
 stored = tvix.Put(signed)
-assert list(stored.references) == [output_hash]
+assert [s.name for s in stored.narinfo.signatures][-1:] == ["python-test-1"], stored.narinfo.signatures
 again = tvix.Get(tvix_rpc.GetPathInfoRequest(by_output_hash=output_hash))
-assert again.narinfo.reference_names == [basename] and again.narinfo.signatures[0].name == "python-test-1"
-assert again.narinfo.deriver.name == "made-by"
-ok("Put with references, a signature and a deriver; Get returns them")
+assert again.narinfo.signatures[-1].name == "python-test-1"
+ok("Put of the same path with a new signature adds it; Get returns it")
+
+# Anything else about a registered path does not change: ALREADY_EXISTS, and Get shows what was there.
+rewritten = tvix_pathinfo.PathInfo()
+rewritten.CopyFrom(signed)
+rewritten.references.append(output_hash)
+rewritten.narinfo.reference_names.append(basename)
+rewritten.narinfo.deriver.name = "made-by"
+rewritten.narinfo.deriver.digest = b"\x02" * 20
+expect_code(grpc.StatusCode.ALREADY_EXISTS, lambda: tvix.Put(rewritten), "Put of a registered path with other references and deriver")
+after = tvix.Get(tvix_rpc.GetPathInfoRequest(by_output_hash=output_hash))
+assert list(after.references) == list(again.references) and after.narinfo.deriver.name == again.narinfo.deriver.name
+ok("and the registered path is unchanged")
 
 
 def broken(mutate):

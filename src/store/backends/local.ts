@@ -3,7 +3,7 @@
 // which keeps Buffers as binary), tagged with a format version.
 import type { Database } from 'lmdb';
 import { LocalStore, type OpenOptions } from '../../castore/backends/local.js';
-import { type PathInfo, validatePathInfo } from '../pathinfo.js';
+import { type PathInfo, reRegistration, validatePathInfo } from '../pathinfo.js';
 import type { PathInfoService } from '../pathinfoservice.js';
 
 const FORMAT_VERSION = 1;
@@ -36,8 +36,14 @@ export class LocalPathInfoService implements PathInfoService {
 
   async put(info: PathInfo) {
     const path = validatePathInfo(info);
-    await this.db.put(path.digest, { v: FORMAT_VERSION, info });
-    return info;
+    // Compared and written in one transaction, so two processes registering the same path cannot both win.
+    return this.db.transaction(() => {
+      const existing = revive(this.db.get(path.digest));
+      const stored = existing ? reRegistration(existing, info) : info;
+      if (existing && stored.signatures.length === existing.signatures.length) return existing;
+      this.db.put(path.digest, { v: FORMAT_VERSION, info: stored });
+      return stored;
+    });
   }
 
   async *list() {

@@ -1,6 +1,6 @@
 // PathInfos held in this process only (`memory://`).
 import type { PathInfo } from '../pathinfo.js';
-import { validatePathInfo } from '../pathinfo.js';
+import { reRegistration, validatePathInfo } from '../pathinfo.js';
 import type { PathInfoService } from '../pathinfoservice.js';
 
 export class MemoryPathInfoService implements PathInfoService {
@@ -11,9 +11,11 @@ export class MemoryPathInfoService implements PathInfoService {
   }
 
   async put(info: PathInfo) {
-    const path = validatePathInfo(info);
-    this.infos.set(path.digest.toString('hex'), info);
-    return info;
+    const key = validatePathInfo(info).digest.toString('hex');
+    const existing = this.infos.get(key);
+    const stored = existing ? reRegistration(existing, info) : info;
+    this.infos.set(key, stored);
+    return stored;
   }
 
   async *list() {
