@@ -23,7 +23,6 @@ export function daemonCommand(): Command {
     const port = await listen(server, options.listen, options.socketMode);
     const { socketPath } = grpcListenTarget(options.listen);
     const where = socketPath ?? options.listen.replace(/:0$/, `:${port}`);
-    console.error(`nixcas daemon: listening on ${where} (blobs: ${services.addresses.blob}, directories: ${services.addresses.directory}, path infos: ${services.addresses.pathInfo})`);
 
     let stopping = false;
     const stop = (signal: string) => {
@@ -44,7 +43,9 @@ export function daemonCommand(): Command {
         process.exit(0);
       });
     };
+    // Before saying it listens: whoever waits for that may send a signal at once.
     process.on('SIGINT', () => stop('SIGINT'));
     process.on('SIGTERM', () => stop('SIGTERM'));
+    console.error(`nixcas daemon: listening on ${where} (blobs: ${services.addresses.blob}, directories: ${services.addresses.directory}, path infos: ${services.addresses.pathInfo})`);
   });
 }

@@ -36,13 +36,14 @@ export function mountCommand(): Command {
       await services.close();
       throw err;
     }
-    log(`mounted at ${mountpoint} (blobs: ${services.addresses.blob}, directories: ${services.addresses.directory}, path infos: ${services.addresses.pathInfo})`);
     const stop = (signal: string) => {
       log(`${signal}, unmounting`);
       session.unmount();
     };
+    // Before saying it is mounted: whoever waits for that may send a signal at once.
     process.on('SIGINT', () => stop('SIGINT'));
     process.on('SIGTERM', () => stop('SIGTERM'));
+    log(`mounted at ${mountpoint} (blobs: ${services.addresses.blob}, directories: ${services.addresses.directory}, path infos: ${services.addresses.pathInfo})`);
     await session.closed;
     await fs.close();
     await services.close();

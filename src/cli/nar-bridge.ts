@@ -60,11 +60,6 @@ export function narBridgeCommand(): Command {
     const actualPort = typeof bound === 'object' && bound ? bound.port : port;
     const shownHost = host.includes(':') ? `[${host}]` : host;
     const uploads = options.allowUpload ? (credentials ? 'uploads with credentials' : 'uploads open to anyone') : 'uploads off';
-    log(
-      `listening on http://${shownHost}:${actualPort} (${uploads}${signingKey ? `, signing as ${signingKey.name}` : ''}; ` +
-        `blobs: ${services.addresses.blob}, directories: ${services.addresses.directory}, path infos: ${services.addresses.pathInfo})`,
-    );
-    if (signingKey) log(`public key for trusted-public-keys: ${signingKey.publicKeyText}`);
 
     let stopping = false;
     const stop = (signal: string) => {
@@ -80,8 +75,14 @@ export function narBridgeCommand(): Command {
         process.exit(0);
       });
     };
+    // Before saying it listens: whoever waits for that may send a signal at once.
     process.on('SIGINT', () => stop('SIGINT'));
     process.on('SIGTERM', () => stop('SIGTERM'));
+    log(
+      `listening on http://${shownHost}:${actualPort} (${uploads}${signingKey ? `, signing as ${signingKey.name}` : ''}; ` +
+        `blobs: ${services.addresses.blob}, directories: ${services.addresses.directory}, path infos: ${services.addresses.pathInfo})`,
+    );
+    if (signingKey) log(`public key for trusted-public-keys: ${signingKey.publicKeyText}`);
   });
 }
 

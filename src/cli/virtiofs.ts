@@ -50,18 +50,19 @@ export function virtiofsCommand(): Command {
       await services.close();
       throw err;
     }
-    log(
-      `listening on ${socketPath} (${options.numRequestQueues} request queue${options.numRequestQueues === 1 ? '' : 's'}; ` +
-        `blobs: ${services.addresses.blob}, directories: ${services.addresses.directory}, path infos: ${services.addresses.pathInfo})`,
-    );
     const stop = async (signal: string) => {
       log(`${signal}, stopping`);
       server.close();
       await services.close();
       process.exit(0);
     };
+    // Before saying it listens: whoever waits for that may send a signal at once.
     process.once('SIGINT', () => void stop('SIGINT'));
     process.once('SIGTERM', () => void stop('SIGTERM'));
+    log(
+      `listening on ${socketPath} (${options.numRequestQueues} request queue${options.numRequestQueues === 1 ? '' : 's'}; ` +
+        `blobs: ${services.addresses.blob}, directories: ${services.addresses.directory}, path infos: ${services.addresses.pathInfo})`,
+    );
   });
 }
 

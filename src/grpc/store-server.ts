@@ -4,7 +4,8 @@ import { formatDigest } from '../castore/digest.js';
 import { InvalidInputError, NotFoundError } from '../castore/errors.js';
 import type { Node } from '../castore/model.js';
 import { calculateNar } from '../store/nar/render.js';
-import { validatePathInfo } from '../store/pathinfo.js';
+import { formatNarHash } from '../store/narinfo.js';
+import { type PathInfo, storePathOf, validatePathInfo } from '../store/pathinfo.js';
 import type { StoreServices } from '../store/import.js';
 import { formatStorePath } from '../store/storepath.js';
 import { type PackagePrefix, requireWellFormed } from './protos.js';
@@ -27,6 +28,27 @@ async function requireContent(node: Node, services: StoreServices): Promise<void
   }
 }
 
+/**
+ * The NAR the store renders for the path's tree must be the one the PathInfo
+ * describes: every blob there, of its size, and NarHash and NarSize right.
+ * What is registered is then what is served (and what a bridge signs).
+ */
+async function requireNar(info: PathInfo, services: StoreServices): Promise<void> {
+  const where = formatStorePath(storePathOf(info));
+  let nar: { size: number; sha256: Buffer };
+  try {
+    nar = await calculateNar(info.node, services);
+  } catch (err) {
+    throw new InvalidInputError(`${where}: its tree in the store cannot be rendered as a NAR: ${(err as Error).message}`);
+  }
+  if (nar.size !== info.narSize || !nar.sha256.equals(info.narSha256)) {
+    throw new InvalidInputError(
+      `${where}: the PathInfo says NarSize ${info.narSize} and NarHash ${formatNarHash(info.narSha256)}, ` +
+        `but the tree in the store renders as a NAR of ${nar.size} bytes with NarHash ${formatNarHash(nar.sha256)}`,
+    );
+  }
+}
+
 export function pathInfoServiceHandlers(services: StoreServices, prefix: PackagePrefix): grpc.UntypedServiceImplementation {
   return {
     Get(call: grpc.ServerUnaryCall<{ by_output_hash?: Buffer }, unknown>, callback: grpc.sendUnaryData<unknown>) {
@@ -43,6 +65,7 @@ export function pathInfoServiceHandlers(services: StoreServices, prefix: Package
         const info = pathInfoFromWire(requireWellFormed(call.request), prefix);
         const storePath = validatePathInfo(info);
         await requireContent(info.node, services);
+        await requireNar(info, services);
         const stored = await services.pathInfos.put(info);
         console.error(`nixcas: registered ${formatStorePath(storePath)}`);
         return pathInfoToWire(stored, prefix);
