@@ -131,6 +131,23 @@ def short_signature(p):
 for mutate in [unnamed_reference, short_sha, not_a_store_path, no_narinfo, missing_tree, short_signature]:
     expect_code(grpc.StatusCode.INVALID_ARGUMENT, broken(mutate), f"Put with {mutate.__name__.replace('_', ' ')}")
 
+# A new path whose tree is in the store, but whose NarHash or NarSize is not that tree's NAR:
+# refused, so that what is registered (and signed by a bridge) is what is served.
+def lying(field):
+    def mutate(p):
+        p.node.directory.name = b"1" * 32 + b"-lying-" + field.encode()
+        if field == "hash":
+            p.narinfo.nar_sha256 = b"\x00" * 32
+        else:
+            p.narinfo.nar_size += 1
+    mutate.__name__ = f"a lying NAR {field}"
+    return mutate
+
+
+for mutate in [lying("hash"), lying("size")]:
+    details = expect_code(grpc.StatusCode.INVALID_ARGUMENT, broken(mutate), f"Put with {mutate.__name__}")
+    assert "renders as a NAR" in details, details
+
 final = tvix.Get(tvix_rpc.GetPathInfoRequest(by_output_hash=output_hash))
 assert final.node.directory.digest == info.node.directory.digest
 ok("refused Puts changed nothing")
