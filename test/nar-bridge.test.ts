@@ -766,3 +766,62 @@ test('nar-bridge: a registered path does not change: the same narinfo again is 2
     removeDir(work);
   }
 });
+
+test('nar-bridge: limits: a NAR past --max-nar-size is refused as it arrives; slow headers and too many connections from one address are cut, and others are still served', async () => {
+  const work = tempDir('narbridge-limits');
+  const bridge = await startNixcas(['nar-bridge', '--store', join(work, 'store'), '--listen', '127.0.0.1:0', '--allow-upload', '--max-nar-size', '1M'], 'listening on', { NIXCAS_BRIDGE_HEADERS_TIMEOUT_MS: '1500' });
+  const port = Number(/listening on http:\/\/127\.0\.0\.1:(\d+)/.exec(bridge.output())![1]);
+  const served = async (what: string) => assert.equal((await request(port, 'GET', '/nix-cache-info')).status, 200, `served ${what}`);
+  const sockets: net.Socket[] = [];
+  try {
+    // A small upload that expands past the limit: zstd of 3 MiB of zeros.
+    const { nar, hash } = fileNar(work, 'zeros', Buffer.alloc(3 << 20));
+    const compressed = spawnSync('zstd', ['-c', '-q'], { input: nar, maxBuffer: 64 << 20 }).stdout;
+    assert.ok(compressed.length < 64 * 1024, 'the bomb is small');
+    const fileHash = createHash('sha256').update(compressed).digest();
+    const put = await request(port, 'PUT', `/nar/${nixbase32.encode(fileHash)}.nar.zst`, { body: compressed });
+    assert.equal(put.status, 413, `a NAR past --max-nar-size: ${put.status} ${put.body}`);
+    const storePath = randomStorePath('bomb');
+    const info = await request(port, 'PUT', `/${hashPartOf(storePath)}.narinfo`, { body: narinfoText({ storePath, narHash: hash, narSize: nar.length }) });
+    assert.ok(info.status >= 400 && info.status < 500, 'and its narinfo has nothing to register');
+    await served('after the refused upload');
+
+    // Slow clients on 127.0.0.2: a header line started and never finished. The bridge still serves 127.0.0.1,
+    // and cuts them once the header deadline (1.5 s here) has passed.
+    const closed = (s: net.Socket) => new Promise<void>((resolve) => (s.destroyed ? resolve() : s.once('close', () => resolve())));
+    const slow = Array.from({ length: 20 }, () => {
+      const s = net.connect({ host: '127.0.0.1', port, localAddress: '127.0.0.2' });
+      s.on('error', () => {});
+      s.write('GET /nix-cache-info HTTP/1.1\r\nHost: x\r\nX-Slow: ');
+      sockets.push(s);
+      return s;
+    });
+    const trickle = setInterval(() => slow.forEach((s) => s.writable && s.write('a')), 200);
+    try {
+      await served('while slow clients trickle their headers');
+      const cut = await Promise.race([Promise.all(slow.map(closed)).then(() => true), new Promise<false>((resolve) => setTimeout(() => resolve(false), 8000).unref())]);
+      assert.equal(cut, true, `every slow client is cut within 8 s (${slow.filter((s) => s.destroyed).length} of ${slow.length} were)`);
+    } finally {
+      clearInterval(trickle);
+    }
+
+    // 80 connections from 127.0.0.3: past 64 they are closed at once; 127.0.0.1 is still served.
+    const many = Array.from({ length: 80 }, () => {
+      const s = net.connect({ host: '127.0.0.1', port, localAddress: '127.0.0.3' });
+      s.on('error', () => {});
+      sockets.push(s);
+      return s;
+    });
+    await Promise.all(many.map((s) => new Promise<void>((resolve) => (s.connecting ? s.once('connect', () => resolve()).once('close', () => resolve()) : resolve()))));
+    const refused = await Promise.race([
+      Promise.all(many.slice(64).map(closed)).then(() => true),
+      new Promise<false>((resolve) => setTimeout(() => resolve(false), 5000).unref()),
+    ]);
+    assert.equal(refused, true, 'the connections past 64 from one address are closed');
+    await served('while one address holds its 64 connections');
+  } finally {
+    for (const s of sockets) s.destroy();
+    await bridge.stop();
+    removeDir(work);
+  }
+});

@@ -22,6 +22,7 @@ export function narBridgeCommand(): Command {
     .option('--sign-key <file>', 'sign every narinfo served with this Nix secret key (nix-store --generate-binary-cache-key)')
     .option('--allow-upload', 'accept uploads (PUT of NARs and narinfos)', false)
     .option('--upload-credentials <file>', 'uploads need HTTP Basic credentials from this file of user:password lines (Nix sends them from its netrc-file)')
+    .option('--max-nar-size <bytes>', 'refuse an upload whose NAR, decompressed, is larger (e.g. 64G; default 32G)', byteSize)
     .option('--no-access-log', 'do not log each request');
   return addStoreOptions(command).action(async (options) => {
     const [{ NarBridge }, { Credentials }, { parseSecretKey }] = await Promise.all([
@@ -48,6 +49,9 @@ export function narBridgeCommand(): Command {
       credentials,
       accessLog: options.accessLog ? (line) => process.stderr.write(line + '\n') : undefined,
       errorLog: (line) => console.error(line),
+      maxNarSize: options.maxNarSize,
+      // For the slow-client test: a shorter header deadline.
+      headersTimeoutMs: process.env.NIXCAS_BRIDGE_HEADERS_TIMEOUT_MS ? Number(process.env.NIXCAS_BRIDGE_HEADERS_TIMEOUT_MS) : undefined,
     });
     await new Promise<void>((resolve, reject) => {
       bridge.server.once('error', reject);
@@ -113,4 +117,11 @@ function parseSecretKeyFile<K>(file: string, parse: (text: string) => K): K {
   } catch (err) {
     throw new Error(`--sign-key ${file}: ${(err as Error).message}`);
   }
+}
+
+/** A size in bytes, with an optional K, M, G or T suffix (powers of 1024). */
+function byteSize(value: string): number {
+  const match = /^([0-9]+)([KMGT]?)$/i.exec(value.trim());
+  if (!match) throw new InvalidArgumentError('expected a size in bytes, such as 1048576, 512M or 64G');
+  return Number(match[1]) * 1024 ** ' KMGT'.indexOf((match[2] || ' ').toUpperCase());
 }

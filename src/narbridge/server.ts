@@ -32,7 +32,17 @@ export interface NarBridgeOptions {
   accessLog?: (line: string) => void;
   /** Where errors worth an operator's attention go. */
   errorLog: (line: string) => void;
+  /** The largest NAR an upload may expand to, counted as it arrives (default DEFAULT_MAX_NAR_SIZE). */
+  maxNarSize?: number;
+  /** How long a client may take to send a request's headers (default 10 s). */
+  headersTimeoutMs?: number;
+  /** Connections at once, from everyone and from one client address (defaults 1024 and 64). */
+  maxConnections?: number;
+  maxConnectionsPerClient?: number;
 }
+
+/** Larger than the NARs a binary cache serves (a CUDA toolkit is ~10 GiB); small enough to stop a decompression bomb. */
+export const DEFAULT_MAX_NAR_SIZE = 32 * 1024 ** 3;
 
 /** tvix's limit: a narinfo is a few hundred bytes; even one with thousands of references is far below this. */
 const MAX_NARINFO_BYTES = 2 * 1024 * 1024;
@@ -73,13 +83,39 @@ export class NarBridge {
 
   constructor(private readonly options: NarBridgeOptions) {
     // An upload may take longer than Node's default 5-minute request limit; a connection idle for 5 minutes, though, is dropped.
-    this.server = createServer({ requestTimeout: 0, keepAliveTimeout: 30_000 });
+    // Headers, though, must come quickly (requestTimeout 0 would otherwise switch that deadline off too),
+    // checked every second; and no client address may hold more than its share of connections.
+    this.server = createServer({
+      requestTimeout: 0,
+      headersTimeout: options.headersTimeoutMs ?? 10_000,
+      connectionsCheckingInterval: 1000,
+      keepAliveTimeout: 30_000,
+    });
     this.server.setTimeout(IDLE_TIMEOUT_MS);
+    this.server.maxConnections = options.maxConnections ?? 1024;
+    const perClient = options.maxConnectionsPerClient ?? 64;
+    const open = new Map<string, number>();
+    this.server.on('connection', (socket) => {
+      const address = socket.remoteAddress ?? '';
+      const count = (open.get(address) ?? 0) + 1;
+      if (count > perClient) {
+        socket.destroy();
+        return;
+      }
+      open.set(address, count);
+      socket.once('close', () => {
+        const left = (open.get(address) ?? 1) - 1;
+        if (left > 0) open.set(address, left);
+        else open.delete(address);
+      });
+    });
     this.server.on('request', (request, response) => this.dispatch(request, response, false));
     this.server.on('checkContinue', (request, response) => this.dispatch(request, response, true));
-    this.server.on('clientError', (err, socket) => {
-      if (socket.writable) socket.end('HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n');
-      else socket.destroy(err);
+    this.server.on('clientError', (err: NodeJS.ErrnoException, socket) => {
+      // Said, then closed at once: a client that ignores our end of the connection must not keep it.
+      const timedOut = err.code === 'ERR_HTTP_REQUEST_TIMEOUT';
+      if (socket.writable) socket.write(`HTTP/1.1 ${timedOut ? '408 Request Timeout' : '400 Bad Request'}\r\nConnection: close\r\n\r\n`);
+      socket.destroy();
     });
   }
 
@@ -269,7 +305,7 @@ export class NarBridge {
   }
 
   private async putNar(exchange: Exchange, route: Extract<Route, { kind: 'upload' }>): Promise<void> {
-    const nar = await receiveNar(exchange.request, route.compression, route.fileSha256, this.options.services);
+    const nar = await receiveNar(exchange.request, route.compression, route.fileSha256, this.options.services, this.options.maxNarSize ?? DEFAULT_MAX_NAR_SIZE);
     exchange.bodyRead = true;
     this.received.add(route.compression, route.fileSha256, nar);
     this.send(exchange, 200, `received ${nar.narSize} bytes of NAR, ${formatNarHash(nar.narSha256)}\n`);

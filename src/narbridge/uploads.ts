@@ -23,8 +23,12 @@ export interface ReceivedNar {
 /** A run of nixbase32 text kept per NAR to check references against; beyond it the check is skipped. */
 const SCAN_LIMIT = 256 * 1024;
 
-async function* scanned(chunks: AsyncIterable<Uint8Array>, scanner: ReferenceScanner): AsyncGenerator<Uint8Array> {
+/** The NAR's bytes as they arrive (decompressed), scanned for references and counted against `maxNarSize`. */
+async function* scanned(chunks: AsyncIterable<Uint8Array>, scanner: ReferenceScanner, maxNarSize: number): AsyncGenerator<Uint8Array> {
+  let size = 0;
   for await (const chunk of chunks) {
+    size += chunk.length;
+    if (size > maxNarSize) throw new BadRequestError(`the NAR is larger than this bridge takes (--max-nar-size ${maxNarSize} bytes)`, 413);
     scanner.update(chunk);
     yield chunk;
   }
@@ -41,11 +45,12 @@ export async function receiveNar(
   compression: Compression,
   fileSha256: Buffer,
   services: CastoreServices,
+  maxNarSize: number,
 ): Promise<ReceivedNar> {
   const scanner = new ReferenceScanner(SCAN_LIMIT);
   const fileHash = compression === 'none' ? undefined : createHash('sha256');
   const nar = compression === 'none' ? body : decompress(body, compression, (chunk) => fileHash!.update(chunk));
-  const ingested = await ingestNar(scanned(nar, scanner), services);
+  const ingested = await ingestNar(scanned(nar, scanner, maxNarSize), services);
   const uploaded = fileHash ? fileHash.digest() : ingested.narSha256;
   if (!uploaded.equals(fileSha256)) {
     throw new BadRequestError(`the uploaded file's SHA-256 is ${nixbase32.encode(uploaded)}, but its URL names ${nixbase32.encode(fileSha256)}`);
