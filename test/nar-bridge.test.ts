@@ -825,3 +825,30 @@ test('nar-bridge: limits: a NAR past --max-nar-size is refused as it arrives; sl
     removeDir(work);
   }
 });
+
+test('nar-bridge: after 10 wrong credentials in a minute an address gets 429; other addresses log in as before', async () => {
+  const work = tempDir('narbridge-logins');
+  const credentials = join(work, 'credentials');
+  writeFileSync(credentials, 'alice:s3cret-pw\n', { mode: 0o600 });
+  const bridge = await startBridge(join(work, 'store'), ['--allow-upload', '--upload-credentials', credentials]);
+  const put = (localAddress: string, authorization: string) =>
+    new Promise<number>((resolve, reject) => {
+      const req = http.request({ host: '127.0.0.1', port: bridge.port, localAddress, method: 'PUT', path: `/${'1'.repeat(32)}.narinfo`, headers: { Authorization: authorization }, agent: false }, (res) => {
+        res.resume();
+        res.on('end', () => resolve(res.statusCode!));
+      });
+      req.on('error', reject);
+      req.end('not a narinfo');
+    });
+  try {
+    const statuses: number[] = [];
+    for (let i = 0; i < 13; i++) statuses.push(await put('127.0.0.6', basicAuth('alice', `guess-${i}`)));
+    assert.deepEqual(statuses, [...Array(10).fill(401), 429, 429, 429], 'ten tries, then refused without a check');
+    assert.equal(await put('127.0.0.6', basicAuth('alice', 's3cret-pw')), 429, 'even the right password, from that address, for the rest of the minute');
+    // Another address with the right credentials gets past authentication (and is refused for its body).
+    assert.equal(await put('127.0.0.1', basicAuth('alice', 's3cret-pw')), 400);
+  } finally {
+    await bridge.daemon.stop();
+    removeDir(work);
+  }
+});

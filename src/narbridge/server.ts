@@ -77,8 +77,41 @@ function withName(node: Node, name: string): Node {
   return { kind: node.kind, node: { ...node.node, name: Buffer.from(name) } } as Node;
 }
 
+/** Wrong credentials one client address may send in a minute before it is refused (429) for the rest of it. */
+const FAILED_LOGINS_ALLOWED = 10;
+const FAILED_LOGIN_WINDOW_S = 60;
+
+/** Recent failed logins per client address, bounded in how many addresses it remembers. */
+class FailedLogins {
+  private readonly byAddress = new Map<string, number[]>();
+
+  blocked(address: string): boolean {
+    return this.recent(address).length >= FAILED_LOGINS_ALLOWED;
+  }
+
+  add(address: string): void {
+    const times = this.recent(address);
+    times.push(Date.now());
+    this.byAddress.delete(address);
+    this.byAddress.set(address, times);
+    // The oldest addresses go first once too many are remembered.
+    for (const old of this.byAddress.keys()) {
+      if (this.byAddress.size <= 10_000) break;
+      this.byAddress.delete(old);
+    }
+  }
+
+  private recent(address: string): number[] {
+    const since = Date.now() - FAILED_LOGIN_WINDOW_S * 1000;
+    const times = (this.byAddress.get(address) ?? []).filter((t) => t > since);
+    if (times.length === 0) this.byAddress.delete(address);
+    return times;
+  }
+}
+
 export class NarBridge {
   private readonly received = new ReceivedNars();
+  private readonly failedLogins = new FailedLogins();
   readonly server: Server;
 
   constructor(private readonly options: NarBridgeOptions) {
@@ -211,8 +244,15 @@ export class NarBridge {
     }
     const { credentials } = this.options;
     if (!credentials) return true;
-    const user = credentials.check(exchange.request.headers.authorization);
+    const address = exchange.request.socket?.remoteAddress ?? '';
+    if (this.failedLogins.blocked(address)) {
+      this.send(exchange, 429, `too many wrong credentials from ${address}: try again in a minute\n`, { 'Retry-After': String(FAILED_LOGIN_WINDOW_S) });
+      return false;
+    }
+    const given = exchange.request.headers.authorization;
+    const user = credentials.check(given);
     if (user === undefined) {
+      if (given !== undefined) this.failedLogins.add(address); // no credentials at all is a client asking how to log in
       this.send(exchange, 401, 'uploads need valid credentials (HTTP Basic, e.g. from Nix\'s netrc-file)\n', {
         'WWW-Authenticate': 'Basic realm="nixcas nar-bridge", charset="UTF-8"',
       });
