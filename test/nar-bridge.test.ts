@@ -149,6 +149,22 @@ function randomStorePath(name: string): string {
   return `/nix/store/${nixbase32.encode(randomBytes(20))}-${name}`;
 }
 
+/** Bytes that are the same in every run (a SHA-256 chain from `label`), for tests that need no randomness. */
+function fixedBytes(length: number, label: string): Buffer {
+  const out: Buffer[] = [];
+  let block = createHash('sha256').update(label).digest();
+  for (let made = 0; made < length; made += block.length) {
+    out.push(block);
+    block = createHash('sha256').update(block).digest();
+  }
+  return Buffer.concat(out).subarray(0, length);
+}
+
+/** A store path whose hash part is derived from its name: the same in every run. */
+function fixedStorePath(name: string): string {
+  return `/nix/store/${nixbase32.encode(fixedBytes(20, name))}-${name}`;
+}
+
 /** Generates a Nix signing key pair; returns the file names and the public key line. */
 function makeKey(dir: string, name: string): { secretFile: string; publicFile: string; publicKey: string } {
   const secretFile = join(dir, `${name}.sk`);
@@ -734,10 +750,10 @@ test('nar-bridge: a registered path does not change: the same narinfo again is 2
   const bridge = await startBridge(join(work, 'store'), ['--allow-upload']);
   const putInfo = (storePath: string, body: string) => request(bridge.port, 'PUT', `/${hashPartOf(storePath)}.narinfo`, { headers: { 'Content-Type': 'text/x-nix-narinfo' }, body });
   try {
-    const good = fileNar(work, 'good', randomBytes(3000));
-    const other = fileNar(work, 'other', randomBytes(3000));
+    const good = fileNar(work, 'good', fixedBytes(3000, 'good'));
+    const other = fileNar(work, 'other', fixedBytes(3000, 'other'));
     for (const { nar, hash } of [good, other]) assert.equal((await request(bridge.port, 'PUT', `/nar/${hash}.nar`, { body: nar })).status, 200);
-    const storePath = randomStorePath('payload');
+    const storePath = fixedStorePath('payload');
     const base = narinfoText({ storePath, narHash: good.hash, narSize: good.nar.length });
     assert.equal((await putInfo(storePath, base)).status, 200, 'registered');
     const served = async () => (await request(bridge.port, 'GET', `/${hashPartOf(storePath)}.narinfo`)).body.toString();
@@ -750,7 +766,7 @@ test('nar-bridge: a registered path does not change: the same narinfo again is 2
     const signed = await served();
     assert.ok(signed.includes(`Sig: ${signature}`), `the signature is served: ${signed}`);
 
-    const deriver = `${randomStorePath('maker').slice('/nix/store/'.length)}.drv`;
+    const deriver = `${fixedStorePath('maker').slice('/nix/store/'.length)}.drv`;
     for (const [what, body] of [
       ['another Deriver', `${base}Deriver: ${deriver}\n`],
       ['a CA', `${base}CA: fixed:r:sha256:${good.hash}\n`],
@@ -781,7 +797,7 @@ test('nar-bridge: limits: a NAR past --max-nar-size is refused as it arrives; sl
     const fileHash = createHash('sha256').update(compressed).digest();
     const put = await request(port, 'PUT', `/nar/${nixbase32.encode(fileHash)}.nar.zst`, { body: compressed });
     assert.equal(put.status, 413, `a NAR past --max-nar-size: ${put.status} ${put.body}`);
-    const storePath = randomStorePath('bomb');
+    const storePath = fixedStorePath('bomb');
     const info = await request(port, 'PUT', `/${hashPartOf(storePath)}.narinfo`, { body: narinfoText({ storePath, narHash: hash, narSize: nar.length }) });
     assert.ok(info.status >= 400 && info.status < 500, 'and its narinfo has nothing to register');
     await served('after the refused upload');

@@ -88,7 +88,8 @@ export class Slot {
   private readonly replyView: Buffer;
   private readonly headerView: Buffer;
   private readonly pageViews: Buffer[];
-  private readonly gathered = Buffer.alloc(REPLY_AREA);
+  /** Where a reply in pages is gathered, made on first use (only the READ variant needs it). */
+  private gathered?: Buffer;
   private readonly replyViews: Buffer[] = [];
   /** What writeRequest last wrote here, so an identical request is not written again. */
   written?: { opcode: number; nodeid: number; args: Buffer };
@@ -128,7 +129,7 @@ export class Slot {
       if (length > SMALL_REPLY) return this.replyView.subarray(0, length);
       return (this.replyViews[length] ??= this.replyView.subarray(0, length));
     }
-    const out = this.gathered;
+    const out = (this.gathered ??= Buffer.alloc(REPLY_AREA));
     this.replyView.copy(out, 0, 0, Math.min(length, FUSE_OUT_HEADER));
     let at = FUSE_OUT_HEADER;
     for (let i = 0; at < length; i++) {

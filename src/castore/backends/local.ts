@@ -25,7 +25,7 @@ import { type B3Digest, type Blake3Hasher, blake3, createBlake3, digestKey, form
 import { type DirectoryService, checkBatch, readUnderDigest, walkDirectories } from '../directoryservice.js';
 import type { Directory } from '../model.js';
 import { decodeDirectory } from '../wire.js';
-import { native, type NativeAddon } from '../../native/index.js';
+import { type NativeAddon, optionalNative } from '../../native/index.js';
 import { BlobFileWriter } from './blob-file.js';
 import { lentSlabOf } from '../lent-slabs.js';
 
@@ -510,23 +510,17 @@ function readCachedScatter(fd: number, targets: ScatterList, position: number): 
   return addon ? checkedRead(addon.readCachedScatter(fd, targets.buffers, targets.spans, targets.count, position)) : -1;
 }
 
+/** The addon for cached reads, unless it is missing or the file system has no RWF_NOWAIT. */
 function nativeReader(): NativeAddon | undefined {
-  if (nativeReads === undefined) {
-    try {
-      nativeReads = native();
-    } catch {
-      nativeReads = false;
-    }
-  }
-  return nativeReads || undefined;
+  return noWaitUnsupported ? undefined : optionalNative();
 }
 
 function checkedRead(n: number): number {
-  if (n === -EOPNOTSUPP) nativeReads = false; // a filesystem without RWF_NOWAIT: stop trying
+  if (n === -EOPNOTSUPP) noWaitUnsupported = true; // a filesystem without RWF_NOWAIT: stop trying
   return Math.max(-1, n);
 }
 const EOPNOTSUPP = osConstants.errno.EOPNOTSUPP;
-let nativeReads: NativeAddon | false | undefined;
+let noWaitUnsupported = false;
 
 function fstatFd(fd: number): Promise<{ size: number }> {
   return new Promise((resolve, reject) => fstat(fd, (err, stats) => (err ? reject(err) : resolve(stats))));
