@@ -2,7 +2,7 @@
   "targets": [
     {
       "target_name": "nixcas_native",
-      "sources": ["src/native/nixcas_native.c"],
+      "sources": ["src/native/nixcas_native.c", "src/native/blake3.c"],
       "cflags": ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"]
     },
     {
@@ -22,7 +22,7 @@
       # The native NAR renderer for the local store (src/store/nar/native/local-nar.c).
       "target_name": "nixcas_nar",
       "dependencies": ["lmdb_of_lmdb_js"],
-      "sources": ["src/store/nar/native/local-nar.c"],
+      "sources": ["src/store/nar/native/local-nar.c", "src/native/blake3.c"],
       "include_dirs": ["node_modules/lmdb/dependencies/lmdb/libraries/liblmdb"],
       "defines": ["MDB_MAXKEYSIZE=0", "MDB_USE_ROBUST"],
       "cflags": ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-format-truncation"]

@@ -35,6 +35,8 @@ export interface NativeAddon {
   widenPipe(fd: number, size: number): number;
   /** Bytes from the start of `buffer` to its first address that is a multiple of `alignment`. */
   misalignment(buffer: Uint8Array, alignment: number): number;
+  /** Whether the BLAKE3 of `data` is `digest` (src/native/blake3.c). */
+  blake3Matches(data: Uint8Array, digest: Uint8Array): boolean;
   /** fcntl(F_SETFL) with or without O_DIRECT: 0 or -errno (-EINVAL where the file system has no direct I/O). */
   setDirect(fd: number, on: boolean): number;
   mount(source: string, target: string | Buffer, fstype: string, flags: number, data: string): number;

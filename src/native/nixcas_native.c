@@ -26,6 +26,8 @@
 #include <unistd.h>
 #include <uv.h>
 
+#include "blake3.h"
+
 #define MAX_IOVECS 1024
 
 #define CHECK(call)                                                           \
@@ -374,6 +376,23 @@ static napi_value misalignment(napi_env env, napi_callback_info info) {
   if (alignment <= 0) return make_int(env, 0);
   uintptr_t address = (uintptr_t)data;
   return make_int(env, (int64_t)((alignment - address % (uintptr_t)alignment) % (uintptr_t)alignment));
+}
+
+// blake3Matches(data, digest) -> whether BLAKE3(data) is the 32 bytes of
+// `digest`: the check of a small blob or directory record before it is
+// handed out, without making a Buffer for the digest as a hasher's binding does.
+static napi_value blake3_matches(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  void *data, *expected;
+  size_t length, expected_length;
+  if (!get_args(env, info, 2, argv)) return NULL;
+  CHECK(napi_get_buffer_info(env, argv[0], &data, &length));
+  CHECK(napi_get_buffer_info(env, argv[1], &expected, &expected_length));
+  uint8_t digest[BLAKE3_OUT_LEN];
+  nixcas_blake3(data, length, digest);
+  napi_value result;
+  CHECK(napi_get_boolean(env, expected_length == BLAKE3_OUT_LEN && memcmp(digest, expected, BLAKE3_OUT_LEN) == 0, &result));
+  return result;
 }
 
 // setDirect(fd, on) -> 0 or -errno: turns O_DIRECT on or off for an open
@@ -809,6 +828,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"setNonBlocking", NULL, set_non_blocking, NULL, NULL, NULL, napi_default, NULL},
       {"widenPipe", NULL, widen_pipe, NULL, NULL, NULL, napi_default, NULL},
       {"misalignment", NULL, misalignment, NULL, NULL, NULL, napi_default, NULL},
+      {"blake3Matches", NULL, blake3_matches, NULL, NULL, NULL, napi_default, NULL},
       {"setDirect", NULL, set_direct, NULL, NULL, NULL, napi_default, NULL},
       {"mount", NULL, mount_fs, NULL, NULL, NULL, napi_default, NULL},
       {"umount2", NULL, umount_fs, NULL, NULL, NULL, napi_default, NULL},

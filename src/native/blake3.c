@@ -1,0 +1,295 @@
+// BLAKE3, unkeyed, 32-byte digests (see blake3.h). The tree is hashed as the
+// specification's reference does: a chunk's chaining value is pushed onto a
+// stack only once more input is known to follow it, and merged with its
+// left neighbours while the number of chunks so far is even. Runs of whole
+// chunks with more input after them are hashed side by side, one chunk per
+// vector lane; the rest goes through the one-block compression.
+// The rounds are unrolled by hand; -O3 lets GCC keep the vector lanes in registers.
+#pragma GCC optimize("O3")
+
+#include "blake3.h"
+
+#include <string.h>
+
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "blake3.c reads message words in host order and assumes a little-endian host"
+#endif
+
+enum { CHUNK_START = 1, CHUNK_END = 2, PARENT = 4, ROOT = 8 };
+
+static const uint32_t IV[8] = {
+  0x6A09E667, 0xBB67AE85, 0x3C6EF372, 0xA54FF53A, 0x510E527F, 0x9B05688C, 0x1F83D9AB, 0x5BE0CD19,
+};
+
+/** The message word order of each of the seven rounds: the permutation applied 0–6 times. */
+static const uint8_t SCHEDULE[7][16] = {
+  {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
+  {2, 6, 3, 10, 7, 0, 4, 13, 1, 11, 12, 5, 9, 14, 15, 8},
+  {3, 4, 10, 12, 13, 2, 7, 14, 6, 5, 9, 0, 11, 15, 8, 1},
+  {10, 7, 12, 9, 14, 3, 13, 15, 4, 0, 11, 2, 5, 8, 1, 6},
+  {12, 13, 9, 11, 15, 10, 14, 8, 7, 2, 5, 3, 0, 1, 6, 4},
+  {9, 14, 11, 5, 8, 12, 15, 1, 13, 3, 0, 10, 2, 6, 4, 7},
+  {11, 15, 5, 0, 1, 9, 8, 6, 14, 10, 2, 12, 3, 4, 7, 13},
+};
+
+static inline uint32_t load32(const uint8_t *p) {
+  uint32_t word;
+  memcpy(&word, p, 4);
+  return word;
+}
+
+// The quarter-round and a full round, as macros so that one text serves
+// plain words and every vector width (shifts and adds apply lane-wise).
+#define ROTR(x, n) (((x) >> (n)) | ((x) << (32 - (n))))
+#define G(a, b, c, d, x, y) \
+  do { \
+    a = a + b + (x); d = ROTR(d ^ a, 16); c = c + d; b = ROTR(b ^ c, 12); \
+    a = a + b + (y); d = ROTR(d ^ a, 8); c = c + d; b = ROTR(b ^ c, 7); \
+  } while (0)
+#define ROUND(s, m, r) \
+  do { \
+    const uint8_t *order = SCHEDULE[r]; \
+    G(s[0], s[4], s[8], s[12], m[order[0]], m[order[1]]); \
+    G(s[1], s[5], s[9], s[13], m[order[2]], m[order[3]]); \
+    G(s[2], s[6], s[10], s[14], m[order[4]], m[order[5]]); \
+    G(s[3], s[7], s[11], s[15], m[order[6]], m[order[7]]); \
+    G(s[0], s[5], s[10], s[15], m[order[8]], m[order[9]]); \
+    G(s[1], s[6], s[11], s[12], m[order[10]], m[order[11]]); \
+    G(s[2], s[7], s[8], s[13], m[order[12]], m[order[13]]); \
+    G(s[3], s[4], s[9], s[14], m[order[14]], m[order[15]]); \
+  } while (0)
+
+/** One compression: the first 8 words of `out` are the new chaining value. */
+static void compress(const uint32_t cv[8], const uint8_t block[BLAKE3_BLOCK_LEN], uint8_t block_len, uint64_t counter, uint8_t flags, uint32_t out[8]) {
+  uint32_t m[16];
+  for (int i = 0; i < 16; i++) m[i] = load32(block + 4 * i);
+  uint32_t s[16] = {
+    cv[0], cv[1], cv[2], cv[3], cv[4], cv[5], cv[6], cv[7],
+    IV[0], IV[1], IV[2], IV[3], (uint32_t)counter, (uint32_t)(counter >> 32), block_len, flags,
+  };
+  ROUND(s, m, 0); ROUND(s, m, 1); ROUND(s, m, 2); ROUND(s, m, 3); ROUND(s, m, 4); ROUND(s, m, 5); ROUND(s, m, 6);
+  for (int i = 0; i < 8; i++) out[i] = s[i] ^ s[i + 8];
+}
+
+/**
+ * Whole chunks hashed side by side, chunk i (numbered counter + i) at
+ * chunks[i]; their chaining values go to out[0..LANES). A caller with fewer
+ * chunks than lanes repeats a pointer and ignores the extra values.
+ */
+#define DEFINE_HASH_CHUNKS(NAME, LANES, TARGET) \
+  typedef uint32_t NAME##_vector __attribute__((vector_size(4 * (LANES)))); \
+  TARGET static void NAME(const uint8_t *const chunks[], uint64_t counter, uint32_t out[][8]) { \
+    NAME##_vector h[8], counter_low, counter_high; \
+    for (int i = 0; i < 8; i++) h[i] = (NAME##_vector){0} + IV[i]; \
+    for (int lane = 0; lane < (LANES); lane++) { \
+      counter_low[lane] = (uint32_t)(counter + lane); \
+      counter_high[lane] = (uint32_t)((counter + lane) >> 32); \
+    } \
+    for (int block = 0; block < BLAKE3_CHUNK_LEN / BLAKE3_BLOCK_LEN; block++) { \
+      NAME##_vector m[16]; \
+      for (int i = 0; i < 16; i++) \
+        for (int lane = 0; lane < (LANES); lane++) m[i][lane] = load32(chunks[lane] + block * BLAKE3_BLOCK_LEN + 4 * i); \
+      uint32_t flags = (block == 0 ? CHUNK_START : 0) | (block == 15 ? CHUNK_END : 0); \
+      NAME##_vector s[16] = { \
+        h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7], \
+        (NAME##_vector){0} + IV[0], (NAME##_vector){0} + IV[1], (NAME##_vector){0} + IV[2], (NAME##_vector){0} + IV[3], \
+        counter_low, counter_high, (NAME##_vector){0} + BLAKE3_BLOCK_LEN, (NAME##_vector){0} + flags, \
+      }; \
+      ROUND(s, m, 0); ROUND(s, m, 1); ROUND(s, m, 2); ROUND(s, m, 3); ROUND(s, m, 4); ROUND(s, m, 5); ROUND(s, m, 6); \
+      for (int i = 0; i < 8; i++) h[i] = s[i] ^ s[i + 8]; \
+    } \
+    for (int lane = 0; lane < (LANES); lane++) \
+      for (int i = 0; i < 8; i++) out[lane][i] = h[i][lane]; \
+  }
+
+typedef void hash_chunks_fn(const uint8_t *const chunks[], uint64_t counter, uint32_t out[][8]);
+
+DEFINE_HASH_CHUNKS(hash_4_chunks, 4, )
+#if defined(__x86_64__) && defined(__GNUC__)
+DEFINE_HASH_CHUNKS(hash_8_chunks, 8, __attribute__((target("avx2"))))
+DEFINE_HASH_CHUNKS(hash_16_chunks, 16, __attribute__((target("avx512f"))))
+#endif
+
+#define MAX_LANES 16
+
+/** The widths this CPU runs, narrowest first. */
+static struct {
+  int count;
+  int lanes[3];
+  hash_chunks_fn *fn[3];
+} widths;
+
+static void add_width(int lanes, hash_chunks_fn *fn) {
+  widths.lanes[widths.count] = lanes;
+  widths.fn[widths.count++] = fn;
+}
+
+static void choose_widths(void) {
+  add_width(4, hash_4_chunks);
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2")) add_width(8, hash_8_chunks);
+  if (__builtin_cpu_supports("avx512f")) add_width(16, hash_16_chunks);
+#endif
+}
+
+/**
+ * Hashes up to the widest width of the `available` chunks at `input`
+ * (numbered from `counter`), in the narrowest width that holds them;
+ * their chaining values go to `cvs`. Returns how many.
+ */
+static size_t hash_chunks(uint64_t counter, const uint8_t *input, size_t available, uint32_t cvs[][8]);
+
+static void parent_cv(const uint32_t left[8], const uint32_t right[8], uint8_t flags, uint32_t out[8]) {
+  uint8_t block[BLAKE3_BLOCK_LEN];
+  memcpy(block, left, 32);
+  memcpy(block + 32, right, 32);
+  compress(IV, block, BLAKE3_BLOCK_LEN, 0, PARENT | flags, out);
+}
+
+static size_t chunk_bytes(const nixcas_blake3_t *h) {
+  return (size_t)h->blocks_compressed * BLAKE3_BLOCK_LEN + h->block_len;
+}
+
+static uint8_t chunk_flags(const nixcas_blake3_t *h) {
+  return h->blocks_compressed == 0 ? CHUNK_START : 0;
+}
+
+/** A finished chunk's chaining value, `total` chunks so far: merged with the subtrees it completes. */
+static void push_chunk(nixcas_blake3_t *h, const uint32_t chunk_cv[8], uint64_t total) {
+  uint32_t cv[8];
+  memcpy(cv, chunk_cv, sizeof cv);
+  while ((total & 1) == 0) {
+    parent_cv(h->cv_stack[--h->cv_stack_len], cv, 0, cv);
+    total >>= 1;
+  }
+  memcpy(h->cv_stack[h->cv_stack_len++], cv, sizeof cv);
+}
+
+static void start_chunk(nixcas_blake3_t *h, uint64_t counter) {
+  memcpy(h->cv, IV, sizeof h->cv);
+  h->chunk_counter = counter;
+  h->block_len = 0;
+  h->blocks_compressed = 0;
+}
+
+static size_t hash_chunks(uint64_t counter, const uint8_t *input, size_t available, uint32_t cvs[][8]) {
+  int w = 0;
+  while (w + 1 < widths.count && widths.lanes[w] < (int)available) w++;
+  size_t lanes = (size_t)widths.lanes[w];
+  size_t count = available < lanes ? available : lanes;
+  const uint8_t *chunks[MAX_LANES];
+  for (size_t lane = 0; lane < lanes; lane++) chunks[lane] = input + (lane < count ? lane : count - 1) * BLAKE3_CHUNK_LEN;
+  uint32_t all[MAX_LANES][8];
+  widths.fn[w](chunks, counter, all);
+  memcpy(cvs, all, count * sizeof all[0]);
+  return count;
+}
+
+/** The chaining value of one chunk (whole or the last, shorter one) that is not the root. */
+static void chunk_cv(const uint8_t *input, size_t length, uint64_t counter, uint32_t out[8]) {
+  uint32_t cv[8];
+  memcpy(cv, IV, sizeof cv);
+  uint8_t flags = CHUNK_START;
+  while (length > BLAKE3_BLOCK_LEN) {
+    compress(cv, input, BLAKE3_BLOCK_LEN, counter, flags, cv);
+    flags = 0;
+    input += BLAKE3_BLOCK_LEN;
+    length -= BLAKE3_BLOCK_LEN;
+  }
+  uint8_t block[BLAKE3_BLOCK_LEN] = {0};
+  memcpy(block, input, length);
+  compress(cv, block, (uint8_t)length, counter, flags | CHUNK_END, out);
+}
+
+void nixcas_blake3_init(nixcas_blake3_t *h) {
+  if (!widths.count) choose_widths();
+  start_chunk(h, 0);
+  h->cv_stack_len = 0;
+}
+
+void nixcas_blake3_update(nixcas_blake3_t *h, const void *data, size_t length) {
+  const uint8_t *input = data;
+  while (length > 0) {
+    if (chunk_bytes(h) == BLAKE3_CHUNK_LEN) {
+      // A full chunk with input after it: finished.
+      uint32_t out[8];
+      compress(h->cv, h->block, h->block_len, h->chunk_counter, chunk_flags(h) | CHUNK_END, out);
+      push_chunk(h, out, h->chunk_counter + 1);
+      start_chunk(h, h->chunk_counter + 1);
+    }
+    // Whole chunks with input after them are finished as soon as they are hashed.
+    size_t finished = (length - 1) / BLAKE3_CHUNK_LEN;
+    if (chunk_bytes(h) == 0 && finished >= 2) {
+      uint32_t cvs[MAX_LANES][8];
+      size_t done = hash_chunks(h->chunk_counter, input, finished, cvs);
+      for (size_t i = 0; i < done; i++) push_chunk(h, cvs[i], h->chunk_counter + i + 1);
+      start_chunk(h, h->chunk_counter + done);
+      input += done * BLAKE3_CHUNK_LEN;
+      length -= done * BLAKE3_CHUNK_LEN;
+      continue;
+    }
+    if (h->block_len == BLAKE3_BLOCK_LEN) {
+      // A full block with input after it: not the chunk's last.
+      compress(h->cv, h->block, BLAKE3_BLOCK_LEN, h->chunk_counter, chunk_flags(h), h->cv);
+      h->blocks_compressed++;
+      h->block_len = 0;
+    }
+    size_t take = BLAKE3_BLOCK_LEN - h->block_len;
+    if (take > length) take = length;
+    memcpy(h->block + h->block_len, input, take);
+    h->block_len += (uint8_t)take;
+    input += take;
+    length -= take;
+  }
+}
+
+void nixcas_blake3_final(const nixcas_blake3_t *h, uint8_t out[BLAKE3_OUT_LEN]) {
+  // The open chunk's last block, and then each parent up the stack; the top one is the root.
+  uint8_t block[BLAKE3_BLOCK_LEN] = {0};
+  memcpy(block, h->block, h->block_len);
+  uint32_t cv[8];
+  uint8_t flags = chunk_flags(h) | CHUNK_END;
+  if (h->cv_stack_len == 0) {
+    compress(h->cv, block, h->block_len, h->chunk_counter, flags | ROOT, cv);
+  } else {
+    compress(h->cv, block, h->block_len, h->chunk_counter, flags, cv);
+    for (int i = h->cv_stack_len - 1; i >= 0; i--) parent_cv(h->cv_stack[i], cv, i == 0 ? ROOT : 0, cv);
+  }
+  memcpy(out, cv, BLAKE3_OUT_LEN);
+}
+
+/** Inputs up to this size are hashed in one pass that knows where they end (nixcas_blake3). */
+#define ONE_PASS_MAX (64 * BLAKE3_CHUNK_LEN)
+
+void nixcas_blake3(const void *data, size_t length, uint8_t out[BLAKE3_OUT_LEN]) {
+  nixcas_blake3_t h;
+  nixcas_blake3_init(&h);
+  if (length <= BLAKE3_CHUNK_LEN || length > ONE_PASS_MAX) {
+    nixcas_blake3_update(&h, data, length);
+    nixcas_blake3_final(&h, out);
+    return;
+  }
+  // Knowing the end, every whole chunk can go through the lanes, the last one
+  // too (only a lone chunk is the root), and the tree is reduced level by
+  // level: adjacent pairs merged, an odd one out carried up, which is the
+  // specification's left-balanced tree.
+  const uint8_t *input = data;
+  uint32_t cvs[ONE_PASS_MAX / BLAKE3_CHUNK_LEN][8];
+  size_t whole = length / BLAKE3_CHUNK_LEN, count = 0;
+  while (whole - count >= 2) count += hash_chunks(count, input + count * BLAKE3_CHUNK_LEN, whole - count, cvs + count);
+  for (size_t at = count * BLAKE3_CHUNK_LEN; at < length; at += BLAKE3_CHUNK_LEN) {
+    size_t piece = length - at < BLAKE3_CHUNK_LEN ? length - at : BLAKE3_CHUNK_LEN;
+    chunk_cv(input + at, piece, count, cvs[count]);
+    count++;
+  }
+  while (count > 2) {
+    size_t merged = 0;
+    for (size_t i = 0; i + 1 < count; i += 2) parent_cv(cvs[i], cvs[i + 1], 0, cvs[merged++]);
+    if (count % 2) memcpy(cvs[merged++], cvs[count - 1], sizeof cvs[0]);
+    count = merged;
+  }
+  uint32_t root[8];
+  parent_cv(cvs[0], cvs[1], ROOT, root);
+  memcpy(out, root, BLAKE3_OUT_LEN);
+}
