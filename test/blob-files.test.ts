@@ -4,7 +4,7 @@
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { appendFileSync, mkdirSync, readFileSync, readdirSync, statSync, statfsSync, truncateSync, writeFileSync } from 'node:fs';
+import { type BigIntStats, appendFileSync, mkdirSync, readFileSync, readdirSync, statSync, statfsSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import type { BlobService } from '../src/castore/blobservice.js';
@@ -12,6 +12,7 @@ import { blake3, digestKey } from '../src/castore/digest.js';
 import { LENT_SLAB_SIZE, lentSlabs } from '../src/castore/lent-slabs.js';
 import { type TreeObserver, importTree } from '../src/castore/import.js';
 import { openBlobService, openDirectoryService } from '../src/services/addresses.js';
+import { BLOB_FILE_RECORD_LENGTH, BLOB_FILE_RECORD_VERSION, blobFileRecord } from '../src/castore/backends/blob-file-record.js';
 import { removeDir, tempDir } from './helpers.js';
 
 const MiB = 1024 * 1024;
@@ -158,4 +159,16 @@ test('a large file that shrinks or grows while it is imported fails the import, 
   } finally {
     await directories.close();
   }
+});
+
+test('the blob-files record has its versioned layout (golden bytes), as local-nar.c reads it', () => {
+  const stats = { ino: 0x0102030405060708n, size: 200_000n, mtimeNs: 1_700_000_000_123_456_789n, ctimeNs: 1_700_000_001_000_000_001n } as BigIntStats;
+  assert.equal(
+    blobFileRecord(stats).toString('hex'),
+    '0100000000000000' + '0807060504030201' + '400d030000000000' + '15cd853dfe9c9717' + '01cac471fe9c9717',
+  );
+  assert.equal(BLOB_FILE_RECORD_LENGTH, 40);
+  const source = readFileSync(join(import.meta.dirname, '..', 'src/store/nar/native/local-nar.c'), 'utf8');
+  assert.match(source, new RegExp(`#define BLOB_FILE_RECORD_VERSION ${BLOB_FILE_RECORD_VERSION}\\b`));
+  assert.match(source, new RegExp(`#define BLOB_FILE_RECORD_LENGTH ${BLOB_FILE_RECORD_LENGTH}\\b`));
 });

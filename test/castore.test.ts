@@ -3,7 +3,8 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { blake3, blake3Implementations, formatDigest, parseDigest } from '../src/castore/digest.js';
 import { DirectoryBatch, directoryDigest } from '../src/castore/directoryservice.js';
-import { InvalidInputError } from '../src/castore/errors.js';
+import { DataLossError, InvalidInputError } from '../src/castore/errors.js';
+import { verifiedStream } from '../src/castore/blobservice.js';
 import { type Directory, directorySize, emptyDirectory, legacyDirectorySize } from '../src/castore/model.js';
 import { DirectoryValidationError, validateDirectory } from '../src/castore/validate.js';
 import { decodeDirectory, encodeDirectory } from '../src/castore/wire.js';
@@ -140,4 +141,26 @@ test('a batch needs its references and exactly one root', async () => {
   stored.add({ directories: [{ name: name('c'), digest: directoryDigest(a), size: 1 }], files: [], symlinks: [] });
   await stored.finish(async () => a);
   await assert.rejects(new DirectoryBatch().finish(async () => undefined), /no directories/);
+});
+
+test('verifiedStream passes a matching blob on whole and holds back the end of one that does not match', async () => {
+  const chunks = [Buffer.from('first '), Buffer.from('second '), Buffer.from('last')];
+  async function* source(list: Buffer[]) {
+    yield* list;
+  }
+  const whole = Buffer.concat(chunks);
+  const received: Buffer[] = [];
+  for await (const chunk of verifiedStream(source(chunks), blake3(whole), 'test')) received.push(chunk);
+  assert.ok(Buffer.concat(received).equals(whole));
+
+  const lying = [chunks[0], Buffer.from('SECOND '), chunks[2]];
+  const partial: Buffer[] = [];
+  await assert.rejects(
+    (async () => {
+      for await (const chunk of verifiedStream(source(lying), blake3(whole), 'the blob service at test')) partial.push(chunk);
+    })(),
+    (err: Error) => err instanceof DataLossError && /the blob service at test sent blob/.test(err.message),
+  );
+  assert.equal(Buffer.concat(partial).length, whole.length - chunks[2].length, 'everything but the last chunk, never the whole');
+  for await (const chunk of verifiedStream(source([]), blake3(Buffer.alloc(0)), 'test')) assert.fail(`the empty blob has no chunks, got ${chunk.length} bytes`);
 });

@@ -1,5 +1,6 @@
 // BlobService: content-addressed byte strings, identified by their BLAKE3.
-import type { B3Digest } from './digest.js';
+import { type B3Digest, createBlake3, formatDigest } from './digest.js';
+import { DataLossError } from './errors.js';
 
 /**
  * Where bytes are to go without being gathered first: `count` pieces, piece i
@@ -159,4 +160,25 @@ export async function getBlob(service: BlobService, digest: B3Digest): Promise<B
   const chunks: Buffer[] = [];
   for await (const chunk of stream) chunks.push(chunk);
   return Buffer.concat(chunks);
+}
+
+/**
+ * Passes a blob's chunks on while hashing them, holding each back until the
+ * next arrives and the last until the whole matched `digest`: whoever reads
+ * the stream to its end got exactly the blob, and one that does not match
+ * never arrives complete (a DataLossError instead of its last chunk).
+ */
+export async function* verifiedStream(chunks: AsyncIterable<Buffer>, digest: B3Digest, source: string): AsyncGenerator<Buffer> {
+  const hasher = createBlake3();
+  let held: Buffer | undefined;
+  for await (const chunk of chunks) {
+    hasher.update(chunk);
+    if (held) yield held;
+    held = chunk;
+  }
+  const found = hasher.digest();
+  if (!found.equals(digest)) {
+    throw new DataLossError(`${source} sent blob ${formatDigest(digest)} with contents that hash to ${formatDigest(found)}; its end was held back`);
+  }
+  if (held) yield held;
 }

@@ -1,5 +1,5 @@
 // Error kinds every service and transport agrees on. Transports map them to
-// their own codes (gRPC: INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE).
+// their own codes (gRPC: INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, DATA_LOSS).
 
 /** The caller sent something invalid; nothing of it was stored. */
 export class InvalidInputError extends Error {
@@ -19,4 +19,12 @@ export class NotFoundError extends Error {
 /** A backing service could not be reached; the same call may succeed later. */
 export class UnavailableError extends Error {
   override name = 'UnavailableError';
+}
+
+/**
+ * What the store holds under a digest does not hash to it (or has another
+ * size): that object is damaged. None of its bytes were handed out.
+ */
+export class DataLossError extends Error {
+  override name = 'DataLossError';
 }

@@ -266,9 +266,14 @@ export class ReadOnlyFilesystem {
     if (wanted <= 0) return 0;
     if (inode.inline !== false && this.blobs.readInline) {
       let copied = -1;
-      const found = this.blobs.readInline(node.node.digest, (contents) => {
-        if (contents.length === node.node.size) copied = copyToScatter(contents, position, wanted, targets);
-      });
+      let found: boolean;
+      try {
+        found = this.blobs.readInline(node.node.digest, (contents) => {
+          if (contents.length === node.node.size) copied = copyToScatter(contents, position, wanted, targets);
+        });
+      } catch (err) {
+        throw new FsError('EIO', `${this.pathOf(inode)}: ${(err as Error).message}`, { cause: err });
+      }
       inode.inline = found;
       if (found) {
         if (copied < 0) throw new FsError('EIO', `${this.pathOf(inode)} (blob ${formatDigest(node.node.digest)}): the blob's size is not the directory's ${node.node.size}`);

@@ -1,7 +1,7 @@
 // BlobService and DirectoryService backed by a remote castore over gRPC:
 // just another backend of the same interfaces.
 import * as grpc from '@grpc/grpc-js';
-import type { BlobReader, BlobService, BlobWriter } from '../castore/blobservice.js';
+import { type BlobReader, type BlobService, type BlobWriter, verifiedStream } from '../castore/blobservice.js';
 import { type B3Digest, checkDigestLength, digestKey, formatDigest } from '../castore/digest.js';
 import { type DirectoryService, directoryDigest, readUnderDigest } from '../castore/directoryservice.js';
 import { InvalidInputError, NotFoundError } from '../castore/errors.js';
@@ -54,7 +54,7 @@ async function writeMessage(call: grpc.ClientWritableStream<unknown>, message: u
 export class GrpcBlobService implements BlobService {
   private readonly client: Client;
 
-  constructor(url: string) {
+  constructor(private readonly url: string) {
     this.client = makeClient(url, 'BlobService');
   }
 
@@ -99,7 +99,7 @@ export class GrpcBlobService implements BlobService {
       if (isNotFound(err)) return undefined;
       throw fromServiceError(err);
     }
-    return (async function* () {
+    const chunks = (async function* () {
       try {
         if (first.done) return;
         yield first.value.data;
@@ -114,6 +114,7 @@ export class GrpcBlobService implements BlobService {
         call.cancel();
       }
     })();
+    return verifiedStream(chunks, digest, `the blob service at ${this.url}`);
   }
 
   async openReader(digest: B3Digest): Promise<BlobReader | undefined> {

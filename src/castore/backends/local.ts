@@ -4,7 +4,8 @@
 //   STORE/nixcas-store          marker with the layout version
 //   STORE/blobs/ab/abcd…        one file per blob larger than SMALL_BLOB_MAX, named by the hex digest
 //   STORE/tmp/<pid>-<random>    large blobs being written
-//   STORE/metadata/             LMDB: small blobs; directories; path infos (store/backends/local.ts)
+//   STORE/metadata/             LMDB: small blobs; directories; path infos (store/backends/local.ts);
+//                               records of large blob files found intact (blob-file-record.ts)
 //
 // A large blob is written to tmp/ (blob-file.ts: past 8 MiB around the page
 // cache, with O_DIRECT), fsynced, then renamed into blobs/ and the
@@ -15,18 +16,26 @@
 // batch, after their references were checked, so a stored directory's closure
 // is always complete. LMDB commits are ordered, so a directory is never
 // durable before the small blobs it names. LMDB is multi-process safe.
+//
+// Nothing is handed out unchecked (docs/design-notes.md, "verified reads"):
+// a small blob and a directory record are hashed when read (a small blob
+// once per digest object the caller holds); a large blob's file is hashed in
+// full on first use unless its blob-files record shows it unchanged since it
+// was last found intact. A mismatch is a DataLossError.
 import { randomBytes } from 'node:crypto';
-import { close, constants, fstat, fstatSync, open, promises as fs, read, readdirSync, unlinkSync, mkdirSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { type BigIntStats, close, constants, fstat, fstatSync, open, promises as fs, read, readdirSync, unlinkSync, mkdirSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import { join } from 'node:path';
 import { type Database, type RootDatabase, open as openLmdb } from 'lmdb';
 import { type BlobFile, type BlobReader, type BlobService, type BlobWriter, type ScatterList, bufferReader, streamBlobReader } from '../blobservice.js';
 import { type B3Digest, type Blake3Hasher, blake3, createBlake3, digestKey, formatDigest } from '../digest.js';
 import { type DirectoryService, checkBatch, readUnderDigest, walkDirectories } from '../directoryservice.js';
+import { DataLossError } from '../errors.js';
 import type { Directory } from '../model.js';
 import { decodeDirectory } from '../wire.js';
 import { type NativeAddon, optionalNative } from '../../native/index.js';
 import { BlobFileWriter } from './blob-file.js';
+import { blobFileRecord } from './blob-file-record.js';
 import { lentSlabOf } from '../lent-slabs.js';
 
 const LAYOUT_MARKER = 'nixcas-store';
@@ -76,6 +85,7 @@ export class LocalStore {
   private readonly env: RootDatabase;
   private readonly directoryDb: Database<Buffer, Buffer>;
   private readonly smallBlobDb: Database<Buffer, Buffer>;
+  private readonly blobFileDb: Database<Buffer, Buffer>;
   private users = 0;
 
   /**
@@ -116,6 +126,7 @@ export class LocalStore {
     this.readOnly = readOnly;
     this.directoryDb = this.openBinary('directories');
     this.smallBlobDb = this.openBinary('small-blobs');
+    this.blobFileDb = this.openBinary('blob-files');
   }
 
   private readonly readOnly: boolean;
@@ -200,13 +211,13 @@ export class LocalStore {
   /** A BlobService on the store at `root`; closing it releases the store. */
   static blobService(root: string, options: OpenOptions = {}): LocalBlobService {
     const store = LocalStore.acquire(root, options.create ?? true);
-    return new LocalBlobService(root, store.smallBlobDb, () => store.release());
+    return new LocalBlobService(root, store.smallBlobDb, store.blobFileDb, !store.readOnly, () => store.release());
   }
 
   /** A DirectoryService on the store at `root`; closing it releases the store. */
   static directoryService(root: string, options: OpenOptions = {}): LocalDirectoryService {
     const store = LocalStore.acquire(root, options.create ?? true);
-    return new LocalDirectoryService(store.directoryDb, () => store.release());
+    return new LocalDirectoryService(root, store.directoryDb, () => store.release());
   }
 
   /**
@@ -229,14 +240,70 @@ export class LocalStore {
   }
 }
 
+/** Whether reads are checked; NIXCAS_VERIFY_READS=0 is for measuring what the checks cost (bench/), nothing else. */
+export const VERIFY_READS = process.env.NIXCAS_VERIFY_READS !== '0';
+/** Large blob files found intact by a process that cannot record it (a read-only store): remembered up to this many. */
+const REMEMBERED_FILES = 65536;
+
 export class LocalBlobService implements BlobService {
   private readonly knownPrefixDirs = new Set<string>();
+  /** Digest objects whose small blob was checked: a caller that keeps its digest (a decoded directory) pays once. */
+  private readonly checkedSmall = new WeakSet<Uint8Array>();
+  /** Files found intact here, by hex digest: the record they had then. */
+  private readonly checkedFiles = new Map<string, Buffer>();
 
   constructor(
     private readonly root: string,
     private readonly smallBlobs: Database<Buffer, Buffer>,
+    private readonly fileRecords: Database<Buffer, Buffer>,
+    private readonly writable: boolean,
     readonly onClose?: () => Promise<void>,
   ) {}
+
+  /** `data`, the small blob stored under `digest`, unless it does not hash to it. */
+  private checkedSmallBlob(digest: B3Digest, data: Buffer): Buffer {
+    if (!VERIFY_READS || this.checkedSmall.has(digest)) return data;
+    if (!hashesTo(data, digest)) {
+      throw new DataLossError(
+        `the store at ${this.root} is damaged: small blob ${formatDigest(digest)} (${data.length} bytes, in metadata/) does not hash to its digest; ` +
+          'nothing of it was served, and whatever holds it must be imported again',
+      );
+    }
+    this.checkedSmall.add(digest);
+    return data;
+  }
+
+  /**
+   * Makes sure the open file `fd` of a large blob holds what `digest` names:
+   * at once when its record says it is unchanged since it was found intact,
+   * otherwise by hashing it in full (then recorded, when this process may).
+   */
+  private async checkFile(fd: number, digest: B3Digest): Promise<void> {
+    if (!VERIFY_READS) return;
+    const record = blobFileRecord(fstatSync(fd, { bigint: true }));
+    const stored = this.fileRecords.getBinaryFast(digest);
+    if (stored && record.equals(stored.subarray(0, stored.length))) return;
+    const key = digestKey(digest);
+    if (this.checkedFiles.get(key)?.equals(record)) return;
+    const found = await hashFile(fd);
+    if (!found.equals(digest)) {
+      throw new DataLossError(
+        `the store at ${this.root} is damaged: blob ${formatDigest(digest)} (file ${this.pathOf(digest)}, ${record.readBigUInt64LE(16)} bytes) ` +
+          `does not hash to its digest (it hashes to ${formatDigest(found)}); nothing of it was served, and whatever holds it must be imported again`,
+      );
+    }
+    this.rememberFile(digest, key, record);
+  }
+
+  private rememberFile(digest: B3Digest, key: string, record: Buffer): void {
+    if (this.writable) {
+      // A record that does not make it to disk (a full disk) only means hashing the file again later.
+      this.fileRecords.put(digest, record).catch(() => {});
+      return;
+    }
+    if (this.checkedFiles.size >= REMEMBERED_FILES) this.checkedFiles.delete(this.checkedFiles.keys().next().value!);
+    this.checkedFiles.set(key, record);
+  }
 
   private pathOf(digest: B3Digest): string {
     const hex = digestKey(digest);
@@ -265,13 +332,26 @@ export class LocalBlobService implements BlobService {
     // `length` is set to the value's size but the array is larger, so take a view.
     const contents = this.smallBlobs.getBinaryFast(digest);
     if (!contents) return false;
-    use(contents.subarray(0, contents.length));
+    use(this.checkedSmallBlob(digest, contents.subarray(0, contents.length)));
     return true;
   }
 
   async openReader(digest: B3Digest): Promise<BlobReader | undefined> {
     const small = this.smallBlobs.get(digest);
-    if (small) return bufferReader(small);
+    if (small) return bufferReader(this.checkedSmallBlob(digest, small));
+    const fd = await this.openCheckedFile(digest);
+    return fd === undefined ? undefined : fileReader(fd);
+  }
+
+  async openFile(digest: B3Digest): Promise<BlobFile | undefined> {
+    if (this.smallBlobs.get(digest)) return undefined;
+    const fd = await this.openCheckedFile(digest);
+    if (fd === undefined) return undefined;
+    return { fd, size: fstatSync(fd).size, close: () => new Promise<void>((resolve) => close(fd, () => resolve())) };
+  }
+
+  /** The large blob's file, open and checked (checkFile); undefined when there is none. */
+  private async openCheckedFile(digest: B3Digest): Promise<number | undefined> {
     let fd: number;
     try {
       fd = await openFd(this.pathOf(digest));
@@ -279,22 +359,18 @@ export class LocalBlobService implements BlobService {
       if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
       throw err;
     }
-    return fileReader(fd);
-  }
-
-  async openFile(digest: B3Digest): Promise<BlobFile | undefined> {
-    if (this.smallBlobs.get(digest)) return undefined;
     try {
-      const fd = await openFd(this.pathOf(digest));
-      return { fd, size: (await fstatFd(fd)).size, close: () => new Promise<void>((resolve) => close(fd, () => resolve())) };
+      await this.checkFile(fd, digest);
+      return fd;
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+      close(fd, () => {});
       throw err;
     }
   }
 
   async readStream(digest: B3Digest, chunkSize?: number) {
-    const small = this.smallBlobs.get(digest);
+    const found = this.smallBlobs.get(digest);
+    const small = found && this.checkedSmallBlob(digest, found);
     if (small && small.length <= (chunkSize ?? Infinity)) return (async function* () { yield small; })();
     const reader = await this.openReader(digest);
     return reader && streamBlobReader(reader, chunkSize);
@@ -339,6 +415,9 @@ export class LocalBlobService implements BlobService {
     } finally {
       await dir.close();
     }
+    // Hashed as it was written, so intact as it is now (the rename changed its ctime: stat after it).
+    const stats = (await fs.stat(finalPath, { bigint: true })) as BigIntStats;
+    this.rememberFile(digest, digestKey(digest), blobFileRecord(stats));
   }
 
   async close() {
@@ -448,18 +527,24 @@ class LocalBlobWriter implements BlobWriter {
 }
 
 export class LocalDirectoryService implements DirectoryService {
-  constructor(private readonly db: Database<Buffer, Buffer>, readonly onClose?: () => Promise<void>) {}
+  constructor(private readonly root: string, private readonly db: Database<Buffer, Buffer>, readonly onClose?: () => Promise<void>) {}
 
   async get(digest: B3Digest): Promise<Directory | undefined> {
     const encoded = this.db.get(digest);
     if (!encoded) return undefined;
+    if (VERIFY_READS && !hashesTo(encoded, digest)) {
+      throw new DataLossError(
+        `the store at ${this.root} is damaged: directory ${formatDigest(digest)} (${encoded.length} bytes, in metadata/) does not hash to its digest; ` +
+          'whatever holds it must be imported again',
+      );
+    }
     let directory: Directory;
     try {
       directory = decodeDirectory(encoded);
     } catch (err) {
       throw new Error(`directory ${formatDigest(digest)} is malformed (${(err as Error).message}): the store is damaged`);
     }
-    // Stored only after its digest was checked (put), so the key is its digest.
+    // Its bytes hash to the key (checked above): the key is its digest.
     return readUnderDigest(directory, digest);
   }
 
@@ -522,10 +607,6 @@ function checkedRead(n: number): number {
 const EOPNOTSUPP = osConstants.errno.EOPNOTSUPP;
 let noWaitUnsupported = false;
 
-function fstatFd(fd: number): Promise<{ size: number }> {
-  return new Promise((resolve, reject) => fstat(fd, (err, stats) => (err ? reject(err) : resolve(stats))));
-}
-
 function openFd(path: string): Promise<number> {
   return new Promise((resolve, reject) => open(path, constants.O_RDONLY, (err, fd) => (err ? reject(err) : resolve(fd))));
 }
@@ -551,4 +632,24 @@ function fileReader(fd: number): BlobReader {
     },
     close: () => (closed ??= new Promise<void>((resolve) => close(fd, () => resolve()))),
   };
+}
+
+/** Whether `data` hashes to `digest`, without making a digest Buffer where the addon is there. */
+function hashesTo(data: Uint8Array, digest: B3Digest): boolean {
+  const addon = optionalNative();
+  return addon ? addon.blake3Matches(data, digest) : blake3(data).equals(digest);
+}
+
+const HASH_STEP = 1024 * 1024;
+
+/** The BLAKE3 of a whole open file, read in steps through libuv's pool. */
+async function hashFile(fd: number): Promise<B3Digest> {
+  const hasher = createBlake3();
+  const step = Buffer.allocUnsafe(HASH_STEP);
+  for (let position = 0; ; ) {
+    const n = await new Promise<number>((resolve, reject) => read(fd, step, 0, step.length, position, (err, bytes) => (err ? reject(err) : resolve(bytes))));
+    if (n === 0) return hasher.digest();
+    hasher.update(step.subarray(0, n));
+    position += n;
+  }
 }

@@ -4,7 +4,7 @@ import { createHash } from 'node:crypto';
 import { type BlobService, DEFAULT_CHUNK_SIZE, streamBlobReader } from '../../castore/blobservice.js';
 import { digestKey, formatDigest } from '../../castore/digest.js';
 import { type DirectoryService, directoryDigest } from '../../castore/directoryservice.js';
-import { NotFoundError } from '../../castore/errors.js';
+import { DataLossError, NotFoundError } from '../../castore/errors.js';
 import type { Directory, DirectoryNode, FileNode, Node } from '../../castore/model.js';
 import { displayName, sortedEntries } from '../../castore/model.js';
 import { NarEncoder, type SlabSource } from './encoder.js';
@@ -150,7 +150,12 @@ export async function* renderNar(root: Node, services: CastoreServices, options:
       stack.push({ entries: sortedEntries(listing), next: 0 });
     } else {
       if (node.kind === 'file') {
-        if (range || !inlineFile(node.node)) yield* file(node.node);
+        try {
+          if (range || !inlineFile(node.node)) yield* file(node.node);
+        } catch (err) {
+          // The blob service names the damaged blob; the path names the file that holds it.
+          throw err instanceof DataLossError ? new DataLossError(`${here()}: ${err.message}`, { cause: err }) : err;
+        }
       }
       else encoder.symlink(node.node.target);
       if (out.length) yield* out.splice(0);

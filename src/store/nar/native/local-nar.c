@@ -29,6 +29,7 @@
 #include <unistd.h>
 
 #include "lmdb.h"
+#include "../../../native/blake3.h"
 
 #define OUTPUT_BUFFER (1024 * 1024)
 #define DIGEST_LENGTH 32
@@ -36,6 +37,10 @@
 #define SENDFILE_MIN (64 * 1024)
 #define SENDFILE_SLICE (16 * 1024 * 1024)
 #define PATH_INFO_FORMAT 1
+/** The blob-files record (src/castore/backends/blob-file-record.ts): version, then inode, size, mtime and ctime in ns. */
+#define BLOB_FILE_RECORD_VERSION 1
+#define BLOB_FILE_RECORD_LENGTH 40
+#define HASH_STEP (1024 * 1024)
 
 /* ---------- results ---------- */
 
@@ -511,6 +516,10 @@ typedef struct render {
   MDB_dbi directories;
   MDB_dbi small_blobs;
   int has_small_blobs;
+  MDB_dbi blob_files;
+  int has_blob_files;
+  /** Whether records and blobs are checked against their digests (NIXCAS_VERIFY_READS=0 is for benchmarks). */
+  int verify;
   output_t out;
   failure_t *failure;
   // The names from the root to the node being rendered, for messages.
@@ -547,8 +556,65 @@ static int blob_missing(render_t *render, const entry_t *file) {
 static int wrong_size(render_t *render, const entry_t *file, uint64_t actual) {
   char digest[64];
   format_digest(file->digest, digest);
-  return fail(render->failure, "%s: blob %s has %llu bytes, its node says %llu", here(render), digest, (unsigned long long)actual,
-              (unsigned long long)file->size);
+  return fail(render->failure, "the store at %s is damaged: %s: blob %s has %llu bytes, its node says %llu", render->store_root, here(render), digest,
+              (unsigned long long)actual, (unsigned long long)file->size);
+}
+
+static int damaged(render_t *render, const char *what, const unsigned char *digest, const char *where) {
+  char text[64];
+  format_digest(digest, text);
+  return fail(render->failure, "the store at %s is damaged: %s: %s %s (%s) does not hash to its digest; whatever holds it must be imported again",
+              render->store_root, here(render), what, text, where);
+}
+
+static int hashes_to(const void *data, size_t length, const unsigned char *digest) {
+  uint8_t found[BLAKE3_OUT_LEN];
+  nixcas_blake3(data, length, found);
+  return memcmp(found, digest, BLAKE3_OUT_LEN) == 0;
+}
+
+static void put_u64_le(unsigned char *at, uint64_t value) {
+  for (int i = 0; i < 8; i++) at[i] = (unsigned char)(value >> (8 * i));
+}
+
+/**
+ * Checks a large blob's open file as castore/backends/local.ts does: its
+ * blob-files record matching the file's identity vouches for it, otherwise
+ * it is hashed in full before any of it is sent.
+ */
+static int check_blob_file(render_t *render, const entry_t *file, int fd, const struct stat *st, const char *path) {
+  unsigned char record[BLOB_FILE_RECORD_LENGTH] = {BLOB_FILE_RECORD_VERSION};
+  put_u64_le(record + 8, (uint64_t)st->st_ino);
+  put_u64_le(record + 16, (uint64_t)st->st_size);
+  put_u64_le(record + 24, (uint64_t)st->st_mtim.tv_sec * 1000000000u + (uint64_t)st->st_mtim.tv_nsec);
+  put_u64_le(record + 32, (uint64_t)st->st_ctim.tv_sec * 1000000000u + (uint64_t)st->st_ctim.tv_nsec);
+  if (render->has_blob_files) {
+    MDB_val key = {DIGEST_LENGTH, (void *)file->digest}, value;
+    if (mdb_get(render->txn, render->blob_files, &key, &value) == 0 && value.mv_size == BLOB_FILE_RECORD_LENGTH &&
+        memcmp(value.mv_data, record, BLOB_FILE_RECORD_LENGTH) == 0) {
+      return 0;
+    }
+  }
+  unsigned char *step = malloc(HASH_STEP);
+  if (!step) return fail(render->failure, "out of memory");
+  nixcas_blake3_t hasher;
+  nixcas_blake3_init(&hasher);
+  for (off_t offset = 0;;) {
+    ssize_t n = pread(fd, step, HASH_STEP, offset);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      free(step);
+      return fail(render->failure, "%s: reading %s: %s", here(render), path, strerror(errno));
+    }
+    if (n == 0) break;
+    nixcas_blake3_update(&hasher, step, (size_t)n);
+    offset += n;
+  }
+  free(step);
+  uint8_t found[BLAKE3_OUT_LEN];
+  nixcas_blake3_final(&hasher, found);
+  if (memcmp(found, file->digest, BLAKE3_OUT_LEN) != 0) return damaged(render, "blob", file->digest, path);
+  return 0;
 }
 
 static int render_file(render_t *render, const entry_t *file) {
@@ -561,6 +627,7 @@ static int render_file(render_t *render, const entry_t *file) {
     int rc = render->has_small_blobs ? mdb_get(render->txn, render->small_blobs, &key, &value) : MDB_NOTFOUND;
     if (rc == 0) {
       if (value.mv_size != file->size) return wrong_size(render, file, value.mv_size);
+      if (render->verify && !hashes_to(value.mv_data, value.mv_size, file->digest)) return damaged(render, "small blob", file->digest, "in metadata/");
       if (put_bytes(out, value.mv_data, value.mv_size)) return FAILED;
     } else if (rc != MDB_NOTFOUND) {
       return fail(render->failure, "%s: reading a small blob: %s", here(render), mdb_strerror(rc));
@@ -577,6 +644,7 @@ static int render_file(render_t *render, const entry_t *file) {
       struct stat st;
       int result = fstat(fd, &st) ? fail(render->failure, "%s: %s: %s", here(render), path, strerror(errno))
                    : (uint64_t)st.st_size != file->size ? wrong_size(render, file, (uint64_t)st.st_size)
+                   : render->verify && check_blob_file(render, file, fd, &st, path) ? FAILED
                    : put_file_contents(out, fd, file->size, render);
       close(fd);
       if (result) return FAILED;
@@ -620,6 +688,7 @@ static int open_directory(render_t *render, const entry_t *node, level_t *level)
     return fail(render->failure, "%s: directory %s is missing", here(render), digest);
   }
   if (rc) return fail(render->failure, "%s: reading a directory: %s", here(render), mdb_strerror(rc));
+  if (render->verify && !hashes_to(value.mv_data, value.mv_size, node->digest)) return damaged(render, "directory", node->digest, "in metadata/");
   if (decode_directory(value.mv_data, value.mv_size, &level->entries, &level->count)) {
     format_digest(node->digest, digest);
     return fail(render->failure, "%s: directory %s is malformed or breaks the castore rules", here(render), digest);
@@ -747,6 +816,11 @@ static int render_local_nar(const char *store_root, const wanted_path_t *wanted,
   rc = mdb_dbi_open(txn, "small-blobs", 0, &render.small_blobs);
   if (rc && rc != MDB_NOTFOUND) goto done;
   render.has_small_blobs = rc == 0;
+  rc = mdb_dbi_open(txn, "blob-files", 0, &render.blob_files);
+  if (rc && rc != MDB_NOTFOUND) goto done;
+  render.has_blob_files = rc == 0;
+  const char *verify = getenv("NIXCAS_VERIFY_READS");
+  render.verify = !(verify && strcmp(verify, "0") == 0);
   render.txn = txn;
   MDB_val key = {wanted->digest_length, (void *)wanted->digest}, value;
   rc = mdb_get(txn, path_infos, &key, &value);
