@@ -25,7 +25,8 @@
       "sources": ["src/store/nar/native/local-nar.c", "src/native/blake3.c"],
       "include_dirs": ["node_modules/lmdb/dependencies/lmdb/libraries/liblmdb"],
       "defines": ["MDB_MAXKEYSIZE=0", "MDB_USE_ROBUST"],
-      "cflags": ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-format-truncation"]
+      "cflags": ["-O2", "-pthread", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-format-truncation"],
+      "ldflags": ["-pthread"]
     }
   ]
 }

@@ -32,6 +32,8 @@ function makeTree(): string {
   writeFileSync(join(tree, 'small'), SMALL);
   writeFileSync(join(tree, 'intact'), 'still here\n');
   for (const name of ['entry-alpha-name', DIRECTORY_ENTRY, 'entry-charlie-name']) writeFileSync(join(tree, 'sub', name), `${name}\n`);
+  // Small blobs enough (before the damaged one) that the C renderer checks them on its second thread.
+  for (let i = 0; i < 10; i++) writeFileSync(join(tree, `filler-${i}`), Buffer.alloc(40_000, 0x41 + i));
   return tree;
 }
 const tree = makeTree();

@@ -59,8 +59,8 @@ static inline uint32_t load32(const uint8_t *p) {
     G(s[3], s[4], s[9], s[14], m[order[14]], m[order[15]]); \
   } while (0)
 
-/** One compression: the first 8 words of `out` are the new chaining value. */
-static void compress(const uint32_t cv[8], const uint8_t block[BLAKE3_BLOCK_LEN], uint8_t block_len, uint64_t counter, uint8_t flags, uint32_t out[8]) {
+/** One compression, one word at a time: the first 8 words of `out` are the new chaining value. */
+static void compress_words(const uint32_t cv[8], const uint8_t block[BLAKE3_BLOCK_LEN], uint8_t block_len, uint64_t counter, uint8_t flags, uint32_t out[8]) {
   uint32_t m[16];
   for (int i = 0; i < 16; i++) m[i] = load32(block + 4 * i);
   uint32_t s[16] = {
@@ -70,6 +70,42 @@ static void compress(const uint32_t cv[8], const uint8_t block[BLAKE3_BLOCK_LEN]
   ROUND(s, m, 0); ROUND(s, m, 1); ROUND(s, m, 2); ROUND(s, m, 3); ROUND(s, m, 4); ROUND(s, m, 5); ROUND(s, m, 6);
   for (int i = 0; i < 8; i++) out[i] = s[i] ^ s[i + 8];
 }
+
+// One compression with the state's four rows in vectors: the column step,
+// then the rows rotated so that the diagonals line up as columns.
+typedef uint32_t row_t __attribute__((vector_size(16)));
+#define DEFINE_COMPRESS_ROWS(NAME, TARGET) \
+  TARGET static void NAME(const uint32_t cv[8], const uint8_t block[BLAKE3_BLOCK_LEN], uint8_t block_len, uint64_t counter, uint8_t flags, uint32_t out[8]) { \
+    uint32_t m[16]; \
+    memcpy(m, block, sizeof m); \
+    row_t a = {cv[0], cv[1], cv[2], cv[3]}, b = {cv[4], cv[5], cv[6], cv[7]}; \
+    row_t c = {IV[0], IV[1], IV[2], IV[3]}, d = {(uint32_t)counter, (uint32_t)(counter >> 32), block_len, flags}; \
+    for (int r = 0; r < 7; r++) { \
+      const uint8_t *o = SCHEDULE[r]; \
+      row_t x = {m[o[0]], m[o[2]], m[o[4]], m[o[6]]}, y = {m[o[1]], m[o[3]], m[o[5]], m[o[7]]}; \
+      G(a, b, c, d, x, y); \
+      b = __builtin_shuffle(b, (row_t){1, 2, 3, 0}); \
+      c = __builtin_shuffle(c, (row_t){2, 3, 0, 1}); \
+      d = __builtin_shuffle(d, (row_t){3, 0, 1, 2}); \
+      row_t z = {m[o[8]], m[o[10]], m[o[12]], m[o[14]]}, w = {m[o[9]], m[o[11]], m[o[13]], m[o[15]]}; \
+      G(a, b, c, d, z, w); \
+      b = __builtin_shuffle(b, (row_t){3, 0, 1, 2}); \
+      c = __builtin_shuffle(c, (row_t){2, 3, 0, 1}); \
+      d = __builtin_shuffle(d, (row_t){1, 2, 3, 0}); \
+    } \
+    row_t low = a ^ c, high = b ^ d; \
+    memcpy(out, &low, 16); \
+    memcpy(out + 4, &high, 16); \
+  }
+
+DEFINE_COMPRESS_ROWS(compress_rows, )
+#if defined(__x86_64__) && defined(__GNUC__)
+DEFINE_COMPRESS_ROWS(compress_rows_vl, __attribute__((target("avx512f,avx512vl"))))
+#endif
+
+typedef void compress_fn(const uint32_t cv[8], const uint8_t block[BLAKE3_BLOCK_LEN], uint8_t block_len, uint64_t counter, uint8_t flags, uint32_t out[8]);
+/** The fastest compression this CPU runs (choose_widths picks it). */
+static compress_fn *compress = compress_words;
 
 /**
  * Whole chunks hashed side by side, chunk i (numbered counter + i) at
@@ -108,6 +144,9 @@ DEFINE_HASH_CHUNKS(hash_4_chunks, 4, )
 #if defined(__x86_64__) && defined(__GNUC__)
 DEFINE_HASH_CHUNKS(hash_8_chunks, 8, __attribute__((target("avx2"))))
 DEFINE_HASH_CHUNKS(hash_16_chunks, 16, __attribute__((target("avx512f"))))
+// With AVX-512VL, narrower vectors get the one-instruction rotate too.
+DEFINE_HASH_CHUNKS(hash_4_chunks_vl, 4, __attribute__((target("avx512f,avx512vl"))))
+DEFINE_HASH_CHUNKS(hash_8_chunks_vl, 8, __attribute__((target("avx2,avx512f,avx512vl"))))
 #endif
 
 #define MAX_LANES 16
@@ -125,11 +164,16 @@ static void add_width(int lanes, hash_chunks_fn *fn) {
 }
 
 static void choose_widths(void) {
-  add_width(4, hash_4_chunks);
 #if defined(__x86_64__) && defined(__GNUC__)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2")) add_width(8, hash_8_chunks);
+  int vl = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+  compress = vl ? compress_rows_vl : compress_rows;
+  add_width(4, vl ? hash_4_chunks_vl : hash_4_chunks);
+  if (__builtin_cpu_supports("avx2")) add_width(8, vl ? hash_8_chunks_vl : hash_8_chunks);
   if (__builtin_cpu_supports("avx512f")) add_width(16, hash_16_chunks);
+#else
+  compress = compress_rows;
+  add_width(4, hash_4_chunks);
 #endif
 }
 

@@ -19,6 +19,7 @@
 #include <limits.h>
 #include <node_api.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -510,6 +511,39 @@ static int decode_root(const unsigned char *data, size_t length, entry_t *root) 
 
 /* ---------- rendering ---------- */
 
+/* ---------- checking records beside the output ---------- */
+
+// Small blobs and directory records are hashed on a second thread while the
+// NAR is written (render-alone time more than doubled when they were hashed
+// in line; docs/design-notes.md). Their bytes stay mapped for the whole read
+// transaction, and the NAR's last bytes are written only after every check
+// passed: a damaged record makes the NAR stop short with an error, never
+// complete.
+
+typedef struct {
+  const unsigned char *data;
+  size_t length;
+  const unsigned char *digest;
+  const char *what;
+  char *where; // the renderer's path when it was queued
+} check_t;
+
+typedef struct {
+  pthread_mutex_t lock;
+  pthread_cond_t wake;
+  check_t *checks;
+  size_t count, capacity, next; // next: the first check not yet taken
+  size_t queued_bytes;
+  int started, finishing;
+  size_t failed; // 1 + the index of the first check that failed, 0 while none has
+  pthread_t thread;
+} checker_t;
+
+/** Bytes queued before the second thread is started: a small NAR is checked at its end, on this one. */
+#define CHECKER_START_BYTES (256 * 1024)
+/** The worker is woken once per this many checks (and at the end), not for each. */
+#define CHECKER_WAKE_EVERY 32
+
 typedef struct render {
   const char *store_root;
   MDB_txn *txn;
@@ -520,6 +554,7 @@ typedef struct render {
   int has_blob_files;
   /** Whether records and blobs are checked against their digests (NIXCAS_VERIFY_READS=0 is for benchmarks). */
   int verify;
+  checker_t checker;
   output_t out;
   failure_t *failure;
   // The names from the root to the node being rendered, for messages.
@@ -560,17 +595,99 @@ static int wrong_size(render_t *render, const entry_t *file, uint64_t actual) {
               (unsigned long long)actual, (unsigned long long)file->size);
 }
 
-static int damaged(render_t *render, const char *what, const unsigned char *digest, const char *where) {
+static int damaged_at(render_t *render, const char *path, const char *what, const unsigned char *digest, const char *where) {
   char text[64];
   format_digest(digest, text);
   return fail(render->failure, "the store at %s is damaged: %s: %s %s (%s) does not hash to its digest; whatever holds it must be imported again",
-              render->store_root, here(render), what, text, where);
+              render->store_root, path, what, text, where);
+}
+
+static int damaged(render_t *render, const char *what, const unsigned char *digest, const char *where) {
+  return damaged_at(render, here(render), what, digest, where);
 }
 
 static int hashes_to(const void *data, size_t length, const unsigned char *digest) {
   uint8_t found[BLAKE3_OUT_LEN];
   nixcas_blake3(data, length, found);
   return memcmp(found, digest, BLAKE3_OUT_LEN) == 0;
+}
+
+/** Takes and makes queued checks until none is left (or, unless `finishing` is set, waits for more). */
+static void take_checks(checker_t *c) {
+  pthread_mutex_lock(&c->lock);
+  for (;;) {
+    while (c->next == c->count && !c->finishing) pthread_cond_wait(&c->wake, &c->lock);
+    if (c->next == c->count || c->failed) break;
+    size_t index = c->next++;
+    check_t check = c->checks[index];
+    pthread_mutex_unlock(&c->lock);
+    int intact = hashes_to(check.data, check.length, check.digest);
+    pthread_mutex_lock(&c->lock);
+    if (!intact && (!c->failed || c->failed > index + 1)) c->failed = index + 1;
+  }
+  pthread_mutex_unlock(&c->lock);
+}
+
+static void *check_in_background(void *arg) {
+  take_checks(arg);
+  return NULL;
+}
+
+/** Queues a check of `length` bytes at `data` (mapped from LMDB) against `digest`. */
+static int queue_check(render_t *render, const void *data, size_t length, const unsigned char *digest, const char *what) {
+  checker_t *c = &render->checker;
+  char *where = strdup(here(render));
+  if (!where) return fail(render->failure, "out of memory");
+  pthread_mutex_lock(&c->lock);
+  if (c->count == c->capacity) {
+    size_t capacity = c->capacity ? 2 * c->capacity : 1024;
+    check_t *grown = realloc(c->checks, capacity * sizeof *grown);
+    if (!grown) {
+      pthread_mutex_unlock(&c->lock);
+      free(where);
+      return fail(render->failure, "out of memory");
+    }
+    c->checks = grown;
+    c->capacity = capacity;
+  }
+  c->checks[c->count++] = (check_t){data, length, digest, what, where};
+  c->queued_bytes += length;
+  // Where no thread can be started, the checks are all made at the end, here.
+  if (!c->started && c->queued_bytes >= CHECKER_START_BYTES) c->started = pthread_create(&c->thread, NULL, check_in_background, c) == 0;
+  if (c->started && c->count % CHECKER_WAKE_EVERY == 0) pthread_cond_signal(&c->wake);
+  pthread_mutex_unlock(&c->lock);
+  return 0;
+}
+
+/** Waits for every queued check (making those no thread took); fails naming the first damaged record. */
+static int finish_checks(render_t *render) {
+  checker_t *c = &render->checker;
+  pthread_mutex_lock(&c->lock);
+  c->finishing = 1;
+  if (c->started) pthread_cond_signal(&c->wake);
+  pthread_mutex_unlock(&c->lock);
+  take_checks(c); // beside the worker: what is left is shared between both
+  if (c->started) pthread_join(c->thread, NULL);
+  c->started = 0;
+  if (!c->failed) return 0;
+  const check_t *bad = &c->checks[c->failed - 1];
+  return damaged_at(render, bad->where, bad->what, bad->digest, "in metadata/");
+}
+
+static void free_checks(render_t *render) {
+  checker_t *c = &render->checker;
+  if (c->started) {
+    pthread_mutex_lock(&c->lock);
+    c->finishing = 1;
+    c->failed = c->failed ? c->failed : (size_t)-1; // stop early: nothing waits for the answer
+    pthread_cond_signal(&c->wake);
+    pthread_mutex_unlock(&c->lock);
+    pthread_join(c->thread, NULL);
+  }
+  for (size_t i = 0; i < c->count; i++) free(c->checks[i].where);
+  free(c->checks);
+  pthread_mutex_destroy(&c->lock);
+  pthread_cond_destroy(&c->wake);
 }
 
 static void put_u64_le(unsigned char *at, uint64_t value) {
@@ -627,7 +744,7 @@ static int render_file(render_t *render, const entry_t *file) {
     int rc = render->has_small_blobs ? mdb_get(render->txn, render->small_blobs, &key, &value) : MDB_NOTFOUND;
     if (rc == 0) {
       if (value.mv_size != file->size) return wrong_size(render, file, value.mv_size);
-      if (render->verify && !hashes_to(value.mv_data, value.mv_size, file->digest)) return damaged(render, "small blob", file->digest, "in metadata/");
+      if (render->verify && queue_check(render, value.mv_data, value.mv_size, file->digest, "small blob")) return FAILED;
       if (put_bytes(out, value.mv_data, value.mv_size)) return FAILED;
     } else if (rc != MDB_NOTFOUND) {
       return fail(render->failure, "%s: reading a small blob: %s", here(render), mdb_strerror(rc));
@@ -688,7 +805,7 @@ static int open_directory(render_t *render, const entry_t *node, level_t *level)
     return fail(render->failure, "%s: directory %s is missing", here(render), digest);
   }
   if (rc) return fail(render->failure, "%s: reading a directory: %s", here(render), mdb_strerror(rc));
-  if (render->verify && !hashes_to(value.mv_data, value.mv_size, node->digest)) return damaged(render, "directory", node->digest, "in metadata/");
+  if (render->verify && queue_check(render, value.mv_data, value.mv_size, node->digest, "directory")) return FAILED;
   if (decode_directory(value.mv_data, value.mv_size, &level->entries, &level->count)) {
     format_digest(node->digest, digest);
     return fail(render->failure, "%s: directory %s is malformed or breaks the castore rules", here(render), digest);
@@ -803,6 +920,8 @@ static int render_local_nar(const char *store_root, const wanted_path_t *wanted,
   int result = USE_FALLBACK;
   MDB_txn *txn = NULL;
   render_t render = {.store_root = store_root, .failure = failure};
+  pthread_mutex_init(&render.checker.lock, NULL);
+  pthread_cond_init(&render.checker.wake, NULL);
   if (mdb_env_set_maxdbs(env, 12) || mdb_env_open(env, metadata, MDB_RDONLY | MDB_NOTLS, 0644)) goto done;
   int rc = mdb_txn_begin(env, NULL, MDB_RDONLY, &txn);
   if (rc == MDB_MAP_RESIZED) { // another process grew the map since it was opened
@@ -835,10 +954,12 @@ static int render_local_nar(const char *store_root, const wanted_path_t *wanted,
   render.out = (output_t){.fd = fd, .buffer = malloc(OUTPUT_BUFFER), .failure = failure, .sendfile_works = 1};
   widen_pipe(fd);
   if (!render.out.buffer) goto done;
-  result = render_root(&render, &root) || flush_output(&render.out) ? FAILED : RENDERED;
+  // The NAR's last bytes are still in the buffer: they go out only once every record checked out.
+  result = render_root(&render, &root) || finish_checks(&render) || flush_output(&render.out) ? FAILED : RENDERED;
 done:
   free(render.out.buffer);
   free(render.path);
+  free_checks(&render);
   if (txn) mdb_txn_abort(txn);
   mdb_env_close(env);
   return result;
