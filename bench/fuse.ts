@@ -19,7 +19,8 @@ const SQUASHFS_OPTIONS = ['-noI', '-noD', '-noF', '-noX', '-no-xattrs'];
 /** A run that takes longer than this is a hang: it is killed and the bench fails. */
 const RUN_TIMEOUT_MS = Number(process.env.BENCH_FUSE_TIMEOUT_S ?? 600) * 1000;
 
-type Side = 'ours' | 'peer';
+/** unverified: a second nixcas mount with NIXCAS_VERIFY_READS=0, for what verified reads cost. */
+type Side = 'ours' | 'peer' | 'unverified';
 
 // ---------------------------------------------------------------- tools
 
@@ -85,8 +86,8 @@ export function pageOutMappedFiles(pid: number, dir: string): number {
 }
 
 /** Everything the servers could have cached about the trees is gone after this. */
-function makeCold(mounts: Record<Side, Mount>, work: string): void {
-  for (const mount of Object.values(mounts)) pageOutMappedFiles(mount.child.pid!, work);
+function makeCold(mounts: Partial<Record<Side, Mount>>, work: string): void {
+  for (const mount of Object.values(mounts)) pageOutMappedFiles(mount!.child.pid!, work);
   dropCaches();
 }
 
@@ -212,9 +213,9 @@ function isMounted(mountpoint: string): boolean {
 }
 
 /** Starts a FUSE server that stays in the foreground; resolves once `ready` says it is mounted. */
-function startMount(label: string, command: string, args: string[], mountpoint: string, ready: (stderr: string) => boolean): Promise<Mount> {
+function startMount(label: string, command: string, args: string[], mountpoint: string, ready: (stderr: string) => boolean, env = process.env): Promise<Mount> {
   mkdirSync(mountpoint, { recursive: true });
-  const child = spawn(command, args, { stdio: ['ignore', 'ignore', 'pipe'] });
+  const child = spawn(command, args, { stdio: ['ignore', 'ignore', 'pipe'], env });
   let stderr = '';
   child.stderr!.on('data', (d) => (stderr += d));
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code, signal) => resolve(code ?? (signal ? -1 : null))));
@@ -233,8 +234,8 @@ function startMount(label: string, command: string, args: string[], mountpoint: 
   });
 }
 
-function mountNixcas(cli: string, store: string, mountpoint: string): Promise<Mount> {
-  return startMount('nixcas mount', process.execPath, [cli, 'mount', mountpoint, '--store', store], mountpoint, (err) => err.includes('mounted at'));
+function mountNixcas(cli: string, store: string, mountpoint: string, env = process.env): Promise<Mount> {
+  return startMount('nixcas mount', process.execPath, [cli, 'mount', mountpoint, '--store', store], mountpoint, (err) => err.includes('mounted at'), env);
 }
 
 function mountSquashfuse(image: string, mountpoint: string): Promise<Mount> {
@@ -324,10 +325,11 @@ interface Workload {
 
 /** Median rate of each side over `repeats` runs, alternating who goes first. */
 async function measure(workload: Workload, mounts: Record<Side, Mount>, work: string, repeats: number, cold: boolean): Promise<Record<Side, number>> {
-  const rates: Record<Side, number[]> = { ours: [], peer: [] };
-  if (!cold) for (const who of ['ours', 'peer'] as const) await timedShell(workload.script, mounts[who].mountpoint); // warm-up
+  const sides: Side[] = ['ours', 'peer', 'unverified'];
+  const rates: Record<Side, number[]> = { ours: [], peer: [], unverified: [] };
+  if (!cold) for (const who of sides) await timedShell(workload.script, mounts[who].mountpoint); // warm-up
   for (let i = 0; i < repeats; i++) {
-    const order = i % 2 === 0 ? (['ours', 'peer'] as const) : (['peer', 'ours'] as const);
+    const order = i % 2 === 0 ? sides : [...sides].reverse();
     for (const who of order) {
       if (cold) makeCold(mounts, work);
       const run = await timedShell(workload.script, mounts[who].mountpoint);
@@ -336,12 +338,12 @@ async function measure(workload: Workload, mounts: Record<Side, Mount>, work: st
   }
   // This VM's cold runs vary a lot (for both sides): keep the spread in the log.
   const spread = (who: Side) => `${Math.min(...rates[who]).toFixed(0)}–${Math.max(...rates[who]).toFixed(0)}`;
-  console.error(`bench fuse:   ${workload.unit}: nixcas ${spread('ours')}, squashfuse_ll ${spread('peer')} (${repeats} runs each)`);
-  return { ours: median(rates.ours), peer: median(rates.peer) };
+  console.error(`bench fuse:   ${workload.unit}: nixcas ${spread('ours')}, squashfuse_ll ${spread('peer')}, nixcas unverified ${spread('unverified')} (${repeats} runs each)`);
+  return { ours: median(rates.ours), peer: median(rates.peer), unverified: median(rates.unverified) };
 }
 
 function expectEqual(what: string, got: number, expected: number, who: Side): number {
-  if (got !== expected) throw new Error(`${what} on ${who === 'ours' ? 'nixcas mount' : 'squashfuse_ll'}: got ${got}, expected ${expected}`);
+  if (got !== expected) throw new Error(`${what} on ${{ ours: 'nixcas mount', peer: 'squashfuse_ll', unverified: 'the unverified nixcas mount' }[who]}: got ${got}, expected ${expected}`);
   return got;
 }
 
@@ -380,19 +382,22 @@ export async function benchFuse(rows: Row[], work: string, repeats: number, cli:
     started.push(ours);
     const peer = await mountSquashfuse(image, join(work, 'mnt-squashfuse'));
     started.push(peer);
-    const mounts = { ours, peer };
+    const unverified = await mountNixcas(cli, store, join(work, 'mnt-unverified'), { ...process.env, NIXCAS_VERIFY_READS: '0' });
+    started.push(unverified);
+    const mounts = { ours, peer, unverified };
 
     // Same bytes on both sides as in the source trees, before timing anything.
     console.error('bench fuse: checking that both mounts show the source trees');
     for (const name of [smallName, largeName, wideName]) {
       const source = await treeDigest(join(trees, name));
-      for (const who of ['ours', 'peer'] as const) {
+      for (const who of ['ours', 'peer', 'unverified'] as const) {
         if ((await treeDigest(join(mounts[who].mountpoint, name))) !== source) throw new Error(`${name} differs from its source on ${mounts[who].label}`);
       }
     }
 
     // The check above read everything: say how much of it nixcas keeps mapped (and so resident).
     const mappedMb = pageOutMappedFiles(ours.child.pid!, work);
+    pageOutMappedFiles(unverified.child.pid!, work);
     console.error(`bench fuse: nixcas mount had ${mappedMb.toFixed(0)} MB of its store mapped; paged out before every cold run`);
 
     // tar's byte count depends only on names, sizes and kinds, which both sides share;
@@ -443,6 +448,14 @@ export async function benchFuse(rows: Row[], work: string, repeats: number, cli:
           peerName: 'squashfuse_ll, uncompressed image',
           // Targets are for cold runs; warm ones mostly measure the kernel's caches.
           target: cold ? workload.target : undefined,
+        });
+        rows.push({
+          capability: `what verified reads cost: FUSE ${workload.label}, ${cold ? 'cold' : 'warm'}`,
+          ours: rate.ours,
+          peer: rate.unverified,
+          unit: workload.unit,
+          peerName: 'nixcas mount with NIXCAS_VERIFY_READS=0',
+          target: 0.9,
         });
       }
     }

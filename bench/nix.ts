@@ -152,10 +152,12 @@ export async function benchNix(rows: Row[], work: string, repeats: number, cli: 
   // TypeScript renderer an error. That renderer (the daemon's and nar-bridge's) gets its own row.
   const NATIVE = { NIXCAS_NATIVE_NAR: '1' };
   const TYPESCRIPT = { NIXCAS_NATIVE_NAR: '0' };
+  // The same renderers with reads unchecked: what verification (docs/design-notes.md, "verified reads") costs.
+  const UNVERIFIED = { NIXCAS_VERIFY_READS: '0' };
 
   for (const tree of cases) {
     const importTimes = { ours: [] as number[], peer: [] as number[], peerDurable: [] as number[] };
-    const narTimes = { ours: [] as number[], peer: [] as number[], typescript: [] as number[] };
+    const narTimes = { ours: [] as number[], peer: [] as number[], typescript: [] as number[], unverified: [] as number[], typescriptUnverified: [] as number[] };
     const trivialTimes = { ours: [] as number[], peer: [] as number[] };
     const pipedTimes = { ours: [] as number[], peer: [] as number[] };
     const coldTimes = { ours: [] as number[], peer: [] as number[] };
@@ -223,6 +225,8 @@ export async function benchNix(rows: Row[], work: string, repeats: number, cli: 
           narTimes.typescript.push(typescript.seconds);
           memory.narRss = Math.max(memory.narRss, typescript.peakRssMb);
           memory.narAnon = Math.max(memory.narAnon, typescript.peakAnonMb);
+          narTimes.unverified.push((await timed(process.execPath, [cli, 'nar', '--store', store, storePath], '/dev/null', { ...NATIVE, ...UNVERIFIED })).seconds);
+          narTimes.typescriptUnverified.push((await timed(process.execPath, [cli, 'nar', '--store', store, storePath], '/dev/null', { ...TYPESCRIPT, ...UNVERIFIED })).seconds);
         } else {
           narTimes.peer.push((await timed('nix-store', ['--dump', storePath])).seconds);
         }
@@ -262,6 +266,13 @@ export async function benchNix(rows: Row[], work: string, repeats: number, cli: 
       ours: mb / median(narTimes.typescript), peer: mb / median(narTimes.peer), unit: 'MB/s',
       peerName: 'nix-store --dump', note: "the daemon's and nar-bridge's renderer, cold",
     });
+    for (const [renderer, checked, unchecked] of [['native', narTimes.ours, narTimes.unverified], ['TypeScript', narTimes.typescript, narTimes.typescriptUnverified]] as const) {
+      rows.push({
+        capability: `what verified reads cost: NAR rendering by the ${renderer} renderer, ${tree.label}`,
+        ours: mb / median(checked), peer: mb / median(unchecked), unit: 'MB/s',
+        peerName: 'the same with NIXCAS_VERIFY_READS=0', target: 0.9,
+      });
+    }
     const alone = (who: 'ours' | 'peer') => mb / Math.max(1e-3, median(narTimes[who]) - median(trivialTimes[who]));
     rows.push({
       capability: `NAR rendering alone (start-up subtracted), ${tree.label}`,

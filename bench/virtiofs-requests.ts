@@ -37,7 +37,8 @@ const S_IFMT = 0o170000;
 const S_IFREG = 0o100000;
 const S_IFDIR = 0o040000;
 
-export type Side = 'nixcas' | 'virtiofsd';
+/** nixcas-unverified: nixcas with NIXCAS_VERIFY_READS=0, for what verified reads cost. */
+export type Side = 'nixcas' | 'nixcas-unverified' | 'virtiofsd';
 
 // ---------------------------------------------------------------- the tree
 
@@ -171,6 +172,7 @@ interface Expect {
 const EXPECT: Record<Side, Expect> = {
   // The store's rules: files 0444 (0555 when executable), directories 0555.
   nixcas: { fileMode: (m) => S_IFREG | (m & 0o100 ? 0o555 : 0o444), dirMode: () => S_IFDIR | 0o555 },
+  'nixcas-unverified': { fileMode: (m) => S_IFREG | (m & 0o100 ? 0o555 : 0o444), dirMode: () => S_IFDIR | 0o555 },
   // Passthrough: the host's own modes.
   virtiofsd: { fileMode: (m) => m, dirMode: (m) => m },
 };
@@ -502,7 +504,7 @@ const WORKLOADS = [getattr, lookup, readWorkload(false), readWorkload(true), rea
   },
 );
 /** For profiling: BENCH_VIRTIOFS_REQUESTS_SIDES=nixcas, and node's own flags for it (e.g. --cpu-prof) in BENCH_VIRTIOFS_REQUESTS_NODE_ARGS. */
-const SIDES = (process.env.BENCH_VIRTIOFS_REQUESTS_SIDES?.split(',') ?? ['nixcas', 'virtiofsd']) as Side[];
+const SIDES = (process.env.BENCH_VIRTIOFS_REQUESTS_SIDES?.split(',') ?? ['nixcas', 'nixcas-unverified', 'virtiofsd']) as Side[];
 
 // ---------------------------------------------------------------- measuring
 
@@ -549,7 +551,7 @@ async function measureSide(side: Side, backend: Backend, tree: Tree, share: stri
         if (now.anon + now.file > rss[side].anon + rss[side].file) rss[side] = now;
         const ops = workload.unit === 'file' ? Math.min(count, SMALL_FILES) : result.requests;
         const key = `${workload.name}@${depth}`;
-        const entry = results.get(key) ?? { samples: { nixcas: [], virtiofsd: [] }, workload, depth };
+        const entry = results.get(key) ?? { samples: { nixcas: [], 'nixcas-unverified': [], virtiofsd: [] }, workload, depth };
         entry.samples[side].push({ ops, wallNs: result.wallNs, cpuNs: cpu, requests: result.requests, interrupts: result.interrupts, kicks: result.kicks, driverNs: (driverUsage.user + driverUsage.system) * 1000 });
         results.set(key, entry);
       }
@@ -586,15 +588,19 @@ export async function runVirtiofsRequests(work: string, repeats: number, cli: st
   readTree(join(store, 'blobs'));
   const tree: Tree = { name, ...made };
   const results = new Map<string, Measured>();
-  const rss: Record<Side, Rss> = { nixcas: { anon: 0, file: 0 }, virtiofsd: { anon: 0, file: 0 } };
+  const rss: Record<Side, Rss> = { nixcas: { anon: 0, file: 0 }, 'nixcas-unverified': { anon: 0, file: 0 }, virtiofsd: { anon: 0, file: 0 } };
   for (let round = 0; round < repeats; round++) {
-    const order: Side[] = (round % 2 === 0 ? ['nixcas', 'virtiofsd'] : ['virtiofsd', 'nixcas']).filter((side) => sides.includes(side as Side)) as Side[];
+    const all: Side[] = ['nixcas', 'virtiofsd', 'nixcas-unverified'];
+    const order = (round % 2 === 0 ? all : [...all].reverse()).filter((side) => sides.includes(side));
     for (const side of order) {
       const socketPath = join(work, `${side}-${round}.sock`);
       console.error(`bench virtiofs-requests: round ${round + 1} of ${repeats}, ${side}`);
       const backend =
-        side === 'nixcas'
-          ? await startNixcasVirtiofs({ socketPath, store, cli, nodeArgs: process.env.BENCH_VIRTIOFS_REQUESTS_NODE_ARGS?.split(' ').filter(Boolean) })
+        side !== 'virtiofsd'
+          ? await startNixcasVirtiofs({
+              socketPath, store, cli, nodeArgs: process.env.BENCH_VIRTIOFS_REQUESTS_NODE_ARGS?.split(' ').filter(Boolean),
+              env: side === 'nixcas-unverified' ? { ...process.env, NIXCAS_VERIFY_READS: '0' } : undefined,
+            })
           : await startVirtiofsd({ source: share, socketPath, cache: 'always' });
       try {
         await measureSide(side, backend, tree, share, results, rss, scale);
@@ -622,6 +628,7 @@ export async function benchVirtiofsRequests(rows: Row[], work: string, repeats: 
   console.log('|---|---|---|---|---|---|---|---|---|');
   const ratios: Record<number, number[]> = { 1: [], 64: [] };
   const interruptLines: string[] = [];
+  const costLines: string[] = [];
   for (const { samples, workload, depth } of results.values()) {
     const stat = (side: Side) => {
       const s = samples[side];
@@ -648,10 +655,21 @@ export async function benchVirtiofsRequests(rows: Row[], work: string, repeats: 
     console.log(`| ${workload.name}${per} | ${depth} | ${fmt(ours.opsPerSecond)} | ${fmt(peer.opsPerSecond)} | ${fmt(ours.wall)} | ${fmt(peer.wall)} | ${fmt(ours.cpu)} | ${fmt(peer.cpu)} | ${ratio.toFixed(2)} |`);
     interruptLines.push(`| ${workload.name} | ${depth} | ${ours.interrupts.toFixed(3)} / ${peer.interrupts.toFixed(3)} | ${ours.kicks.toFixed(3)} / ${peer.kicks.toFixed(3)} | ${fmt(ours.driver)} / ${fmt(peer.driver)} |`);
     rows.push({ capability: `virtio-fs requests: ${workload.name}, depth ${depth}${per}`, ours: ours.opsPerSecond, peer: peer.opsPerSecond, unit: 'ops/s', peerName: 'virtiofsd, cache=always', target: 1.0 });
+    if (samples['nixcas-unverified'].length) {
+      const unchecked = stat('nixcas-unverified');
+      const kept = unchecked.wall / ours.wall;
+      costLines.push(`| ${workload.name}${per} | ${depth} | ${fmt(ours.opsPerSecond)} | ${fmt(unchecked.opsPerSecond)} | ${fmt(ours.cpu)} | ${fmt(unchecked.cpu)} | ${kept.toFixed(2)} |`);
+      rows.push({ capability: `what verified reads cost: virtio-fs ${workload.name}, depth ${depth}${per}`, ours: ours.opsPerSecond, peer: unchecked.opsPerSecond, unit: 'ops/s', peerName: 'nixcas with NIXCAS_VERIFY_READS=0', target: 0.9 });
+    }
   }
   console.log('\n| workload | depth | interrupts per request (nixcas / virtiofsd) | kicks per request (nixcas / virtiofsd) | driver CPU µs/op (nixcas / virtiofsd) |');
   console.log('|---|---|---|---|---|');
   for (const line of interruptLines) console.log(line);
+  if (costLines.length) {
+    console.log('\n| workload | depth | nixcas ops/s | unverified ops/s | nixcas CPU µs/op | unverified CPU µs/op | ratio (unverified time ÷ verified time, target ≥ 0.9) |');
+    console.log('|---|---|---|---|---|---|---|');
+    for (const line of costLines) console.log(line);
+  }
   const geomean = (values: number[]) => Math.exp(values.reduce((a, v) => a + Math.log(v), 0) / values.length);
   console.log(`\nGeometric mean of the ratios: depth 1 ${geomean(ratios[1]).toFixed(2)}, depth 64 ${geomean(ratios[64]).toFixed(2)} (target ≥ 1.5).`);
   const mb = (r: Rss) => `${((r.anon + r.file) / MIB).toFixed(0)} MB (${(r.anon / MIB).toFixed(0)} MB private, ${(r.file / MIB).toFixed(0)} MB of mapped files)`;

@@ -107,6 +107,28 @@ typedef void compress_fn(const uint32_t cv[8], const uint8_t block[BLAKE3_BLOCK_
 /** The fastest compression this CPU runs (choose_widths picks it). */
 static compress_fn *compress = compress_words;
 
+// A step of the transposition of LANES rows of LANES words: rows r and r + s
+// (r without bit s) trade the lanes whose index has bit s, which swaps that
+// bit between row and lane; after the steps 1, 2, … LANES / 2 every row holds
+// one word of every lane. The masks are constants, so each trade is one shuffle.
+#define LOW_LANE(c, s, n) (((c) & (s)) ? (n) + (c) - (s) : (c))
+#define HIGH_LANE(c, s, n) (((c) & (s)) ? (n) + (c) : (c) + (s))
+#define LANE_LIST_4(F, s, n) {F(0, s, n), F(1, s, n), F(2, s, n), F(3, s, n)}
+#define LANE_LIST_8(F, s, n) {F(0, s, n), F(1, s, n), F(2, s, n), F(3, s, n), F(4, s, n), F(5, s, n), F(6, s, n), F(7, s, n)}
+#define LANE_LIST_16(F, s, n) \
+  {F(0, s, n), F(1, s, n), F(2, s, n), F(3, s, n), F(4, s, n), F(5, s, n), F(6, s, n), F(7, s, n), \
+   F(8, s, n), F(9, s, n), F(10, s, n), F(11, s, n), F(12, s, n), F(13, s, n), F(14, s, n), F(15, s, n)}
+#define TRANSPOSE_STEP(V, rows, s, LANES) \
+  do { \
+    const V low_mask = LANE_LIST_##LANES(LOW_LANE, s, LANES), high_mask = LANE_LIST_##LANES(HIGH_LANE, s, LANES); \
+    for (int r = 0; r < (LANES); r++) { \
+      if (r & (s)) continue; \
+      V low = __builtin_shuffle(rows[r], rows[r + (s)], low_mask); \
+      rows[r + (s)] = __builtin_shuffle(rows[r], rows[r + (s)], high_mask); \
+      rows[r] = low; \
+    } \
+  } while (0)
+
 /**
  * Whole chunks hashed side by side, chunk i (numbered counter + i) at
  * chunks[i]; their chaining values go to out[0..LANES). A caller with fewer
@@ -123,7 +145,18 @@ static compress_fn *compress = compress_words;
     } \
     for (int block = 0; block < BLAKE3_CHUNK_LEN / BLAKE3_BLOCK_LEN; block++) { \
       NAME##_vector m[16]; \
-      for (int i = 0; i < 16; i++) \
+      /* Each lane's words as rows, transposed: then a vector per message word. */ \
+      for (int part = 0; (LANES) < 16 && part < 16 / (LANES); part++) { \
+        NAME##_vector rows[LANES]; \
+        for (int lane = 0; lane < (LANES); lane++) \
+          memcpy(&rows[lane], chunks[lane] + block * BLAKE3_BLOCK_LEN + part * 4 * (LANES), sizeof rows[lane]); \
+        TRANSPOSE_STEP(NAME##_vector, rows, 1, LANES); \
+        TRANSPOSE_STEP(NAME##_vector, rows, 2, LANES); \
+        if ((LANES) > 4) TRANSPOSE_STEP(NAME##_vector, rows, 4, LANES); \
+        for (int word = 0; word < (LANES); word++) m[part * (LANES) + word] = rows[word]; \
+      } \
+      /* Sixteen lanes measured faster loaded word by word. */ \
+      for (int i = 0; (LANES) == 16 && i < 16; i++) \
         for (int lane = 0; lane < (LANES); lane++) m[i][lane] = load32(chunks[lane] + block * BLAKE3_BLOCK_LEN + 4 * i); \
       uint32_t flags = (block == 0 ? CHUNK_START : 0) | (block == 15 ? CHUNK_END : 0); \
       NAME##_vector s[16] = { \
