@@ -119,11 +119,41 @@ damages.forEach((damage, index) => {
       assert.ok(stderr.includes(store), `and names the store: ${stderr}`);
     }
 
+    checkVerify(store, path, damage);
     await checkBridge(store, path);
     await checkGrpc(store, path, damage);
     await checkVirtioFs(store, path, damage);
     await checkFuse(store, path, damage);
   });
+});
+
+/** `nixcas verify` names the damaged object and the file that uses it; --check-contents finds it in every case. */
+function checkVerify(store: string, path: string, damage: Damage): void {
+  const full = nixcas(['verify', '--store', store, '--check-contents', '--json']);
+  assert.equal(full.status, 1, `verify --check-contents fails: ${full.stderr}`);
+  const report = JSON.parse(full.stdout) as { paths: number; problems: { kind: string; problem: string; usedBy: string[] }[] };
+  assert.equal(report.paths, 1);
+  assert.equal(report.problems.length, 1, `one problem: ${full.stdout}`);
+  const [problem] = report.problems;
+  const damagedFile = damage.file.startsWith('sub/') ? `${path}/sub` : `${path}/${damage.file}`;
+  assert.deepEqual(problem!.usedBy, [damagedFile], 'used by the file (or directory) that holds it');
+  assert.equal(problem!.kind, damage.file.startsWith('sub/') ? 'directory' : 'blob');
+  // Without --check-contents: directories are hashed and blob sizes checked, so only a flipped byte in a blob goes unseen.
+  const quick = nixcas(['verify', '--store', store, path]);
+  const sizeOrRecord = !/flipped byte in a (blob file|small blob)/.test(damage.name);
+  assert.equal(quick.status, sizeOrRecord ? 1 : 0, `verify without --check-contents: ${quick.stderr}`);
+  assert.match(quick.stderr, sizeOrRecord ? /1 problems\n.* used by / : /all intact/);
+}
+
+test('nixcas verify: an intact store is all intact, an unknown path is an error naming it', () => {
+  const store = join(work, 'store-intact');
+  const path = nixcas(['import', '--store', store, tree]).stdout.trim();
+  const run = nixcas(['verify', '--store', store, '--check-contents']);
+  assert.equal(run.status, 0, run.stderr);
+  assert.match(run.stderr, /1 paths, 2 directories, 16 blobs .* hashed: all intact/);
+  const unknown = nixcas(['verify', '--store', store, path.replace(/-tree$/, '-other')]);
+  assert.notEqual(unknown.status, 0);
+  assert.match(unknown.stderr, /-other is not in the store/);
 });
 
 async function checkBridge(store: string, path: string): Promise<void> {

@@ -8,6 +8,7 @@ import { mountCommand } from './mount.js';
 import { virtiofsCommand } from './virtiofs.js';
 import { narCommand } from './nar.js';
 import { narBridgeCommand } from './nar-bridge.js';
+import { verifyCommand } from './verify.js';
 
 const { version } = createRequire(import.meta.url)('../../package.json') as { version: string };
 
@@ -21,7 +22,8 @@ const program = new Command('nixcas')
   .addCommand(narCommand())
   .addCommand(mountCommand())
   .addCommand(virtiofsCommand())
-  .addCommand(narBridgeCommand());
+  .addCommand(narBridgeCommand())
+  .addCommand(verifyCommand());
 
 program.parseAsync(process.argv).catch((err: Error) => {
   console.error(`nixcas: ${err.message}`);
