@@ -1,5 +1,6 @@
 // Error kinds every service and transport agrees on. Transports map them to
-// their own codes (gRPC: INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, DATA_LOSS).
+// their own codes (gRPC: INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, DATA_LOSS,
+// RESOURCE_EXHAUSTED).
 
 /** The caller sent something invalid; nothing of it was stored. */
 export class InvalidInputError extends Error {
@@ -27,4 +28,20 @@ export class UnavailableError extends Error {
  */
 export class DataLossError extends Error {
   override name = 'DataLossError';
+}
+
+/**
+ * The store could not keep what it was given: its file system is full (or
+ * over quota), its database reached its size limit, or the disk failed the
+ * write. Nothing of that write was kept; reads go on, and writes work again
+ * once there is room.
+ */
+export class StorageFullError extends Error {
+  override name = 'StorageFullError';
+}
+
+/** Whether `err` says the store is out of room: a StorageFullError, or a file write that failed with ENOSPC or EDQUOT. */
+export function isStorageFull(err: unknown): boolean {
+  const code = (err as NodeJS.ErrnoException | undefined)?.code;
+  return err instanceof StorageFullError || code === 'ENOSPC' || code === 'EDQUOT';
 }

@@ -1,6 +1,6 @@
 // Error kinds ↔ gRPC status codes, in both directions.
 import * as grpc from '@grpc/grpc-js';
-import { AlreadyExistsError, DataLossError, InvalidInputError, NotFoundError, UnavailableError } from '../castore/errors.js';
+import { AlreadyExistsError, DataLossError, InvalidInputError, NotFoundError, StorageFullError, UnavailableError, isStorageFull } from '../castore/errors.js';
 
 export function toServiceError(err: unknown): Partial<grpc.ServiceError> {
   const message = err instanceof Error ? err.message : String(err);
@@ -8,6 +8,10 @@ export function toServiceError(err: unknown): Partial<grpc.ServiceError> {
   if (err instanceof NotFoundError) return { code: grpc.status.NOT_FOUND, details: message };
   if (err instanceof AlreadyExistsError) return { code: grpc.status.ALREADY_EXISTS, details: message };
   if (err instanceof UnavailableError) return { code: grpc.status.UNAVAILABLE, details: message };
+  if (isStorageFull(err)) {
+    console.error(`nixcas: ${message}`);
+    return { code: grpc.status.RESOURCE_EXHAUSTED, details: message };
+  }
   if (err instanceof DataLossError) {
     console.error(`nixcas: ${message}`);
     return { code: grpc.status.DATA_LOSS, details: message };
@@ -24,6 +28,7 @@ export function fromServiceError(err: unknown): Error {
     case grpc.status.NOT_FOUND: return new NotFoundError(message);
     case grpc.status.ALREADY_EXISTS: return new AlreadyExistsError(message);
     case grpc.status.DATA_LOSS: return new DataLossError(message);
+    case grpc.status.RESOURCE_EXHAUSTED: return new StorageFullError(message);
     case grpc.status.UNAVAILABLE:
     case grpc.status.DEADLINE_EXCEEDED: return new UnavailableError(message);
     default: return err instanceof Error ? err : new Error(message);

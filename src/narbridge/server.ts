@@ -2,7 +2,7 @@
 // castore as they are sent; uploads are stored in castore as they arrive and
 // become visible only when their narinfo is registered.
 import { type IncomingMessage, type Server, type ServerResponse, createServer } from 'node:http';
-import { AlreadyExistsError, InvalidInputError } from '../castore/errors.js';
+import { AlreadyExistsError, InvalidInputError, isStorageFull } from '../castore/errors.js';
 import type { Node } from '../castore/model.js';
 import { type CastoreServices, renderNar } from '../store/nar/render.js';
 import { formatNarHash, formatNarInfo, narInfoFingerprint, parseNarInfo } from '../store/narinfo.js';
@@ -175,8 +175,10 @@ export class NarBridge {
     else if (err instanceof InvalidInputError || err instanceof DecompressionError) status = 400;
     else if (err instanceof AlreadyExistsError) status = 409; // a registered path does not change
     else if (err instanceof DecompressorMissingError) status = 415;
+    else if (isStorageFull(err)) status = 507; // nothing of the upload was kept; the bridge goes on serving
     else if (exchange.request.destroyed && !exchange.bodyRead) status = 400; // the client went away mid-upload
     if (status === 500) this.options.errorLog(`nixcas nar-bridge: ${exchange.request.method} ${exchange.request.url}: ${err.stack ?? err.message}`);
+    if (status === 507) this.options.errorLog(`nixcas nar-bridge: ${exchange.request.method} ${exchange.request.url}: ${err.message}`);
     if (response.headersSent) {
       response.destroy(err); // a body cut short: its Content-Length tells the client
       return;

@@ -26,11 +26,12 @@ import { randomBytes } from 'node:crypto';
 import { type BigIntStats, close, constants, fstat, fstatSync, open, promises as fs, read, readdirSync, unlinkSync, mkdirSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import { join } from 'node:path';
+import { setTimeout as delay } from 'node:timers/promises';
 import { type Database, type RootDatabase, open as openLmdb } from 'lmdb';
 import { type BlobFile, type BlobReader, type BlobService, type BlobWriter, type ScatterList, bufferReader, streamBlobReader } from '../blobservice.js';
 import { type B3Digest, type Blake3Hasher, blake3, createBlake3, digestKey, formatDigest } from '../digest.js';
 import { type DirectoryService, checkBatch, readUnderDigest, walkDirectories } from '../directoryservice.js';
-import { DataLossError } from '../errors.js';
+import { DataLossError, StorageFullError } from '../errors.js';
 import type { Directory } from '../model.js';
 import { decodeDirectory } from '../wire.js';
 import { type NativeAddon, optionalNative } from '../../native/index.js';
@@ -298,7 +299,7 @@ export class LocalBlobService implements BlobService {
   private rememberFile(digest: B3Digest, key: string, record: Buffer): void {
     if (this.writable) {
       // A record that does not make it to disk (a full disk) only means hashing the file again later.
-      this.fileRecords.put(digest, record).catch(() => {});
+      committed(this.root, `the record of blob ${formatDigest(digest)}`, this.fileRecords.put(digest, record)).catch(() => {});
       return;
     }
     if (this.checkedFiles.size >= REMEMBERED_FILES) this.checkedFiles.delete(this.checkedFiles.keys().next().value!);
@@ -388,7 +389,7 @@ export class LocalBlobService implements BlobService {
   /** Stores a small blob in LMDB; puts made in the same tick share one commit. */
   private async publishSmall(digest: B3Digest, data: Buffer): Promise<void> {
     if (this.smallBlobs.doesExist(digest)) return;
-    await this.smallBlobs.put(digest, data);
+    await committed(this.root, `small blob ${formatDigest(digest)}`, this.smallBlobs.put(digest, data));
   }
 
   /** Every small blob (for consistency checks). */
@@ -554,9 +555,10 @@ export class LocalDirectoryService implements DirectoryService {
 
   async put(batch: Iterable<Directory>): Promise<B3Digest> {
     const { root, ordered } = await checkBatch(batch, (d) => this.get(d));
-    await this.db.transaction(() => {
+    const written = this.db.transaction(() => {
       for (const { digest, encoded } of ordered) this.db.put(digest, encoded);
     });
+    await committed(this.root, `${ordered.length} directories`, written);
     return root.digest;
   }
 
@@ -651,5 +653,34 @@ async function hashFile(fd: number): Promise<B3Digest> {
     if (n === 0) return hasher.digest();
     hasher.update(step.subarray(0, n));
     position += n;
+  }
+}
+
+/** How long a failed commit's cause is waited for before the error is reported without it. */
+const COMMIT_CAUSE_WAIT_MS = 100;
+
+/**
+ * Awaits an LMDB write. lmdb-js fails every write of a commit that failed
+ * (a full file system, the map at its limit, a disk error) with one generic
+ * error, and rejects that error's `commitError` promise with the cause: left
+ * unobserved, that rejection ended the process. Both are taken here and
+ * become one StorageFullError naming the store and the cause.
+ */
+export async function committed<T>(root: string, what: string, write: Promise<T>): Promise<T> {
+  try {
+    return await write;
+  } catch (err) {
+    const commitError = (err as { commitError?: Promise<unknown> }).commitError;
+    if (!commitError) throw err;
+    const cause = await Promise.race([
+      commitError.then(() => undefined, (reason: unknown) => reason),
+      delay(COMMIT_CAUSE_WAIT_MS, undefined, { ref: false }),
+    ]);
+    const detail = cause instanceof Error ? cause.message : 'lmdb gave no cause';
+    throw new StorageFullError(
+      `the store at ${root} could not commit ${what} to its database (${detail}): is its file system full? ` +
+        'Nothing of this write was kept; reads go on, and writes work again once there is room',
+      { cause: cause ?? err },
+    );
   }
 }

@@ -2,9 +2,10 @@
 // keyed by the 20-byte digest. Values are msgpack (lmdb's own encoding,
 // which keeps Buffers as binary), tagged with a format version.
 import type { Database } from 'lmdb';
-import { LocalStore, type OpenOptions } from '../../castore/backends/local.js';
+import { LocalStore, type OpenOptions, committed } from '../../castore/backends/local.js';
 import { type PathInfo, reRegistration, validatePathInfo } from '../pathinfo.js';
 import type { PathInfoService } from '../pathinfoservice.js';
+import { formatStorePath } from '../storepath.js';
 
 const FORMAT_VERSION = 1;
 
@@ -24,7 +25,7 @@ export class LocalPathInfoService implements PathInfoService {
   private readonly release: () => Promise<void>;
   private closed = false;
 
-  constructor(root: string, options: OpenOptions = {}) {
+  constructor(private readonly root: string, options: OpenOptions = {}) {
     const { db, release } = LocalStore.metadataDb<StoredPathInfo>(root, 'pathinfos', { encoding: 'msgpack', ...options });
     this.db = db;
     this.release = release;
@@ -37,13 +38,13 @@ export class LocalPathInfoService implements PathInfoService {
   async put(info: PathInfo) {
     const path = validatePathInfo(info);
     // Compared and written in one transaction, so two processes registering the same path cannot both win.
-    return this.db.transaction(() => {
+    return committed(this.root, `the path info of ${formatStorePath(path)}`, this.db.transaction(() => {
       const existing = revive(this.db.get(path.digest));
       const stored = existing ? reRegistration(existing, info) : info;
       if (existing && stored.signatures.length === existing.signatures.length) return existing;
       this.db.put(path.digest, { v: FORMAT_VERSION, info: stored });
       return stored;
-    });
+    }));
   }
 
   async *list() {
