@@ -41,7 +41,8 @@ export function importCommand(): Command {
       await services.close();
     }
     if (failed) {
-      console.error(`nixcas import: ${failed} of ${paths.length} paths failed`);
+      // One path: its own line said it all.
+      if (paths.length > 1) console.error(`nixcas import: ${failed} of ${paths.length} paths failed`);
       process.exitCode = 1;
     }
   });

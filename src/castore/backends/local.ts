@@ -109,6 +109,7 @@ export class LocalStore {
       writeFileSync(marker, `${LAYOUT_MARKER} ${LAYOUT_VERSION}\n`, { mode: FILE_MODE });
     }
     if (!readOnly) {
+      observeLmdbBatchRejections();
       // Explicit modes: a store is never world-writable, whatever the umask.
       for (const dir of ['blobs', 'tmp', 'metadata']) mkdirSync(join(root, dir), { recursive: true, mode: DIRECTORY_MODE });
       this.removeAbandonedTempFiles();
@@ -654,6 +655,36 @@ async function hashFile(fd: number): Promise<B3Digest> {
     hasher.update(step.subarray(0, n));
     position += n;
   }
+}
+
+let observingBatchRejections = false;
+
+/**
+ * lmdb-js starts each event turn's write batch with a promise of its own that
+ * nothing awaits; when that batch's commit fails (a full disk), the promise is
+ * rejected and Node would end the process for it. Every write of ours awaits
+ * its own promise (committed()), so a commit failure nobody awaited is that
+ * one: it is dropped. Any other unhandled rejection is rethrown, and ends the
+ * process as it would have.
+ */
+function observeLmdbBatchRejections(): void {
+  if (observingBatchRejections) return;
+  observingBatchRejections = true;
+  // lmdb-js also prints the cause of a failed commit, stack and all, with console.error; the cause
+  // reaches the caller in its StorageFullError (committed()), which says it once, in one line.
+  const print = console.error.bind(console);
+  console.error = (...args: unknown[]) => {
+    const [first] = args;
+    if (args.length === 1 && first instanceof Error && typeof (first as NodeJS.ErrnoException).code === 'number' && /[/\\]lmdb[/\\]/.test(first.stack ?? '')) return;
+    print(...args);
+  };
+  process.on('unhandledRejection', (reason) => {
+    if (reason instanceof Error && 'commitError' in reason) {
+      (reason.commitError as Promise<unknown>).catch(() => {});
+      return;
+    }
+    throw reason;
+  });
 }
 
 /** How long a failed commit's cause is waited for before the error is reported without it. */
