@@ -5,7 +5,7 @@
 // The store's other files are still served.
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { appendFileSync, chmodSync, mkdirSync, readFileSync, truncateSync, writeFileSync } from 'node:fs';
+import { appendFileSync, chmodSync, existsSync, mkdirSync, readFileSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
 import { blake3, digestKey } from '../src/castore/digest.js';
@@ -31,7 +31,8 @@ function makeTree(): string {
   writeFileSync(join(tree, 'large'), LARGE);
   writeFileSync(join(tree, 'small'), SMALL);
   writeFileSync(join(tree, 'intact'), 'still here\n');
-  for (const name of ['entry-alpha-name', DIRECTORY_ENTRY, 'entry-charlie-name']) writeFileSync(join(tree, 'sub', name), `${name}\n`);
+  // Contents other than the names: the directory damage below rewrites the name's bytes wherever they are.
+  ['entry-alpha-name', DIRECTORY_ENTRY, 'entry-charlie-name'].forEach((name, i) => writeFileSync(join(tree, 'sub', name), `sub file ${i}\n`));
   // Small blobs enough (before the damaged one) that the C renderer checks them on its second thread.
   for (let i = 0; i < 10; i++) writeFileSync(join(tree, `filler-${i}`), Buffer.alloc(40_000, 0x41 + i));
   return tree;
@@ -124,6 +125,7 @@ damages.forEach((damage, index) => {
     await checkGrpc(store, path, damage);
     await checkVirtioFs(store, path, damage);
     await checkFuse(store, path, damage);
+    checkRepair(store, path, damage);
   });
 });
 
@@ -145,12 +147,32 @@ function checkVerify(store: string, path: string, damage: Damage): void {
   assert.match(quick.stderr, sizeOrRecord ? /1 problems\n.* used by / : /all intact/);
 }
 
+/** `verify --repair` moves the damaged object aside: it then reads as missing, and importing the tree again mends the store. */
+function checkRepair(store: string, path: string, damage: Damage): void {
+  const repair = nixcas(['verify', '--store', store, '--repair', '--json']);
+  assert.equal(repair.status, 1, `verify --repair still reports the problem: ${repair.stderr}`);
+  const [problem] = (JSON.parse(repair.stdout) as { problems: { movedTo?: string }[] }).problems;
+  assert.ok(problem?.movedTo && existsSync(problem.movedTo), `the damaged object was moved aside: ${repair.stdout}`);
+  assert.ok(problem.movedTo.startsWith(join(store, 'damaged') + '/'), 'into STORE/damaged/');
+  const after = nixcas(['verify', '--store', store, '--check-contents', '--json']);
+  assert.equal(after.status, 1);
+  assert.match(after.stdout, /"problem": "missing"/, `then it reads as missing, not as wrong: ${after.stdout}`);
+  assert.equal(nixcas(['import', '--store', store, tree]).stdout.trim(), path, 'importing the tree again');
+  const mended = nixcas(['verify', '--store', store, '--check-contents']);
+  assert.equal(mended.status, 0, `mends the store: ${mended.stderr}`);
+  assert.ok(nixcasBytes(['nar', '--store', store, path]).equals(nix('nix-store', ['--dump', tree])), 'which renders the path again');
+}
+
 test('nixcas verify: an intact store is all intact, an unknown path is an error naming it', () => {
   const store = join(work, 'store-intact');
   const path = nixcas(['import', '--store', store, tree]).stdout.trim();
   const run = nixcas(['verify', '--store', store, '--check-contents']);
   assert.equal(run.status, 0, run.stderr);
   assert.match(run.stderr, /1 paths, 2 directories, 16 blobs .* hashed: all intact/);
+  const nowhere = nixcas(['verify', '--store', join(work, 'no-store-here'), '--repair']);
+  assert.notEqual(nowhere.status, 0, 'repair of a directory that holds no store');
+  assert.match(nowhere.stderr, /holds no nixcas store/);
+  assert.equal(existsSync(join(work, 'no-store-here')), false, 'and makes none');
   const unknown = nixcas(['verify', '--store', store, path.replace(/-tree$/, '-other')]);
   assert.notEqual(unknown.status, 0);
   assert.match(unknown.stderr, /-other is not in the store/);

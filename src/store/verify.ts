@@ -15,6 +15,8 @@ export interface Problem {
   problem: string;
   /** Where it is used: /nix/store/<basename>/<file inside it>. */
   usedBy: string[];
+  /** With repair: where the damaged object's bytes were moved. */
+  movedTo?: string;
 }
 
 export interface VerifyReport {
@@ -29,19 +31,28 @@ export interface VerifyReport {
 export interface VerifyOptions {
   /** Hash every blob in full (otherwise: present, with its node's size). Directories are always hashed. */
   checkContents?: boolean;
+  /** Move each object found damaged out of the way (see Quarantine), so that it reads as missing. Implies checkContents. */
+  repair?: boolean;
   onProgress?: (report: VerifyReport) => void;
 }
 
-interface Services {
-  blobs: BlobService;
-  directories: DirectoryService;
+/** What a store that can move damaged objects aside offers (the local store). */
+interface Quarantine {
+  quarantine?(digest: B3Digest): Promise<string | undefined>;
 }
 
-type Outcome = { ok: true } | { ok: false; problem: string };
+interface Services {
+  blobs: BlobService & Quarantine;
+  directories: DirectoryService & Quarantine;
+}
+
+/** `damaged`: the stored bytes themselves are wrong (not merely absent, or described wrongly by their node). */
+type Outcome = { ok: true } | { ok: false; problem: string; damaged?: boolean };
 
 export async function verifyPaths(infos: AsyncIterable<PathInfo> | Iterable<PathInfo>, services: Services, options: VerifyOptions = {}): Promise<VerifyReport> {
   const report: VerifyReport = { paths: 0, directories: 0, blobs: 0, bytes: 0, problems: [] };
   const problems = new Map<string, Problem>();
+  const damaged: { problem: Problem; digest: B3Digest }[] = [];
   const directories = new Map<string, Directory | Outcome>();
   const blobs = new Map<string, Outcome>();
 
@@ -53,6 +64,7 @@ export async function verifyPaths(infos: AsyncIterable<PathInfo> | Iterable<Path
       problem = { kind, digest: formatDigest(digest), problem: outcome.problem, usedBy: [] };
       problems.set(key, problem);
       report.problems.push(problem);
+      if (outcome.damaged) damaged.push({ problem, digest });
     }
     problem.usedBy.push(where);
   };
@@ -61,7 +73,7 @@ export async function verifyPaths(infos: AsyncIterable<PathInfo> | Iterable<Path
     const key = digestKey(digest);
     let outcome = blobs.get(key);
     if (!outcome) {
-      outcome = await blobOutcome(services.blobs, digest, size, options.checkContents ?? false);
+      outcome = await blobOutcome(services.blobs, digest, size, (options.checkContents || options.repair) ?? false);
       blobs.set(key, outcome);
       report.blobs++;
       report.bytes += size;
@@ -78,7 +90,7 @@ export async function verifyPaths(infos: AsyncIterable<PathInfo> | Iterable<Path
     try {
       loaded = (await services.directories.get(digest)) ?? { ok: false, problem: 'missing' };
     } catch (err) {
-      loaded = { ok: false, problem: `damaged: ${(err as Error).message}` };
+      loaded = { ok: false, problem: `damaged: ${(err as Error).message}`, damaged: true };
     }
     directories.set(key, loaded);
     report.directories++;
@@ -104,6 +116,13 @@ export async function verifyPaths(infos: AsyncIterable<PathInfo> | Iterable<Path
     }
     options.onProgress?.(report);
   }
+  if (options.repair) {
+    for (const { problem, digest } of damaged) {
+      const service = problem.kind === 'blob' ? services.blobs : services.directories;
+      if (!service.quarantine) throw new Error('this store cannot move damaged objects aside (only a local store can)');
+      problem.movedTo = await service.quarantine(digest);
+    }
+  }
   return report;
 }
 
@@ -123,10 +142,13 @@ async function blobOutcome(blobs: BlobService, digest: B3Digest, size: number, c
       hasher.update(chunk);
       seen += chunk.length;
     }
-    if (seen !== size) return { ok: false, problem: `has ${seen} bytes, its node says ${size}` };
     const found = hasher.digest();
-    return found.equals(digest) ? { ok: true } : { ok: false, problem: `damaged: its contents hash to ${formatDigest(found)}` };
+    if (!found.equals(digest)) return { ok: false, problem: `damaged: its ${seen} bytes hash to ${formatDigest(found)}`, damaged: true };
+    // Intact, but not what its node says: the directory is what is wrong.
+    if (seen !== size) return { ok: false, problem: `has ${seen} bytes, its node says ${size}` };
+    return { ok: true };
   } catch (err) {
-    return { ok: false, problem: `damaged: ${(err as Error).message}` };
+    // The store refused to hand it out: it found the bytes do not match (a DataLossError) or could not read them.
+    return { ok: false, problem: `damaged: ${(err as Error).message}`, damaged: (err as Error).name === 'DataLossError' };
   }
 }

@@ -4,6 +4,7 @@
 //   STORE/nixcas-store          marker with the layout version
 //   STORE/blobs/ab/abcd…        one file per blob larger than SMALL_BLOB_MAX, named by the hex digest
 //   STORE/tmp/<pid>-<random>    large blobs being written
+//   STORE/damaged/              objects `nixcas verify --repair` moved aside
 //   STORE/metadata/             LMDB: small blobs; directories; path infos (store/backends/local.ts);
 //                               records of large blob files found intact (blob-file-record.ts)
 //
@@ -422,9 +423,40 @@ export class LocalBlobService implements BlobService {
     this.rememberFile(digest, digestKey(digest), blobFileRecord(stats));
   }
 
+  /**
+   * Moves a damaged blob out of the way (`nixcas verify --repair`): its bytes
+   * to STORE/damaged/, so that it reads as missing rather than wrong and the
+   * next import or copy of a path that holds it stores it afresh. Returns
+   * where the bytes went; undefined when the store has no such blob.
+   */
+  async quarantine(digest: B3Digest): Promise<string | undefined> {
+    const aside = await damagedPath(this.root, `blob-${digestKey(digest)}`);
+    const small = this.smallBlobs.get(digest);
+    if (small) {
+      await fs.writeFile(aside, small, { mode: FILE_MODE });
+      await committed(this.root, `the removal of small blob ${formatDigest(digest)}`, this.smallBlobs.remove(digest));
+      return aside;
+    }
+    try {
+      await fs.rename(this.pathOf(digest), aside);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+      throw err;
+    }
+    await committed(this.root, `the removal of the record of blob ${formatDigest(digest)}`, this.fileRecords.remove(digest));
+    return aside;
+  }
+
   async close() {
     await releaseOnce(this);
   }
+}
+
+/** A fresh name under STORE/damaged/ for something moved aside (the directory is made on first use). */
+async function damagedPath(root: string, name: string): Promise<string> {
+  const dir = join(root, 'damaged');
+  await fs.mkdir(dir, { recursive: true, mode: DIRECTORY_MODE });
+  return join(dir, `${name}-${Date.now()}`);
 }
 
 /** The chunk itself when it owns its memory; a copy when it is a view into a larger buffer it would keep alive. */
@@ -561,6 +593,16 @@ export class LocalDirectoryService implements DirectoryService {
     });
     await committed(this.root, `${ordered.length} directories`, written);
     return root.digest;
+  }
+
+  /** Moves a damaged directory record to STORE/damaged/ (see LocalBlobService.quarantine). */
+  async quarantine(digest: B3Digest): Promise<string | undefined> {
+    const encoded = this.db.get(digest);
+    if (!encoded) return undefined;
+    const aside = await damagedPath(this.root, `directory-${digestKey(digest)}`);
+    await fs.writeFile(aside, encoded, { mode: FILE_MODE });
+    await committed(this.root, `the removal of directory ${formatDigest(digest)}`, this.db.remove(digest));
+    return aside;
   }
 
   /** Every stored digest (for consistency checks). */
