@@ -84,14 +84,14 @@ typedef uint32_t row_t __attribute__((vector_size(16)));
       const uint8_t *o = SCHEDULE[r]; \
       row_t x = {m[o[0]], m[o[2]], m[o[4]], m[o[6]]}, y = {m[o[1]], m[o[3]], m[o[5]], m[o[7]]}; \
       G(a, b, c, d, x, y); \
-      b = __builtin_shuffle(b, (row_t){1, 2, 3, 0}); \
-      c = __builtin_shuffle(c, (row_t){2, 3, 0, 1}); \
-      d = __builtin_shuffle(d, (row_t){3, 0, 1, 2}); \
+      b = __builtin_shufflevector(b, b, 1, 2, 3, 0); \
+      c = __builtin_shufflevector(c, c, 2, 3, 0, 1); \
+      d = __builtin_shufflevector(d, d, 3, 0, 1, 2); \
       row_t z = {m[o[8]], m[o[10]], m[o[12]], m[o[14]]}, w = {m[o[9]], m[o[11]], m[o[13]], m[o[15]]}; \
       G(a, b, c, d, z, w); \
-      b = __builtin_shuffle(b, (row_t){3, 0, 1, 2}); \
-      c = __builtin_shuffle(c, (row_t){2, 3, 0, 1}); \
-      d = __builtin_shuffle(d, (row_t){1, 2, 3, 0}); \
+      b = __builtin_shufflevector(b, b, 3, 0, 1, 2); \
+      c = __builtin_shufflevector(c, c, 2, 3, 0, 1); \
+      d = __builtin_shufflevector(d, d, 1, 2, 3, 0); \
     } \
     row_t low = a ^ c, high = b ^ d; \
     memcpy(out, &low, 16); \
@@ -113,18 +113,18 @@ static compress_fn *compress = compress_words;
 // one word of every lane. The masks are constants, so each trade is one shuffle.
 #define LOW_LANE(c, s, n) (((c) & (s)) ? (n) + (c) - (s) : (c))
 #define HIGH_LANE(c, s, n) (((c) & (s)) ? (n) + (c) : (c) + (s))
-#define LANE_LIST_4(F, s, n) {F(0, s, n), F(1, s, n), F(2, s, n), F(3, s, n)}
-#define LANE_LIST_8(F, s, n) {F(0, s, n), F(1, s, n), F(2, s, n), F(3, s, n), F(4, s, n), F(5, s, n), F(6, s, n), F(7, s, n)}
+#define LANE_LIST_4(F, s, n) F(0, s, n), F(1, s, n), F(2, s, n), F(3, s, n)
+#define LANE_LIST_8(F, s, n) F(0, s, n), F(1, s, n), F(2, s, n), F(3, s, n), F(4, s, n), F(5, s, n), F(6, s, n), F(7, s, n)
 #define LANE_LIST_16(F, s, n) \
-  {F(0, s, n), F(1, s, n), F(2, s, n), F(3, s, n), F(4, s, n), F(5, s, n), F(6, s, n), F(7, s, n), \
-   F(8, s, n), F(9, s, n), F(10, s, n), F(11, s, n), F(12, s, n), F(13, s, n), F(14, s, n), F(15, s, n)}
+  F(0, s, n), F(1, s, n), F(2, s, n), F(3, s, n), F(4, s, n), F(5, s, n), F(6, s, n), F(7, s, n), \
+  F(8, s, n), F(9, s, n), F(10, s, n), F(11, s, n), F(12, s, n), F(13, s, n), F(14, s, n), F(15, s, n)
+// __builtin_shufflevector: GCC 12 and clang both have it (clang has no __builtin_shuffle).
 #define TRANSPOSE_STEP(V, rows, s, LANES) \
   do { \
-    const V low_mask = LANE_LIST_##LANES(LOW_LANE, s, LANES), high_mask = LANE_LIST_##LANES(HIGH_LANE, s, LANES); \
     for (int r = 0; r < (LANES); r++) { \
       if (r & (s)) continue; \
-      V low = __builtin_shuffle(rows[r], rows[r + (s)], low_mask); \
-      rows[r + (s)] = __builtin_shuffle(rows[r], rows[r + (s)], high_mask); \
+      V low = __builtin_shufflevector(rows[r], rows[r + (s)], LANE_LIST_##LANES(LOW_LANE, s, LANES)); \
+      rows[r + (s)] = __builtin_shufflevector(rows[r], rows[r + (s)], LANE_LIST_##LANES(HIGH_LANE, s, LANES)); \
       rows[r] = low; \
     } \
   } while (0)

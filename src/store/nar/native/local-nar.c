@@ -13,7 +13,9 @@
 // copy may have an environment open in a process (POSIX locks are per
 // process), so this addon is loaded only by commands that never load lmdb-js
 // while it holds the environment, and it closes it before returning.
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>

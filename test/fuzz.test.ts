@@ -1,0 +1,193 @@
+// Property-based runs over the parsers a peer reaches (issue #22, item 9):
+// protobuf Directory decoding, narinfo parsing, HTTP Range, NAR ingestion.
+// Inputs are random bytes and mutations of valid inputs; each parser must
+// either answer or refuse with its own InvalidInputError, never throw
+// anything else, and what it accepts must round-trip. Seeds are fixed
+// (printed on failure, with the path to replay); FUZZ_RUNS raises the number
+// of runs (`npm run fuzz`).
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import fc from 'fast-check';
+import { MemoryBlobService, MemoryDirectoryService } from '../src/castore/backends/memory.js';
+import { InvalidInputError } from '../src/castore/errors.js';
+import type { Directory } from '../src/castore/model.js';
+import { decodeDirectory, encodeDirectory } from '../src/castore/wire.js';
+import { parseRange } from '../src/narbridge/range.js';
+import { ingestNar } from '../src/store/nar/ingest.js';
+import { renderNar } from '../src/store/nar/render.js';
+import { parseNarInfo } from '../src/store/narinfo.js';
+
+const RUNS = Number(process.env.FUZZ_RUNS ?? 5000);
+const SEED = Number(process.env.FUZZ_SEED ?? 0x22f022);
+const params = { numRuns: RUNS, seed: SEED, endOnFailure: true };
+
+/** Refusals are InvalidInputErrors; anything else (TypeError, RangeError, a crash) is a bug. */
+function refusedCleanly(err: unknown): boolean {
+  return err instanceof InvalidInputError;
+}
+
+/** Random bytes, and single-byte edits (flip, insert, delete, truncate) of `valid`. */
+function bytesAround(valid: fc.Arbitrary<Buffer>): fc.Arbitrary<Buffer> {
+  const edited = fc.tuple(valid, fc.nat(), fc.integer({ min: 0, max: 255 }), fc.constantFrom('flip', 'insert', 'delete', 'truncate')).map(([bytes, at, value, how]) => {
+    if (bytes.length === 0) return Buffer.from([value]);
+    const i = at % bytes.length;
+    switch (how) {
+      case 'flip': { const copy = Buffer.from(bytes); copy[i] ^= value || 1; return copy; }
+      case 'insert': return Buffer.concat([bytes.subarray(0, i), Buffer.from([value]), bytes.subarray(i)]);
+      case 'delete': return Buffer.concat([bytes.subarray(0, i), bytes.subarray(i + 1)]);
+      default: return bytes.subarray(0, i);
+    }
+  });
+  return fc.oneof(fc.uint8Array({ maxLength: 512 }).map((a) => Buffer.from(a)), edited, valid);
+}
+
+// ---------------------------------------------------------------- Directory
+
+const nameArb = fc.uint8Array({ minLength: 1, maxLength: 12 }).map((a) => Buffer.from(a.map((b) => (b === 0 || b === 0x2f ? 0x61 : b))))
+  .filter((n) => !(n.length === 1 && n[0] === 0x2e) && !(n.length === 2 && n[0] === 0x2e && n[1] === 0x2e));
+const digestArb = fc.uint8Array({ minLength: 32, maxLength: 32 }).map((a) => Buffer.from(a));
+
+const directoryArb: fc.Arbitrary<Directory> = fc.uniqueArray(nameArb, { maxLength: 8, comparator: (a, b) => a.equals(b) }).chain((names) => {
+  const sorted = [...names].sort(Buffer.compare);
+  return fc.tuple(...sorted.map(() => fc.tuple(fc.constantFrom('directory', 'file', 'symlink'), digestArb, fc.nat({ max: 1 << 20 }), fc.boolean()))).map((kinds) => {
+    const directory: Directory = { directories: [], files: [], symlinks: [] };
+    kinds.forEach(([kind, digest, size, executable], i) => {
+      const name = sorted[i]!;
+      if (kind === 'directory') directory.directories.push({ name, digest, size });
+      else if (kind === 'file') directory.files.push({ name, digest, size, executable });
+      else directory.symlinks.push({ name, target: Buffer.from(`target-${i}`) });
+    });
+    return directory;
+  });
+});
+
+test(`fuzz: Directory decoding answers or refuses (seed ${SEED})`, () => {
+  fc.assert(
+    fc.property(bytesAround(directoryArb.map(encodeDirectory)), (bytes) => {
+      let decoded: Directory;
+      try {
+        decoded = decodeDirectory(bytes);
+      } catch (err) {
+        return refusedCleanly(err);
+      }
+      // What decodes re-encodes to a message that decodes to the same directory.
+      return encodeDirectory(decodeDirectory(encodeDirectory(decoded))).equals(encodeDirectory(decoded));
+    }),
+    params,
+  );
+  fc.assert(fc.property(directoryArb, (directory) => encodeDirectory(decodeDirectory(encodeDirectory(directory))).equals(encodeDirectory(directory))), params);
+});
+
+// ---------------------------------------------------------------- narinfo
+
+const VALID_NARINFO = [
+  'StorePath: /nix/store/7rjj86a15146cq1d3qy068lml7n8ykzm-hello-2.12',
+  'URL: nar/1w1fff338fvdw53sqgamddn1b2xgds473pv6y13gizdbqjv4i5p3.nar.xz',
+  'Compression: xz',
+  'FileHash: sha256:1w1fff338fvdw53sqgamddn1b2xgds473pv6y13gizdbqjv4i5p3',
+  'FileSize: 50088',
+  'NarHash: sha256:0yzhigwjl6bws649vcs2asa4lbs8hg93hyix187gc7s7a74w5h80',
+  'NarSize: 226560',
+  'References: 7rjj86a15146cq1d3qy068lml7n8ykzm-hello-2.12 ycbqd7822qcnasaqy0mmiv2j9n9m62yl-glibc-2.33-123',
+  'Deriver: f2b3x7b5wj14gxkmpi1g0yd3g6j1fxqy-hello-2.12.drv',
+  'Sig: cache.nixos.org-1:bXsoRnTqgsCHpZbRThChiTWsiSY+qSoMzvMzRRhGzZW7W9R8MXZaUgsZuMcGYSZF3XMfUmKQQHrsCqfJzjgGAg==',
+  '',
+].join('\n');
+
+test(`fuzz: narinfo parsing answers or refuses (seed ${SEED})`, () => {
+  const text = fc.oneof(
+    fc.string({ maxLength: 400 }),
+    bytesAround(fc.constant(Buffer.from(VALID_NARINFO))).map((b) => b.toString('latin1')),
+    fc.array(fc.constantFrom(...VALID_NARINFO.split('\n')), { maxLength: 14 }).map((lines) => lines.join('\n')),
+  );
+  fc.assert(
+    fc.property(text, (input) => {
+      try {
+        parseNarInfo(input);
+        return true;
+      } catch (err) {
+        return refusedCleanly(err);
+      }
+    }),
+    params,
+  );
+});
+
+// ---------------------------------------------------------------- HTTP Range
+
+test(`fuzz: HTTP Range gives the whole, nothing, or a range inside the representation (seed ${SEED})`, () => {
+  const header = fc.oneof(
+    fc.string({ maxLength: 40 }),
+    fc.tuple(fc.option(fc.nat()), fc.option(fc.nat())).map(([a, b]) => `bytes=${a ?? ''}-${b ?? ''}`),
+    fc.tuple(fc.bigInt({ min: 0n, max: 10n ** 30n }), fc.bigInt({ min: 0n, max: 10n ** 30n })).map(([a, b]) => `bytes=${a}-${b}`),
+  );
+  fc.assert(
+    fc.property(fc.option(header, { nil: undefined }), fc.nat({ max: 1 << 30 }), (value, size) => {
+      const answer = parseRange(value, size);
+      if (answer.kind !== 'partial') return true;
+      const { start, end } = answer.range;
+      return Number.isSafeInteger(start) && Number.isSafeInteger(end) && start >= 0 && start < end && end <= size;
+    }),
+    params,
+  );
+});
+
+// ---------------------------------------------------------------- NAR ingestion
+
+function narString(bytes: Buffer | string): Buffer {
+  const data = Buffer.from(bytes);
+  const out = Buffer.alloc(8 + Math.ceil(data.length / 8) * 8);
+  out.writeBigUInt64LE(BigInt(data.length));
+  data.copy(out, 8);
+  return out;
+}
+
+type Tree = { kind: 'file'; contents: Buffer; executable: boolean } | { kind: 'symlink'; target: string } | { kind: 'directory'; entries: [string, Tree][] };
+
+const treeArb: fc.Arbitrary<Tree> = fc.letrec<{ tree: Tree }>((tie) => ({
+  tree: fc.oneof(
+    { depthSize: 'small', withCrossShrink: true },
+    fc.record({ kind: fc.constant('file' as const), contents: fc.uint8Array({ maxLength: 40 }).map((a) => Buffer.from(a)), executable: fc.boolean() }),
+    fc.record({ kind: fc.constant('symlink' as const), target: fc.string({ minLength: 1, maxLength: 10 }).filter((t) => !t.includes('\0')) }),
+    fc.record({
+      kind: fc.constant('directory' as const),
+      entries: fc.uniqueArray(fc.tuple(fc.stringMatching(/^[a-z0-9._-]{1,6}$/).filter((n) => n !== '.' && n !== '..'), tie('tree')), { maxLength: 4, selector: ([name]) => name }),
+    }),
+  ),
+})).tree;
+
+function encodeTree(tree: Tree): Buffer[] {
+  if (tree.kind === 'file') {
+    return [narString('('), narString('type'), narString('regular'), ...(tree.executable ? [narString('executable'), narString('')] : []), narString('contents'), narString(tree.contents), narString(')')];
+  }
+  if (tree.kind === 'symlink') return [narString('('), narString('type'), narString('symlink'), narString('target'), narString(tree.target), narString(')')];
+  const entries = [...tree.entries].sort(([a], [b]) => Buffer.compare(Buffer.from(a), Buffer.from(b)));
+  return [
+    narString('('), narString('type'), narString('directory'),
+    ...entries.flatMap(([name, child]) => [narString('entry'), narString('('), narString('name'), narString(name), narString('node'), ...encodeTree(child), narString(')')]),
+    narString(')'),
+  ];
+}
+
+const narArb = treeArb.map((tree) => Buffer.concat([narString('nix-archive-1'), ...encodeTree(tree)]));
+
+test(`fuzz: NAR ingestion refuses what is not a canonical NAR, and what it takes renders back byte for byte (seed ${SEED})`, async () => {
+  await fc.assert(
+    fc.asyncProperty(bytesAround(narArb), fc.integer({ min: 1, max: 64 }), async (nar, piece) => {
+      const services = { blobs: new MemoryBlobService(), directories: new MemoryDirectoryService() };
+      const chunks: Buffer[] = [];
+      for (let at = 0; at < nar.length; at += piece) chunks.push(nar.subarray(at, at + piece));
+      let root;
+      try {
+        ({ root } = await ingestNar(chunks, services));
+      } catch (err) {
+        return refusedCleanly(err);
+      }
+      const rendered: Buffer[] = [];
+      for await (const chunk of renderNar(root, services)) rendered.push(chunk);
+      assert.ok(Buffer.concat(rendered).equals(nar), `accepted a NAR that does not render back: ${nar.toString('hex').slice(0, 200)}`);
+      return true;
+    }),
+    { ...params, numRuns: Math.max(1, Math.floor(RUNS / 2)) },
+  );
+});
