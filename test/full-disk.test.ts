@@ -14,23 +14,10 @@ import { blake3 } from '../src/castore/digest.js';
 import { StorageFullError } from '../src/castore/errors.js';
 import { openBlobService } from '../src/services/addresses.js';
 import * as nixbase32 from '../src/store/nixbase32.js';
-import { nix, nixcas, nixcasBytes, removeDir, startDaemon, startNixcas, tempDir } from './helpers.js';
+import { nix, nixcas, nixcasBytes, removeDir, seededBytes, startDaemon, startNixcas, tempDir } from './helpers.js';
 
 const skip = process.getuid?.() !== 0 ? 'mounting a small file system needs root (as in CI)' : undefined;
 const MB = 1024 * 1024;
-
-/** Bytes from a fixed-seed generator (xorshift32): incompressible, the same on every run. */
-function seededBytes(length: number, seed: number): Buffer {
-  const bytes = Buffer.alloc(length);
-  let x = seed >>> 0 || 1;
-  for (let i = 0; i < length; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    bytes[i] = x & 0xff;
-  }
-  return bytes;
-}
 
 function run(command: string, args: string[]): void {
   const result = spawnSync(command, args, { encoding: 'utf8' });
@@ -88,7 +75,7 @@ for (const kind of ['tmpfs', 'ext4'] as const) {
 
         const port = /listening on http:\/\/127\.0\.0\.1:(\d+)/.exec(bridge.output())![1];
         const nar = nix('nix-store', ['--dump', big]);
-        const upload = await fetch(`http://127.0.0.1:${port}/nar/${nixbase32.encode(createHash('sha256').update(nar).digest())}.nar`, { method: 'PUT', body: nar });
+        const upload = await fetch(`http://127.0.0.1:${port}/nar/${nixbase32.encode(createHash('sha256').update(nar).digest())}.nar`, { method: 'PUT', body: new Uint8Array(nar) });
         assert.equal(upload.status, 507, `the bridge refuses the upload: ${await upload.text()}`);
         const hash = keptPath.slice('/nix/store/'.length, '/nix/store/'.length + 32);
         assert.equal((await fetch(`http://127.0.0.1:${port}/${hash}.narinfo`)).status, 200, 'and still serves narinfos');

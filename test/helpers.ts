@@ -155,3 +155,25 @@ export function buildClosureFixture(outLink: string): string {
   ]);
   return outLink;
 }
+
+/** Bytes from a fixed-seed xorshift32: incompressible, the same on every run. */
+export function seededBytes(length: number, seed: number): Buffer {
+  const out = Buffer.alloc(length);
+  let x = seed >>> 0 || 1;
+  for (let i = 0; i < length; i++) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    out[i] = x & 0xff;
+  }
+  return out;
+}
+
+/** The port a started nar-bridge listens on, and the URL of the NAR its narinfo for `storePath` names. */
+export async function bridgeNarUrl(bridge: Daemon, storePath: string): Promise<{ port: string; url: string }> {
+  const port = /listening on http:\/\/127\.0\.0\.1:(\d+)/.exec(bridge.output())![1]!;
+  const hash = storePath.slice('/nix/store/'.length, '/nix/store/'.length + 32);
+  const narinfo = await fetch(`http://127.0.0.1:${port}/${hash}.narinfo`);
+  if (narinfo.status !== 200) throw new Error(`GET ${hash}.narinfo: ${narinfo.status}`);
+  return { port, url: /^URL: (.*)$/m.exec(await narinfo.text())![1]! };
+}

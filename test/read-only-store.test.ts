@@ -7,7 +7,7 @@ import { spawnSync } from 'node:child_process';
 import { chmodSync, mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { CLI, nix, nixcas, nixcasBytes, removeDir, startNixcas, tempDir } from './helpers.js';
+import { CLI, bridgeNarUrl, nix, nixcas, nixcasBytes, removeDir, startNixcas, tempDir } from './helpers.js';
 
 const skip = process.getuid?.() !== 0 ? 'bind mounts need root (as in CI)' : undefined;
 
@@ -39,11 +39,7 @@ test('a store on a read-only bind mount: nar (both renderers), virtiofs and nar-
     assert.equal(await fs.stop(), 0);
     const bridge = await startNixcas(['nar-bridge', '--store', readOnly, '--listen', '127.0.0.1:0'], 'listening on');
     try {
-      const port = /listening on http:\/\/127\.0\.0\.1:(\d+)/.exec(bridge.output())![1];
-      const hash = path.slice('/nix/store/'.length, '/nix/store/'.length + 32);
-      const narinfo = await fetch(`http://127.0.0.1:${port}/${hash}.narinfo`);
-      assert.equal(narinfo.status, 200);
-      const url = /^URL: (.*)$/m.exec(await narinfo.text())![1];
+      const { port, url } = await bridgeNarUrl(bridge, path);
       const served = Buffer.from(await (await fetch(`http://127.0.0.1:${port}/${url}`)).arrayBuffer());
       assert.ok(served.equals(expected), 'the bridge serves the NAR from the read-only store');
     } finally {

@@ -13,7 +13,8 @@ import { DataLossError } from '../src/castore/errors.js';
 import { getBlob } from '../src/castore/blobservice.js';
 import { openBlobService, openDirectoryService, openPathInfoService } from '../src/services/addresses.js';
 import { parseStorePath } from '../src/store/storepath.js';
-import { type Daemon, nix, nixcas, nixcasBytes, removeDir, startDaemon, startNixcas, tempDir } from './helpers.js';
+import type { GrpcPathInfoService } from '../src/grpc/store-client.js';
+import { type Daemon, bridgeNarUrl, nix, nixcas, nixcasBytes, removeDir, startDaemon, startNixcas, tempDir } from './helpers.js';
 import { FuseOp, VirtioFsDriver } from './virtiofs-driver.js';
 
 const work = tempDir('verified-reads');
@@ -181,11 +182,7 @@ test('nixcas verify: an intact store is all intact, an unknown path is an error 
 async function checkBridge(store: string, path: string): Promise<void> {
   const bridge = await startNixcas(['nar-bridge', '--store', store, '--listen', '127.0.0.1:0'], 'listening on');
   try {
-    const port = /listening on http:\/\/127\.0\.0\.1:(\d+)/.exec(bridge.output())![1];
-    const hash = path.slice('/nix/store/'.length, '/nix/store/'.length + 32);
-    const narinfo = await fetch(`http://127.0.0.1:${port}/${hash}.narinfo`);
-    assert.equal(narinfo.status, 200);
-    const url = /^URL: (.*)$/m.exec(await narinfo.text())![1];
+    const { port, url } = await bridgeNarUrl(bridge, path);
     const served = (async () => {
       const response = await fetch(`http://127.0.0.1:${port}/${url}`);
       if (response.status !== 200) return `status ${response.status}`;
@@ -207,19 +204,19 @@ async function checkGrpc(store: string, path: string, damage: Damage): Promise<v
   const url = `grpc+unix://${socket}`;
   const blobs = await openBlobService(url);
   const directories = await openDirectoryService(url);
-  const pathInfos = await openPathInfoService(url, { blobs, directories });
+  const pathInfos = await openPathInfoService(url);
   try {
     const info = await pathInfos.get(parseStorePath(path).digest);
     assert.ok(info, 'the path info is served');
     if (damage.file.startsWith('sub/')) {
-      const root = await directories.get(info.node.node.digest as Buffer);
+      const root = await directories.get((info.node.node as { digest: Buffer }).digest);
       const sub = root!.directories.find((d) => d.name.toString() === 'sub')!;
       await assert.rejects(directories.get(sub.digest), DataLossError, 'Get of the damaged directory: DATA_LOSS');
     } else {
       const contents = damage.file === 'large' ? LARGE : SMALL;
       await assert.rejects(getBlob(blobs, blake3(contents)), DataLossError, 'Read of the damaged blob: DATA_LOSS');
     }
-    await assert.rejects(pathInfos.calculateNar!(info.node), DataLossError, 'CalculateNAR: DATA_LOSS');
+    await assert.rejects((pathInfos as GrpcPathInfoService).calculateNar(info.node), DataLossError, 'CalculateNAR: DATA_LOSS');
     assert.ok((await getBlob(blobs, blake3(Buffer.from('still here\n'))))!.equals(Buffer.from('still here\n')), 'an intact blob is still served');
   } finally {
     await pathInfos.close();

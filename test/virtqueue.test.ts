@@ -11,23 +11,14 @@ import { afterEach, beforeEach, describe, test } from 'node:test';
 import { GuestMemory as DeviceMemory, type Places } from '../src/vhost-user/memory.js';
 import { ChainError, type DescriptorChain, SplitQueue as DeviceQueue } from '../src/vhost-user/virtqueue.js';
 import { closeEverything, defaultGuestMemory, GuestMemory as GuestMemoryClass, type GuestMemory, type Posted, type Segment, SplitQueue } from './vhost-user-frontend.js';
+import { seededBytes } from './helpers.js';
 
 const QUEUE_SIZE = 256;
 const AVAIL_F_NO_INTERRUPT = 1;
 const USED_F_NO_NOTIFY = 1;
 
 /** Deterministic bytes (xorshift), so a failure names the exact input. */
-function bytes(length: number, seed: number): Buffer {
-  const out = Buffer.alloc(length);
-  let x = seed || 1;
-  for (let i = 0; i < length; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    out[i] = x & 0xff;
-  }
-  return out;
-}
+const bytes = seededBytes;
 
 interface Rig {
   guest: GuestMemory;
