@@ -1,5 +1,6 @@
 // Property-based runs over the parsers a peer reaches (issue #22, item 9):
-// protobuf Directory decoding, narinfo parsing, HTTP Range, NAR ingestion.
+// protobuf Directory decoding, narinfo parsing, HTTP Range, NAR ingestion,
+// virtqueue chain walking.
 // Inputs are random bytes and mutations of valid inputs; each parser must
 // either answer or refuse with its own InvalidInputError, never throw
 // anything else, and what it accepts must round-trip. Seeds are fixed
@@ -16,6 +17,9 @@ import { parseRange } from '../src/narbridge/range.js';
 import { ingestNar } from '../src/store/nar/ingest.js';
 import { renderNar } from '../src/store/nar/render.js';
 import { parseNarInfo } from '../src/store/narinfo.js';
+import { GuestMemory as DeviceMemory, GuestMemoryError } from '../src/vhost-user/memory.js';
+import { ChainError, SplitQueue as DeviceQueue } from '../src/vhost-user/virtqueue.js';
+import { SplitQueue, closeEverything, defaultGuestMemory } from './vhost-user-frontend.js';
 
 const RUNS = Number(process.env.FUZZ_RUNS ?? 5000);
 const SEED = Number(process.env.FUZZ_SEED ?? 0x22f022);
@@ -190,4 +194,54 @@ test(`fuzz: NAR ingestion refuses what is not a canonical NAR, and what it takes
     }),
     { ...params, numRuns: Math.max(1, Math.floor(RUNS / 2)) },
   );
+});
+
+// ---------------------------------------------------------------- virtqueue chain walking
+
+test(`fuzz: a guest's descriptor tables are walked or refused, never trusted (seed ${SEED})`, () => {
+  const QUEUE = 64;
+  const guest = defaultGuestMemory('nixcas-fuzz-virtqueue');
+  const driver = new SplitQueue(guest, 1, QUEUE);
+  const memory = new DeviceMemory(8);
+  for (const r of guest.regions) memory.add({ guestPhysAddr: Number(r.gpa), size: r.size, userAddr: Number(r.userAddr), mmapOffset: r.mmapOffset }, r.fd);
+  const base = guest.regions[0]!.gpa;
+  const table = guest.locate(driver.desc, 16 * QUEUE);
+  // Scratch the descriptors may point at: indirect tables and buffers of random bytes.
+  const scratchGpa = base + 0x40_0000n;
+  const scratch = guest.locate(scratchGpa, 0x1_0000);
+  // Addresses inside the scratch, elsewhere in guest memory, or nowhere.
+  const addr = fc.oneof(
+    fc.nat({ max: 0xfff0 }).map((o) => scratchGpa + BigInt(o)),
+    fc.bigInt({ min: 0n, max: (1n << 64n) - 1n }),
+    fc.nat({ max: 16 << 20 }).map((o) => base + BigInt(o)),
+  );
+  const descriptor = fc.tuple(addr, fc.oneof(fc.nat({ max: 4096 }), fc.nat()), fc.nat({ max: 7 }), fc.nat({ max: QUEUE + 4 }));
+  try {
+    fc.assert(
+      fc.property(fc.array(descriptor, { minLength: QUEUE, maxLength: QUEUE }), fc.uint8Array({ minLength: 4096, maxLength: 4096 }), fc.nat({ max: QUEUE - 1 }), (descriptors, noise, head) => {
+        descriptors.forEach(([gpa, length, flags, next], i) => {
+          const at = table.offset + 16 * i;
+          table.region.bytes.writeBigUInt64LE(gpa, at);
+          table.region.bytes.writeUInt32LE(length >>> 0, at + 8);
+          table.region.bytes.writeUInt16LE(flags, at + 12);
+          table.region.bytes.writeUInt16LE(next & 0xffff, at + 14);
+        });
+        for (let i = 0; i < 16; i++) scratch.region.bytes.set(noise, scratch.offset + 4096 * i);
+        const queue = new DeviceQueue(memory, { size: QUEUE, desc: Number(driver.desc), avail: Number(driver.avail), used: Number(driver.used), nextAvail: driver.availIdx & 0xffff, eventIdx: false, indirect: true }, () => {});
+        driver.publish([head]);
+        const refused: Error[] = [];
+        const chain = queue.pop((err) => refused.push(err));
+        queue.deactivate();
+        if (!chain) return refused.length === 1 && (refused[0] instanceof ChainError || refused[0] instanceof GuestMemoryError);
+        // A chain taken is one the device can read and answer within its bounds.
+        return chain.read().length === chain.readableLength && chain.writableLength >= 0;
+      }),
+      { ...params, numRuns: Math.max(1, Math.floor(RUNS / 5)) },
+    );
+  } finally {
+    memory.clear();
+    driver.close();
+    guest.free();
+    closeEverything();
+  }
 });
