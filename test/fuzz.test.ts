@@ -1,6 +1,6 @@
 // Property-based runs over the parsers a peer reaches (issue #22, item 9):
 // protobuf Directory decoding, narinfo parsing, HTTP Range, NAR ingestion,
-// virtqueue chain walking.
+// virtqueue chain walking, FUSE requests.
 // Inputs are random bytes and mutations of valid inputs; each parser must
 // either answer or refuse with its own InvalidInputError, never throw
 // anything else, and what it accepts must round-trip. Seeds are fixed
@@ -11,7 +11,11 @@ import { test } from 'node:test';
 import fc from 'fast-check';
 import { MemoryBlobService, MemoryDirectoryService } from '../src/castore/backends/memory.js';
 import { InvalidInputError } from '../src/castore/errors.js';
-import type { Directory } from '../src/castore/model.js';
+import { putBlob } from '../src/castore/blobservice.js';
+import type { Directory, Node } from '../src/castore/model.js';
+import { ReadOnlyFilesystem } from '../src/fs/filesystem.js';
+import { IN_HEADER_SIZE, Opcode } from '../src/fuse/abi.js';
+import { FuseServer, expectsReply } from '../src/fuse/protocol.js';
 import { decodeDirectory, encodeDirectory } from '../src/castore/wire.js';
 import { parseRange } from '../src/narbridge/range.js';
 import { ingestNar } from '../src/store/nar/ingest.js';
@@ -244,4 +248,74 @@ test(`fuzz: a guest's descriptor tables are walked or refused, never trusted (se
     guest.free();
     closeEverything();
   }
+});
+
+// ---------------------------------------------------------------- FUSE requests
+
+test(`fuzz: FUSE requests get one well-formed reply each, and only expected errors (seed ${SEED})`, async () => {
+  const blobs = new MemoryBlobService();
+  const digest = await putBlob(blobs, Buffer.from('hello\n'));
+  const file: Node = { kind: 'file', node: { name: Buffer.from(`${'0'.repeat(32)}-hello`), digest, size: 6, executable: false } };
+  const fs = new ReadOnlyFilesystem(blobs, new MemoryDirectoryService(), {
+    lookup: async (name) => (name.equals(file.node.name) ? file : undefined),
+    async *list() {
+      yield file;
+    },
+  });
+  const logged: string[] = [];
+  const server = new FuseServer(fs, { log: (m) => logged.push(m) });
+  let replies = 0;
+  let badReply = '';
+  const sink = {
+    send: (message: Buffer) => {
+      replies++;
+      const error = message.readInt32LE(4);
+      if (message.readUInt32LE(0) !== message.length || error > 0 || error < -4095) badReply = message.subarray(0, 16).toString('hex');
+    },
+  };
+  let unique = 0n;
+  const message = (opcode: number, nodeid: number, args: Uint8Array, lengthDelta = 0) => {
+    const m = Buffer.alloc(IN_HEADER_SIZE + args.length);
+    m.writeUInt32LE(m.length + lengthDelta, 0);
+    m.writeUInt32LE(opcode, 4);
+    m.writeBigUInt64LE(++unique, 8);
+    m.writeBigUInt64LE(BigInt(nodeid), 16);
+    m.set(args, IN_HEADER_SIZE);
+    return m;
+  };
+  /** Sends messages and waits, turn by turn of the event loop, until every reply they are owed has come. */
+  const exchange = async (messages: Buffer[]) => {
+    const owed = replies + messages.filter(expectsReply).length;
+    for (const m of messages) server.handle(m, sink);
+    for (let turn = 0; turn < 1000 && replies < owed; turn++) await new Promise((resolve) => setImmediate(resolve));
+    return replies === owed;
+  };
+  const init = Buffer.alloc(64);
+  init.writeUInt32LE(7, 0);
+  init.writeUInt32LE(31, 4);
+  init.writeUInt32LE(128 * 1024, 8);
+  init.writeUInt32LE(0xffffffff, 12);
+  assert.ok(await exchange([message(Opcode.INIT, 0, init)]));
+  const opcodes = (Object.values(Opcode) as unknown[]).filter((v): v is number => typeof v === 'number' && v !== Opcode.INIT && v !== Opcode.DESTROY);
+  const request = fc.tuple(
+    fc.oneof(fc.constantFrom(...opcodes), fc.nat({ max: 100 })),
+    fc.oneof(fc.constantFrom(0, 1, 2, 3), fc.nat()),
+    fc.oneof(fc.uint8Array({ maxLength: 80 }), fc.uint8Array({ minLength: 80, maxLength: 300 })),
+    fc.oneof(fc.constant(0), fc.integer({ min: -8, max: 8 })),
+  );
+  await fc.assert(
+    fc.asyncProperty(fc.array(request, { minLength: 1, maxLength: 12 }), async (batch) => {
+      const answered = await exchange(batch.filter(([opcode]) => opcode !== Opcode.INIT && opcode !== Opcode.DESTROY).map(([opcode, nodeid, args, delta]) => message(opcode, nodeid, args, delta)));
+      const unexpected = logged.find((line) => /\n\s+at /.test(line));
+      // The server still answers the root's attributes afterwards.
+      const before = replies;
+      let rootError: number | undefined;
+      const probe = { send: (m: Buffer) => void (rootError = m.readInt32LE(4)) };
+      server.handle(message(Opcode.GETATTR, 1, Buffer.alloc(16)), { send: (m) => { replies++; probe.send(m); } });
+      for (let turn = 0; turn < 1000 && replies === before; turn++) await new Promise((resolve) => setImmediate(resolve));
+      return answered && !badReply && unexpected === undefined && rootError === 0;
+    }),
+    { ...params, numRuns: Math.max(1, Math.floor(RUNS / 10)) },
+  );
+  server.handle(message(Opcode.DESTROY, 0, Buffer.alloc(0)), sink);
 });
