@@ -1,8 +1,9 @@
 // A store whose file system fills up (issue #22, "full disk"): on a small
 // tmpfs and on a small loop-mounted ext4, `nixcas import` fails with one line
-// naming the store, the daemon answers RESOURCE_EXHAUSTED and the nar-bridge
-// 507 while both keep serving reads, writes work again once there is room,
-// and every path registered before still renders its NAR.
+// naming the store (`nixcas copy` likewise, per path), the daemon answers
+// RESOURCE_EXHAUSTED and the nar-bridge 507 while both keep serving reads,
+// writes work again once there is room, and every path registered before
+// still renders its NAR.
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { spawnSync } from 'node:child_process';
@@ -61,6 +62,19 @@ for (const kind of ['tmpfs', 'ext4'] as const) {
       assert.equal(message.split('\n').length, 1, `in one line: ${failed.stderr}`);
       assert.ok(message.includes(store), `naming the store: ${message}`);
       assert.match(message, /(full|No space left on device|ENOSPC)/, `and the cause: ${message}`);
+
+      // The same tree from /nix/store through `nixcas copy`: each failed path in one line, then the summary.
+      const added = nix('nix-store', ['--add', big]).toString().trim();
+      try {
+        const closure = nix('nix', ['--extra-experimental-features', 'nix-command', 'path-info', '--json', '--recursive', added]);
+        const copied = nixcas(['copy', '--store', store, '-'], { input: closure });
+        assert.equal(copied.status, 1, `the copy fails: ${copied.stderr}`);
+        assert.doesNotMatch(copied.stderr, /\n\s+at /, 'without a stack trace');
+        assert.match(copied.stderr, new RegExp(`nixcas copy: ${added}: .*${store}.*is its file system full`), copied.stderr);
+        assert.match(copied.stderr, /0 copied .* 1 failed/);
+      } finally {
+        spawnSync('nix-store', ['--delete', added], { stdio: 'ignore' });
+      }
 
       const socket = join(work, 'd.sock');
       const daemon = await startDaemon(['--store', store, '--listen', socket]);
