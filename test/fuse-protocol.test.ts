@@ -3,13 +3,10 @@
 import assert from 'node:assert/strict';
 import { constants } from 'node:os';
 import { test } from 'node:test';
-import { MemoryBlobService, MemoryDirectoryService } from '../src/castore/backends/memory.js';
-import { putBlob } from '../src/castore/blobservice.js';
-import type { Node } from '../src/castore/model.js';
-import { ReadOnlyFilesystem } from '../src/fs/filesystem.js';
 import { IN_HEADER_SIZE, InitFlag, Opcode } from '../src/fuse/abi.js';
 import { limitLog } from '../src/fuse/log-limit.js';
 import { FuseServer } from '../src/fuse/protocol.js';
+import { oneFileFilesystem } from './helpers.js';
 
 const { errno } = constants;
 
@@ -20,15 +17,7 @@ interface Reply {
 }
 
 async function setup() {
-  const blobs = new MemoryBlobService();
-  const digest = await putBlob(blobs, Buffer.from('hello\n'));
-  const file: Node = { kind: 'file', node: { name: Buffer.from('0'.repeat(32) + '-hello'), digest, size: 6, executable: false } };
-  const fs = new ReadOnlyFilesystem(blobs, new MemoryDirectoryService(), {
-    lookup: async (name) => (name.equals(file.node.name) ? file : undefined),
-    async *list() {
-      yield file;
-    },
-  });
+  const { fs, file } = await oneFileFilesystem();
   const logged: string[] = [];
   const server = new FuseServer(fs, { log: (m) => logged.push(m) });
   const replies: Reply[] = [];

@@ -11,9 +11,7 @@ import { test } from 'node:test';
 import fc from 'fast-check';
 import { MemoryBlobService, MemoryDirectoryService } from '../src/castore/backends/memory.js';
 import { InvalidInputError } from '../src/castore/errors.js';
-import { putBlob } from '../src/castore/blobservice.js';
-import type { Directory, Node } from '../src/castore/model.js';
-import { ReadOnlyFilesystem } from '../src/fs/filesystem.js';
+import type { Directory } from '../src/castore/model.js';
 import { IN_HEADER_SIZE, Opcode } from '../src/fuse/abi.js';
 import { FuseServer, expectsReply } from '../src/fuse/protocol.js';
 import { decodeDirectory, encodeDirectory } from '../src/castore/wire.js';
@@ -24,6 +22,7 @@ import { parseNarInfo } from '../src/store/narinfo.js';
 import { GuestMemory as DeviceMemory, GuestMemoryError } from '../src/vhost-user/memory.js';
 import { ChainError, SplitQueue as DeviceQueue } from '../src/vhost-user/virtqueue.js';
 import { SplitQueue, closeEverything, defaultGuestMemory } from './vhost-user-frontend.js';
+import { oneFileFilesystem } from './helpers.js';
 
 const RUNS = Number(process.env.FUZZ_RUNS ?? 5000);
 const SEED = Number(process.env.FUZZ_SEED ?? 0x22f022);
@@ -253,15 +252,7 @@ test(`fuzz: a guest's descriptor tables are walked or refused, never trusted (se
 // ---------------------------------------------------------------- FUSE requests
 
 test(`fuzz: FUSE requests get one well-formed reply each, and only expected errors (seed ${SEED})`, async () => {
-  const blobs = new MemoryBlobService();
-  const digest = await putBlob(blobs, Buffer.from('hello\n'));
-  const file: Node = { kind: 'file', node: { name: Buffer.from(`${'0'.repeat(32)}-hello`), digest, size: 6, executable: false } };
-  const fs = new ReadOnlyFilesystem(blobs, new MemoryDirectoryService(), {
-    lookup: async (name) => (name.equals(file.node.name) ? file : undefined),
-    async *list() {
-      yield file;
-    },
-  });
+  const { fs } = await oneFileFilesystem();
   const logged: string[] = [];
   const server = new FuseServer(fs, { log: (m) => logged.push(m) });
   let replies = 0;

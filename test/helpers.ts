@@ -6,6 +6,10 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { blake3, digestKey } from '../src/castore/digest.js';
 import { LocalStore } from '../src/castore/backends/local.js';
+import { MemoryBlobService, MemoryDirectoryService } from '../src/castore/backends/memory.js';
+import { putBlob } from '../src/castore/blobservice.js';
+import type { Node } from '../src/castore/model.js';
+import { ReadOnlyFilesystem } from '../src/fs/filesystem.js';
 
 export const ROOT = fileURLToPath(new URL('..', import.meta.url));
 export const CLI = join(ROOT, 'dist/cli/nixcas.cjs');
@@ -176,4 +180,18 @@ export async function bridgeNarUrl(bridge: Daemon, storePath: string): Promise<{
   const narinfo = await fetch(`http://127.0.0.1:${port}/${hash}.narinfo`);
   if (narinfo.status !== 200) throw new Error(`GET ${hash}.narinfo: ${narinfo.status}`);
   return { port, url: /^URL: (.*)$/m.exec(await narinfo.text())![1]! };
+}
+
+/** An in-memory store with one store path, `<32 zeros>-hello`, a 6-byte file, as the filesystem core sees it (FUSE protocol tests). */
+export async function oneFileFilesystem(): Promise<{ fs: ReadOnlyFilesystem; file: Node }> {
+  const blobs = new MemoryBlobService();
+  const digest = await putBlob(blobs, Buffer.from('hello\n'));
+  const file: Node = { kind: 'file', node: { name: Buffer.from(`${'0'.repeat(32)}-hello`), digest, size: 6, executable: false } };
+  const fs = new ReadOnlyFilesystem(blobs, new MemoryDirectoryService(), {
+    lookup: async (name) => (name.equals(file.node.name) ? file : undefined),
+    async *list() {
+      yield file;
+    },
+  });
+  return { fs, file };
 }

@@ -277,13 +277,14 @@ export class LocalBlobService implements BlobService {
   }
 
   /**
-   * Makes sure the open file `fd` of a large blob holds what `digest` names:
-   * at once when its record says it is unchanged since it was found intact,
-   * otherwise by hashing it in full (then recorded, when this process may).
+   * Makes sure the open file `fd` (with `stats`) of a large blob holds what
+   * `digest` names: at once when its record says it is unchanged since it
+   * was found intact, otherwise by hashing it in full (then recorded, when
+   * this process may).
    */
-  private async checkFile(fd: number, digest: B3Digest): Promise<void> {
+  private async checkFile(fd: number, stats: BigIntStats, digest: B3Digest): Promise<void> {
     if (!VERIFY_READS) return;
-    const record = blobFileRecord(fstatSync(fd, { bigint: true }));
+    const record = blobFileRecord(stats);
     const stored = this.fileRecords.getBinaryFast(digest);
     if (stored && record.equals(stored.subarray(0, stored.length))) return;
     const key = digestKey(digest);
@@ -342,19 +343,20 @@ export class LocalBlobService implements BlobService {
   async openReader(digest: B3Digest): Promise<BlobReader | undefined> {
     const small = this.smallBlobs.get(digest);
     if (small) return bufferReader(this.checkedSmallBlob(digest, small));
-    const fd = await this.openCheckedFile(digest);
-    return fd === undefined ? undefined : fileReader(fd);
+    const file = await this.openCheckedFile(digest);
+    return file && fileReader(file.fd, file.size);
   }
 
   async openFile(digest: B3Digest): Promise<BlobFile | undefined> {
-    if (this.smallBlobs.get(digest)) return undefined;
-    const fd = await this.openCheckedFile(digest);
-    if (fd === undefined) return undefined;
-    return { fd, size: fstatSync(fd).size, close: () => new Promise<void>((resolve) => close(fd, () => resolve())) };
+    if (this.smallBlobs.doesExist(digest)) return undefined;
+    const file = await this.openCheckedFile(digest);
+    if (!file) return undefined;
+    const { fd } = file;
+    return { fd, size: file.size, close: () => new Promise<void>((resolve) => close(fd, () => resolve())) };
   }
 
-  /** The large blob's file, open and checked (checkFile); undefined when there is none. */
-  private async openCheckedFile(digest: B3Digest): Promise<number | undefined> {
+  /** The large blob's file, open and checked (checkFile), and its size; undefined when there is none. */
+  private async openCheckedFile(digest: B3Digest): Promise<{ fd: number; size: number } | undefined> {
     let fd: number;
     try {
       fd = await openFd(this.pathOf(digest));
@@ -363,8 +365,10 @@ export class LocalBlobService implements BlobService {
       throw err;
     }
     try {
-      await this.checkFile(fd, digest);
-      return fd;
+      // fstat of an open fd never waits for the disk.
+      const stats = fstatSync(fd, { bigint: true });
+      await this.checkFile(fd, stats, digest);
+      return { fd, size: Number(stats.size) };
     } catch (err) {
       close(fd, () => {});
       throw err;
@@ -656,9 +660,8 @@ function openFd(path: string): Promise<number> {
   return new Promise((resolve, reject) => open(path, constants.O_RDONLY, (err, fd) => (err ? reject(err) : resolve(fd))));
 }
 
-function fileReader(fd: number): BlobReader {
+function fileReader(fd: number, size: number): BlobReader {
   let closed: Promise<void> | undefined;
-  const size = fstatSync(fd).size;
   return {
     size,
     read: (target, offset, length, position) => {
