@@ -161,6 +161,7 @@ export async function benchNix(rows: Row[], work: string, repeats: number, cli: 
     const trivialTimes = { ours: [] as number[], peer: [] as number[] };
     const pipedTimes = { ours: [] as number[], peer: [] as number[] };
     const coldTimes = { ours: [] as number[], peer: [] as number[] };
+    const verifyTimes = { ours: [] as number[], peer: [] as number[] };
     const memory = { importRss: 0, importAnon: 0, narRss: 0, narAnon: 0 };
     let storePath = '';
     for (let i = 0; i < repeats; i++) {
@@ -231,6 +232,12 @@ export async function benchNix(rows: Row[], work: string, repeats: number, cli: 
           narTimes.peer.push((await timed('nix-store', ['--dump', storePath])).seconds);
         }
       }
+      // `nixcas verify --check-contents` hashes every blob and directory of the path; b3sum hashes the
+      // same files from the source tree (the reference BLAKE3 command, as many threads as it likes).
+      for (const who of order) {
+        if (who === 'ours') verifyTimes.ours.push((await timed(process.execPath, [cli, 'verify', '--store', store, '--check-contents', storePath])).seconds);
+        else verifyTimes.peer.push((await timed('sh', ['-c', 'find "$1" -type f -print0 | xargs -0 b3sum > /dev/null', 'sh', tree.dir])).seconds);
+      }
       // Into a pipe, as a NAR is usually consumed (by a compressor, an uploader).
       for (const who of order) {
         const command = who === 'ours' ? `"${process.execPath}" "${cli}" nar --store "${store}" ${storePath}` : `nix-store --dump ${storePath}`;
@@ -273,6 +280,11 @@ export async function benchNix(rows: Row[], work: string, repeats: number, cli: 
         peerName: 'the same with NIXCAS_VERIFY_READS=0', target: 0.9,
       });
     }
+    rows.push({
+      capability: `nixcas verify --check-contents of the path, ${tree.label}`,
+      ours: mb / median(verifyTimes.ours), peer: mb / median(verifyTimes.peer), unit: 'MB/s',
+      peerName: 'find TREE -type f | xargs b3sum', note: 'warm page cache; b3sum uses both cores for large files',
+    });
     const alone = (who: 'ours' | 'peer') => mb / Math.max(1e-3, median(narTimes[who]) - median(trivialTimes[who]));
     rows.push({
       capability: `NAR rendering alone (start-up subtracted), ${tree.label}`,

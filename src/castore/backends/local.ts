@@ -24,7 +24,7 @@
 // full on first use unless its blob-files record shows it unchanged since it
 // was last found intact. A mismatch is a DataLossError.
 import { randomBytes } from 'node:crypto';
-import { type BigIntStats, close, constants, fstat, fstatSync, open, promises as fs, read, readdirSync, unlinkSync, mkdirSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { type BigIntStats, close, constants, fstatSync, open, promises as fs, read, readdirSync, unlinkSync, mkdirSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
