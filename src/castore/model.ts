@@ -37,6 +37,11 @@ export type Node =
   | { kind: 'file'; node: FileNode }
   | { kind: 'symlink'; node: SymlinkNode };
 
+/** The same node under another name (a store path's root is named by its basename). */
+export function withName(node: Node, name: Buffer): Node {
+  return { kind: node.kind, node: { ...node.node, name } } as Node;
+}
+
 export function emptyDirectory(): Directory {
   return { directories: [], files: [], symlinks: [] };
 }

@@ -1,11 +1,13 @@
 // `nixcas copy FILE|-`: copy a closure from the local /nix/store into the store.
+// `nixcas copy --from URL STORE_PATH…`: fetch closures from binary caches.
 import { readFileSync } from 'node:fs';
 import { Command, Option } from 'commander';
 import { parseClosure } from '../store/closure.js';
 import { copyClosure } from '../store/copy.js';
+import { type StorePath, formatStorePath, parseStorePath } from '../store/storepath.js';
 import { Progress, formatBytes } from './progress.js';
 import { startHashThread } from '../store/sha256-off-thread.js';
-import { addStoreOptions, openServices } from './store-options.js';
+import { type SubstitutionFlags, addStoreOptions, addSubstitutionOptions, openServices, substituterOptions } from './store-options.js';
 
 function readInput(file: string | undefined): { text: string; source: string } {
   const name = file ?? process.env.NIX_ATTRS_JSON_FILE;
@@ -24,13 +26,18 @@ export function copyCommand(): Command {
         'and deriver. Paths already in the store are skipped. A path is registered only after all paths it ' +
         'refers to are. Exits non-zero when any path failed; the others are still copied.',
     )
-    .argument('[file]', 'the closure JSON, or - for stdin (default: $NIX_ATTRS_JSON_FILE)')
-    .addOption(new Option('-j, --jobs <n>', 'paths read at once').default(4).argParser((v) => {
+    .argument('[file...]', 'the closure JSON, or - for stdin (default: $NIX_ATTRS_JSON_FILE); with --from, store paths')
+    .addOption(new Option('--from <url>', 'fetch the closures of the STORE_PATHs given from this binary cache (http://, https://, file://) instead; repeatable, tried in order. Signatures by a --trusted-public-key are required unless --no-require-sigs').argParser((value: string, previous: string[] = []) => [...previous, value]))
+    .addOption(new Option('-j, --jobs <n>', 'paths read (or, with --from, NARs downloaded) at once').default(4).argParser((v) => {
       const n = Number(v);
       if (!Number.isInteger(n) || n < 1) throw new Error('--jobs must be a positive integer');
       return n;
     }));
-  return addStoreOptions(command).action(async (file: string | undefined, options) => {
+  addSubstitutionOptions(command, { jobs: false });
+  return addStoreOptions(command).action(async (files: string[], options) => {
+    if (options.from) return copyFrom(files, options);
+    if (files.length > 1) throw new Error(`copy takes one closure FILE, not ${files.length} (to fetch store paths from a binary cache, pass --from URL)`);
+    const file = files[0];
     const { text, source } = readInput(file);
     let json: unknown;
     try {
@@ -76,4 +83,52 @@ export function copyCommand(): Command {
       await services.close();
     }
   });
+}
+
+/** `copy --from URL STORE_PATH…`: the closures of the paths, fetched through a substituter. */
+async function copyFrom(args: string[], options: SubstitutionFlags & { from: string[]; jobs: number; substituter?: string[] }): Promise<void> {
+  if (args.length === 0) throw new Error('copy --from needs the store paths to fetch');
+  if (options.substituter?.length) throw new Error('copy --from takes its binary caches from --from; --substituter is for the serving commands');
+  const wanted: StorePath[] = args.map((arg) => {
+    try {
+      return parseStorePath(arg.replace(/\/+$/, ''));
+    } catch (err) {
+      throw new Error(`${arg}: ${(err as Error).message}`);
+    }
+  });
+  const substitution = substituterOptions({ ...options, substituter: options.from, substituterJobs: options.jobs });
+  const services = await openServices(options, { writes: true, substitution });
+  const progress = new Progress();
+  let fetched = 0;
+  let bytes = 0;
+  const show = (force = false) => progress.update(() => `fetching: ${fetched} paths, ${formatBytes(bytes)} downloaded`, force);
+  const substituter = services.substituter!;
+  substituter.options.onSubstituted = () => {
+    fetched++;
+    show(true);
+  };
+  substituter.options.onBytes = (n) => {
+    bytes += n;
+    show();
+  };
+  substituter.options.log = (line) => {
+    progress.clear();
+    console.error(`nixcas copy: ${line}`);
+  };
+  try {
+    const started = Date.now();
+    const results = await Promise.all(wanted.map((path) => services.pathInfos.get(path.digest).then((info) => ({ path, info }), (error: Error) => ({ path, info: undefined, error }))));
+    progress.clear();
+    let failed = 0;
+    for (const { path, info } of results) {
+      if (info) continue;
+      failed++;
+      console.error(`nixcas copy: ${formatStorePath(path)}: not copied: no --from cache has it with its closure (see above)`);
+    }
+    const seconds = ((Date.now() - started) / 1000).toFixed(1);
+    console.error(`nixcas copy: ${fetched} paths fetched (${formatBytes(bytes)}), ${wanted.length - failed} of ${wanted.length} requested now in the store, in ${seconds} s`);
+    if (failed) process.exitCode = 1;
+  } finally {
+    await services.close();
+  }
 }

@@ -1,7 +1,7 @@
 // `nixcas daemon`: serve the store over gRPC until SIGINT/SIGTERM.
 import { unlinkSync } from 'node:fs';
 import { Command } from 'commander';
-import { addStoreOptions, octalMode, openServices } from './store-options.js';
+import { addStoreOptions, addSubstitutionOptions, octalMode, openServices } from './store-options.js';
 
 export const DEFAULT_LISTEN = '[::1]:8000';
 
@@ -16,7 +16,7 @@ export function daemonCommand(): Command {
     )
     .option('-l, --listen <address>', 'host:port, [ipv6]:port, or a unix socket path', DEFAULT_LISTEN)
     .option('--socket-mode <octal>', 'permissions of a unix socket, whatever the umask (default 0600); e.g. 0660 to let a group connect', octalMode);
-  return addStoreOptions(command).action(async (options) => {
+  return addSubstitutionOptions(addStoreOptions(command)).action(async (options) => {
     const { createServer, grpcListenTarget, listen } = await import('../grpc/server.js'); // loaded only when serving
     const services = await openServices(options, { writes: true });
     const server = createServer(services);

@@ -1,7 +1,7 @@
 // `nixcas mount MOUNTPOINT`: the store as a read-only /nix/store over FUSE,
 // until SIGINT/SIGTERM or umount.
 import { Command } from 'commander';
-import { addStoreOptions, openServices } from './store-options.js';
+import { addStoreOptions, addSubstitutionOptions, openServices } from './store-options.js';
 
 export function mountCommand(): Command {
   const command = new Command('mount')
@@ -15,7 +15,7 @@ export function mountCommand(): Command {
     .argument('<mountpoint>', 'an existing directory, e.g. /nix/store or /mnt/store')
     .option('--list-root', 'allow listing the top level (otherwise readdir of the root is refused with EPERM)', false)
     .option('--allow-other', 'let other users access the mount (needs user_allow_other in /etc/fuse.conf when not root)', false);
-  return addStoreOptions(command).action(async (mountpoint: string, options) => {
+  return addSubstitutionOptions(addStoreOptions(command)).action(async (mountpoint: string, options) => {
     // Loaded only when mounting: the native addon and the protocol layer.
     const [{ ReadOnlyFilesystem }, { FuseServer }, { limitLog }, { DevFuseSession }, { storePathRoot }] = await Promise.all([
       import('../fs/filesystem.js'),

@@ -1,7 +1,7 @@
 // `nixcas nar-bridge`: the store as an HTTP Nix binary cache until SIGINT/SIGTERM.
 import { readFileSync } from 'node:fs';
 import { Command, InvalidArgumentError } from 'commander';
-import { addStoreOptions, openServices } from './store-options.js';
+import { addStoreOptions, addSubstitutionOptions, openServices } from './store-options.js';
 
 export const DEFAULT_BRIDGE_LISTEN = '[::]:9000';
 
@@ -24,7 +24,7 @@ export function narBridgeCommand(): Command {
     .option('--upload-credentials <file>', 'uploads need HTTP Basic credentials from this file of user:password lines (Nix sends them from its netrc-file)')
     .option('--max-nar-size <bytes>', 'refuse an upload whose NAR, decompressed, is larger (e.g. 64G; default 32G)', byteSize)
     .option('--no-access-log', 'do not log each request');
-  return addStoreOptions(command).action(async (options) => {
+  return addSubstitutionOptions(addStoreOptions(command)).action(async (options) => {
     const [{ NarBridge }, { Credentials }, { parseSecretKey }] = await Promise.all([
       import('../narbridge/server.js'),
       import('../narbridge/credentials.js'),

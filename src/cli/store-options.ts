@@ -5,7 +5,10 @@ import type { DirectoryService } from '../castore/directoryservice.js';
 import {
   type AddressOptions, type ServiceAddresses, openBlobService, openDirectoryService, openPathInfoService, resolveAddresses,
 } from '../services/addresses.js';
+import { BinaryCache } from '../store/binary-cache.js';
 import type { PathInfoService } from '../store/pathinfoservice.js';
+import { parsePublicKey } from '../store/signing.js';
+import { Substituter, type SubstituterOptions, substitutingPathInfos } from '../store/substituter.js';
 import { STORE_FLAGS } from './store-flags.js';
 
 export function addStoreOptions(command: Command): Command {
@@ -13,11 +16,67 @@ export function addStoreOptions(command: Command): Command {
   return command;
 }
 
+export interface SubstitutionFlags {
+  substituter?: string[];
+  trustedPublicKey?: string[];
+  requireSigs?: boolean;
+  substituterTimeout?: number;
+  negativeTtl?: number;
+  substituterJobs?: number;
+}
+
+const collect = (value: string, previous: string[] = []) => [...previous, value];
+
+function positiveNumber(flag: string) {
+  return (value: string) => {
+    const n = Number(value);
+    if (!Number.isFinite(n) || n <= 0) throw new InvalidArgumentError(`${flag} takes a positive number`);
+    return n;
+  };
+}
+
+/** Nix's substituters and trusted-public-keys, for the commands that serve or copy a store. */
+export function addSubstitutionOptions(command: Command, { jobs = true }: { jobs?: boolean } = {}): Command {
+  command
+    .addOption(new Option('--substituter <url>', 'a binary cache (http://, https://, file://) asked for paths the store lacks; repeatable, tried in order (env NIXCAS_SUBSTITUTERS, space-separated)').argParser(collect))
+    .addOption(new Option('--trusted-public-key <name:base64>', 'a key whose signature a substituted path needs; repeatable (env NIXCAS_TRUSTED_PUBLIC_KEYS, space-separated)').argParser(collect))
+    .addOption(new Option('--no-require-sigs', 'take substituted paths without a valid signature by a trusted key (as Nix\'s require-sigs = false)'))
+    .addOption(new Option('--substituter-timeout <seconds>', 'how long a substituter may take to answer, or pause in a NAR, before that lookup fails').default(30).argParser(positiveNumber('--substituter-timeout')))
+    .addOption(new Option('--negative-ttl <seconds>', 'how long a path no substituter has is remembered as missing').default(30).argParser(positiveNumber('--negative-ttl')));
+  if (jobs) command.addOption(new Option('--substituter-jobs <n>', 'NARs downloaded at once').default(8).argParser(positiveNumber('--substituter-jobs')));
+  return command;
+}
+
+/** The substituter options the flags and environment name, or undefined when there is no substituter. */
+export function substituterOptions(flags: SubstitutionFlags, env: NodeJS.ProcessEnv = process.env): Omit<SubstituterOptions, 'log'> | undefined {
+  const split = (text: string | undefined) => (text ?? '').split(/\s+/).filter(Boolean);
+  const urls = flags.substituter?.length ? flags.substituter : split(env.NIXCAS_SUBSTITUTERS);
+  if (urls.length === 0) return undefined;
+  const keys = flags.trustedPublicKey?.length ? flags.trustedPublicKey : split(env.NIXCAS_TRUSTED_PUBLIC_KEYS);
+  for (const key of keys) {
+    try {
+      parsePublicKey(key);
+    } catch (err) {
+      throw new Error(`--trusted-public-key ${JSON.stringify(key)}: ${(err as Error).message}`);
+    }
+  }
+  const timeoutMs = (flags.substituterTimeout ?? 30) * 1000;
+  return {
+    caches: urls.map((url) => new BinaryCache(url, { timeoutMs })),
+    trustedKeys: keys,
+    requireSigs: flags.requireSigs !== false,
+    negativeTtlMs: (flags.negativeTtl ?? 30) * 1000,
+    jobs: Math.floor(flags.substituterJobs ?? 8),
+  };
+}
+
 export interface OpenServices {
   addresses: ServiceAddresses;
   blobs: BlobService;
   directories: DirectoryService;
   pathInfos: PathInfoService;
+  /** Set when the flags name substituters: pathInfos then fetches what the store lacks through it. */
+  substituter?: Substituter;
   close(): Promise<void>;
 }
 
@@ -26,18 +85,26 @@ export interface OpenServices {
  * store may be made where there is none (in an empty or missing directory);
  * commands that only read never make one.
  */
-export async function openServices(options: AddressOptions, { writes }: { writes: boolean }): Promise<OpenServices> {
+export async function openServices(
+  options: AddressOptions & SubstitutionFlags,
+  { writes, substitution }: { writes: boolean; substitution?: Omit<SubstituterOptions, 'log'> },
+): Promise<OpenServices> {
   const addresses = resolveAddresses(options);
-  const blobs = await openBlobService(addresses.blob, { create: writes });
-  const directories = await openDirectoryService(addresses.directory, { create: writes });
-  const pathInfos = await openPathInfoService(addresses.pathInfo, { create: writes });
+  const substituting = substitution ?? substituterOptions(options);
+  // What is substituted is stored: a command that serves with substituters writes.
+  const create = writes || substituting !== undefined;
+  const blobs = await openBlobService(addresses.blob, { create });
+  const directories = await openDirectoryService(addresses.directory, { create });
+  const local = await openPathInfoService(addresses.pathInfo, { create });
+  const substituter = substituting && new Substituter({ blobs, directories, pathInfos: local }, { ...substituting, log: (line) => console.error(`nixcas: ${line}`) });
   return {
     addresses,
     blobs,
     directories,
-    pathInfos,
+    pathInfos: substituter ? substitutingPathInfos(local, substituter) : local,
+    substituter,
     close: async () => {
-      await pathInfos.close();
+      await local.close();
       await blobs.close();
       await directories.close();
     },

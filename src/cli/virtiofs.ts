@@ -1,7 +1,7 @@
 // `nixcas virtiofs SOCKET`: the store as /nix/store for VMs, over virtio-fs
 // (a vhost-user-fs back end for QEMU and cloud-hypervisor).
 import { Command, InvalidArgumentError } from 'commander';
-import { addStoreOptions, octalMode, openServices } from './store-options.js';
+import { addStoreOptions, addSubstitutionOptions, octalMode, openServices } from './store-options.js';
 
 export function virtiofsCommand(): Command {
   const command = new Command('virtiofs')
@@ -21,7 +21,7 @@ export function virtiofsCommand(): Command {
     .option('--list-root', 'allow listing the top level (otherwise readdir of the root is refused with EPERM)', false)
     .option('--num-request-queues <n>', "request queues besides the high-priority one: QEMU's num-request-queues, cloud-hypervisor's num_queues", positiveInteger, 1)
     .option('--socket-mode <octal>', 'permissions of the socket file, whatever the umask (default 0600); e.g. 0660 to let a group of VM users connect', octalMode);
-  return addStoreOptions(command).action(async (socketPath: string, options) => {
+  return addSubstitutionOptions(addStoreOptions(command)).action(async (socketPath: string, options) => {
     await withSmallYoungGeneration();
     const [{ ReadOnlyFilesystem }, { DirectoryCache }, { VirtioFsServer }, { storePathRoot }] = await Promise.all([
       import('../fs/filesystem.js'),

@@ -3,7 +3,7 @@
 // become visible only when their narinfo is registered.
 import { type IncomingMessage, type Server, type ServerResponse, createServer } from 'node:http';
 import { AlreadyExistsError, InvalidInputError, isStorageFull } from '../castore/errors.js';
-import type { Node } from '../castore/model.js';
+import { type Node, withName } from '../castore/model.js';
 import { type CastoreServices, renderNar } from '../store/nar/render.js';
 import { formatNarHash, formatNarInfo, narInfoFingerprint, parseNarInfo } from '../store/narinfo.js';
 import * as nixbase32 from '../store/nixbase32.js';
@@ -13,7 +13,7 @@ import { type SigningKey, signFingerprint } from '../store/signing.js';
 import { type StorePath, STORE_DIR, formatBasename, formatStorePath, hashPart } from '../store/storepath.js';
 import { type LoggedRequest, formatAccessLine } from './access-log.js';
 import type { Credentials } from './credentials.js';
-import { DecompressionError, DecompressorMissingError } from './decompress.js';
+import { DecompressionError, DecompressorMissingError } from '../store/nar/decompress.js';
 import { drainedOrClosed } from './drain.js';
 import { parseRange } from './range.js';
 import { BadRequestError, type Route, narUrl, parseRoute } from './routes.js';
@@ -71,10 +71,6 @@ function methodsFor(route: Route): string[] {
     case 'unsupported-compression':
       return ['GET', 'HEAD', 'PUT'];
   }
-}
-
-function withName(node: Node, name: string): Node {
-  return { kind: node.kind, node: { ...node.node, name: Buffer.from(name) } } as Node;
 }
 
 /** Wrong credentials one client address may send in a minute before it is refused (429) for the rest of it. */
@@ -393,7 +389,7 @@ export class NarBridge {
       if (!signatures.some((kept) => kept.name === signature.name && kept.data.equals(signature.data))) signatures.push(signature);
     }
     await pathInfos.put({
-      node: withName(root, formatBasename(storePath)),
+      node: withName(root, Buffer.from(formatBasename(storePath))),
       references: narinfo.references,
       narSize: narinfo.narSize,
       narSha256: narinfo.narSha256,

@@ -8,7 +8,7 @@ import * as nixbase32 from '../store/nixbase32.js';
 import { type CastoreServices } from '../store/nar/render.js';
 import { ingestNar } from '../store/nar/ingest.js';
 import { ReferenceScanner } from '../store/reference-scan.js';
-import { decompress } from './decompress.js';
+import { decompress } from '../store/nar/decompress.js';
 import { BadRequestError, type Compression } from './routes.js';
 
 export interface ReceivedNar {

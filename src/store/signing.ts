@@ -43,10 +43,20 @@ export function signFingerprint(key: SigningKey, fingerprint: string): Signature
   return { name: key.name, data: sign(null, Buffer.from(fingerprint), key.privateKey) };
 }
 
-/** Checks `signature` over `fingerprint` with a public key in Nix's text form. */
-export function verifyFingerprint(publicKeyText: string, fingerprint: string, signature: Signature): boolean {
+export interface PublicKey {
+  name: string;
+  key: KeyObject;
+}
+
+/** A public key in Nix's text form, `<name>:<base64 of 32 bytes>` (trusted-public-keys). */
+export function parsePublicKey(publicKeyText: string): PublicKey {
   const { name, bytes } = splitKey(publicKeyText, 'ed25519 public key', 32);
+  return { name, key: createPublicKey({ key: { kty: 'OKP', crv: 'Ed25519', x: bytes.toString('base64url') }, format: 'jwk' }) };
+}
+
+/** Checks `signature` over `fingerprint` with a public key (parsed, or in Nix's text form). */
+export function verifyFingerprint(publicKey: string | PublicKey, fingerprint: string, signature: Signature): boolean {
+  const { name, key } = typeof publicKey === 'string' ? parsePublicKey(publicKey) : publicKey;
   if (name !== signature.name) return false;
-  const publicKey = createPublicKey({ key: { kty: 'OKP', crv: 'Ed25519', x: bytes.toString('base64url') }, format: 'jwk' });
-  return verify(null, Buffer.from(fingerprint), publicKey, signature.data);
+  return verify(null, Buffer.from(fingerprint), key, signature.data);
 }
