@@ -21,6 +21,7 @@ import { createServer } from 'node:net';
 import { dirname, join } from 'node:path';
 import { encode as nixbase32 } from '../src/store/nixbase32.js';
 import { type Row, median } from './nix.js';
+import { type Nginx, collectStderr, freePort, killIfNginx, startNginx, stopProcess } from '../test/nginx.js';
 
 const MIB = 1024 * 1024;
 const PEER_NAME = 'nginx';
@@ -95,32 +96,7 @@ function sha256File(path: string): Promise<string> {
 
 // ---------------------------------------------------------------- servers
 
-interface Server {
-  child: ChildProcess;
-  /** http://127.0.0.1:PORT, no trailing slash */
-  base: string;
-  stderr: () => string;
-}
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = createServer();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address() as { port: number };
-      server.close(() => resolve(port));
-    });
-  });
-}
-
-function collectStderr(child: ChildProcess): () => string {
-  let text = '';
-  child.stderr!.on('data', (d) => {
-    text += d;
-    if (text.length > 64 * 1024) text = text.slice(-64 * 1024);
-  });
-  return () => text;
-}
+type Server = Pick<Nginx, 'child' | 'base' | 'stderr'>;
 
 async function startNarBridge(cli: string, store: string): Promise<Server> {
   const child = spawn(process.execPath, [cli, 'nar-bridge', '--store', store, '--listen', '127.0.0.1:0', '--no-access-log'], { stdio: ['ignore', 'ignore', 'pipe'] });
@@ -148,88 +124,10 @@ async function startNarBridge(cli: string, store: string): Promise<Server> {
   return { child, base, stderr };
 }
 
-function nginxConfig(dir: string, root: string, port: number): string {
-  const user = process.getuid?.() === 0 ? 'user root root;\n' : '';
-  const temp = (name: string) => join(dir, 'temp', name);
-  for (const name of ['body', 'proxy', 'fastcgi', 'uwsgi', 'scgi']) mkdirSync(temp(name), { recursive: true });
-  return `${user}daemon off;
-master_process on;
-worker_processes 1;
-pid ${join(dir, 'nginx.pid')};
-error_log ${join(dir, 'error.log')} warn;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  sendfile on;
-  keepalive_requests 1000000;
-  client_body_temp_path ${temp('body')};
-  proxy_temp_path ${temp('proxy')};
-  fastcgi_temp_path ${temp('fastcgi')};
-  uwsgi_temp_path ${temp('uwsgi')};
-  scgi_temp_path ${temp('scgi')};
-  types { text/x-nix-narinfo narinfo; application/x-nix-nar nar; }
-  default_type application/octet-stream;
-  server {
-    listen 127.0.0.1:${port};
-    root ${root};
-  }
-}
-`;
-}
-
-async function startNginx(nginx: string, dir: string, root: string): Promise<Server> {
-  const port = await freePort();
-  const conf = join(dir, 'nginx.conf');
-  writeFileSync(conf, nginxConfig(dir, root, port));
-  // -e: nginx opens its error log before reading the configuration.
-  const child = spawn(nginx, ['-p', dir, '-e', join(dir, 'error.log'), '-c', conf], { stdio: ['ignore', 'ignore', 'pipe'] });
-  const stderr = collectStderr(child);
-  const log = () => `${stderr()}${existsSync(join(dir, 'error.log')) ? readFileSync(join(dir, 'error.log'), 'utf8') : ''}`;
-  let exited: number | null | undefined;
-  child.once('exit', (code) => (exited = code));
-  const base = `http://127.0.0.1:${port}`;
-  for (const deadline = Date.now() + 10_000; ; ) {
-    if (exited !== undefined) throw new Error(`nginx exited with ${exited}: ${log()}`);
-    if (await accepts(port)) break;
-    if (Date.now() > deadline) {
-      child.kill('SIGTERM');
-      throw new Error(`nginx is not listening on ${base} after 10 s: ${log()}`);
-    }
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  return { child, base, stderr: log };
-}
-
-function accepts(port: number): Promise<boolean> {
-  return new Promise((resolve) => {
-    const request = http.get({ host: '127.0.0.1', port, path: '/', agent: false }, (res) => {
-      res.resume();
-      resolve(true);
-    });
-    request.once('error', () => resolve(false));
-  });
-}
-
 async function stop(server: Server | undefined, extraPids: number[] = []): Promise<void> {
   if (!server) return;
-  const { child } = server;
-  if (child.exitCode === null && child.signalCode === null) {
-    const exited = new Promise((r) => child.once('exit', r));
-    child.kill('SIGTERM');
-    const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
-    await exited;
-    clearTimeout(timer);
-  }
+  await stopProcess(server.child);
   for (const pid of extraPids) killIfNginx(pid);
-}
-
-/** SIGKILL to a leftover nginx worker, unless the pid is gone or now someone else's. */
-function killIfNginx(pid: number): void {
-  try {
-    if (readFileSync(`/proc/${pid}/comm`, 'utf8').trim() === 'nginx') process.kill(pid, 'SIGKILL');
-  } catch {
-    // already gone, as it should be
-  }
 }
 
 // ---------------------------------------------------------------- memory

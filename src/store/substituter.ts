@@ -156,6 +156,10 @@ export class Substituter {
     let root;
     try {
       root = await this.download(cache, narInfo);
+    } catch (err) {
+      // What the references fetched is kept: they are registered even when this path is not.
+      await referencesReady.catch(() => undefined);
+      throw err;
     } finally {
       this.downloads.release();
     }

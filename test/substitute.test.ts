@@ -1,0 +1,226 @@
+// Substitution from binary caches Nix 2.8 wrote itself (`nix copy --to
+// file://…` with xz, zstd, bzip2 and no compression, signed), served by
+// Debian's nginx on loopback: `nixcas copy --from`, a FUSE mount that fetches
+// a path on lookup (and a second mount that needs no upstream request),
+// nar-bridge as a pull-through cache for `nix copy --from`, and every way an
+// upstream can be wrong: an untrusted or missing signature, a narinfo for
+// another path, a NAR that does not hash to its NarHash, a path no cache has,
+// and an upstream that accepts and never answers.
+import assert from 'node:assert/strict';
+import { spawn, spawnSync } from 'node:child_process';
+import { cpSync, mkdirSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
+import net from 'node:net';
+import { join } from 'node:path';
+import { after, before, test } from 'node:test';
+import { CLI, buildClosureFixture, type Daemon, nix, nixcas, nixcasBytes, removeDir, startNixcas, tempDir } from './helpers.js';
+import { type Nginx, startNginx, stopNginx } from './nginx.js';
+
+const NGINX = '/usr/sbin/nginx';
+const COMPRESSIONS = ['xz', 'zstd', 'bzip2', 'none'] as const;
+const NIX_OPTIONS = ['--extra-experimental-features', 'nix-command', '--option', 'substituters', ''];
+
+let work: string;
+let nginx: Nginx;
+let paths: string[]; // the closure of `mid`: leaf, just-a-file, mid
+let mid: string;
+let publicKey: string;
+let secretFile: string;
+
+function basenameOf(path: string): string {
+  return path.replace('/nix/store/', '');
+}
+
+function hashPart(path: string): string {
+  return basenameOf(path).slice(0, 32);
+}
+
+function makeKey(name: string): { secretFile: string; publicKey: string } {
+  const secret = join(work, `${name}.sk`);
+  const pub = join(work, `${name}.pk`);
+  nix('nix-store', ['--generate-binary-cache-key', name, secret, pub]);
+  return { secretFile: secret, publicKey: readFileSync(pub, 'utf8').trim() };
+}
+
+/** Requests nginx has logged for this path's narinfo. */
+function narinfoRequests(path: string): number {
+  return nginx.requests().filter((line) => line.includes(`/${hashPart(path)}.narinfo `)).length;
+}
+
+function copyFrom(store: string, from: string[], wanted: string[], extra: string[] = ['--trusted-public-key', publicKey]) {
+  return nixcas(['copy', '--store', store, ...from.flatMap((url) => ['--from', url]), ...extra, ...wanted]);
+}
+
+function assertSameNar(store: string, path: string): void {
+  assert.deepEqual(nixcasBytes(['nar', '--store', store, path]), nix('nix-store', ['--dump', path]), `${path}: the substituted NAR differs from Nix's`);
+}
+
+before(() => {
+  work = tempDir('nixcas-substitute-');
+  const attrs = buildClosureFixture(join(work, 'closure.json'));
+  paths = (JSON.parse(readFileSync(attrs, 'utf8')).closure as { path: string }[]).map((e) => e.path);
+  mid = paths.find((p) => p.endsWith('-mid'))!;
+  ({ publicKey, secretFile } = makeKey('upstream-1'));
+  for (const compression of COMPRESSIONS) {
+    const run = spawnSync('nix', [...NIX_OPTIONS, 'copy', '--to', `file://${join(work, 'caches', compression)}?compression=${compression}&secret-key=${secretFile}`, mid], { encoding: 'utf8', env: { ...process.env, HOME: work } });
+    assert.equal(run.status, 0, `nix copy --to file:// (${compression}) failed: ${run.stderr}`);
+  }
+});
+
+before(async () => {
+  nginx = await startNginx(NGINX, join(work, 'nginx'), join(work, 'caches'), { accessLog: true });
+});
+
+after(async () => {
+  await stopNginx(nginx);
+  removeDir(work);
+});
+
+test('copy --from fetches a closure Nix wrote with each compression, verified, the same NARs as Nix', () => {
+  for (const compression of COMPRESSIONS) {
+    const store = join(work, `store-${compression}`);
+    const run = copyFrom(store, [`${nginx.base}/${compression}`], [mid]);
+    assert.equal(run.status, 0, `copy --from ${compression}: ${run.stderr}`);
+    assert.match(run.stderr, /3 paths fetched .* 1 of 1 requested now in the store/);
+    for (const path of paths) assertSameNar(store, path);
+  }
+});
+
+test('copy --from asks for each narinfo once, even when a path is both wanted and a reference; a second copy asks for nothing', () => {
+  const store = join(work, 'store-once');
+  const file = paths.find((p) => p.endsWith('-just-a-file'))!;
+  const before = nginx.requests().length;
+  const run = copyFrom(store, [`${nginx.base}/zstd`], [mid, file]);
+  assert.equal(run.status, 0, run.stderr);
+  const made = nginx.requests().slice(before);
+  for (const path of paths) assert.equal(made.filter((l) => l.includes(`/${hashPart(path)}.narinfo `)).length, 1, `${path}: ${made.join('\n')}`);
+  assert.equal(made.filter((l) => l.includes('/nar/')).length, 3, made.join('\n'));
+  const again = nginx.requests().length;
+  assert.equal(copyFrom(store, [`${nginx.base}/zstd`], [mid, file]).status, 0);
+  assert.equal(nginx.requests().length, again, 'a path in the store is not asked for again');
+});
+
+test('a FUSE mount with --substituter fetches a path on lookup; a second mount of the same store needs no upstream request', { skip: process.getuid?.() !== 0 && 'mounts as root' }, async () => {
+  const store = join(work, 'store-mount');
+  const mountpoint = join(work, 'mnt');
+  mkdirSync(mountpoint, { recursive: true });
+  const start = () => startNixcas(['mount', '--store', store, '--substituter', `${nginx.base}/xz`, '--trusted-public-key', publicKey, '--list-root', mountpoint], 'mounted at');
+  let daemon: Daemon = await start();
+  try {
+    const leaf = paths.find((p) => p.endsWith('-leaf'))!;
+    assert.deepEqual(readdirSync(mountpoint), [], 'nothing is in the store before a lookup');
+    const before = narinfoRequests(mid);
+    assert.equal(readFileSync(join(mountpoint, basenameOf(mid), 'uses-leaf'), 'utf8'), readFileSync(join(mid, 'uses-leaf'), 'utf8'));
+    assert.equal(narinfoRequests(mid), before + 1);
+    // Its references were fetched (and registered) before it: the leaf is there with no new request.
+    const leafBefore = narinfoRequests(leaf);
+    assert.equal(readFileSync(join(mountpoint, basenameOf(leaf), 'share/hello'), 'utf8'), 'hello\n');
+    assert.equal(narinfoRequests(leaf), leafBefore);
+    const run = spawnSync(join(mountpoint, basenameOf(leaf), 'bin/run'), { encoding: 'utf8' });
+    assert.equal(run.stdout, 'hi\n', run.stderr);
+    await daemon.stop();
+    const requests = nginx.requests().length;
+    daemon = await start();
+    assert.equal(readFileSync(join(mountpoint, basenameOf(mid), 'uses-leaf'), 'utf8'), readFileSync(join(mid, 'uses-leaf'), 'utf8'));
+    assert.deepEqual(readdirSync(mountpoint).sort(), paths.map(basenameOf).sort());
+    assert.equal(nginx.requests().length, requests, 'the second mount made upstream requests');
+  } finally {
+    await daemon.stop();
+  }
+});
+
+test('nar-bridge with --substituter is a pull-through cache: nix copy --from it, signed with its own key, verifies', async () => {
+  const store = join(work, 'store-bridge');
+  const own = makeKey('bridge-1');
+  const bridge = await startNixcas(['nar-bridge', '--store', store, '--listen', '127.0.0.1:0', '--sign-key', own.secretFile, '--substituter', `${nginx.base}/zstd`, '--trusted-public-key', publicKey], 'listening on');
+  try {
+    const base = /listening on (http:\/\/127\.0\.0\.1:\d+)/.exec(bridge.output())![1]!;
+    const root = join(work, 'nix-root');
+    const pulled = spawnSync('nix', [...NIX_OPTIONS, '--option', 'narinfo-cache-negative-ttl', '0', 'copy', '--from', base, '--store', root, '--option', 'require-sigs', 'true', '--option', 'trusted-public-keys', own.publicKey, mid], { encoding: 'utf8', env: { ...process.env, HOME: work } });
+    assert.equal(pulled.status, 0, `nix copy --from the bridge: ${pulled.stderr}\n${bridge.output()}`);
+    const verified = spawnSync('nix', [...NIX_OPTIONS, 'store', 'verify', '--store', root, '--option', 'trusted-public-keys', own.publicKey, '-r', mid], { encoding: 'utf8', env: { ...process.env, HOME: work } });
+    assert.equal(verified.status, 0, `nix store verify: ${verified.stderr}`);
+    const requests = nginx.requests().length;
+    const narinfo = await fetch(`${base}/${hashPart(mid)}.narinfo`);
+    assert.equal(narinfo.status, 200);
+    assert.match(await narinfo.text(), /^Sig: bridge-1:/m);
+    assert.equal(nginx.requests().length, requests, 'a path the bridge has fetched is served without asking upstream');
+  } finally {
+    await bridge.stop();
+  }
+});
+
+test('an untrusted or missing signature, a narinfo for another path and a NAR that does not match are refused: nothing registered, one line naming upstream and path', () => {
+  // Signed by a key nobody trusts.
+  const other = makeKey('other-1');
+  let run = copyFrom(join(work, 'store-untrusted'), [`${nginx.base}/xz`], [mid], ['--trusted-public-key', other.publicKey]);
+  assert.equal(run.status, 1);
+  assert.match(run.stderr, new RegExp(`substituter ${nginx.base}/xz: ${mid}: refused: no valid signature by a trusted key \\(signed by upstream-1\\)`));
+  assert.notEqual(nixcas(['nar', '--store', join(work, 'store-untrusted'), mid]).status, 0, 'a refused path is not registered');
+  // No trusted key at all is an error up front, unless signatures are explicitly not required.
+  run = copyFrom(join(work, 'store-nokey'), [`${nginx.base}/xz`], [mid], []);
+  assert.equal(run.status, 1);
+  assert.match(run.stderr, /need at least one --trusted-public-key/);
+  run = copyFrom(join(work, 'store-nosigs'), [`${nginx.base}/xz`], [mid], ['--no-require-sigs']);
+  assert.equal(run.status, 0, run.stderr);
+  assertSameNar(join(work, 'store-nosigs'), mid);
+
+  // A narinfo served for mid's hash that describes another path.
+  const lying = join(work, 'caches', 'lying');
+  cpSync(join(work, 'caches', 'xz'), lying, { recursive: true });
+  const leaf = paths.find((p) => p.endsWith('-leaf'))!;
+  writeFileSync(join(lying, `${hashPart(mid)}.narinfo`), readFileSync(join(lying, `${hashPart(leaf)}.narinfo`)));
+  run = copyFrom(join(work, 'store-lying'), [`${nginx.base}/lying`], [mid]);
+  assert.equal(run.status, 1);
+  assert.match(run.stderr, new RegExp(`: refused: the narinfo for ${hashPart(mid)} is for ${leaf}`));
+
+  // mid's NAR with one byte changed (same size): its NarHash does not match.
+  const tampered = join(work, 'caches', 'tampered');
+  cpSync(join(work, 'caches', 'none'), tampered, { recursive: true });
+  const url = /^URL: (.*)$/m.exec(readFileSync(join(tampered, `${hashPart(mid)}.narinfo`), 'utf8'))![1]!;
+  const nar = readFileSync(join(tampered, url));
+  const at = nar.indexOf('leaf');
+  nar[at] ^= 0x20;
+  writeFileSync(join(tampered, url), nar);
+  const store = join(work, 'store-tampered');
+  run = copyFrom(store, [`${nginx.base}/tampered`], [mid]);
+  assert.equal(run.status, 1);
+  assert.match(run.stderr, new RegExp(`substituter ${nginx.base}/tampered: ${mid}: the NAR hashes to sha256:\\S+, its narinfo's NarHash says sha256:`));
+  assert.notEqual(nixcas(['nar', '--store', store, mid]).status, 0, 'a path whose NAR did not match is not registered');
+  // Its references were fine, and are kept.
+  assertSameNar(store, leaf);
+});
+
+test('a path no cache has fails with 404 as not there; an upstream that never answers fails after --substituter-timeout, and the next cache is tried', async () => {
+  const store = join(work, 'store-faults');
+  const missing = '/nix/store/00000000000000000000000000000000-not-anywhere';
+  let run = copyFrom(store, [`${nginx.base}/xz`], [missing]);
+  assert.equal(run.status, 1);
+  assert.match(run.stderr, new RegExp(`${missing}: not copied`));
+
+  const sockets: net.Socket[] = [];
+  const stalled = net.createServer((socket) => sockets.push(socket)); // accepts, reads nothing, answers nothing
+  await new Promise<void>((resolve) => stalled.listen(0, '127.0.0.1', resolve));
+  const stalledUrl = `http://127.0.0.1:${(stalled.address() as net.AddressInfo).port}`;
+  try {
+    const started = Date.now();
+    // Asynchronously: the stalled server lives in this process.
+    run = await nixcasAsync(['copy', '--store', store, '--from', stalledUrl, '--from', `${nginx.base}/xz`, '--trusted-public-key', publicKey, '--substituter-timeout', '1', mid]);
+    const seconds = (Date.now() - started) / 1000;
+    assert.equal(run.status, 0, run.stderr);
+    assert.match(run.stderr, new RegExp(`substituter ${stalledUrl}: ${hashPart(mid)}: ${stalledUrl}/${hashPart(mid)}.narinfo: no answer within 1 s`));
+    assert.ok(seconds < 20, `took ${seconds} s`);
+    assertSameNar(store, mid);
+  } finally {
+    for (const socket of sockets) socket.destroy();
+    stalled.close();
+  }
+});
+
+/** `nixcas ARGS…` without blocking this process's event loop. */
+async function nixcasAsync(args: string[]): Promise<{ status: number | null; stderr: string }> {
+  const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  child.stderr.on('data', (d) => (stderr += d));
+  const status = await new Promise<number | null>((resolve) => child.once('exit', resolve));
+  return { status, stderr };
+}
