@@ -44,7 +44,7 @@ function statusKb(pid: number, field: string): number {
 }
 
 /** Runs a command with stdout to a file (or /dev/null); wall time and memory peaks. */
-async function timed(command: string, args: string[], stdoutFile = '/dev/null', env: NodeJS.ProcessEnv = {}): Promise<Measured> {
+export async function timed(command: string, args: string[], stdoutFile = '/dev/null', env: NodeJS.ProcessEnv = {}): Promise<Measured> {
   const out = openSync(stdoutFile, 'w');
   const started = process.hrtime.bigint();
   const child = spawn(command, args, { stdio: ['ignore', out, 'pipe'], env: { ...process.env, ...env } });

@@ -13,6 +13,7 @@ import { benchFuse } from './fuse.js';
 import { benchVirtiofs } from './virtiofs.js';
 import { benchVirtiofsRequests } from './virtiofs-requests.js';
 import { benchNarBridge } from './narbridge.js';
+import { benchSubstitute } from './substitute.js';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 /** The built command (npm run build). */
@@ -145,7 +146,7 @@ function benchBlake3(): void {
   rows.push({ capability: 'BLAKE3 hashing, 1 MiB updates', ours: measure(native.create), peer: measure(wasm.create), unit: 'MB/s', peerName: 'blake3-wasm (fallback)' });
 }
 
-const only = process.env.BENCH_ONLY; // e.g. BENCH_ONLY=nix (blobs, blake3, nix, fuse, virtiofs, virtiofs-requests, narbridge)
+const only = process.env.BENCH_ONLY; // e.g. BENCH_ONLY=nix (blobs, blake3, nix, fuse, virtiofs, virtiofs-requests, narbridge, substitute)
 if (!only || only === 'blobs') await benchBlobs();
 if (!only || only === 'blake3') benchBlake3();
 if (!only || only === 'nix') {
@@ -189,6 +190,16 @@ if (!only || only === 'narbridge') {
   try {
     await benchNarBridge(rows, work, REPEATS, CLI);
   } finally {
+    rmSync(work, { recursive: true, force: true });
+  }
+}
+
+if (!only || only === 'substitute') {
+  const work = mkdtempSync(join(tmpdir(), 'nixcas-bench-substitute-'));
+  try {
+    await benchSubstitute(rows, work, REPEATS, CLI);
+  } finally {
+    spawnSync('chmod', ['-R', 'u+w', work]);
     rmSync(work, { recursive: true, force: true });
   }
 }
