@@ -27,6 +27,21 @@
       "defines": ["MDB_MAXKEYSIZE=0", "MDB_USE_ROBUST"],
       "cflags": ["-O2", "-pthread", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-format-truncation"],
       "ldflags": ["-pthread"]
+    },
+    {
+      # The zstd decoder for substituted NARs (src/native/zstd.c), where libzstd's header is
+      # installed (Debian: libzstd-dev); without it an empty module is built and the zstd
+      # program decodes instead.
+      "target_name": "nixcas_zstd",
+      "conditions": [
+        ["<!(test -f /usr/include/zstd.h && echo 1 || echo 0)==1", {
+          "sources": ["src/native/zstd.c"],
+          "libraries": ["-lzstd"],
+          "cflags": ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+        }, {
+          "type": "none"
+        }]
+      ]
     }
   ]
 }

@@ -188,6 +188,17 @@ test('an untrusted or missing signature, a narinfo for another path and a NAR th
   assert.notEqual(nixcas(['nar', '--store', store, mid]).status, 0, 'a path whose NAR did not match is not registered');
   // Its references were fine, and are kept.
   assertSameNar(store, leaf);
+
+  // mid's .nar.zst cut in half: the decoder (libzstd in process, or the zstd program) refuses it.
+  const truncated = join(work, 'caches', 'truncated');
+  cpSync(join(work, 'caches', 'zstd'), truncated, { recursive: true });
+  const zstUrl = /^URL: (.*)$/m.exec(readFileSync(join(truncated, `${hashPart(mid)}.narinfo`), 'utf8'))![1]!;
+  const zst = readFileSync(join(truncated, zstUrl));
+  writeFileSync(join(truncated, zstUrl), zst.subarray(0, zst.length >> 1));
+  run = copyFrom(join(work, 'store-truncated'), [`${nginx.base}/truncated`], [mid]);
+  assert.equal(run.status, 1);
+  assert.match(run.stderr, new RegExp(`substituter ${nginx.base}/truncated: ${mid}: (the body is not valid zstd|NAR is truncated)`));
+  assert.notEqual(nixcas(['nar', '--store', join(work, 'store-truncated'), mid]).status, 0);
 });
 
 test('a path no cache has fails with 404 as not there; an upstream that never answers fails after --substituter-timeout, and the next cache is tried', async () => {
