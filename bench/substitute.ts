@@ -13,6 +13,8 @@ import { startNginx, stopNginx } from '../test/nginx.js';
 import { type Row, median, timed } from './nix.js';
 
 const PATHS = 50;
+/** NARs nixcas downloads at once (`copy --jobs`; BENCH_SUBSTITUTE_JOBS). */
+const JOBS = process.env.BENCH_SUBSTITUTE_JOBS ?? '4';
 
 function closureExpression(): string {
   return `let
@@ -65,7 +67,7 @@ export async function benchSubstitute(rows: Row[], work: string, repeats: number
     for (let i = 0; i < repeats; i++) {
       console.error(`bench substitute: repeat ${i + 1} of ${repeats}`);
       const store = join(work, `store-${i}`);
-      const a = await timed(process.execPath, [cli, 'copy', '--store', store, '--from', nginx.base, '--trusted-public-key', publicKey, top]);
+      const a = await timed(process.execPath, [cli, 'copy', '--store', store, '--from', nginx.base, '--trusted-public-key', publicKey, '--jobs', JOBS, top]);
       ours.push({ seconds: a.seconds, rss: a.peakRssMb });
       const before = nginx.requests().length;
       await timed(process.execPath, [cli, 'copy', '--store', store, '--from', nginx.base, '--trusted-public-key', publicKey, top]);
@@ -74,6 +76,7 @@ export async function benchSubstitute(rows: Row[], work: string, repeats: number
       const root = join(work, `nix-root-${i}`);
       const b = await timed('nix', [...nixOptions, 'copy', '--from', nginx.base, '--to', root, '--option', 'require-sigs', 'true', '--option', 'trusted-public-keys', publicKey, top], '/dev/null', { HOME: home });
       theirs.push({ seconds: b.seconds, rss: b.peakRssMb });
+      console.error(`bench substitute: nixcas ${a.seconds.toFixed(2)} s (${a.peakRssMb.toFixed(0)} MB), nix copy ${b.seconds.toFixed(2)} s (${b.peakRssMb.toFixed(0)} MB)`);
       run('chmod', ['-R', 'u+w', root]);
       rmSync(root, { recursive: true, force: true });
     }
@@ -81,7 +84,7 @@ export async function benchSubstitute(rows: Row[], work: string, repeats: number
     await stopNginx(nginx);
   }
   const mb = size / 1e6;
-  const capability = `substitution: ${closure.length} paths (${mb.toFixed(0)} MB of NAR) from a zstd cache on nginx into an empty store`;
+  const capability = `substitution (--jobs ${JOBS}): ${closure.length} paths (${mb.toFixed(0)} MB of NAR) from a zstd cache on nginx into an empty store`;
   rows.push({ capability, ours: mb / median(ours.map((s) => s.seconds)), peer: mb / median(theirs.map((s) => s.seconds)), unit: 'MB/s', peerName: 'nix copy --from', target: 1 });
   rows.push({ capability: 'substitution: peak RSS while substituting', ours: Math.max(...ours.map((s) => s.rss)), peer: Math.max(...theirs.map((s) => s.rss)), unit: 'MB', peerName: 'nix copy --from', lowerIsBetter: true, note: 'target ≤ 200 MB' });
   rows.push({ capability: 'substitution: upstream requests on a second copy of the same closure', ours: secondRequests, peer: 0, unit: 'requests', peerName: 'none expected', note: secondRequests === 0 ? 'met' : 'MISSED' });
