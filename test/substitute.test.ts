@@ -12,10 +12,11 @@ import { cpSync, mkdirSync, readFileSync, readdirSync, writeFileSync } from 'nod
 import net from 'node:net';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
-import { CLI, buildClosureFixture, type Daemon, nix, nixcas, nixcasBytes, removeDir, startNixcas, tempDir } from './helpers.js';
+import { CLI, ROOT, buildClosureFixture, type Daemon, nix, nixcas, nixcasBytes, removeDir, startDaemon, startNixcas, tempDir } from './helpers.js';
 import { type Nginx, startNginx, stopNginx } from './nginx.js';
 
 const NGINX = '/usr/sbin/nginx';
+const PYTHON = '/usr/bin/python3'; // Debian's, where python3-grpcio lives
 const COMPRESSIONS = ['xz', 'zstd', 'bzip2', 'none'] as const;
 const NIX_OPTIONS = ['--extra-experimental-features', 'nix-command', '--option', 'substituters', ''];
 
@@ -146,6 +147,49 @@ test('nar-bridge with --substituter is a pull-through cache: nix copy --from it,
     assert.equal(nginx.requests().length, requests, 'a path the bridge has fetched is served without asking upstream');
   } finally {
     await bridge.stop();
+  }
+});
+
+test('daemon with --substituter: Python grpcio PathInfoService.Get of a path only upstream has returns it; one nobody has is NOT_FOUND', async () => {
+  const generated = join(work, 'generated');
+  const protos = join(ROOT, 'protos');
+  const protoc = spawnSync(PYTHON, [
+    '-c', 'import os,sys; os.makedirs(sys.argv[1], exist_ok=True); from grpc_tools import protoc; sys.exit(protoc.main(["protoc", "-I", sys.argv[2], "--python_out=" + sys.argv[1], "--grpc_python_out=" + sys.argv[1]] + sys.argv[3:]))',
+    generated, protos, join(protos, 'tvix/castore/v1/castore.proto'), join(protos, 'tvix/store/v1/pathinfo.proto'), join(protos, 'tvix/store/v1/rpc_pathinfo.proto'),
+  ], { encoding: 'utf8' });
+  assert.equal(protoc.status, 0, protoc.stderr);
+  const socket = join(work, 'daemon.sock');
+  const daemon = await startDaemon(['--store', join(work, 'store-daemon'), '--listen', socket, '--substituter', `${nginx.base}/bzip2`, '--trusted-public-key', publicKey]);
+  try {
+    const script = `
+import sys, grpc
+sys.path.insert(0, sys.argv[2])
+from tvix.store.v1 import rpc_pathinfo_pb2 as rpc, rpc_pathinfo_pb2_grpc as stub
+ALPHABET = "0123456789abcdfghijklmnpqrsvwxyz"
+def decode(text):
+    out = bytearray(len(text) * 5 // 8)
+    for n, char in enumerate(reversed(text)):
+        digit, bit = ALPHABET.index(char), n * 5
+        i, shift = bit // 8, bit % 8
+        out[i] |= (digit << shift) & 0xFF
+        if i + 1 < len(out): out[i + 1] |= digit >> (8 - shift)
+    return bytes(out)
+client = stub.PathInfoServiceStub(grpc.insecure_channel("unix://" + sys.argv[1]))
+info = client.Get(rpc.GetPathInfoRequest(by_output_hash=decode(sys.argv[3][:32])), timeout=60)
+print("name", info.node.directory.name.decode(), "refs", len(info.references), "narsize", info.narinfo.nar_size)
+try:
+    client.Get(rpc.GetPathInfoRequest(by_output_hash=bytes(20)), timeout=60)
+    print("found a path nobody has")
+except grpc.RpcError as e:
+    print("missing", e.code().name)
+`;
+    const run = spawnSync(PYTHON, ['-c', script, socket, generated, basenameOf(mid)], { encoding: 'utf8', timeout: 120_000 });
+    assert.equal(run.status, 0, `${run.stderr}\n${daemon.output()}`);
+    const narSize = nix('nix-store', ['--dump', mid]).length;
+    // mid refers to itself, the leaf and just-a-file.
+    assert.equal(run.stdout, `name ${basenameOf(mid)} refs 3 narsize ${narSize}\nmissing NOT_FOUND\n`);
+  } finally {
+    await daemon.stop();
   }
 });
 
