@@ -9,6 +9,9 @@ import { virtiofsCommand } from './virtiofs.js';
 import { narCommand } from './nar.js';
 import { narBridgeCommand } from './nar-bridge.js';
 import { verifyCommand } from './verify.js';
+import { gcCommand } from './gc.js';
+import { deleteCommand } from './delete.js';
+import { rootCommand } from './root.js';
 
 const { version } = createRequire(import.meta.url)('../../package.json') as { version: string };
 
@@ -23,7 +26,10 @@ const program = new Command('nixcas')
   .addCommand(mountCommand())
   .addCommand(virtiofsCommand())
   .addCommand(narBridgeCommand())
-  .addCommand(verifyCommand());
+  .addCommand(verifyCommand())
+  .addCommand(rootCommand())
+  .addCommand(deleteCommand())
+  .addCommand(gcCommand());
 
 program.parseAsync(process.argv).catch((err: Error) => {
   console.error(`nixcas: ${err.message}`);

@@ -39,6 +39,9 @@ export interface NativeAddon {
   blake3Matches(data: Uint8Array, digest: Uint8Array): boolean;
   /** fcntl(F_SETFL) with or without O_DIRECT: 0 or -errno (-EINVAL where the file system has no direct I/O). */
   setDirect(fd: number, on: boolean): number;
+  /** flock(2): shared or exclusive, waiting or not; 0 or -errno (-EWOULDBLOCK: held elsewhere). */
+  flock(fd: number, exclusive: boolean, wait: boolean): number;
+  unflock(fd: number): number;
   mount(source: string, target: string | Buffer, fstype: string, flags: number, data: string): number;
   umount2(target: string | Buffer, flags: number): number;
   socketpair(): [number, number] | number;

@@ -17,6 +17,7 @@
 #include <string.h>
 #include <poll.h>
 #include <sys/eventfd.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/sendfile.h>
@@ -409,6 +410,29 @@ static napi_value set_direct(napi_env env, napi_callback_info info) {
   if (flags < 0) return make_int(env, -errno);
   if (fcntl((int)fd, F_SETFL, on ? flags | O_DIRECT : flags & ~O_DIRECT) < 0) return make_int(env, -errno);
   return make_int(env, 0);
+}
+
+// flock(fd, exclusive, wait) -> 0, or -errno (-EWOULDBLOCK: held by another without `wait`).
+// The store's GC lock (castore/backends/gc-lock.ts): writers share it, the collector takes it alone.
+static napi_value flock_fd(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  int64_t fd;
+  bool exclusive, wait;
+  if (!get_args(env, info, 3, argv) || !get_int(env, argv[0], &fd)) return NULL;
+  CHECK(napi_get_value_bool(env, argv[1], &exclusive));
+  CHECK(napi_get_value_bool(env, argv[2], &wait));
+  int r;
+  do r = flock((int)fd, (exclusive ? LOCK_EX : LOCK_SH) | (wait ? 0 : LOCK_NB));
+  while (r < 0 && errno == EINTR);
+  return make_int(env, r < 0 ? -errno : 0);
+}
+
+// unflock(fd) -> 0 or -errno.
+static napi_value unflock_fd(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  int64_t fd;
+  if (!get_args(env, info, 1, argv) || !get_int(env, argv[0], &fd)) return NULL;
+  return make_int(env, flock((int)fd, LOCK_UN) < 0 ? -errno : 0);
 }
 
 // --- mounts ----------------------------------------------------------------
@@ -830,6 +854,8 @@ static napi_value init(napi_env env, napi_value exports) {
       {"misalignment", NULL, misalignment, NULL, NULL, NULL, napi_default, NULL},
       {"blake3Matches", NULL, blake3_matches, NULL, NULL, NULL, napi_default, NULL},
       {"setDirect", NULL, set_direct, NULL, NULL, NULL, napi_default, NULL},
+      {"flock", NULL, flock_fd, NULL, NULL, NULL, napi_default, NULL},
+      {"unflock", NULL, unflock_fd, NULL, NULL, NULL, napi_default, NULL},
       {"mount", NULL, mount_fs, NULL, NULL, NULL, napi_default, NULL},
       {"umount2", NULL, umount_fs, NULL, NULL, NULL, napi_default, NULL},
       {"socketpair", NULL, socket_pair, NULL, NULL, NULL, napi_default, NULL},

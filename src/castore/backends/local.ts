@@ -39,6 +39,7 @@ import { type NativeAddon, optionalNative } from '../../native/index.js';
 import { BlobFileWriter } from './blob-file.js';
 import { blobFileRecord } from './blob-file-record.js';
 import { lentSlabOf } from '../lent-slabs.js';
+import { WriteLease } from './gc-lock.js';
 
 const LAYOUT_MARKER = 'nixcas-store';
 /** Version 2 added small blobs in LMDB; version 1 stores are read as they are and upgraded. */
@@ -88,6 +89,8 @@ export class LocalStore {
   private readonly directoryDb: Database<Buffer, Buffer>;
   private readonly smallBlobDb: Database<Buffer, Buffer>;
   private readonly blobFileDb: Database<Buffer, Buffer>;
+  /** Held while this process writes, so that a collection never sweeps what it is about to register (gc-lock.ts). */
+  private readonly lease?: WriteLease;
   private users = 0;
 
   /**
@@ -130,6 +133,7 @@ export class LocalStore {
     this.directoryDb = this.openBinary('directories');
     this.smallBlobDb = this.openBinary('small-blobs');
     this.blobFileDb = this.openBinary('blob-files');
+    if (!readOnly) this.lease = new WriteLease(root);
   }
 
   private readonly readOnly: boolean;
@@ -214,31 +218,43 @@ export class LocalStore {
   /** A BlobService on the store at `root`; closing it releases the store. */
   static blobService(root: string, options: OpenOptions = {}): LocalBlobService {
     const store = LocalStore.acquire(root, options.create ?? true);
-    return new LocalBlobService(root, store.smallBlobDb, store.blobFileDb, !store.readOnly, () => store.release());
+    return new LocalBlobService(root, store.smallBlobDb, store.blobFileDb, !store.readOnly, () => store.release(), store.lease);
   }
 
   /** A DirectoryService on the store at `root`; closing it releases the store. */
   static directoryService(root: string, options: OpenOptions = {}): LocalDirectoryService {
     const store = LocalStore.acquire(root, options.create ?? true);
-    return new LocalDirectoryService(root, store.directoryDb, () => store.release());
+    return new LocalDirectoryService(root, store.directoryDb, () => store.release(), store.lease);
   }
 
   /**
    * Another named database in the store's LMDB environment, for the layers
    * above castore (store/ keeps PathInfos here). Call release() when done.
    */
-  static metadataDb<V>(root: string, name: string, options: { encoding: 'msgpack' | 'binary' } & OpenOptions): { db: Database<V, Buffer>; release: () => Promise<void> } {
+  static metadataDb<V>(root: string, name: string, options: { encoding: 'msgpack' | 'binary' } & OpenOptions): { db: Database<V, Buffer>; release: () => Promise<void>; lease?: WriteLease } {
     const store = LocalStore.acquire(root, options.create ?? true);
     // Read-only, a database never written is undefined: it reads as empty.
     const db =
       (store.env.openDB<V, Buffer>({ name, keyEncoding: 'binary', encoding: options.encoding, useRecords: false } as never) as Database<V, Buffer> | undefined) ??
       (EMPTY_DATABASE as unknown as Database<V, Buffer>);
-    return { db, release: () => store.release() };
+    return { db, release: () => store.release(), lease: store.lease };
+  }
+
+  /**
+   * What a collection needs of the store at `root` (castore/backends/sweep.ts): its object
+   * databases. Only for a caller that holds the GC lock exclusively; release() when done.
+   */
+  static forCollection(root: string): { directories: Database<Buffer, Buffer>; smallBlobs: Database<Buffer, Buffer>; blobFiles: Database<Buffer, Buffer>; release: () => Promise<void> } {
+    // A collection writes, but never makes a store where there is none.
+    if (!existsSync(join(root, LAYOUT_MARKER))) throw new Error(`${root} holds no nixcas store (there is no ${LAYOUT_MARKER} file in it): there is nothing to collect`);
+    const store = LocalStore.acquire(root, true);
+    return { directories: store.directoryDb, smallBlobs: store.smallBlobDb, blobFiles: store.blobFileDb, release: () => store.release() };
   }
 
   private async release(): Promise<void> {
     if (--this.users > 0) return;
     LocalStore.open.delete(this.root);
+    this.lease?.release();
     await this.env.close();
   }
 }
@@ -261,6 +277,7 @@ export class LocalBlobService implements BlobService {
     private readonly fileRecords: Database<Buffer, Buffer>,
     private readonly writable: boolean,
     readonly onClose?: () => Promise<void>,
+    private readonly lease?: WriteLease,
   ) {}
 
   /** `data`, the small blob stored under `digest`, unless it does not hash to it. */
@@ -315,6 +332,8 @@ export class LocalBlobService implements BlobService {
   }
 
   async has(digest: B3Digest) {
+    // A writer that finds a blob there relies on it being there until it registers what uses it.
+    await this.lease?.hold();
     if (this.smallBlobs.doesExist(digest)) return true;
     return (await this.stat(digest)) !== undefined;
   }
@@ -394,6 +413,7 @@ export class LocalBlobService implements BlobService {
 
   /** Stores a small blob in LMDB; puts made in the same tick share one commit. */
   private async publishSmall(digest: B3Digest, data: Buffer): Promise<void> {
+    await this.lease?.hold();
     if (this.smallBlobs.doesExist(digest)) return;
     await committed(this.root, `small blob ${formatDigest(digest)}`, this.smallBlobs.put(digest, data));
   }
@@ -565,7 +585,12 @@ class LocalBlobWriter implements BlobWriter {
 }
 
 export class LocalDirectoryService implements DirectoryService {
-  constructor(private readonly root: string, private readonly db: Database<Buffer, Buffer>, readonly onClose?: () => Promise<void>) {}
+  constructor(
+    private readonly root: string,
+    private readonly db: Database<Buffer, Buffer>,
+    readonly onClose?: () => Promise<void>,
+    private readonly lease?: WriteLease,
+  ) {}
 
   async get(digest: B3Digest): Promise<Directory | undefined> {
     const encoded = this.db.get(digest);
@@ -591,6 +616,8 @@ export class LocalDirectoryService implements DirectoryService {
   }
 
   async put(batch: Iterable<Directory>): Promise<B3Digest> {
+    // Before the check that the children are there: they must stay until the path is registered.
+    await this.lease?.hold();
     const { root, ordered } = await checkBatch(batch, (d) => this.get(d));
     const written = this.db.transaction(() => {
       for (const { digest, encoded } of ordered) this.db.put(digest, encoded);

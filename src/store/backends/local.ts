@@ -3,6 +3,7 @@
 // which keeps Buffers as binary), tagged with a format version.
 import type { Database } from 'lmdb';
 import { LocalStore, type OpenOptions, committed } from '../../castore/backends/local.js';
+import type { WriteLease } from '../../castore/backends/gc-lock.js';
 import { type PathInfo, reRegistration, validatePathInfo } from '../pathinfo.js';
 import type { PathInfoService } from '../pathinfoservice.js';
 import { formatStorePath } from '../storepath.js';
@@ -23,12 +24,14 @@ function revive(stored: StoredPathInfo | undefined): PathInfo | undefined {
 export class LocalPathInfoService implements PathInfoService {
   private readonly db: Database<StoredPathInfo, Buffer>;
   private readonly release: () => Promise<void>;
+  private readonly lease?: WriteLease;
   private closed = false;
 
   constructor(private readonly root: string, options: OpenOptions = {}) {
-    const { db, release } = LocalStore.metadataDb<StoredPathInfo>(root, 'pathinfos', { encoding: 'msgpack', ...options });
+    const { db, release, lease } = LocalStore.metadataDb<StoredPathInfo>(root, 'pathinfos', { encoding: 'msgpack', ...options });
     this.db = db;
     this.release = release;
+    this.lease = lease;
   }
 
   async get(digest: Buffer) {
@@ -37,6 +40,7 @@ export class LocalPathInfoService implements PathInfoService {
 
   async put(info: PathInfo) {
     const path = validatePathInfo(info);
+    await this.lease?.hold();
     // Compared and written in one transaction, so two processes registering the same path cannot both win.
     return committed(this.root, `the path info of ${formatStorePath(path)}`, this.db.transaction(() => {
       const existing = revive(this.db.get(path.digest));
@@ -44,6 +48,16 @@ export class LocalPathInfoService implements PathInfoService {
       if (existing && stored.signatures.length === existing.signatures.length) return existing;
       this.db.put(path.digest, { v: FORMAT_VERSION, info: stored });
       return stored;
+    }));
+  }
+
+  /**
+   * Unregisters paths, all in one transaction. Only for a collection, which
+   * holds the GC lock exclusively and has checked that nothing kept refers to them.
+   */
+  async remove(digests: Buffer[]): Promise<void> {
+    await committed(this.root, `the removal of ${digests.length} path infos`, this.db.transaction(() => {
+      for (const digest of digests) this.db.removeSync(digest);
     }));
   }
 
