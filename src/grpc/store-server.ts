@@ -64,6 +64,7 @@ export function pathInfoServiceHandlers(services: StoreServices, prefix: Package
       answer(callback, async () => {
         const info = pathInfoFromWire(requireWellFormed(call.request), prefix);
         const storePath = validatePathInfo(info);
+        await services.pathInfos.holdForPut?.(); // the tree checked now must still be whole at the put
         await requireContent(info.node, services);
         await requireNar(info, services);
         const stored = await services.pathInfos.put(info);

@@ -11,6 +11,12 @@ export interface PathInfoService {
    * the node's tree first. Returns what the store has now.
    */
   put(info: PathInfo): Promise<PathInfo>;
+  /**
+   * Keeps a garbage collection from running until a put() that follows soon,
+   * so that a tree checked before the put is still whole at it (a local
+   * store: its GC lock's write lease).
+   */
+  holdForPut?(): Promise<void> | undefined;
   /** Every PathInfo, in no particular order. */
   list(): AsyncIterable<PathInfo>;
   close(): Promise<void>;

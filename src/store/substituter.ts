@@ -246,6 +246,7 @@ export function substitutingPathInfos(local: PathInfoService, substituter: Subst
   return {
     get: (digest) => substituter.get(digest),
     put: (info) => local.put(info),
+    holdForPut: () => local.holdForPut?.(),
     list: () => local.list(),
     close: () => local.close(),
   };

@@ -51,6 +51,10 @@ export class LocalPathInfoService implements PathInfoService {
     }));
   }
 
+  holdForPut() {
+    return this.lease?.hold();
+  }
+
   /**
    * Unregisters paths, all in one transaction. Only for a collection, which
    * holds the GC lock exclusively and has checked that nothing kept refers to them.
