@@ -1,9 +1,11 @@
-// `nixcas copy FILE|-`: copy a closure from the local /nix/store into the store.
+// `nixcas copy FILE|-`: copy a closure from the local /nix/store into the store
+// (FILE: closure JSON, or a plain list of store paths that Nix describes).
 // `nixcas copy --from URL STORE_PATH…`: fetch closures from binary caches.
 import { readFileSync } from 'node:fs';
 import { Command, Option } from 'commander';
 import { parseClosure } from '../store/closure.js';
 import { copyClosure } from '../store/copy.js';
+import { isPathList, localClosure, parsePathList } from '../store/nix-path-info.js';
 import { type StorePath, formatStorePath, parseStorePath } from '../store/storepath.js';
 import { Progress, formatBytes } from './progress.js';
 import { startHashThread } from '../store/sha256-off-thread.js';
@@ -24,9 +26,11 @@ export function copyCommand(): Command {
         'lists from the local /nix/store. Each path is hashed as a NAR while it is read and checked against ' +
         'the NAR hash and size in the description before it is registered, with its references, signatures ' +
         'and deriver. Paths already in the store are skipped. A path is registered only after all paths it ' +
-        'refers to are. Exits non-zero when any path failed; the others are still copied.',
+        'refers to are. Exits non-zero when any path failed; the others are still copied.\n\n' +
+        'A plain list of store paths instead (one a line, e.g. `nix-store -qR result | nixcas copy -`) ' +
+        'copies their closures as the local `nix path-info --json --recursive` describes them.',
     )
-    .argument('[file...]', 'the closure JSON, or - for stdin (default: $NIX_ATTRS_JSON_FILE); with --from, store paths')
+    .argument('[file...]', 'the closure JSON or a list of store paths, or - for stdin (default: $NIX_ATTRS_JSON_FILE); with --from, store paths')
     .addOption(new Option('--from <url>', 'fetch the closures of the STORE_PATHs given from this binary cache (http://, https://, file://) instead; repeatable, tried in order. Signatures by a --trusted-public-key are required unless --no-require-sigs').argParser((value: string, previous: string[] = []) => [...previous, value]))
     .addOption(new Option('-j, --jobs <n>', 'paths read (or, with --from, NARs downloaded) at once').default(4).argParser((v) => {
       const n = Number(v);
@@ -40,12 +44,19 @@ export function copyCommand(): Command {
     const file = files[0];
     const { text, source } = readInput(file);
     let json: unknown;
-    try {
-      json = JSON.parse(text);
-    } catch (err) {
-      throw new Error(`${source}: not JSON: ${(err as Error).message}`);
+    let unknown: string[] = [];
+    if (isPathList(text)) {
+      // A plain list of store paths (`nix-store -qR result`): the local Nix describes their closure.
+      ({ json, unknown } = await localClosure(parsePathList(text)));
+    } else {
+      try {
+        json = JSON.parse(text);
+      } catch (err) {
+        throw new Error(`${source}: not JSON: ${(err as Error).message}`);
+      }
     }
     const { entries, problems } = parseClosure(json);
+    problems.push(...unknown.map((path) => ({ path, error: new Error('not valid in the local Nix store') })));
     for (const { path, error } of problems) console.error(`nixcas copy: ${path}: ${error.message}`);
     startHashThread(); // boots while the store opens
     const services = await openServices(options, { writes: true });

@@ -2,7 +2,8 @@
 import { Command } from 'commander';
 import { Progress } from './progress.js';
 import { addStoreOptions } from './store-options.js';
-import { localStoreOf, storePathArgument } from './collection-flags.js';
+import { localStoreOf } from './collection-flags.js';
+import { storePathArgument } from './store-path-argument.js';
 import { printReport } from './gc.js';
 
 export function deleteCommand(): Command {
@@ -18,7 +19,7 @@ export function deleteCommand(): Command {
     .option('--json', 'print the report as JSON on stdout');
   return addStoreOptions(command).action(async (raw: string[], options) => {
     const root = localStoreOf(options, 'delete');
-    const paths = raw.map(storePathArgument);
+    const paths = raw.map((r) => storePathArgument(r).storePath);
     const { deletePaths } = await import('../store/gc.js');
     const progress = new Progress();
     const report = await deletePaths(root, paths, {

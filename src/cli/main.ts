@@ -9,6 +9,9 @@ import { virtiofsCommand } from './virtiofs.js';
 import { narCommand } from './nar.js';
 import { narBridgeCommand } from './nar-bridge.js';
 import { verifyCommand } from './verify.js';
+import { pathInfoCommand } from './path-info.js';
+import { lsCommand } from './ls.js';
+import { catCommand } from './cat.js';
 import { gcCommand } from './gc.js';
 import { deleteCommand } from './delete.js';
 import { rootCommand } from './root.js';
@@ -29,7 +32,10 @@ const program = new Command('nixcas')
   .addCommand(verifyCommand())
   .addCommand(rootCommand())
   .addCommand(deleteCommand())
-  .addCommand(gcCommand());
+  .addCommand(gcCommand())
+  .addCommand(pathInfoCommand())
+  .addCommand(lsCommand())
+  .addCommand(catCommand());
 
 program.parseAsync(process.argv).catch((err: Error) => {
   console.error(`nixcas: ${err.message}`);

@@ -1,7 +1,8 @@
 // `nixcas root add|remove|list`: the GC roots of a store (STORE/roots/); a root keeps its whole closure.
 import { Command } from 'commander';
 import { addStoreOptions } from './store-options.js';
-import { localStoreOf, storePathArgument } from './collection-flags.js';
+import { localStoreOf } from './collection-flags.js';
+import { storePathArgument } from './store-path-argument.js';
 import { formatStorePath } from '../store/storepath.js';
 
 export function rootCommand(): Command {
@@ -10,7 +11,7 @@ export function rootCommand(): Command {
     addStoreOptions(new Command('add').description('Make registered store paths GC roots.').argument('<store-paths...>', 'store paths, or links to them such as ./result')).action(
       async (raw: string[], options) => {
         const { addRoots } = await import('../store/gc.js');
-        const added = await addRoots(localStoreOf(options, 'root add'), raw.map(storePathArgument));
+        const added = await addRoots(localStoreOf(options, 'root add'), raw.map((r) => storePathArgument(r).storePath));
         for (const path of added) console.log(formatStorePath(path));
       },
     ),
@@ -19,7 +20,7 @@ export function rootCommand(): Command {
     addStoreOptions(new Command('remove').description('Stop keeping store paths as GC roots (the next gc may remove them).').argument('<store-paths...>', 'store paths')).action(
       async (raw: string[], options) => {
         const { removeRoots } = await import('../store/gc.js');
-        await removeRoots(localStoreOf(options, 'root remove'), raw.map(storePathArgument));
+        await removeRoots(localStoreOf(options, 'root remove'), raw.map((r) => storePathArgument(r).storePath));
       },
     ),
   );
