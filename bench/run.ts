@@ -14,6 +14,7 @@ import { benchVirtiofs } from './virtiofs.js';
 import { benchVirtiofsRequests } from './virtiofs-requests.js';
 import { benchNarBridge } from './narbridge.js';
 import { benchSubstitute } from './substitute.js';
+import { benchGc } from './gc.js';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 /** The built command (npm run build). */
@@ -146,7 +147,7 @@ function benchBlake3(): void {
   rows.push({ capability: 'BLAKE3 hashing, 1 MiB updates', ours: measure(native.create), peer: measure(wasm.create), unit: 'MB/s', peerName: 'blake3-wasm (fallback)' });
 }
 
-const only = process.env.BENCH_ONLY; // e.g. BENCH_ONLY=nix (blobs, blake3, nix, fuse, virtiofs, virtiofs-requests, narbridge, substitute)
+const only = process.env.BENCH_ONLY; // e.g. BENCH_ONLY=nix (blobs, blake3, nix, fuse, virtiofs, virtiofs-requests, narbridge, substitute, gc)
 if (!only || only === 'blobs') await benchBlobs();
 if (!only || only === 'blake3') benchBlake3();
 if (!only || only === 'nix') {
@@ -200,6 +201,15 @@ if (!only || only === 'substitute') {
     await benchSubstitute(rows, work, REPEATS, CLI);
   } finally {
     spawnSync('chmod', ['-R', 'u+w', work]);
+    rmSync(work, { recursive: true, force: true });
+  }
+}
+
+if (!only || only === 'gc') {
+  const work = mkdtempSync(join(tmpdir(), 'nixcas-bench-gc-'));
+  try {
+    await benchGc(rows, work, REPEATS, CLI);
+  } finally {
     rmSync(work, { recursive: true, force: true });
   }
 }
