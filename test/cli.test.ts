@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import { putBlob, getBlob } from '../src/castore/blobservice.js';
 import { GrpcBlobService } from '../src/grpc/castore-client.js';
-import { CLI, removeDir, startDaemon, tempDir } from './helpers.js';
+import { CLI, ROOT, removeDir, startDaemon, tempDir } from './helpers.js';
 
 test('daemon on TCP with NIXCAS_STORE, stopped by SIGINT', async () => {
   const work = tempDir('cli');
@@ -62,6 +62,34 @@ test('bad addresses and URLs get clear errors', () => {
   const help = run('daemon', '--help');
   assert.match(help.stdout, /no authentication/);
   assert.match(help.stdout, /\[::1\]:8000/);
+});
+
+test('errors are sentences naming the file or address, without library wording; store flags may precede the subcommand', () => {
+  const work = tempDir('cli-errors');
+  try {
+    const run = (args: string[], env: NodeJS.ProcessEnv = {}) => spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', timeout: 20_000, env: { ...process.env, ...env } });
+    const store = join(work, 'store');
+    const missing = run(['import', '--store', store, join(work, 'nonexistent')]);
+    assert.equal(missing.status, 1);
+    assert.equal(missing.stderr, `nixcas import: ${join(work, 'nonexistent')}: no such file or directory\n`);
+    const listen = run(['daemon', '--store', store, '--listen', join(work, 'no-such-dir', 'sock')]);
+    assert.equal(listen.status, 1);
+    assert.match(listen.stderr, new RegExp(`nixcas: cannot listen on ${join(work, 'no-such-dir', 'sock')}: its directory is missing or not writable`));
+    assert.doesNotMatch(listen.stderr, /nixcas: No address added/);
+    const socket = `grpc+unix://${join(work, 'absent.sock')}`;
+    const unreachable = run(['path-info', '--blob-service-addr', socket, '--directory-service-addr', socket, '--path-info-service-addr', socket, '/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-x']);
+    assert.equal(unreachable.status, 1);
+    assert.equal(unreachable.stderr, `nixcas: cannot reach the store at ${socket}: no socket there\n`);
+    assert.equal(run(['import', '--store', store, join(ROOT, 'test/fixtures/closure.nix')]).status, 0);
+    const before = run(['--store', store, 'path-info', '--all']);
+    assert.equal(before.status, 0, before.stderr);
+    assert.match(before.stdout, /^\/nix\/store\/[a-z0-9]{32}-closure\.nix\n$/);
+    const relative = run(['path-info', '--all'], { NIXCAS_STORE: 'relative/store' });
+    assert.equal(relative.status, 1);
+    assert.match(relative.stderr, /NIXCAS_STORE=relative\/store: the store directory in the environment must be an absolute path/);
+  } finally {
+    removeDir(work);
+  }
 });
 
 test("main.cjs's code cache: made by the build for this source; a stale or damaged one is ignored", () => {

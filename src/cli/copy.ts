@@ -2,6 +2,7 @@
 // (FILE: closure JSON, or a plain list of store paths that Nix describes).
 // `nixcas copy --from URL STORE_PATH…`: fetch closures from binary caches.
 import { readFileSync } from 'node:fs';
+import { describeAbout } from './errors.js';
 import { Command, Option } from 'commander';
 import { parseClosure } from '../store/closure.js';
 import { copyClosure } from '../store/copy.js';
@@ -57,7 +58,7 @@ export function copyCommand(): Command {
     }
     const { entries, problems } = parseClosure(json);
     problems.push(...unknown.map((path) => ({ path, error: new Error('not valid in the local Nix store') })));
-    for (const { path, error } of problems) console.error(`nixcas copy: ${path}: ${error.message}`);
+    for (const { path, error } of problems) console.error(`nixcas copy: ${describeAbout(path, error)}`);
     startHashThread(); // boots while the store opens
     const services = await openServices(options, { writes: true });
     const progress = new Progress();
@@ -80,7 +81,7 @@ export function copyCommand(): Command {
         onPathFailed: (path, error) => {
           done++;
           progress.clear();
-          console.error(`nixcas copy: ${path}: ${error.message}`);
+          console.error(`nixcas copy: ${describeAbout(path, error)}`);
         },
       });
       progress.clear();

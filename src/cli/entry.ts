@@ -11,6 +11,7 @@ import { parseArgs } from 'node:util';
 import type { AddressOptions } from '../services/addresses.js';
 import { writeNarNatively } from './native-nar.js';
 import { STORE_FLAGS } from './store-flags.js';
+import { storeFlagsAfterSubcommand } from './errors.js';
 
 /** True when the NAR was written; false to leave the invocation to main.ts. */
 function narFastPath(args: string[]): boolean {
@@ -30,7 +31,7 @@ function narFastPath(args: string[]): boolean {
 
 let handled = false;
 try {
-  handled = narFastPath(process.argv.slice(2));
+  handled = narFastPath(storeFlagsAfterSubcommand(process.argv.slice(2), STORE_FLAGS.map((f) => f.name)));
 } catch (err) {
   // Possibly after part of the NAR was written: main.ts must not start over.
   console.error(`nixcas: ${(err as Error).message}`);

@@ -1,4 +1,5 @@
 // `nixcas import PATH…`: add local trees as content-addressed store paths.
+import { describeAbout } from './errors.js';
 import { Command } from 'commander';
 import { importPath } from '../store/import.js';
 import { formatStorePath } from '../store/storepath.js';
@@ -34,7 +35,7 @@ export function importCommand(): Command {
         } catch (err) {
           progress.clear();
           failed++;
-          console.error(`nixcas import: ${path}: ${(err as Error).message}`);
+          console.error(`nixcas import: ${describeAbout(path, err)}`);
         }
       }
     } finally {

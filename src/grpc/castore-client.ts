@@ -65,7 +65,7 @@ export class GrpcBlobService implements BlobService {
       return true;
     } catch (err) {
       if (isNotFound(err)) return false;
-      throw fromServiceError(err);
+      throw fromServiceError(err, this.url);
     }
   }
 
@@ -76,7 +76,7 @@ export class GrpcBlobService implements BlobService {
       response = await unary(this.client, 'Stat', { digest, send_chunks: true });
     } catch (err) {
       if (isNotFound(err)) return undefined;
-      throw fromServiceError(err);
+      throw fromServiceError(err, this.url);
     }
     // nixcas answers send_chunks with the blob's size; other servers list
     // chunks only for chunked blobs, so otherwise the size costs a full read.
@@ -97,8 +97,9 @@ export class GrpcBlobService implements BlobService {
       first = await iterator.next();
     } catch (err) {
       if (isNotFound(err)) return undefined;
-      throw fromServiceError(err);
+      throw fromServiceError(err, this.url);
     }
+    const url = this.url;
     const chunks = (async function* () {
       try {
         if (first.done) return;
@@ -109,7 +110,7 @@ export class GrpcBlobService implements BlobService {
           yield next.value.data;
         }
       } catch (err) {
-        throw fromServiceError(err);
+        throw fromServiceError(err, url);
       } finally {
         call.cancel();
       }
@@ -128,7 +129,7 @@ export class GrpcBlobService implements BlobService {
     const response = new Promise<B3Digest>((resolve, reject) => (settle = { resolve, reject }));
     response.catch(() => {}); // observed by close(); an aborted upload's error is expected
     const call = this.client.Put!((err: grpc.ServiceError | null, res: { digest: Buffer }) =>
-      err ? settle.reject(fromServiceError(err)) : settle.resolve(res.digest),
+      err ? settle.reject(fromServiceError(err, this.url)) : settle.resolve(res.digest),
     ) as grpc.ClientWritableStream<unknown>;
     return {
       write: (data) => writeMessage(call, { data: Buffer.from(data) }),
@@ -188,7 +189,7 @@ class SequentialGrpcReader implements BlobReader {
 export class GrpcDirectoryService implements DirectoryService {
   private readonly client: Client;
 
-  constructor(url: string) {
+  constructor(private readonly url: string) {
     this.client = makeClient(url, 'DirectoryService');
   }
 
@@ -221,7 +222,7 @@ export class GrpcDirectoryService implements DirectoryService {
       }
     } catch (err) {
       if (isNotFound(err)) return;
-      throw fromServiceError(err);
+      throw fromServiceError(err, this.url);
     } finally {
       call.cancel();
     }
@@ -231,7 +232,7 @@ export class GrpcDirectoryService implements DirectoryService {
     let settle!: { resolve: (d: B3Digest) => void; reject: (e: unknown) => void };
     const response = new Promise<B3Digest>((resolve, reject) => (settle = { resolve, reject }));
     const call = this.client.Put!((err: grpc.ServiceError | null, res: { root_digest: Buffer }) =>
-      err ? settle.reject(fromServiceError(err)) : settle.resolve(res.root_digest),
+      err ? settle.reject(fromServiceError(err, this.url)) : settle.resolve(res.root_digest),
     ) as grpc.ClientWritableStream<unknown>;
     for (const directory of batch) await writeMessage(call, directoryToWire(directory));
     call.end();

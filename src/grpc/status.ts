@@ -20,9 +20,14 @@ export function toServiceError(err: unknown): Partial<grpc.ServiceError> {
   return { code: grpc.status.INTERNAL, details: message };
 }
 
-export function fromServiceError(err: unknown): Error {
+/**
+ * The Error a failed call means. `address` (the store's URL) makes an
+ * unreachable store say so in one clause, without grpc-js's own wording.
+ */
+export function fromServiceError(err: unknown, address?: string): Error {
   const e = err as grpc.ServiceError;
   const message = e?.details || e?.message || String(err);
+  if (address && e?.code === grpc.status.UNAVAILABLE) return new UnavailableError(describeUnreachable(address, message));
   switch (e?.code) {
     case grpc.status.INVALID_ARGUMENT: return new InvalidInputError(message);
     case grpc.status.NOT_FOUND: return new NotFoundError(message);
@@ -37,4 +42,23 @@ export function fromServiceError(err: unknown): Error {
 
 export function isNotFound(err: unknown): boolean {
   return (err as grpc.ServiceError)?.code === grpc.status.NOT_FOUND;
+}
+
+/** Errno codes a connection fails with, said plainly. */
+const CONNECT_ERRORS: Record<string, string> = {
+  ENOENT: 'no socket there',
+  ECONNREFUSED: 'connection refused (is the daemon running?)',
+  EACCES: 'permission denied',
+  ETIMEDOUT: 'timed out',
+  EHOSTUNREACH: 'host unreachable',
+};
+
+/** "cannot reach the store at ADDR: why", from grpc-js's details (its "Resolution note" and "Last error" dropped). */
+export function describeUnreachable(address: string, details: string): string {
+  const cause = details
+    .replace(/\.?\s*Resolution note:.*$/s, '')
+    .replace(/^No connection established\. Last error: (Error: )?/, '')
+    .trim();
+  const errno = /connect (E[A-Z]+)/.exec(cause)?.[1];
+  return `cannot reach the store at ${address}: ${(errno && CONNECT_ERRORS[errno]) || cause || 'no connection'}`;
 }

@@ -16,7 +16,7 @@ export class GrpcPathInfoService implements PathInfoService {
   private readonly client: Client;
   private readonly prefix: PackagePrefix;
 
-  constructor(url: string) {
+  constructor(private readonly url: string) {
     const { target, prefix } = parseGrpcUrl(url);
     this.prefix = prefix;
     const Constructor = clientConstructor(prefix, 'PathInfoService');
@@ -37,7 +37,7 @@ export class GrpcPathInfoService implements PathInfoService {
       return info;
     } catch (err) {
       if (isNotFound(err)) return undefined;
-      throw fromServiceError(err);
+      throw fromServiceError(err, this.url);
     }
   }
 
@@ -46,7 +46,7 @@ export class GrpcPathInfoService implements PathInfoService {
     try {
       return pathInfoFromWire(await this.unary<WirePathInfo>('Put', pathInfoToWire(info, this.prefix)), this.prefix);
     } catch (err) {
-      throw fromServiceError(err);
+      throw fromServiceError(err, this.url);
     }
   }
 
@@ -56,7 +56,7 @@ export class GrpcPathInfoService implements PathInfoService {
       const response = await this.unary<{ nar_size?: string; nar_sha256?: Buffer }>('CalculateNAR', nodeToWire(node));
       return { size: toSafeInteger(response.nar_size, 'NAR size'), sha256: response.nar_sha256 ?? Buffer.alloc(0) };
     } catch (err) {
-      throw fromServiceError(err);
+      throw fromServiceError(err, this.url);
     }
   }
 
@@ -69,7 +69,7 @@ export class GrpcPathInfoService implements PathInfoService {
         yield info;
       }
     } catch (err) {
-      throw fromServiceError(err);
+      throw fromServiceError(err, this.url);
     } finally {
       call.cancel();
     }

@@ -51,6 +51,8 @@ export interface AddressOptions {
  */
 export function resolveAddresses(options: AddressOptions, env: NodeJS.ProcessEnv = process.env): ServiceAddresses {
   const flagStore = options.store && localStoreUrl(options.store);
+  // A relative NIXCAS_STORE would name a different store from every directory it is used in.
+  if (env.NIXCAS_STORE && !isAbsolute(env.NIXCAS_STORE)) throw new Error(`NIXCAS_STORE=${env.NIXCAS_STORE}: the store directory in the environment must be an absolute path`);
   const fallback = localStoreUrl(env.NIXCAS_STORE || defaultStoreDir());
   return {
     blob: options.blobServiceAddr || flagStore || env.BLOB_SERVICE_ADDR || fallback,
