@@ -394,7 +394,7 @@ describe('nixcas mount: root listing off, faults, unmounting', () => {
     assert.ok(!isMounted(join(user, 'mnt')));
   });
 
-  test('clear errors: a missing mountpoint, a file as mountpoint', () => {
+  test('clear errors: a missing mountpoint, a file as mountpoint, a mountpoint with a nixcas mount on it', async () => {
     const missing = nixcas(['mount', '--store', store, join(work, 'no-such-dir')]);
     assert.equal(missing.status, 1);
     assert.match(missing.stderr, /does not exist; create the directory first/);
@@ -403,5 +403,16 @@ describe('nixcas mount: root listing off, faults, unmounting', () => {
     assert.equal(file.status, 1);
     assert.match(file.stderr, /is not a directory/);
     assert.ok(existsSync(join(work, 'a-file')));
+    // A second mount on a mounted directory is refused, not stacked on the first.
+    const mnt = join(work, 'mnt-twice');
+    const first = await mount(store, mnt);
+    try {
+      const stacked = nixcas(['mount', '--store', store, mnt]);
+      assert.equal(stacked.status, 1);
+      assert.match(stacked.stderr, new RegExp(`${mnt} is already a FUSE mount \\(fuse[.a-z]*\\), another nixcas mount perhaps: unmount it first`));
+      assert.equal(readFileSync('/proc/mounts', 'utf8').split('\n').filter((line) => line.split(' ')[1] === mnt).length, 1);
+    } finally {
+      assert.equal(await first.stop(), 0);
+    }
   });
 });

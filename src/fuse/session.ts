@@ -2,7 +2,7 @@
 // some (without blocking the event loop), hands them to the protocol layer,
 // writes the replies, and unmounts.
 import { spawn, spawnSync } from 'node:child_process';
-import { closeSync, constants as fsConstants, openSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { closeSync, constants as fsConstants, openSync, readFileSync, realpathSync, statSync, writeFileSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import { resolve } from 'node:path';
 import { MNT_DETACH, MS_NODEV, MS_NOSUID, MS_RDONLY, native, type Watch } from '../native/index.js';
@@ -54,7 +54,7 @@ export class DevFuseSession implements ReplySink {
 
   /** Mounts a FUSE filesystem at `options.mountpoint` served by `server`. */
   static async mount(server: FuseServer, options: MountOptions): Promise<DevFuseSession> {
-    checkMountpoint(options.mountpoint);
+    checkMountpoint(options.mountpoint, (message) => options.log?.(message));
     const root = process.getuid?.() === 0;
     const fd = root ? mountDirectly(options) : await mountWithFusermount(options);
     const session = new DevFuseSession(fd, server, options, !root);
@@ -122,7 +122,7 @@ export class DevFuseSession implements ReplySink {
   }
 }
 
-function checkMountpoint(mountpoint: string): void {
+function checkMountpoint(mountpoint: string, log: (message: string) => void): void {
   try {
     if (!statSync(mountpoint).isDirectory()) throw new MountError(`${mountpoint} is not a directory`);
   } catch (err) {
@@ -133,6 +133,30 @@ function checkMountpoint(mountpoint: string): void {
     }
     throw err;
   }
+  const existing = mountAt(realpathSync(mountpoint));
+  if (existing?.startsWith('fuse')) {
+    throw new MountError(`${mountpoint} is already a FUSE mount (${existing}), another nixcas mount perhaps: unmount it first (\`umount ${mountpoint}\`) rather than stack a second one on it`);
+  }
+  if (existing) log(`${mountpoint} is already a mount point (${existing}); the store is mounted over it and hides it until unmounted`);
+}
+
+/** The file system type mounted at `path` (as /proc/self/mountinfo says; the topmost), or undefined. */
+function mountAt(path: string): string | undefined {
+  let found: string | undefined;
+  let table: string;
+  try {
+    table = readFileSync('/proc/self/mountinfo', 'utf8');
+  } catch {
+    return undefined;
+  }
+  for (const line of table.split('\n')) {
+    const fields = line.split(' ');
+    const separator = fields.indexOf('-');
+    if (separator < 0) continue;
+    const point = fields[4]!.replace(/\\([0-7]{3})/g, (_, octal: string) => String.fromCharCode(parseInt(octal, 8)));
+    if (point === path) found = fields[separator + 1];
+  }
+  return found;
 }
 
 function mountData(fd: number, options: MountOptions): string {
