@@ -4,7 +4,7 @@
 // Order keeps the store's invariant (every stored directory's closure is
 // stored) at every instant, whatever kills the process: all dead directory
 // records go in one LMDB transaction, before any blob; then the dead small
-// blobs in another; then the blob files one by one. A dead directory never
+// blobs, in batches; then the blob files one by one. A dead directory never
 // outlives a child it names, and no remaining directory names a removed blob.
 // The caller holds the GC lock exclusively (gc-lock.ts).
 import { promises as fs } from 'node:fs';
@@ -36,17 +36,20 @@ export interface SweepOptions {
 }
 
 const HEX_DIGEST = /^[0-9a-f]{64}$/;
+/** Small blobs removed per transaction. */
+const SMALL_BLOB_BATCH = 4096;
 
 export async function sweepLocalStore(root: string, live: LiveObjects, options: SweepOptions = {}): Promise<SweepReport> {
   const store = LocalStore.forCollection(root);
   const report: SweepReport = { directories: 0, smallBlobs: 0, blobFiles: 0, fileBytes: 0, recordBytes: 0 };
   try {
+    // Keys only: a live record's value is never read (its pages would count in this process's RSS).
     const deadRecords = (db: typeof store.directories, liveSet: Set<string>) => {
       const dead: Buffer[] = [];
-      for (const { key, value } of db.getRange()) {
+      for (const key of db.getKeys()) {
         if (liveSet.has(digestKey(key as Buffer))) continue;
         dead.push(Buffer.from(key as Buffer));
-        report.recordBytes += value.length;
+        report.recordBytes += db.getBinaryFast(key as Buffer)?.length ?? 0;
       }
       return dead;
     };
@@ -60,9 +63,12 @@ export async function sweepLocalStore(root: string, live: LiveObjects, options: 
     options.onProgress?.(report);
     const deadSmall = deadRecords(store.smallBlobs, live.blobs);
     report.smallBlobs = deadSmall.length;
-    if (!options.dryRun && deadSmall.length) {
-      await committed(root, `the removal of ${deadSmall.length} small blobs`, store.smallBlobs.transaction(() => {
-        for (const key of deadSmall) store.smallBlobs.removeSync(key);
+    // In batches: a transaction holds a copy of every page it changes. With no dead directory
+    // left, no directory names these blobs, so a crash between batches loses nothing.
+    for (let at = 0; !options.dryRun && at < deadSmall.length; at += SMALL_BLOB_BATCH) {
+      const batch = deadSmall.slice(at, at + SMALL_BLOB_BATCH);
+      await committed(root, `the removal of ${batch.length} small blobs`, store.smallBlobs.transaction(() => {
+        for (const key of batch) store.smallBlobs.removeSync(key);
       }));
     }
     options.onProgress?.(report);
