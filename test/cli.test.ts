@@ -92,6 +92,24 @@ test('errors are sentences naming the file or address, without library wording; 
   }
 });
 
+test('on a terminal, import shows progress and ends with a summary; piped, it prints only the store path', () => {
+  const work = tempDir('cli-progress');
+  try {
+    writeFileSync(join(work, 'file'), 'progress\n');
+    const store = join(work, 'store');
+    // script(1) gives the command a pseudo-terminal, as a person's shell would.
+    const onTerminal = spawnSync('script', ['-qec', `${process.execPath} ${CLI} import --store ${store} ${join(work, 'file')}`, '/dev/null'], { encoding: 'utf8', timeout: 20_000, env: { ...process.env, CI: '' } });
+    assert.equal(onTerminal.status, 0, onTerminal.stdout);
+    assert.match(onTerminal.stdout, /nixcas import: 1 of 1 paths, 9 B in [0-9.]+ s \([0-9.]+ (B|KiB)\/s\)/);
+    const piped = spawnSync(process.execPath, [CLI, 'import', '--store', store, join(work, 'file')], { encoding: 'utf8', timeout: 20_000 });
+    assert.equal(piped.status, 0);
+    assert.match(piped.stdout, /^\/nix\/store\/[a-z0-9]{32}-file\n$/);
+    assert.equal(piped.stderr, '');
+  } finally {
+    removeDir(work);
+  }
+});
+
 test("main.cjs's code cache: made by the build for this source; a stale or damaged one is ignored", () => {
   const dist = join(CLI, '..');
   const source = readFileSync(join(dist, 'main.cjs'));

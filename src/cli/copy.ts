@@ -65,7 +65,7 @@ export function copyCommand(): Command {
     let done = 0;
     let bytes = 0;
     const show = (force = false) =>
-      progress.update(() => `copying: ${done}/${entries.length} paths, ${formatBytes(bytes)} read`, force);
+      progress.update(() => `copying: ${done}/${entries.length} paths, ${formatBytes(bytes)} read at ${progress.rate(bytes)}`, force);
     try {
       const started = Date.now();
       const summary = await copyClosure(entries, services, {
@@ -113,7 +113,7 @@ async function copyFrom(args: string[], options: SubstitutionFlags & { from: str
   const progress = new Progress();
   let fetched = 0;
   let bytes = 0;
-  const show = (force = false) => progress.update(() => `fetching: ${fetched} paths, ${formatBytes(bytes)} downloaded`, force);
+  const show = (force = false) => progress.update(() => `fetching: ${fetched} paths, ${formatBytes(bytes)} downloaded at ${progress.rate(bytes)}`, force);
   const substituter = services.substituter!;
   substituter.options.onSubstituted = () => {
     fetched++;

@@ -23,13 +23,19 @@ export function importCommand(): Command {
     const services = await openServices(options, { writes: true });
     const progress = new Progress();
     let failed = 0;
+    let totalBytes = 0;
     try {
       for (const path of paths) {
+        let pathBytes = 0;
         try {
           const { storePath } = await importPath(path, services, {
             name: options.name,
-            onProgress: (bytes, files) => progress.update(() => `importing ${path}: ${files} files, ${formatBytes(bytes)}`),
+            onProgress: (bytes, files) => {
+              pathBytes = bytes;
+              progress.update(() => `importing ${path}: ${files} files, ${formatBytes(bytes)} (${progress.rate(totalBytes + bytes)})`);
+            },
           });
+          totalBytes += pathBytes;
           progress.clear();
           console.log(formatStorePath(storePath));
         } catch (err) {
@@ -41,6 +47,8 @@ export function importCommand(): Command {
     } finally {
       await services.close();
     }
+    // On a terminal, what it all came to (piped, stdout's store paths are the whole answer).
+    if (progress.enabled) console.error(`nixcas import: ${paths.length - failed} of ${paths.length} paths, ${formatBytes(totalBytes)} in ${progress.elapsed()} (${progress.rate(totalBytes)})`);
     if (failed) {
       // One path: its own line said it all.
       if (paths.length > 1) console.error(`nixcas import: ${failed} of ${paths.length} paths failed`);
