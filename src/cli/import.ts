@@ -2,7 +2,7 @@
 import { describeAbout } from './errors.js';
 import { Command } from 'commander';
 import { importPath } from '../store/import.js';
-import { formatStorePath } from '../store/storepath.js';
+import { formatStorePath, storePathNameProblem } from '../store/storepath.js';
 import { Progress, formatBytes } from './progress.js';
 import { startHashThread } from '../store/sha256-off-thread.js';
 import { addStoreOptions, openServices } from './store-options.js';
@@ -19,6 +19,8 @@ export function importCommand(): Command {
     .option('--name <name>', 'store path name instead of the basename (only with one PATH)');
   return addStoreOptions(command).action(async (paths: string[], options) => {
     if (options.name && paths.length > 1) throw new Error('--name works with one PATH only');
+    const nameProblem = options.name !== undefined ? storePathNameProblem(options.name) : undefined;
+    if (nameProblem) throw new Error(`--name ${JSON.stringify(options.name)}: not a store path name: ${nameProblem}`);
     startHashThread(); // boots while the store opens
     const services = await openServices(options, { writes: true });
     const progress = new Progress();

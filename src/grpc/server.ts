@@ -65,6 +65,7 @@ async function clearStaleSocket(path: string): Promise<void> {
  * (the umask is narrowed until the bind is done) and only then opened up.
  */
 export async function listen(server: grpc.Server, address: string, socketMode = 0o600): Promise<number> {
+  quietBindFailures();
   const { target, socketPath } = grpcListenTarget(address);
   if (socketPath) await clearStaleSocket(socketPath);
   const umask = socketPath ? process.umask(0o177) : undefined;
@@ -78,4 +79,22 @@ export async function listen(server: grpc.Server, address: string, socketMode = 
   }
   if (socketPath && socketMode !== 0o600) chmodSync(socketPath, socketMode);
   return port;
+}
+
+let quiet = false;
+
+/**
+ * grpc-js also logs a failed bind itself ("E No address added out of total 1
+ * resolved"); the error that reaches the caller says it better, once. Every
+ * other line of its logger goes out as before.
+ */
+function quietBindFailures(): void {
+  if (quiet) return;
+  quiet = true;
+  grpc.setLogger({
+    error: (...args: unknown[]) => {
+      if (typeof args[0] === 'string' && /No address added out of total/.test(args[0])) return;
+      console.error(...args);
+    },
+  } as Partial<Console> as Console);
 }

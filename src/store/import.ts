@@ -29,7 +29,11 @@ export async function importPath(
 ): Promise<ImportedPath> {
   const name = options.name ?? basename(resolve(path));
   const problem = storePathNameProblem(name);
-  if (problem) throw new InvalidStorePathError(`${path}: cannot be a store path: ${problem}`);
+  if (problem) {
+    // A name that was given is the flag's fault, not the file's.
+    if (options.name !== undefined) throw new InvalidStorePathError(`--name ${JSON.stringify(options.name)}: not a store path name: ${problem}`);
+    throw new InvalidStorePathError(`${path}: cannot be a store path: ${problem}`);
+  }
   const nar = new NarHasher();
   let root: Node;
   try {
