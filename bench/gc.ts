@@ -52,6 +52,7 @@ export async function benchGc(rows: Row[], work: string, repeats: number, cli: s
 
   const seconds: Record<'nixcas' | 'nix', number[]> = { nixcas: [], nix: [] };
   const peakMb: Record<'nixcas' | 'nix', number[]> = { nixcas: [], nix: [] };
+  const privateMb: Record<'nixcas' | 'nix', number[]> = { nixcas: [], nix: [] };
   for (let r = 0; r < repeats; r++) {
     const order = r % 2 === 0 ? (['nixcas', 'nix'] as const) : (['nix', 'nixcas'] as const);
     for (const side of order) {
@@ -64,6 +65,7 @@ export async function benchGc(rows: Row[], work: string, repeats: number, cli: s
           : await timed('nix-store', ['--store', copy, '--gc']);
       seconds[side].push(result.seconds);
       peakMb[side].push(result.peakRssMb);
+      privateMb[side].push(result.peakAnonMb);
       const left = side === 'nixcas' ? JSON.parse(result.stdout).kept : storeEntries(copy);
       if (left !== kept.length) throw new Error(`${side} kept ${left} paths, not the ${kept.length} rooted ones`);
       execFileSync('rm', ['-rf', copy]);
@@ -75,9 +77,16 @@ export async function benchGc(rows: Row[], work: string, repeats: number, cli: s
     capability: `gc: ${objects}`, ours: median(seconds.nixcas) * 1000, peer: median(seconds.nix) * 1000, unit: 'ms',
     peerName: 'nix-store --gc', target: 1, lowerIsBetter: true, peerOverOurs: true,
   });
+  // Two rows, as the Nix bench has them: private memory, and the whole RSS, which also counts the
+  // pages of the LMDB file the collector reads (clean page cache, mapped).
   const rss = median(peakMb.nixcas);
+  const anon = median(privateMb.nixcas);
   rows.push({
-    capability: 'gc: peak RSS', ours: rss, peer: median(peakMb.nix), unit: 'MB',
+    capability: 'gc: peak private memory (RssAnon)', ours: anon, peer: median(privateMb.nix), unit: 'MB',
+    peerName: 'nix-store --gc', lowerIsBetter: true, note: `${anon <= 200 ? 'met' : 'MISSED'} (≤ 200 MB)`,
+  });
+  rows.push({
+    capability: 'gc: peak RSS (VmHWM, with mapped LMDB pages)', ours: rss, peer: median(peakMb.nix), unit: 'MB',
     peerName: 'nix-store --gc', lowerIsBetter: true, note: `${rss <= 200 ? 'met' : 'MISSED'} (≤ 200 MB)`,
   });
 }
