@@ -8,7 +8,7 @@ import { mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { LocalPathInfoService } from '../src/store/backends/local.js';
-import { formatStorePath } from '../src/store/storepath.js';
+import { formatStorePath, parseStorePath } from '../src/store/storepath.js';
 import { storePathOf } from '../src/store/pathinfo.js';
 import { CLI, buildClosureFixture, nix, nixcas, nixcasBytes, removeDir, seededBytes, tempDir, verifyLocalStore } from './helpers.js';
 
@@ -87,6 +87,40 @@ test('gc keeps exactly what Nix says the roots reach, and removes orphans of imp
     assert.equal(nixcas(['root', 'list', '--store', store]).stdout, '');
     assert.equal(nixcas(['gc', '--store', store]).status, 0);
     assert.deepEqual(await registered(store), []);
+  } finally {
+    removeDir(work);
+  }
+});
+
+test('gc --keep-newer-than keeps recently registered paths and their closures; older ones go', async () => {
+  const work = tempDir('gc-recent');
+  try {
+    const attrs = buildClosureFixture(join(work, 'result'));
+    const store = join(work, 'store');
+    assert.equal(nixcas(['copy', '--store', store, attrs]).status, 0);
+    const old = importTree(store, makeTree(join(work, 'old'), 3, 5));
+    // As if `old` and the closure's leaf had been registered two days ago.
+    const leaf = closurePaths(attrs).find((p) => p.endsWith('-leaf'))!;
+    const { LocalStore } = await import('../src/castore/backends/local.js');
+    const { db, release } = LocalStore.metadataDb<{ v: number; info: unknown; t?: number }>(store, 'pathinfos', { encoding: 'msgpack' });
+    try {
+      for (const path of [old, leaf]) {
+        const key = parseStorePath(path).digest;
+        const record = db.get(key)!;
+        assert.equal(typeof record.t, 'number', 'a registration records its time');
+        await db.put(key, { ...record, t: record.t! - 2 * 86400 });
+      }
+    } finally {
+      await release();
+    }
+    const gc = nixcas(['gc', '--store', store, '--keep-newer-than', '1d', '--json']);
+    assert.equal(gc.status, 0, gc.stderr);
+    // The leaf is old but stays: recent paths refer to it.
+    assert.deepEqual(JSON.parse(gc.stdout).removed, [old]);
+    assert.deepEqual(await registered(store), closurePaths(attrs).sort());
+    const bad = nixcas(['gc', '--store', store, '--keep-newer-than', 'soon']);
+    assert.equal(bad.status, 1);
+    assert.match(bad.stderr, /"soon" is not a duration/);
   } finally {
     removeDir(work);
   }

@@ -15,3 +15,11 @@ export function parseSize(text: string): number {
   const power = ' KMGT'.indexOf(match[2]!.toUpperCase() || ' ');
   return Math.floor(Number(match[1]) * 1024 ** power);
 }
+
+/** 30d, 12h, 90m, 45s, or seconds: a duration in seconds. */
+export function parseDuration(text: string): number {
+  const match = /^([0-9]+(?:\.[0-9]+)?)\s*([smhdw]?)$/i.exec(text.trim());
+  if (!match) throw new Error(`${JSON.stringify(text)} is not a duration (seconds, or a number with s, m, h, d or w)`);
+  const unit = { '': 1, s: 1, m: 60, h: 3600, d: 86400, w: 604800 }[match[2]!.toLowerCase() as '' | 's' | 'm' | 'h' | 'd' | 'w'];
+  return Number(match[1]) * unit;
+}

@@ -2,7 +2,7 @@
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { Progress, formatBytes } from './progress.js';
 import { addStoreOptions } from './store-options.js';
-import { localStoreOf, parseSize } from './collection-flags.js';
+import { localStoreOf, parseDuration, parseSize } from './collection-flags.js';
 import type { CollectionReport } from '../store/gc.js';
 
 export function gcCommand(): Command {
@@ -24,6 +24,13 @@ export function gcCommand(): Command {
         throw new InvalidArgumentError((err as Error).message);
       }
     }))
+    .addOption(new Option('--keep-newer-than <duration>', 'also keep paths registered less than DURATION ago (e.g. 7d, 12h), with their closures').argParser((v) => {
+      try {
+        return parseDuration(v);
+      } catch (err) {
+        throw new InvalidArgumentError((err as Error).message);
+      }
+    }))
     .option('--json', 'print the report as JSON on stdout');
   return addStoreOptions(command).action(async (options) => {
     const root = localStoreOf(options, 'gc');
@@ -32,6 +39,7 @@ export function gcCommand(): Command {
     const report = await collectGarbage(root, {
       dryRun: Boolean(options.dryRun),
       maxFreed: options.maxFreed,
+      keepNewerThan: options.keepNewerThan,
       onWait: () => console.error(`gc: waiting for the writers of ${root} to finish (they hold its GC lock while they write, and a while after)`),
       onProgress: (line) => progress.update(`gc: ${line}`),
     });

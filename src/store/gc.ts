@@ -82,6 +82,8 @@ export interface CollectionReport extends SweepReport {
 
 export interface CollectionOptions {
   dryRun?: boolean;
+  /** Paths registered less than this many seconds ago are kept, with their closures, as if rooted. */
+  keepNewerThan?: number;
   maxFreed?: number;
   /** Called once when writers hold the store and the collection waits for them. */
   onWait?: () => void;
@@ -90,8 +92,13 @@ export interface CollectionOptions {
 
 /** `nixcas gc`: keeps the closure of the roots, removes every other path and every object nothing kept reaches. */
 export function collectGarbage(root: string, options: CollectionOptions = {}): Promise<CollectionReport> {
-  return collect(root, options, async (registered) => {
+  return collect(root, options, async (registered, registeredAt) => {
     const roots = await listRoots(root);
+    if (options.keepNewerThan !== undefined) {
+      // A path whose registration time the store does not know (registered before it kept them) counts as old.
+      const since = Date.now() / 1000 - options.keepNewerThan;
+      for (const [key, at] of registeredAt) if (at >= since) roots.push(storePathOf(registered.get(key)!));
+    }
     return { roots: roots.length, keep: closure(registered, roots) };
   });
 }
@@ -141,7 +148,7 @@ function closure(registered: Map<string, PathInfo>, roots: StorePath[]): Set<str
 async function collect(
   root: string,
   options: CollectionOptions,
-  choose: (registered: Map<string, PathInfo>) => Promise<{ roots: number; keep: Set<string> }>,
+  choose: (registered: Map<string, PathInfo>, registeredAt: Map<string, number>) => Promise<{ roots: number; keep: Set<string> }>,
 ): Promise<CollectionReport> {
   // Collecting writes, but never makes a store (nor a lock file) where there is none.
   if (!existsSync(join(root, 'nixcas-store'))) throw new Error(`${root} holds no nixcas store (there is no nixcas-store file in it): there is nothing to collect`);
@@ -151,9 +158,14 @@ async function collect(
     const directories = LocalStore.directoryService(root);
     try {
       const registered = new Map<string, PathInfo>();
-      for await (const info of pathInfos.list()) registered.set(digestKey(storePathOf(info).digest), info);
+      const registeredAt = new Map<string, number>();
+      for await (const { info, registeredAt: at } of pathInfos.listWithTimes()) {
+        const key = digestKey(storePathOf(info).digest);
+        registered.set(key, info);
+        if (at !== undefined) registeredAt.set(key, at);
+      }
       options.onProgress?.(`${registered.size} registered paths`);
-      const { roots, keep } = await choose(registered);
+      const { roots, keep } = await choose(registered, registeredAt);
       const live: LiveObjects = { directories: new Set(), blobs: new Set() };
       let marked = 0;
       for (const key of keep) {

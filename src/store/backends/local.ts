@@ -13,6 +13,8 @@ const FORMAT_VERSION = 1;
 interface StoredPathInfo {
   v: number;
   info: PathInfo;
+  /** When the path was registered here, in seconds since the epoch (absent in records written before nixcas kept it). */
+  t?: number;
 }
 
 function revive(stored: StoredPathInfo | undefined): PathInfo | undefined {
@@ -43,10 +45,13 @@ export class LocalPathInfoService implements PathInfoService {
     await this.lease?.hold();
     // Compared and written in one transaction, so two processes registering the same path cannot both win.
     return committed(this.root, `the path info of ${formatStorePath(path)}`, this.db.transaction(() => {
-      const existing = revive(this.db.get(path.digest));
+      const record = this.db.get(path.digest);
+      const existing = revive(record);
       const stored = existing ? reRegistration(existing, info) : info;
       if (existing && stored.signatures.length === existing.signatures.length) return existing;
-      this.db.put(path.digest, { v: FORMAT_VERSION, info: stored });
+      // Signatures added later leave the registration time as it was.
+      const t = record ? record.t : Math.floor(Date.now() / 1000);
+      this.db.put(path.digest, t === undefined ? { v: FORMAT_VERSION, info: stored } : { v: FORMAT_VERSION, info: stored, t });
       return stored;
     }));
   }
@@ -63,6 +68,14 @@ export class LocalPathInfoService implements PathInfoService {
     await committed(this.root, `the removal of ${digests.length} path infos`, this.db.transaction(() => {
       for (const digest of digests) this.db.removeSync(digest);
     }));
+  }
+
+  /** Every PathInfo with when it was registered (seconds since the epoch), where the store knows. */
+  async *listWithTimes(): AsyncIterable<{ info: PathInfo; registeredAt?: number }> {
+    for (const { value } of this.db.getRange()) {
+      const info = revive(value);
+      if (info) yield { info, registeredAt: value.t };
+    }
   }
 
   async *list() {
