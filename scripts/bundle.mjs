@@ -45,6 +45,21 @@ await build({
   logLevel: 'warning',
 });
 
+// The microVM test runner nix/default.nix's lib.mkVMTest calls (vmtest/run-vm-test.ts): one file, so
+// that the nixcas package carries it without tsx.
+await build({
+  entryPoints: [{ in: join(root, 'vmtest/run-vm-test.ts'), out: 'run-vm-test' }],
+  outdir: join(root, 'dist/vmtest'),
+  outExtension: { '.js': '.cjs' },
+  bundle: true,
+  platform: 'node',
+  format: 'cjs',
+  target: 'node20',
+  define: { 'import.meta.url': '__nixcasModuleUrl' },
+  banner: { js: "'use strict';\nconst __nixcasModuleUrl = require('node:url').pathToFileURL(__filename).href;" },
+  logLevel: 'warning',
+});
+
 // V8's code cache for main.cjs (src/cli/load-main.ts): what one small import
 // compiles, the path most commands share. Without it (no native addon yet,
 // say) nixcas works the same, only starts ~25 ms slower.

@@ -17,8 +17,19 @@ export interface Kernel {
   modulesDir: string;
 }
 
-/** The newest kernel that has both /boot/vmlinuz-V and /lib/modules/V/modules.dep. */
+/**
+ * The kernel NIXCAS_VMTEST_KERNEL (an image) and NIXCAS_VMTEST_MODULES (its /lib/modules/V
+ * directory) name (nix/: a NixOS user's kernel); otherwise the newest that has both
+ * /boot/vmlinuz-V and /lib/modules/V/modules.dep.
+ */
 export function findKernel(): Kernel | undefined {
+  const image = process.env.NIXCAS_VMTEST_KERNEL;
+  const modules = process.env.NIXCAS_VMTEST_MODULES;
+  if (image || modules) {
+    if (!image || !modules) throw new Error('NIXCAS_VMTEST_KERNEL and NIXCAS_VMTEST_MODULES go together: the kernel image and its modules directory');
+    if (!existsSync(join(modules, 'modules.dep'))) throw new Error(`NIXCAS_VMTEST_MODULES=${modules} has no modules.dep`);
+    return { version: basename(modules), vmlinuz: image, modulesDir: modules };
+  }
   let versions: string[];
   try {
     versions = readdirSync('/lib/modules');

@@ -8,9 +8,11 @@ import { accessSync, closeSync, constants, openSync, readSync } from 'node:fs';
 import { delimiter, join } from 'node:path';
 import { findKernel, moduleDecompressor } from './kernel.js';
 
-export const QEMU = 'qemu-system-x86_64';
+/** QEMU, on PATH unless NIXCAS_VMTEST_QEMU names it (nix/: a NixOS user's pkgs.qemu). */
+export const QEMU = process.env.NIXCAS_VMTEST_QEMU || 'qemu-system-x86_64';
 export const VIRTIOFSD = '/usr/lib/qemu/virtiofsd';
-export const BUSYBOX = '/bin/busybox';
+/** A statically linked busybox for the initramfs (NIXCAS_VMTEST_BUSYBOX overrides Debian's). */
+export const BUSYBOX = process.env.NIXCAS_VMTEST_BUSYBOX || '/bin/busybox';
 
 interface Requirement {
   what: string;
