@@ -66,7 +66,9 @@ async function main(): Promise<number> {
       console.error(`run-vm-test: the guest could not mount the store:\n${result.results['mount.out'] ?? ''}`);
       return 1;
     }
-    console.error(`run-vm-test: the script ${status === 0 ? 'passed' : `failed (exit status ${status})`} in ${(timings.vmMs / 1000).toFixed(2)} s of VM time; its log: ${join(out, 'log')}`);
+    // A failed build's output is deleted: its log must be in the build log.
+    if (status !== 0) console.error(`--- guest console ---\n${result.output.trim()}\n---`);
+    console.error(`run-vm-test: the script ${status === 0 ? 'passed' : `failed (exit status ${status})`} in ${(timings.vmMs / 1000).toFixed(2)} s of VM time${status === 0 ? `; its log: ${join(out, 'log')}` : ''}`);
     return status === 0 ? 0 : 1;
   } catch (err) {
     const message = err instanceof VmError ? `${err.message}\n--- guest console (end) ---\n${err.output.slice(-4000)}` : (err as Error).message;
