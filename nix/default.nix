@@ -25,6 +25,9 @@
   # Where xz is (the kernel image is unpacked on the host) and, for the nar-bridge test, nix.
 , xz ? "/usr/bin/xz"
 , nixBin ? "/usr/bin"
+  # Any string: part of every test derivation, so that a new one runs the tests again instead of
+  # finding them built (test/nix-vmtest.test.ts gives one per run).
+, salt ? ""
 }:
 
 let
@@ -96,7 +99,7 @@ let
     let scriptFile = writeScript "${name}-script" script; in
     derivation (vmEnv // {
       name = "vmtest-${name}";
-      inherit system timeout memory seed virtiofsFlags;
+      inherit system timeout memory seed virtiofsFlags salt;
       builder = sh;
       __structuredAttrs = true;
       exportReferencesGraph.closure = paths ++ [ scriptFile ];
@@ -185,6 +188,16 @@ let
 
   # Tests whose build must fail (the suite checks that it does): not part of `tests`.
   failingTests = {
+    # A guest that never finishes: killed after its timeout.
+    hangs = mkVMTest {
+      name = "hangs";
+      paths = [ greeting ];
+      timeout = 8;
+      script = ''
+        echo "this guest hangs on purpose"
+        sleep 1000
+      '';
+    };
     scriptFails = mkVMTest {
       name = "script-fails";
       paths = [ greeting ];
