@@ -75,6 +75,15 @@ describe('nix/default.nix', { skip: missing && `needs ${missing}` }, () => {
     assert.match(hung.stderr, /this guest hangs on purpose/);
   });
 
+  test('nix/package.nix parses, and every file its source set names exists', () => {
+    const parsed = spawnSync('nix-instantiate', ['--parse', join(ROOT, 'nix/package.nix')], { encoding: 'utf8' });
+    assert.equal(parsed.status, 0, parsed.stderr);
+    const text = readFileSync(join(ROOT, 'nix/package.nix'), 'utf8');
+    const named = [.../unions \[([^\]]*)\]/s.exec(text)![1]!.matchAll(/\.\.\/([\w.-]+)/g)].map((m) => m[1]!);
+    assert.ok(named.includes('package-lock.json') && named.includes('src'), named.join(' '));
+    for (const name of named) assert.ok(existsSync(join(ROOT, name)), `nix/package.nix names ${name}, which is not there`);
+  });
+
   test('a closure path the host store lacks fails before any VM boots, naming it', () => {
     const absent = '/nix/store/00000000000000000000000000000000-absent';
     assert.ok(!existsSync(absent));
