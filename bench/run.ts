@@ -15,6 +15,7 @@ import { benchVirtiofsRequests } from './virtiofs-requests.js';
 import { benchNarBridge } from './narbridge.js';
 import { benchSubstitute } from './substitute.js';
 import { benchGc } from './gc.js';
+import { benchNixVmtest } from './nix-vmtest.js';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 /** The built command (npm run build). */
@@ -147,7 +148,7 @@ function benchBlake3(): void {
   rows.push({ capability: 'BLAKE3 hashing, 1 MiB updates', ours: measure(native.create), peer: measure(wasm.create), unit: 'MB/s', peerName: 'blake3-wasm (fallback)' });
 }
 
-const only = process.env.BENCH_ONLY; // e.g. BENCH_ONLY=nix (blobs, blake3, nix, fuse, virtiofs, virtiofs-requests, narbridge, substitute, gc)
+const only = process.env.BENCH_ONLY; // e.g. BENCH_ONLY=nix (blobs, blake3, nix, fuse, virtiofs, virtiofs-requests, narbridge, substitute, gc, nix-vmtest)
 if (!only || only === 'blobs') await benchBlobs();
 if (!only || only === 'blake3') benchBlake3();
 if (!only || only === 'nix') {
@@ -209,6 +210,15 @@ if (!only || only === 'gc') {
   const work = mkdtempSync(join(tmpdir(), 'nixcas-bench-gc-'));
   try {
     await benchGc(rows, work, REPEATS, CLI);
+  } finally {
+    rmSync(work, { recursive: true, force: true });
+  }
+}
+
+if (!only || only === 'nix-vmtest') {
+  const work = mkdtempSync(join(tmpdir(), 'nixcas-bench-nix-vmtest-'));
+  try {
+    await benchNixVmtest(rows, work, REPEATS);
   } finally {
     rmSync(work, { recursive: true, force: true });
   }

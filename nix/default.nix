@@ -40,7 +40,26 @@ let
   xzDir = builtins.dirOf (program xz "xz");
   version = (builtins.fromJSON (builtins.readFile ../package.json)).version;
 
-  # What `npm ci` made: the bundle, the native addons, the runtime packages, the schemas.
+  # The packages package-lock.json does not mark as development-only: what nixcas runs with.
+  runtimePackages = builtins.listToAttrs (map (key: { name = key; value = true; })
+    (builtins.filter (key: key != "" && !((builtins.fromJSON (builtins.readFile ../package-lock.json)).packages.${key}.dev or false))
+      (builtins.attrNames (builtins.fromJSON (builtins.readFile ../package-lock.json)).packages)));
+  # Whether node_modules/… path `rel` belongs to a runtime package (or leads to one: a scope directory).
+  isRuntimeModule = rel: type:
+    let
+      parts = builtins.filter builtins.isString (builtins.split "/" rel);
+      prefixes = builtins.genList (n: builtins.concatStringsSep "/" (builtins.genList (i: builtins.elemAt parts i) (n + 1))) (builtins.length parts);
+    in
+    rel == "node_modules"
+    || builtins.any (p: runtimePackages ? ${p}) prefixes
+    || (type == "directory" && builtins.any (key: builtins.substring 0 (builtins.stringLength rel + 1) key == "${rel}/") (builtins.attrNames runtimePackages));
+
+  # Files in packages that nothing loads at run time (types, source maps, documents): left out,
+  # since Nix copies every file of the source at each evaluation.
+  noRuntimeUse = rel: builtins.match ".*(\\.d\\.ts|\\.d\\.mts|\\.d\\.cts|\\.map|\\.md|\\.markdown|/LICENSE[^/]*|/CHANGELOG[^/]*)" rel != null;
+
+  # What `npm ci` made: the bundle, the native addons, the runtime packages (not the development
+  # ones: every evaluation reads and hashes what is here), the schemas.
   source = builtins.path {
     name = "nixcas-${version}-source";
     path = ../.;
@@ -49,8 +68,9 @@ let
         rel = builtins.substring (builtins.stringLength (toString ../.) + 1) (-1) (toString path);
         under = dir: rel == dir || builtins.substring 0 (builtins.stringLength dir + 1) rel == "${dir}/";
       in
-      !(under "node_modules/.cache") && !(under "build/Release/obj.target")
-      && builtins.any under [ "dist" "build" "node_modules" "protos" "package.json" ];
+      !(under "build/Release/obj.target")
+      && (if under "node_modules" then isRuntimeModule rel type && !(type == "regular" && noRuntimeUse rel)
+          else builtins.any under [ "dist" "build" "protos" "package.json" ]);
   };
 
   nixcas = derivation {
