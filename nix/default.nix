@@ -115,11 +115,16 @@ let
   # script fails or the guest does not finish within `timeout` seconds. `seed` chooses how the
   # closure reaches the store: "copy" (nixcas copy of exportReferencesGraph) or "nar-bridge"
   # (nix copy --to a nixcas nar-bridge).
-  mkVMTest = { name, paths ? closure, closure ? [ ], script, timeout ? 300, memory ? 512, seed ? "copy", virtiofsFlags ? [ ] }:
+  #
+  # `substitutes`: paths put into a binary cache (file://, signed) that `nixcas virtiofs` gets as
+  # its --substituter, and not into the store: the guest sees them appear on lookup. Name them in
+  # the script without their string context (builtins.unsafeDiscardStringContext), or they join
+  # the script's closure. Like the nar-bridge seed, this runs nix copy: a root build.
+  mkVMTest = { name, paths ? closure, closure ? [ ], script, timeout ? 300, memory ? 512, seed ? "copy", virtiofsFlags ? [ ], substitutes ? [ ] }:
     let scriptFile = writeScript "${name}-script" script; in
     derivation (vmEnv // {
       name = "vmtest-${name}";
-      inherit system timeout memory seed virtiofsFlags salt;
+      inherit system timeout memory seed virtiofsFlags salt substitutes;
       builder = sh;
       __structuredAttrs = true;
       exportReferencesGraph.closure = paths ++ [ scriptFile ];
@@ -130,13 +135,22 @@ let
         export PATH=${coreutilsBin}:${xzDir}:${nixBin} HOME="$NIX_BUILD_TOP"
         store="$NIX_BUILD_TOP/store"
         nixcas=${nixcas}/bin/nixcas
-        if [ "$seed" = nar-bridge ]; then
-          # Through Nix's own uploader: the bridge on a free loopback port, the closure copied to it.
+        flags=("''${virtiofsFlags[@]}")
+        if [ "$seed" = nar-bridge ] || [ ''${#substitutes[@]} -gt 0 ]; then
           # `nix copy` reads the host's Nix database, which a build user (nixbld*) may not open.
           if [ "$(id -u)" != 0 ]; then
-            echo "vmtest-$name: seeding through nar-bridge runs nix copy inside the build, which needs the build to run as root: nix-build --option build-users-group ''' …" >&2
+            echo "vmtest-$name: it runs nix copy inside the build, which needs the build to run as root: nix-build --option build-users-group ''' …" >&2
             exit 1
           fi
+        fi
+        if [ ''${#substitutes[@]} -gt 0 ]; then
+          # A signed binary cache only the substituter knows of.
+          nix-store --generate-binary-cache-key vmtest-cache-1 "$NIX_BUILD_TOP/cache.sk" "$NIX_BUILD_TOP/cache.pk"
+          nix --extra-experimental-features nix-command copy --to "file://$NIX_BUILD_TOP/cache?secret-key=$NIX_BUILD_TOP/cache.sk" "''${substitutes[@]}"
+          flags+=(--substituter "file://$NIX_BUILD_TOP/cache" --trusted-public-key "$(cat "$NIX_BUILD_TOP/cache.pk")")
+        fi
+        if [ "$seed" = nar-bridge ]; then
+          # Through Nix's own uploader: the bridge on a free loopback port, the closure copied to it.
           nix-store --generate-binary-cache-key vmtest-1 "$NIX_BUILD_TOP/key.sk" "$NIX_BUILD_TOP/key.pk"
           "$nixcas" nar-bridge --store "$store" --listen 127.0.0.1:0 --allow-upload --sign-key "$NIX_BUILD_TOP/key.sk" 2> "$NIX_BUILD_TOP/bridge.log" &
           bridge=$!
@@ -152,7 +166,7 @@ let
           "$nixcas" copy --store "$store" "$NIX_BUILD_TOP/.attrs.json"
         fi
         exec ${nodeBin} ${nixcas}/lib/nixcas/dist/vmtest/run-vm-test.cjs --nixcas ${nixcas}/lib/nixcas/dist/cli/nixcas.cjs \
-          --store "$store" --script "$script" --out "''${outputs[out]}" --timeout "$timeout" --memory "$memory" -- "''${virtiofsFlags[@]}"
+          --store "$store" --script "$script" --out "''${outputs[out]}" --timeout "$timeout" --memory "$memory" -- "''${flags[@]}"
       '' ];
     });
 
@@ -168,6 +182,13 @@ let
     inherit system;
     builder = sh;
     args = [ "-c" "${coreutilsBin}/mkdir -p $out/share && echo 'hello from the store' > $out/share/greeting && echo ${busyboxInStore} > $out/share/uses" ];
+  };
+
+  onlyInCache = derivation {
+    name = "only-in-cache";
+    inherit system;
+    builder = sh;
+    args = [ "-c" "${coreutilsBin}/mkdir -p $out/share && echo 'only in a binary cache' > $out/share/where" ];
   };
 
   tests = {
@@ -191,6 +212,16 @@ let
         #!${busyboxInStore}/bin/sh
         echo "running under $0's interpreter from the store"
         test -x ${busyboxInStore}/bin/busybox
+      '';
+    };
+    # A path only a binary cache has appears in the guest when it is looked up (substitution).
+    substituted = mkVMTest {
+      name = "substituted";
+      paths = [ busyboxInStore ];
+      substitutes = [ onlyInCache ];
+      script = ''
+        set -e
+        test "$(cat ${builtins.unsafeDiscardStringContext "${onlyInCache}"}/share/where)" = "only in a binary cache"
       '';
     };
     # The closure reaches the store through `nix copy --to` a nixcas nar-bridge.

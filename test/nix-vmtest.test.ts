@@ -42,7 +42,7 @@ describe('nix/default.nix', { skip: missing && `needs ${missing}` }, () => {
       const built = nixBuild(['-A', 'tests', ...AS_ROOT, '-o', join(work, 'result')]);
       assert.equal(built.status, 0, built.stderr);
       const outputs = readdirSync(work).filter((name) => name.startsWith('result')).map((name) => join(work, name));
-      assert.equal(outputs.length, 3);
+      assert.equal(outputs.length, 4);
       const logs = outputs.map((out) => {
         assert.equal(readFileSync(join(out, 'status'), 'utf8'), '0\n');
         const timings = JSON.parse(readFileSync(join(out, 'timings.json'), 'utf8'));
