@@ -120,11 +120,14 @@ let
   # its --substituter, and not into the store: the guest sees them appear on lookup. Name them in
   # the script without their string context (builtins.unsafeDiscardStringContext), or they join
   # the script's closure. Like the nar-bridge seed, this runs nix copy: a root build.
-  mkVMTest = { name, paths ? closure, closure ? [ ], script, timeout ? 300, memory ? 512, seed ? "copy", virtiofsFlags ? [ ], substitutes ? [ ] }:
+  #
+  # `accel`: "tcg" (everywhere), or "kvm" where /dev/kvm works (the build user must be able to open it).
+  mkVMTest = { name, paths ? closure, closure ? [ ], script, timeout ? 300, memory ? 512, seed ? "copy", virtiofsFlags ? [ ], substitutes ? [ ], accel ? "tcg" }:
     let scriptFile = writeScript "${name}-script" script; in
     derivation (vmEnv // {
       name = "vmtest-${name}";
       inherit system timeout memory seed virtiofsFlags salt substitutes;
+      NIXCAS_VMTEST_ACCEL = accel;
       builder = sh;
       __structuredAttrs = true;
       exportReferencesGraph.closure = paths ++ [ scriptFile ];

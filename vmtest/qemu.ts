@@ -177,14 +177,21 @@ function exitOf(child: ChildProcess): string {
   return String(child.exitCode ?? child.signalCode);
 }
 
+function accel(): string {
+  const wanted = process.env.NIXCAS_VMTEST_ACCEL || 'tcg';
+  if (wanted !== 'tcg' && wanted !== 'kvm') throw new Error(`NIXCAS_VMTEST_ACCEL=${wanted}: tcg or kvm`);
+  return wanted;
+}
+
 function qemuArgs(o: BootOptions, nonce: string, resultsFile: string): string[] {
   const mem = o.memoryMiB ?? 512;
   const kernelArgs = ['console=ttyS0', 'quiet', 'panic=-1', `vmtest.nonce=${nonce}`, ...(o.kernelArgs ?? [])];
   const args = [
     // No default NIC/VGA/monitor: less to emulate and no option ROMs to load.
     '-nodefaults', '-no-user-config', '-display', 'none',
-    // Nested KVM is unusable on the CI hosts; TCG everywhere keeps timings comparable.
-    '-accel', 'tcg',
+    // Nested KVM is unusable on the CI hosts; TCG everywhere keeps timings comparable. A host with
+    // working KVM asks for it with NIXCAS_VMTEST_ACCEL=kvm (nix/: mkVMTest's accel).
+    '-accel', accel(),
     '-smp', String(o.cpus ?? 1),
     // vhost-user backends map guest RAM, so it must be a shareable memfd.
     '-m', `${mem}M`,
