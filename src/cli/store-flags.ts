@@ -16,4 +16,5 @@ export const STORE_FLAGS: readonly StoreFlag[] = [
   { name: 'blob-service-addr', key: 'blobServiceAddr', value: '<url>', help: () => 'blob service URL (env BLOB_SERVICE_ADDR)' },
   { name: 'directory-service-addr', key: 'directoryServiceAddr', value: '<url>', help: () => 'directory service URL (env DIRECTORY_SERVICE_ADDR)' },
   { name: 'path-info-service-addr', key: 'pathInfoServiceAddr', value: '<url>', help: () => 'path info service URL (env PATH_INFO_SERVICE_ADDR)' },
+  { name: 'local-cache', key: 'localCache', value: '<dir>', help: () => 'a local store in front of remote (grpc+…) blob and directory services: what they send is kept there and read from there (env NIXCAS_LOCAL_CACHE)' },
 ];

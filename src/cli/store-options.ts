@@ -3,7 +3,7 @@ import { type Command, InvalidArgumentError, Option } from 'commander';
 import type { BlobService } from '../castore/blobservice.js';
 import type { DirectoryService } from '../castore/directoryservice.js';
 import {
-  type AddressOptions, type ServiceAddresses, openBlobService, openDirectoryService, openPathInfoService, resolveAddresses,
+  type AddressOptions, type ServiceAddresses, openBlobService, openDirectoryService, openPathInfoService, resolveAddresses, withLocalCache,
 } from '../services/addresses.js';
 import { BinaryCache } from '../store/binary-cache.js';
 import type { PathInfoService } from '../store/pathinfoservice.js';
@@ -93,8 +93,11 @@ export async function openServices(
   const substituting = substitution ?? substituterOptions(options);
   // What is substituted is stored: a command that serves with substituters writes.
   const create = writes || substituting !== undefined;
-  const blobs = await openBlobService(addresses.blob, { create });
-  const directories = await openDirectoryService(addresses.directory, { create });
+  const { blobs, directories } = await withLocalCache(
+    addresses,
+    await openBlobService(addresses.blob, { create }),
+    await openDirectoryService(addresses.directory, { create }),
+  );
   const local = await openPathInfoService(addresses.pathInfo, { create });
   const substituter = substituting && new Substituter({ blobs, directories, pathInfos: local }, { ...substituting, log: (line) => console.error(`nixcas: ${line}`) });
   return {

@@ -23,6 +23,8 @@ export interface ServiceAddresses {
   blob: string;
   directory: string;
   pathInfo: string;
+  /** A local store kept in front of remote blob and directory services (--local-cache). */
+  localCache?: string;
 }
 
 /** Where the local store lives unless --store or NIXCAS_STORE says otherwise. */
@@ -43,6 +45,7 @@ export interface AddressOptions {
   blobServiceAddr?: string;
   directoryServiceAddr?: string;
   pathInfoServiceAddr?: string;
+  localCache?: string;
 }
 
 /**
@@ -54,11 +57,19 @@ export function resolveAddresses(options: AddressOptions, env: NodeJS.ProcessEnv
   // A relative NIXCAS_STORE would name a different store from every directory it is used in.
   if (env.NIXCAS_STORE && !isAbsolute(env.NIXCAS_STORE)) throw new Error(`NIXCAS_STORE=${env.NIXCAS_STORE}: the store directory in the environment must be an absolute path`);
   const fallback = localStoreUrl(env.NIXCAS_STORE || defaultStoreDir());
-  return {
+  const addresses: ServiceAddresses = {
     blob: options.blobServiceAddr || flagStore || env.BLOB_SERVICE_ADDR || fallback,
     directory: options.directoryServiceAddr || flagStore || env.DIRECTORY_SERVICE_ADDR || fallback,
     pathInfo: options.pathInfoServiceAddr || flagStore || env.PATH_INFO_SERVICE_ADDR || fallback,
   };
+  // A cache goes in front of remote services only: the flag says so when they are not; the
+  // environment's (a host-wide setting) is left unused.
+  const remote = isRemote(addresses.blob) || isRemote(addresses.directory);
+  if (options.localCache && !remote) {
+    throw new Error(`--local-cache ${options.localCache}: the blob and directory services are not remote (${addresses.blob}); a local cache goes in front of grpc+unix:// or grpc+http:// services`);
+  }
+  if (remote) addresses.localCache = localCacheDir(options.localCache || env.NIXCAS_LOCAL_CACHE);
+  return addresses;
 }
 
 /** The store directory when all three services are one local store (what --store names), else undefined. */
@@ -81,6 +92,34 @@ function schemeOf(raw: string): URL {
   } catch {
     throw new Error(`${JSON.stringify(raw)} is not a service URL (memory://, local:///path, grpc+unix:///path, grpc+http://host:port)`);
   }
+}
+
+function isRemote(raw: string): boolean {
+  return /^grpc\+/.test(raw);
+}
+
+function localCacheDir(dir: string | undefined): string | undefined {
+  if (!dir) return undefined;
+  if (/^[a-z][a-z0-9+.-]*:\/\//i.test(dir)) throw new Error(`${dir}: --local-cache takes a directory`);
+  return resolve(dir);
+}
+
+/**
+ * Puts the local store at `cacheDir` in front of remote blob and directory
+ * services: what they send is kept, and read from there from then on. A
+ * service that is local already is left as it is.
+ */
+export async function withLocalCache(
+  addresses: ServiceAddresses, blobs: BlobService, directories: DirectoryService,
+): Promise<{ blobs: BlobService; directories: DirectoryService }> {
+  const dir = addresses.localCache;
+  if (!dir) return { blobs, directories };
+  const { CachedBlobService, CachedDirectoryService } = await import('../castore/cache.js');
+  const { LocalStore } = await localCastore();
+  return {
+    blobs: isRemote(addresses.blob) ? new CachedBlobService(LocalStore.blobService(dir, { create: true }), blobs) : blobs,
+    directories: isRemote(addresses.directory) ? new CachedDirectoryService(LocalStore.directoryService(dir, { create: true }), directories) : directories,
+  };
 }
 
 /** How a service is opened: `create` lets a local store be made where there is none (commands that write). */
