@@ -193,6 +193,22 @@ except grpc.RpcError as e:
   }
 });
 
+test('nix+http:// as the path info service: a path only the cache has is read from castore services it was substituted into', () => {
+  const cache = `nix+${nginx.base}/xz?trusted-public-keys=${encodeURIComponent(publicKey)}`;
+  const services = ['--blob-service-addr', 'memory://', '--directory-service-addr', 'memory://', '--path-info-service-addr', cache];
+  const self = nixcasBytes(['cat', ...services, `${mid}/self`]);
+  assert.equal(self.toString(), readFileSync(`${mid}/self`, 'utf8'));
+  const info = nixcas(['path-info', '--json', ...services, mid]);
+  assert.equal(info.status, 0, info.stderr);
+  assert.equal(JSON.parse(info.stdout)[0].narSize, JSON.parse(nix('nix', [...NIX_OPTIONS, 'path-info', '--json', mid]).toString())[0].narSize);
+  const unsigned = nixcas(['path-info', ...services.slice(0, 4), '--path-info-service-addr', `nix+${nginx.base}/xz`, mid]);
+  assert.equal(unsigned.status, 1);
+  assert.match(unsigned.stderr, /give the keys its paths must be signed with, as \?trusted-public-keys=/);
+  const wrongKey = nixcas(['path-info', ...services.slice(0, 4), '--path-info-service-addr', `nix+${nginx.base}/xz?trusted-public-keys=${encodeURIComponent(makeKey('other-1').publicKey)}`, mid]);
+  assert.equal(wrongKey.status, 1);
+  assert.match(wrongKey.stderr, /no valid signature by a trusted key/);
+});
+
 test('an untrusted or missing signature, a narinfo for another path and a NAR that does not match are refused: nothing registered, one line naming upstream and path', () => {
   // Signed by a key nobody trusts.
   const other = makeKey('other-1');

@@ -6,6 +6,7 @@ import {
   type AddressOptions, type ServiceAddresses, openBlobService, openDirectoryService, openPathInfoService, resolveAddresses, withLocalCache,
 } from '../services/addresses.js';
 import { BinaryCache } from '../store/binary-cache.js';
+import { MemoryPathInfoService } from '../store/backends/memory.js';
 import type { PathInfoService } from '../store/pathinfoservice.js';
 import { parsePublicKey } from '../store/signing.js';
 import { Substituter, type SubstituterOptions, substitutingPathInfos } from '../store/substituter.js';
@@ -92,14 +93,19 @@ export async function openServices(
   const addresses = resolveAddresses(options);
   const substituting = substitution ?? substituterOptions(options);
   // What is substituted is stored: a command that serves with substituters writes.
-  const create = writes || substituting !== undefined;
+  // nix+http(s)://CACHE?trusted-public-keys=… (tvix's and snix's spelling): path infos come from a
+  // binary cache, substituted into the castore services and remembered in memory.
+  const fromCache = nixCacheAddress(addresses.pathInfo);
+  if (fromCache && substituting) throw new Error(`--path-info-service-addr ${addresses.pathInfo} is a binary cache already: give either it or --substituter`);
+  const create = writes || substituting !== undefined || fromCache !== undefined;
   const { blobs, directories } = await withLocalCache(
     addresses,
     await openBlobService(addresses.blob, { create }),
     await openDirectoryService(addresses.directory, { create }),
   );
-  const local = await openPathInfoService(addresses.pathInfo, { create });
-  const substituter = substituting && new Substituter({ blobs, directories, pathInfos: local }, { ...substituting, log: (line) => console.error(`nixcas: ${line}`) });
+  const local = fromCache ? new MemoryPathInfoService() : await openPathInfoService(addresses.pathInfo, { create });
+  const substitutes = fromCache ?? substituting;
+  const substituter = substitutes && new Substituter({ blobs, directories, pathInfos: local }, { ...substitutes, log: (line) => console.error(`nixcas: ${line}`) });
   return {
     addresses,
     blobs,
@@ -112,6 +118,26 @@ export async function openServices(
       await directories.close();
     },
   };
+}
+
+/**
+ * The substitution a `nix+http://HOST/PATH?trusted-public-keys=K1%20K2` path info address means
+ * (`nix+https://` likewise), or undefined for any other address.
+ */
+export function nixCacheAddress(raw: string): Omit<SubstituterOptions, 'log'> | undefined {
+  if (!/^nix\+https?:\/\//.test(raw)) return undefined;
+  const url = new URL(raw.slice('nix+'.length));
+  const keys = (url.searchParams.get('trusted-public-keys') ?? '').split(/\s+/).filter(Boolean);
+  url.searchParams.delete('trusted-public-keys');
+  for (const key of keys) {
+    try {
+      parsePublicKey(key);
+    } catch (err) {
+      throw new Error(`${raw}: trusted-public-keys ${JSON.stringify(key)}: ${(err as Error).message}`);
+    }
+  }
+  if (keys.length === 0) throw new Error(`${raw}: give the keys its paths must be signed with, as ?trusted-public-keys=NAME:BASE64 (several separated by spaces)`);
+  return { caches: [new BinaryCache(url.href.replace(/\?$/, ''), { timeoutMs: 30_000 })], trustedKeys: keys, requireSigs: true, negativeTtlMs: 30_000, jobs: 8 };
 }
 
 /** A permission mode given as octal (`--socket-mode 0660`). */

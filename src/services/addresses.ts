@@ -156,6 +156,8 @@ export async function openPathInfoService(raw: string, options: OpenServiceOptio
     case 'local:': return new (await import('../store/backends/local.js')).LocalPathInfoService(localPath(url, raw), options);
     case 'grpc+unix:':
     case 'grpc+http:': return new (await import('../grpc/store-client.js')).GrpcPathInfoService(raw);
+    case 'nix+http:':
+    case 'nix+https:': throw new Error(`${raw}: a binary cache as the path info service needs castore services to substitute into; open it with the other services`);
     default: throw new Error(`${raw}: unknown path info service scheme ${url.protocol}`);
   }
 }
