@@ -4,8 +4,9 @@ import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
-import { mkdirSync, symlinkSync, writeFileSync } from 'node:fs';
-import { type Daemon, ROOT, nix, nixcas, removeDir, startDaemon, tempDir, verifyLocalStore } from './helpers.js';
+import { existsSync, mkdirSync, symlinkSync, writeFileSync } from 'node:fs';
+import { blake3, digestKey } from '../src/castore/digest.js';
+import { type Daemon, ROOT, compilePythonStubs, nix, nixcas, removeDir, startDaemon, tempDir, verifyLocalStore } from './helpers.js';
 
 const PYTHON = '/usr/bin/python3'; // Debian's, where python3-grpcio lives
 let work: string;
@@ -22,16 +23,7 @@ after(async () => {
 });
 
 test('Python grpcio client: blobs, a directory tree, bad input, health and reflection', async () => {
-  const generated = join(work, 'generated');
-  const protoc = spawnSync(PYTHON, [
-    '-c', 'import os,sys; os.makedirs(sys.argv[1], exist_ok=True); from grpc_tools import protoc; sys.exit(protoc.main(["protoc", "-I", sys.argv[2], "--python_out=" + sys.argv[1], "--grpc_python_out=" + sys.argv[1]] + sys.argv[3:]))',
-    generated, join(ROOT, 'protos'),
-    ...['tvix', 'snix'].flatMap((p) => [
-      ...['castore', 'rpc_blobstore', 'rpc_directory'].map((f) => join(ROOT, 'protos', p, 'castore/v1', `${f}.proto`)),
-      ...['pathinfo', 'rpc_pathinfo'].map((f) => join(ROOT, 'protos', p, 'store/v1', `${f}.proto`)),
-    ]),
-  ], { encoding: 'utf8' });
-  assert.equal(protoc.status, 0, `grpc_tools.protoc failed: ${protoc.stderr}`);
+  const generated = compilePythonStubs(join(work, 'generated'));
 
   const client = spawnSync(PYTHON, [join(ROOT, 'test/python/castore_client.py'), join(work, 'castore.sock'), generated], {
     encoding: 'utf8',
@@ -71,4 +63,31 @@ test('Python grpcio client: PathInfoService (tvix.store.v1 and snix.store.v1)', 
   assert.match(client.stdout, /all checks passed/);
   assert.ok((client.stdout.match(/^ok /gm) ?? []).length >= 13, 'fewer checks ran than the client has');
   assert.doesNotMatch(daemon.output(), /internal error/);
+});
+
+test('daemon --read-only: every Put answers PERMISSION_DENIED to Python grpcio and stores nothing; reads work', async () => {
+  const store = join(work, 'read-only-store');
+  writeFileSync(join(work, 'kept'), 'stored before\n');
+  const imported = nixcas(['import', '--store', store, join(work, 'kept')]);
+  assert.equal(imported.status, 0, imported.stderr);
+  const digest = digestKey(blake3(Buffer.from('stored before\n')));
+  const socket = join(work, 'read-only.sock');
+  const readOnly = await startDaemon(['--store', store, '--listen', socket, '--read-only']);
+  try {
+    assert.match(readOnly.output(), /listening on .*, read-only/);
+    const generated = join(work, 'generated');
+    if (!existsSync(generated)) compilePythonStubs(generated);
+    const client = spawnSync(PYTHON, [join(ROOT, 'test/python/read_only_client.py'), socket, generated, digest], { encoding: 'utf8', timeout: 60_000 });
+    assert.equal(client.status, 0, client.stderr);
+    for (const method of ['BlobService.Put', 'DirectoryService.Put', 'PathInfoService.Put']) {
+      assert.match(client.stdout, new RegExp(`${method}: PERMISSION_DENIED: this nixcas daemon is read-only`));
+    }
+    assert.match(client.stdout, /BlobService.Read: 14 bytes/);
+  } finally {
+    await readOnly.stop();
+  }
+  // Nothing was stored: the store still holds the one path and its one blob.
+  const { blobs, problems } = await verifyLocalStore(store);
+  assert.deepEqual(problems, []);
+  assert.equal(blobs, 1);
 });

@@ -195,3 +195,17 @@ export async function oneFileFilesystem(): Promise<{ fs: ReadOnlyFilesystem; fil
   });
   return { fs, file };
 }
+
+/** Python stubs of protos/ (tvix and snix), compiled by Debian's python3-grpc-tools into `dir`. */
+export function compilePythonStubs(dir: string): string {
+  const protoc = spawnSync('/usr/bin/python3', [
+    '-c', 'import os,sys; os.makedirs(sys.argv[1], exist_ok=True); from grpc_tools import protoc; sys.exit(protoc.main(["protoc", "-I", sys.argv[2], "--python_out=" + sys.argv[1], "--grpc_python_out=" + sys.argv[1]] + sys.argv[3:]))',
+    dir, join(ROOT, 'protos'),
+    ...['tvix', 'snix'].flatMap((p) => [
+      ...['castore', 'rpc_blobstore', 'rpc_directory'].map((f) => join(ROOT, 'protos', p, 'castore/v1', `${f}.proto`)),
+      ...['pathinfo', 'rpc_pathinfo'].map((f) => join(ROOT, 'protos', p, 'store/v1', `${f}.proto`)),
+    ]),
+  ], { encoding: 'utf8' });
+  if (protoc.status !== 0) throw new Error(`grpc_tools.protoc failed: ${protoc.stderr}`);
+  return dir;
+}

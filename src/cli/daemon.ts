@@ -15,11 +15,12 @@ export function daemonCommand(): Command {
         'store to whoever can reach that address.',
     )
     .option('-l, --listen <address>', 'host:port, [ipv6]:port, or a unix socket path', DEFAULT_LISTEN)
-    .option('--socket-mode <octal>', 'permissions of a unix socket, whatever the umask (default 0600); e.g. 0660 to let a group connect', octalMode);
+    .option('--socket-mode <octal>', 'permissions of a unix socket, whatever the umask (default 0600); e.g. 0660 to let a group connect', octalMode)
+    .option('--read-only', 'refuse every write (the Put methods answer PERMISSION_DENIED); the store is opened read-only, so it may be on a read-only file system');
   return addSubstitutionOptions(addStoreOptions(command)).action(async (options) => {
     const { createServer, grpcListenTarget, listen } = await import('../grpc/server.js'); // loaded only when serving
-    const services = await openServices(options, { writes: true });
-    const server = createServer(services);
+    const services = await openServices(options, { writes: !options.readOnly });
+    const server = createServer(services, { readOnly: Boolean(options.readOnly) });
     const port = await listen(server, options.listen, options.socketMode);
     const { socketPath } = grpcListenTarget(options.listen);
     const where = socketPath ?? options.listen.replace(/:0$/, `:${port}`);
@@ -46,6 +47,6 @@ export function daemonCommand(): Command {
     // Before saying it listens: whoever waits for that may send a signal at once.
     process.on('SIGINT', () => stop('SIGINT'));
     process.on('SIGTERM', () => stop('SIGTERM'));
-    console.error(`nixcas daemon: listening on ${where} (blobs: ${services.addresses.blob}, directories: ${services.addresses.directory}, path infos: ${services.addresses.pathInfo})`);
+    console.error(`nixcas daemon: listening on ${where}${options.readOnly ? ', read-only' : ''} (blobs: ${services.addresses.blob}, directories: ${services.addresses.directory}, path infos: ${services.addresses.pathInfo})`);
   });
 }

@@ -12,18 +12,24 @@ import { pathInfoServiceHandlers } from './store-server.js';
 
 const MAX_MESSAGE_BYTES = 64 * 1024 * 1024;
 
-export function createServer(services: StoreServices): grpc.Server {
+export interface ServerOptions {
+  /** Every write method (the three Puts) answers PERMISSION_DENIED and stores nothing. */
+  readOnly?: boolean;
+}
+
+export function createServer(services: StoreServices, options: ServerOptions = {}): grpc.Server {
   const server = new grpc.Server({
     'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
     'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
   });
-  const blobHandlers = blobServiceHandlers(services.blobs);
-  const directoryHandlers = directoryServiceHandlers(services.directories);
+  const guard = (handlers: grpc.UntypedServiceImplementation) => (options.readOnly ? withoutWrites(handlers) : handlers);
+  const blobHandlers = guard(blobServiceHandlers(services.blobs));
+  const directoryHandlers = guard(directoryServiceHandlers(services.directories));
   const serving: Record<string, 'SERVING'> = { '': 'SERVING' };
   for (const prefix of PACKAGE_PREFIXES) {
     server.addService(tolerantServiceDefinition(prefix, 'BlobService'), blobHandlers);
     server.addService(tolerantServiceDefinition(prefix, 'DirectoryService'), directoryHandlers);
-    server.addService(tolerantServiceDefinition(prefix, 'PathInfoService'), pathInfoServiceHandlers(services, prefix));
+    server.addService(tolerantServiceDefinition(prefix, 'PathInfoService'), guard(pathInfoServiceHandlers(services, prefix)));
     for (const service of ['BlobService', 'DirectoryService', 'PathInfoService']) {
       serving[qualifiedServiceName(prefix, service)] = 'SERVING';
     }
@@ -31,6 +37,15 @@ export function createServer(services: StoreServices): grpc.Server {
   new HealthImplementation(serving).addToServer(server);
   new ReflectionService(packageDefinition()).addToServer(server);
   return server;
+}
+
+/** The same handlers, with Put answering PERMISSION_DENIED before it reads anything. */
+function withoutWrites(handlers: grpc.UntypedServiceImplementation): grpc.UntypedServiceImplementation {
+  return {
+    ...handlers,
+    Put: (_call: unknown, callback: grpc.sendUnaryData<unknown>) =>
+      callback({ code: grpc.status.PERMISSION_DENIED, details: 'this nixcas daemon is read-only (--read-only): it stores nothing' } as grpc.ServiceError),
+  };
 }
 
 /** A listen address: a unix socket path, or host:port (IPv6 hosts in brackets). */
