@@ -2,6 +2,7 @@
 import { unlinkSync } from 'node:fs';
 import { Command } from 'commander';
 import { addStoreOptions, addSubstitutionOptions, octalMode, openServices } from './store-options.js';
+import { notifySystemd } from './systemd.js';
 
 export const DEFAULT_LISTEN = '[::1]:8000';
 
@@ -30,6 +31,7 @@ export function daemonCommand(): Command {
       if (stopping) return;
       stopping = true;
       console.error(`nixcas daemon: ${signal}, shutting down`);
+      notifySystemd({ STOPPING: '1' }, (m) => console.error(`nixcas daemon: ${m}`));
       const forced = setTimeout(() => server.forceShutdown(), 5000);
       server.tryShutdown(async () => {
         clearTimeout(forced);
@@ -48,5 +50,6 @@ export function daemonCommand(): Command {
     process.on('SIGINT', () => stop('SIGINT'));
     process.on('SIGTERM', () => stop('SIGTERM'));
     console.error(`nixcas daemon: listening on ${where}${options.readOnly ? ', read-only' : ''} (blobs: ${services.addresses.blob}, directories: ${services.addresses.directory}, path infos: ${services.addresses.pathInfo})`);
+    notifySystemd({ READY: '1', STATUS: `serving gRPC on ${where}`, MAINPID: String(process.pid) }, (m) => console.error(`nixcas daemon: ${m}`));
   });
 }

@@ -1,5 +1,6 @@
 // `nixcas nar-bridge`: the store as an HTTP Nix binary cache until SIGINT/SIGTERM.
 import { readFileSync } from 'node:fs';
+import { notifySystemd } from './systemd.js';
 import { Command, InvalidArgumentError } from 'commander';
 import { addStoreOptions, addSubstitutionOptions, openServices } from './store-options.js';
 
@@ -70,6 +71,7 @@ export function narBridgeCommand(): Command {
       if (stopping) return;
       stopping = true;
       log(`${signal}, stopping`);
+      notifySystemd({ STOPPING: '1' }, log);
       bridge.server.close();
       bridge.server.closeIdleConnections();
       // Downloads in flight get a few seconds to finish.
@@ -87,6 +89,7 @@ export function narBridgeCommand(): Command {
         `blobs: ${services.addresses.blob}, directories: ${services.addresses.directory}, path infos: ${services.addresses.pathInfo})`,
     );
     if (signingKey) log(`public key for trusted-public-keys: ${signingKey.publicKeyText}`);
+    notifySystemd({ READY: '1', STATUS: `serving a binary cache on http://${shownHost}:${actualPort}`, MAINPID: String(process.pid) }, log);
   });
 }
 

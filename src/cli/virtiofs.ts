@@ -1,5 +1,6 @@
 // `nixcas virtiofs SOCKET`: the store as /nix/store for VMs, over virtio-fs
 // (a vhost-user-fs back end for QEMU and cloud-hypervisor).
+import { notifySystemd } from './systemd.js';
 import { Command, InvalidArgumentError } from 'commander';
 import { addStoreOptions, addSubstitutionOptions, octalMode, openServices } from './store-options.js';
 
@@ -52,6 +53,7 @@ export function virtiofsCommand(): Command {
     }
     const stop = async (signal: string) => {
       log(`${signal}, stopping`);
+      notifySystemd({ STOPPING: '1' }, log);
       server.close();
       await services.close();
       process.exit(0);
@@ -63,6 +65,7 @@ export function virtiofsCommand(): Command {
       `listening on ${socketPath} (${options.numRequestQueues} request queue${options.numRequestQueues === 1 ? '' : 's'}; ` +
         `blobs: ${services.addresses.blob}, directories: ${services.addresses.directory}, path infos: ${services.addresses.pathInfo})`,
     );
+    notifySystemd({ READY: '1', STATUS: `serving virtio-fs on ${socketPath}`, MAINPID: String(process.pid) }, log);
   });
 }
 

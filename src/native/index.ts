@@ -42,6 +42,8 @@ export interface NativeAddon {
   /** flock(2): shared or exclusive, waiting or not; 0 or -errno (-EWOULDBLOCK: held elsewhere). */
   flock(fd: number, exclusive: boolean, wait: boolean): number;
   unflock(fd: number): number;
+  /** One datagram to a unix datagram socket (a leading @: the abstract namespace); 0 or -errno. */
+  notifySocket(path: string, message: string): number;
   mount(source: string, target: string | Buffer, fstype: string, flags: number, data: string): number;
   umount2(target: string | Buffer, flags: number): number;
   socketpair(): [number, number] | number;

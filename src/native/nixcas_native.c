@@ -12,6 +12,7 @@
 #include <fcntl.h>
 #include <node_api.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -435,6 +436,42 @@ static napi_value unflock_fd(napi_env env, napi_callback_info info) {
   return make_int(env, flock((int)fd, LOCK_UN) < 0 ? -errno : 0);
 }
 
+// notifySocket(path, message) -> 0 or -errno: one datagram to a unix datagram socket (systemd's
+// NOTIFY_SOCKET; a leading '@' names one in the abstract namespace). Node has no unix datagrams.
+static napi_value notify_socket(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  if (!get_args(env, info, 2, argv)) return NULL;
+  char *path = get_bytes_z(env, argv[0]);
+  char *message = path ? get_bytes_z(env, argv[1]) : NULL;
+  if (!path || !message) {
+    free(path);
+    return NULL;
+  }
+  struct sockaddr_un addr = {.sun_family = AF_UNIX};
+  size_t length = strlen(path);
+  int result = 0;
+  if (length == 0 || length >= sizeof addr.sun_path) {
+    result = -EINVAL;
+  } else {
+    memcpy(addr.sun_path, path, length);
+    if (path[0] == '@') addr.sun_path[0] = 0;
+    int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+      result = -errno;
+    } else {
+      socklen_t size = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + length);
+      ssize_t n;
+      do n = sendto(fd, message, strlen(message), MSG_NOSIGNAL, (struct sockaddr *)&addr, size);
+      while (n < 0 && errno == EINTR);
+      if (n < 0) result = -errno;
+      close(fd);
+    }
+  }
+  free(path);
+  free(message);
+  return make_int(env, result);
+}
+
 // --- mounts ----------------------------------------------------------------
 
 // mount(source, target, fstype, flags, data) -> 0 or -errno.
@@ -855,6 +892,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"blake3Matches", NULL, blake3_matches, NULL, NULL, NULL, napi_default, NULL},
       {"setDirect", NULL, set_direct, NULL, NULL, NULL, napi_default, NULL},
       {"flock", NULL, flock_fd, NULL, NULL, NULL, napi_default, NULL},
+      {"notifySocket", NULL, notify_socket, NULL, NULL, NULL, napi_default, NULL},
       {"unflock", NULL, unflock_fd, NULL, NULL, NULL, napi_default, NULL},
       {"mount", NULL, mount_fs, NULL, NULL, NULL, napi_default, NULL},
       {"umount2", NULL, umount_fs, NULL, NULL, NULL, napi_default, NULL},

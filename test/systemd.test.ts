@@ -1,0 +1,62 @@
+// systemd's readiness protocol, with a notify socket the test owns (a Python datagram receiver, as
+// systemd's own is): daemon, virtiofs and nar-bridge send READY=1 once they listen and STOPPING=1
+// when they stop; without NOTIFY_SOCKET they send nothing and start as before.
+import assert from 'node:assert/strict';
+import { type ChildProcess, spawn } from 'node:child_process';
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { nixcas, removeDir, startNixcas, tempDir } from './helpers.js';
+
+/** A datagram socket bound at `path`; each message received becomes one JSON line of its output. */
+async function receiver(path: string): Promise<{ child: ChildProcess; next: () => Promise<string> }> {
+  const child = spawn('/usr/bin/python3', ['-u', '-c', [
+    'import json, socket, sys',
+    's = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)',
+    's.bind(sys.argv[1])',
+    'print("bound")',
+    'while True: print(json.dumps(s.recv(65536).decode()))',
+  ].join('\n'), path], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const lines: string[] = [];
+  const waiting: ((line: string) => void)[] = [];
+  let buffered = '';
+  child.stdout!.on('data', (d) => {
+    buffered += d;
+    for (let at = buffered.indexOf('\n'); at >= 0; at = buffered.indexOf('\n')) {
+      const line = buffered.slice(0, at);
+      buffered = buffered.slice(at + 1);
+      const waiter = waiting.shift();
+      if (waiter) waiter(line);
+      else lines.push(line);
+    }
+  });
+  const next = () => new Promise<string>((resolve) => (lines.length ? resolve(lines.shift()!) : waiting.push(resolve)));
+  assert.equal(await next(), 'bound');
+  return { child, next: async () => JSON.parse(await next()) as string };
+}
+
+for (const [command, args, ready] of [
+  ['daemon', (work: string) => ['--store', join(work, 'store'), '--listen', join(work, 'd.sock')], 'listening on'],
+  ['virtiofs', (work: string) => [join(work, 'fs.sock'), '--store', join(work, 'store')], 'listening on'],
+  ['nar-bridge', (work: string) => ['--store', join(work, 'store'), '--listen', '127.0.0.1:0'], 'listening on'],
+] as const) {
+  test(`${command}: READY=1 to NOTIFY_SOCKET once it listens, STOPPING=1 on SIGTERM`, async () => {
+    const work = tempDir(`systemd-${command}`);
+    const notify = join(work, 'notify.sock');
+    const systemd = await receiver(notify);
+    try {
+      // virtiofs and nar-bridge serve a store that exists.
+      writeFileSync(join(work, 'file'), 'a store path\n');
+      assert.equal(nixcas(['import', '--store', join(work, 'store'), join(work, 'file')]).status, 0);
+      const server = await startNixcas([command, ...args(work)], ready, { NOTIFY_SOCKET: notify });
+      const readyMessage = await systemd.next();
+      assert.match(readyMessage, /^READY=1\nSTATUS=serving .*\nMAINPID=\d+$/);
+      assert.equal(Number(/MAINPID=(\d+)/.exec(readyMessage)![1]), server.process.pid);
+      assert.equal(await server.stop('SIGTERM'), 0);
+      assert.equal(await systemd.next(), 'STOPPING=1');
+    } finally {
+      systemd.child.kill();
+      removeDir(work);
+    }
+  });
+}
