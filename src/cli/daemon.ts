@@ -17,12 +17,22 @@ export function daemonCommand(): Command {
     )
     .option('-l, --listen <address>', 'host:port, [ipv6]:port, or a unix socket path', DEFAULT_LISTEN)
     .option('--socket-mode <octal>', 'permissions of a unix socket, whatever the umask (default 0600); e.g. 0660 to let a group connect', octalMode)
+    .option('--tls-cert <file>', 'serve gRPC over TLS with this certificate (PEM; with --tls-key)')
+    .option('--tls-key <file>', 'the private key of --tls-cert (PEM)')
+    .option('--tls-client-ca <file>', 'require client certificates signed by this CA (PEM)')
+    .option('--insecure-listen', 'allow plain TCP on an address other than loopback (anyone who reaches it may read and write the store)')
     .option('--read-only', 'refuse every write (the Put methods answer PERMISSION_DENIED); the store is opened read-only, so it may be on a read-only file system');
   return addSubstitutionOptions(addStoreOptions(command)).action(async (options) => {
-    const { createServer, grpcListenTarget, listen } = await import('../grpc/server.js'); // loaded only when serving
+    const { createServer, grpcListenTarget, isLocalListen, listen, serverCredentials } = await import('../grpc/server.js'); // loaded only when serving
+    if (Boolean(options.tlsCert) !== Boolean(options.tlsKey)) throw new Error('--tls-cert and --tls-key go together');
+    if (options.tlsClientCa && !options.tlsCert) throw new Error('--tls-client-ca needs --tls-cert and --tls-key');
+    if (!options.tlsCert && !options.insecureListen && !isLocalListen(options.listen)) {
+      throw new Error(`--listen ${options.listen}: plain TCP beyond loopback lets anyone who reaches it read and write the store; give --tls-cert and --tls-key (and --tls-client-ca), or --insecure-listen if that is what you want`);
+    }
+    const credentials = serverCredentials(options.tlsCert ? { cert: options.tlsCert, key: options.tlsKey, clientCa: options.tlsClientCa } : undefined);
     const services = await openServices(options, { writes: !options.readOnly });
     const server = createServer(services, { readOnly: Boolean(options.readOnly) });
-    const port = await listen(server, options.listen, options.socketMode);
+    const port = await listen(server, options.listen, options.socketMode, credentials);
     const { socketPath } = grpcListenTarget(options.listen);
     const where = socketPath ?? options.listen.replace(/:0$/, `:${port}`);
 
@@ -49,7 +59,8 @@ export function daemonCommand(): Command {
     // Before saying it listens: whoever waits for that may send a signal at once.
     process.on('SIGINT', () => stop('SIGINT'));
     process.on('SIGTERM', () => stop('SIGTERM'));
-    console.error(`nixcas daemon: listening on ${where}${options.readOnly ? ', read-only' : ''} (blobs: ${services.addresses.blob}, directories: ${services.addresses.directory}, path infos: ${services.addresses.pathInfo})`);
+    const security = options.tlsCert ? (options.tlsClientCa ? ', TLS with client certificates' : ', TLS') : '';
+    console.error(`nixcas daemon: listening on ${where}${security}${options.readOnly ? ', read-only' : ''} (blobs: ${services.addresses.blob}, directories: ${services.addresses.directory}, path infos: ${services.addresses.pathInfo})`);
     notifySystemd({ READY: '1', STATUS: `serving gRPC on ${where}`, MAINPID: String(process.pid) }, (m) => console.error(`nixcas daemon: ${m}`));
   });
 }

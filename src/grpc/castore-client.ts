@@ -1,5 +1,6 @@
 // BlobService and DirectoryService backed by a remote castore over gRPC:
 // just another backend of the same interfaces.
+import { readFileSync } from 'node:fs';
 import * as grpc from '@grpc/grpc-js';
 import { type BlobReader, type BlobService, type BlobWriter, verifiedStream } from '../castore/blobservice.js';
 import { type B3Digest, checkDigestLength, digestKey, formatDigest } from '../castore/digest.js';
@@ -14,19 +15,40 @@ import { fromServiceError, isNotFound } from './status.js';
 type Client = grpc.Client & Record<string, (...args: unknown[]) => unknown>;
 
 /** Parses `grpc+unix:///path` and `grpc+http://host:port[?package=snix]`. */
-export function parseGrpcUrl(url: string): { target: string; prefix: PackagePrefix } {
+export function parseGrpcUrl(url: string): { target: string; prefix: PackagePrefix; credentials: grpc.ChannelCredentials } {
   const parsed = new URL(url);
   const prefix = (parsed.searchParams.get('package') ?? 'tvix') as PackagePrefix;
   if (prefix !== 'tvix' && prefix !== 'snix') throw new Error(`${url}: package must be tvix or snix`);
   if (parsed.protocol === 'grpc+unix:') {
     if (!parsed.pathname || parsed.pathname === '/') throw new Error(`${url}: no socket path`);
-    return { target: `unix://${decodeURIComponent(parsed.pathname)}`, prefix };
+    return { target: `unix://${decodeURIComponent(parsed.pathname)}`, prefix, credentials: grpc.credentials.createInsecure() };
   }
-  if (parsed.protocol === 'grpc+http:') {
+  if (parsed.protocol === 'grpc+http:' || parsed.protocol === 'grpc+https:') {
     if (!parsed.port) throw new Error(`${url}: a port is required`);
-    return { target: parsed.host, prefix };
+    const credentials = parsed.protocol === 'grpc+https:' ? tlsCredentials(url, parsed.searchParams) : grpc.credentials.createInsecure();
+    return { target: parsed.host, prefix, credentials };
   }
-  throw new Error(`${url}: not a grpc+unix:// or grpc+http:// address`);
+  throw new Error(`${url}: not a grpc+unix://, grpc+http:// or grpc+https:// address`);
+}
+
+/**
+ * TLS for grpc+https://, as snix spells its parameters: tls-ca-cert-path (else the system's
+ * roots), and tls-client-cert-path with tls-client-key-path for a server that asks for one.
+ */
+function tlsCredentials(url: string, params: URLSearchParams): grpc.ChannelCredentials {
+  const file = (name: string) => {
+    const path = params.get(name);
+    if (!path) return undefined;
+    try {
+      return readFileSync(path);
+    } catch (err) {
+      throw new Error(`${url}: ${name} ${path}: ${(err as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : (err as Error).message}`);
+    }
+  };
+  const cert = file('tls-client-cert-path');
+  const key = file('tls-client-key-path');
+  if (Boolean(cert) !== Boolean(key)) throw new Error(`${url}: tls-client-cert-path and tls-client-key-path go together`);
+  return grpc.credentials.createSsl(file('tls-ca-cert-path') ?? null, key ?? null, cert ?? null);
 }
 
 const CLIENT_OPTIONS: grpc.ClientOptions = {
@@ -35,9 +57,9 @@ const CLIENT_OPTIONS: grpc.ClientOptions = {
 };
 
 function makeClient(url: string, service: string): Client {
-  const { target, prefix } = parseGrpcUrl(url);
+  const { target, prefix, credentials } = parseGrpcUrl(url);
   const Constructor = clientConstructor(prefix, service);
-  return new Constructor(target, grpc.credentials.createInsecure(), CLIENT_OPTIONS) as unknown as Client;
+  return new Constructor(target, credentials, CLIENT_OPTIONS) as unknown as Client;
 }
 
 function unary<T>(client: Client, method: string, request: unknown): Promise<T> {

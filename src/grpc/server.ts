@@ -1,6 +1,6 @@
 // One gRPC server exposing the castore services under tvix's and snix's
 // package names, plus the standard health and reflection services.
-import { chmodSync, existsSync, statSync, unlinkSync } from 'node:fs';
+import { chmodSync, readFileSync, existsSync, statSync, unlinkSync } from 'node:fs';
 import { connect } from 'node:net';
 import * as grpc from '@grpc/grpc-js';
 import { ReflectionService } from '@grpc/reflection';
@@ -79,7 +79,36 @@ async function clearStaleSocket(path: string): Promise<void> {
  * socket gets permissions `socketMode` whatever the umask: it is bound 0600
  * (the umask is narrowed until the bind is done) and only then opened up.
  */
-export async function listen(server: grpc.Server, address: string, socketMode = 0o600): Promise<number> {
+export interface TlsFiles {
+  cert: string;
+  key: string;
+  /** Client certificates signed by this CA are required when given. */
+  clientCa?: string;
+}
+
+/** Server credentials: TLS from PEM files (client certificates required with a CA), or none. */
+export function serverCredentials(tls?: TlsFiles): grpc.ServerCredentials {
+  if (!tls) return grpc.ServerCredentials.createInsecure();
+  const read = (flag: string, path: string) => {
+    try {
+      return readFileSync(path);
+    } catch (err) {
+      throw new Error(`${flag} ${path}: ${(err as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : (err as Error).message}`);
+    }
+  };
+  const clientCa = tls.clientCa ? read('--tls-client-ca', tls.clientCa) : null;
+  return grpc.ServerCredentials.createSsl(clientCa, [{ cert_chain: read('--tls-cert', tls.cert), private_key: read('--tls-key', tls.key) }], clientCa !== null);
+}
+
+/** Whether a TCP listen address is on loopback only (unix sockets count as local too). */
+export function isLocalListen(address: string): boolean {
+  const { socketPath } = grpcListenTarget(address);
+  if (socketPath) return true;
+  const host = address.slice(0, address.lastIndexOf(':')).replace(/^\[|\]$/g, '');
+  return host === 'localhost' || host === '::1' || /^127\./.test(host);
+}
+
+export async function listen(server: grpc.Server, address: string, socketMode = 0o600, credentials = grpc.ServerCredentials.createInsecure()): Promise<number> {
   quietBindFailures();
   const { target, socketPath } = grpcListenTarget(address);
   if (socketPath) await clearStaleSocket(socketPath);
@@ -87,7 +116,7 @@ export async function listen(server: grpc.Server, address: string, socketMode = 
   let port: number;
   try {
     port = await new Promise<number>((resolve, reject) => {
-      server.bindAsync(target, grpc.ServerCredentials.createInsecure(), (err, bound) => (err ? reject(err) : resolve(bound)));
+      server.bindAsync(target, credentials, (err, bound) => (err ? reject(err) : resolve(bound)));
     });
   } finally {
     if (umask !== undefined) process.umask(umask);

@@ -17,10 +17,10 @@ export class GrpcPathInfoService implements PathInfoService {
   private readonly prefix: PackagePrefix;
 
   constructor(private readonly url: string) {
-    const { target, prefix } = parseGrpcUrl(url);
+    const { target, prefix, credentials } = parseGrpcUrl(url);
     this.prefix = prefix;
     const Constructor = clientConstructor(prefix, 'PathInfoService');
-    this.client = new Constructor(target, grpc.credentials.createInsecure()) as unknown as Client;
+    this.client = new Constructor(target, credentials) as unknown as Client;
   }
 
   private unary<T>(method: string, request: unknown): Promise<T> {

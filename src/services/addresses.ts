@@ -133,7 +133,8 @@ export async function openBlobService(raw: string, options: OpenServiceOptions =
     case 'memory:': return new (await memoryCastore()).MemoryBlobService();
     case 'local:': return (await localCastore()).LocalStore.blobService(localPath(url, raw), options);
     case 'grpc+unix:':
-    case 'grpc+http:': return new (await grpcCastore()).GrpcBlobService(raw);
+    case 'grpc+http:':
+    case 'grpc+https:': return new (await grpcCastore()).GrpcBlobService(raw);
     default: throw new Error(`${raw}: unknown blob service scheme ${url.protocol}`);
   }
 }
@@ -144,7 +145,8 @@ export async function openDirectoryService(raw: string, options: OpenServiceOpti
     case 'memory:': return new (await memoryCastore()).MemoryDirectoryService();
     case 'local:': return (await localCastore()).LocalStore.directoryService(localPath(url, raw), options);
     case 'grpc+unix:':
-    case 'grpc+http:': return new (await grpcCastore()).GrpcDirectoryService(raw);
+    case 'grpc+http:':
+    case 'grpc+https:': return new (await grpcCastore()).GrpcDirectoryService(raw);
     default: throw new Error(`${raw}: unknown directory service scheme ${url.protocol}`);
   }
 }
@@ -155,7 +157,8 @@ export async function openPathInfoService(raw: string, options: OpenServiceOptio
     case 'memory:': return new (await import('../store/backends/memory.js')).MemoryPathInfoService();
     case 'local:': return new (await import('../store/backends/local.js')).LocalPathInfoService(localPath(url, raw), options);
     case 'grpc+unix:':
-    case 'grpc+http:': return new (await import('../grpc/store-client.js')).GrpcPathInfoService(raw);
+    case 'grpc+http:':
+    case 'grpc+https:': return new (await import('../grpc/store-client.js')).GrpcPathInfoService(raw);
     case 'nix+http:':
     case 'nix+https:': throw new Error(`${raw}: a binary cache as the path info service needs castore services to substitute into; open it with the other services`);
     default: throw new Error(`${raw}: unknown path info service scheme ${url.protocol}`);

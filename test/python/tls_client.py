@@ -1,0 +1,22 @@
+# Against `nixcas daemon --tls-cert … --tls-client-ca …`: a Put and a Read over TLS with a client
+# certificate; then a channel without one, which the server must refuse.
+# argv: host:port, generated stubs directory, CA, client certificate, client key.
+import sys
+
+sys.path.insert(0, sys.argv[2])
+import grpc  # noqa: E402
+from tvix.castore.v1 import rpc_blobstore_pb2, rpc_blobstore_pb2_grpc  # noqa: E402
+
+target, _, ca, cert, key = sys.argv[1:6]
+read = lambda path: open(path, 'rb').read()  # noqa: E731
+with_cert = grpc.secure_channel(target, grpc.ssl_channel_credentials(read(ca), read(key), read(cert)))
+blobs = rpc_blobstore_pb2_grpc.BlobServiceStub(with_cert)
+digest = blobs.Put(iter([rpc_blobstore_pb2.BlobChunk(data=b'over tls\n')]), timeout=20).digest
+data = b''.join(c.data for c in blobs.Read(rpc_blobstore_pb2.ReadBlobRequest(digest=digest), timeout=20))
+print(f'with a client certificate: put and read {len(data)} bytes, digest {digest.hex()}')
+without = rpc_blobstore_pb2_grpc.BlobServiceStub(grpc.secure_channel(target, grpc.ssl_channel_credentials(read(ca))))
+try:
+    without.Stat(rpc_blobstore_pb2.StatBlobRequest(digest=digest), timeout=10)
+    print('without a client certificate: ACCEPTED')
+except grpc.RpcError as e:
+    print(f'without a client certificate: {e.code().name}')
