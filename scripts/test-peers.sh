@@ -8,8 +8,9 @@ export DEBIAN_FRONTEND=noninteractive
 # (nix-bin) for store paths, NARs and closures, fuse3 for fusermount3 (mounting as an ordinary user),
 # xz, zstd and bzip2, which nar-bridge and substitution decode with, nginx serving Nix-written caches,
 # libzstd-dev for the in-process zstd decoder, and strace, whose fault injection kills `nixcas gc` at
-# chosen system calls (test/gc.test.ts). The FUSE tests mount through the kernel: they need /dev/fuse.
-packages=(python3-grpcio python3-grpc-tools b3sum nix-bin fuse3 zstd xz-utils bzip2 nginx-light libzstd-dev strace)
+# chosen system calls (test/gc.test.ts), and prometheus, which scrapes --metrics-listen (test/metrics.test.ts).
+# The FUSE tests mount through the kernel: they need /dev/fuse.
+packages=(python3-grpcio python3-grpc-tools b3sum nix-bin fuse3 zstd xz-utils bzip2 nginx-light libzstd-dev strace prometheus)
 # The microVM tests boot Debian's kernel under QEMU (TCG, no KVM needed) from a busybox initramfs: QEMU
 # (with virtiofsd), the kernel and its modules, a statically linked busybox, and xz to unpack the kernel.
 # vmtest/packages.ts checks the same list. Without recommends: qemu-system-x86 would pull in a GTK front end.

@@ -28,6 +28,13 @@ export class UnavailableError extends Error {
  */
 export class DataLossError extends Error {
   override name = 'DataLossError';
+  /** How many were raised in this process: content that did not match its digest (metrics). */
+  static raised = 0;
+
+  constructor(message?: string, options?: ErrorOptions) {
+    super(message, options);
+    DataLossError.raised++;
+  }
 }
 
 /**

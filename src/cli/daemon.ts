@@ -1,7 +1,7 @@
 // `nixcas daemon`: serve the store over gRPC until SIGINT/SIGTERM.
 import { unlinkSync } from 'node:fs';
 import { Command } from 'commander';
-import { addStoreOptions, addSubstitutionOptions, octalMode, openServices } from './store-options.js';
+import { addMetricsOption, addStoreOptions, addSubstitutionOptions, octalMode, openServices } from './store-options.js';
 import { notifySystemd } from './systemd.js';
 
 export const DEFAULT_LISTEN = '[::1]:8000';
@@ -22,7 +22,7 @@ export function daemonCommand(): Command {
     .option('--tls-client-ca <file>', 'require client certificates signed by this CA (PEM)')
     .option('--insecure-listen', 'allow plain TCP on an address other than loopback (anyone who reaches it may read and write the store)')
     .option('--read-only', 'refuse every write (the Put methods answer PERMISSION_DENIED); the store is opened read-only, so it may be on a read-only file system');
-  return addSubstitutionOptions(addStoreOptions(command)).action(async (options) => {
+  return addMetricsOption(addSubstitutionOptions(addStoreOptions(command))).action(async (options) => {
     const { createServer, grpcListenTarget, isLocalListen, listen, serverCredentials } = await import('../grpc/server.js'); // loaded only when serving
     if (Boolean(options.tlsCert) !== Boolean(options.tlsKey)) throw new Error('--tls-cert and --tls-key go together');
     if (options.tlsClientCa && !options.tlsCert) throw new Error('--tls-client-ca needs --tls-cert and --tls-key');
@@ -59,6 +59,12 @@ export function daemonCommand(): Command {
     // Before saying it listens: whoever waits for that may send a signal at once.
     process.on('SIGINT', () => stop('SIGINT'));
     process.on('SIGTERM', () => stop('SIGTERM'));
+    if (options.metricsListen) {
+      const [{ startMetrics }, { grpcCallCounts }, { grpcErrorCounts }, { substitutionCounts }] = await Promise.all([
+        import('./metrics.js'), import('../grpc/server.js'), import('../grpc/status.js'), import('../store/substituter.js'),
+      ]);
+      await startMetrics(options.metricsListen, { grpc: { calls: grpcCallCounts, errors: grpcErrorCounts }, substitution: substitutionCounts }, (m) => console.error(`nixcas daemon: ${m}`));
+    }
     const security = options.tlsCert ? (options.tlsClientCa ? ', TLS with client certificates' : ', TLS') : '';
     console.error(`nixcas daemon: listening on ${where}${security}${options.readOnly ? ', read-only' : ''} (blobs: ${services.addresses.blob}, directories: ${services.addresses.directory}, path infos: ${services.addresses.pathInfo})`);
     notifySystemd({ READY: '1', STATUS: `serving gRPC on ${where}`, MAINPID: String(process.pid) }, (m) => console.error(`nixcas daemon: ${m}`));

@@ -1,7 +1,7 @@
 // `nixcas mount MOUNTPOINT`: the store as a read-only /nix/store over FUSE,
 // until SIGINT/SIGTERM or umount.
 import { Command } from 'commander';
-import { addStoreOptions, addSubstitutionOptions, openServices } from './store-options.js';
+import { addMetricsOption, addStoreOptions, addSubstitutionOptions, openServices } from './store-options.js';
 
 export function mountCommand(): Command {
   const command = new Command('mount')
@@ -15,7 +15,7 @@ export function mountCommand(): Command {
     .argument('<mountpoint>', 'an existing directory, e.g. /nix/store or /mnt/store')
     .option('--list-root', 'allow listing the top level (otherwise readdir of the root is refused with EPERM)', false)
     .option('--allow-other', 'let other users access the mount (needs user_allow_other in /etc/fuse.conf when not root)', false);
-  return addSubstitutionOptions(addStoreOptions(command)).action(async (mountpoint: string, options) => {
+  return addMetricsOption(addSubstitutionOptions(addStoreOptions(command))).action(async (mountpoint: string, options) => {
     // Loaded only when mounting: the native addon and the protocol layer.
     const [{ ReadOnlyFilesystem }, { FuseServer }, { limitLog }, { DevFuseSession }, { storePathRoot }] = await Promise.all([
       import('../fs/filesystem.js'),
@@ -43,6 +43,12 @@ export function mountCommand(): Command {
     // Before saying it is mounted: whoever waits for that may send a signal at once.
     process.on('SIGINT', () => stop('SIGINT'));
     process.on('SIGTERM', () => stop('SIGTERM'));
+    if (options.metricsListen) {
+      const [{ startMetrics }, { fuseCounters }, { opcodeName }, { substitutionCounts }] = await Promise.all([
+        import('./metrics.js'), import('../fuse/counters.js'), import('../fuse/protocol.js'), import('../store/substituter.js'),
+      ]);
+      await startMetrics(options.metricsListen, { fuse: { counters: fuseCounters, opcodeName }, substitution: substitutionCounts }, log);
+    }
     log(`mounted at ${mountpoint} (blobs: ${services.addresses.blob}, directories: ${services.addresses.directory}, path infos: ${services.addresses.pathInfo})`);
     await session.closed;
     await fs.close();

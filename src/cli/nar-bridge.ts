@@ -2,7 +2,7 @@
 import { readFileSync } from 'node:fs';
 import { notifySystemd } from './systemd.js';
 import { Command, InvalidArgumentError } from 'commander';
-import { addStoreOptions, addSubstitutionOptions, openServices } from './store-options.js';
+import { addMetricsOption, addStoreOptions, addSubstitutionOptions, openServices } from './store-options.js';
 
 export const DEFAULT_BRIDGE_LISTEN = '[::]:9000';
 
@@ -25,7 +25,7 @@ export function narBridgeCommand(): Command {
     .option('--upload-credentials <file>', 'uploads need HTTP Basic credentials from this file of user:password lines (Nix sends them from its netrc-file)')
     .option('--max-nar-size <bytes>', 'refuse an upload whose NAR, decompressed, is larger (e.g. 64G; default 32G)', byteSize)
     .option('--no-access-log', 'do not log each request');
-  return addSubstitutionOptions(addStoreOptions(command)).action(async (options) => {
+  return addMetricsOption(addSubstitutionOptions(addStoreOptions(command))).action(async (options) => {
     const [{ NarBridge }, { Credentials }, { parseSecretKey }] = await Promise.all([
       import('../narbridge/server.js'),
       import('../narbridge/credentials.js'),
@@ -84,6 +84,12 @@ export function narBridgeCommand(): Command {
     // Before saying it listens: whoever waits for that may send a signal at once.
     process.on('SIGINT', () => stop('SIGINT'));
     process.on('SIGTERM', () => stop('SIGTERM'));
+    if (options.metricsListen) {
+      const [{ startMetrics }, http, { substitutionCounts }] = await Promise.all([
+        import('./metrics.js'), import('../narbridge/counters.js'), import('../store/substituter.js'),
+      ]);
+      await startMetrics(options.metricsListen, { http, substitution: substitutionCounts }, log);
+    }
     log(
       `listening on http://${shownHost}:${actualPort} (${uploads}${signingKey ? `, signing as ${signingKey.name}` : ''}; ` +
         `blobs: ${services.addresses.blob}, directories: ${services.addresses.directory}, path infos: ${services.addresses.pathInfo})`,

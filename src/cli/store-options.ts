@@ -145,3 +145,8 @@ export function octalMode(value: string): number {
   if (!/^0?[0-7]{3}$/.test(value)) throw new InvalidArgumentError('expected an octal mode such as 0660');
   return parseInt(value, 8);
 }
+
+/** --metrics-listen, for the commands that serve. */
+export function addMetricsOption(command: Command): Command {
+  return command.addOption(new Option('--metrics-listen <host:port>', 'serve Prometheus metrics at http://HOST:PORT/metrics (requests, errors, bytes, substitutions, verification failures, process)'));
+}

@@ -2,7 +2,7 @@
 // (a vhost-user-fs back end for QEMU and cloud-hypervisor).
 import { notifySystemd } from './systemd.js';
 import { Command, InvalidArgumentError } from 'commander';
-import { addStoreOptions, addSubstitutionOptions, octalMode, openServices } from './store-options.js';
+import { addMetricsOption, addStoreOptions, addSubstitutionOptions, octalMode, openServices } from './store-options.js';
 
 export function virtiofsCommand(): Command {
   const command = new Command('virtiofs')
@@ -22,7 +22,7 @@ export function virtiofsCommand(): Command {
     .option('--list-root', 'allow listing the top level (otherwise readdir of the root is refused with EPERM)', false)
     .option('--num-request-queues <n>', "request queues besides the high-priority one: QEMU's num-request-queues, cloud-hypervisor's num_queues", positiveInteger, 1)
     .option('--socket-mode <octal>', 'permissions of the socket file, whatever the umask (default 0600); e.g. 0660 to let a group of VM users connect', octalMode);
-  return addSubstitutionOptions(addStoreOptions(command)).action(async (socketPath: string, options) => {
+  return addMetricsOption(addSubstitutionOptions(addStoreOptions(command))).action(async (socketPath: string, options) => {
     await withSmallYoungGeneration();
     const [{ ReadOnlyFilesystem }, { DirectoryCache }, { VirtioFsServer }, { storePathRoot }] = await Promise.all([
       import('../fs/filesystem.js'),
@@ -61,6 +61,13 @@ export function virtiofsCommand(): Command {
     // Before saying it listens: whoever waits for that may send a signal at once.
     process.once('SIGINT', () => void stop('SIGINT'));
     process.once('SIGTERM', () => void stop('SIGTERM'));
+    if (options.metricsListen) {
+      const [{ startMetrics }, { fuseCounters }, { opcodeName }, { substitutionCounts }] = await Promise.all([
+        import('./metrics.js'), import('../fuse/counters.js'), import('../fuse/protocol.js'), import('../store/substituter.js'),
+      ]);
+      const serving = server;
+      await startMetrics(options.metricsListen, { fuse: { counters: fuseCounters, opcodeName }, substitution: substitutionCounts, connections: () => serving.connections }, log);
+    }
     log(
       `listening on ${socketPath} (${options.numRequestQueues} request queue${options.numRequestQueues === 1 ? '' : 's'}; ` +
         `blobs: ${services.addresses.blob}, directories: ${services.addresses.directory}, path infos: ${services.addresses.pathInfo})`,

@@ -2,6 +2,7 @@
 // decodes a request message, asks the filesystem core, encodes the reply.
 // Requests are handled concurrently and answered in whatever order they
 // finish; each reply carries the request's unique id.
+import { fuseCounters } from './counters.js';
 import { constants } from 'node:os';
 import type { ScatterList } from '../castore/blobservice.js';
 import type { Attributes, Entry } from '../fs/attributes.js';
@@ -194,6 +195,7 @@ export class FuseServer {
       return false;
     }
     const request = new Request(message, sink);
+    fuseCounters.requests[request.opcode & 63]++;
     let pending: Promise<void> | void;
     try {
       pending = this.dispatch(request);
@@ -207,6 +209,7 @@ export class FuseServer {
   }
 
   private fail(request: Request, err: unknown): void {
+    fuseCounters.errors[request.opcode & 63]++;
     if (NO_REPLY.has(request.opcode)) {
       this.log(`${opcodeName(request.opcode)} failed: ${(err as Error)?.message ?? err}`);
       return; // the kernel expects no reply to these (on virtio-fs there is nowhere to write one)
@@ -379,6 +382,7 @@ export class FuseServer {
       places.buffers.length = 0; // valid only now
       places.count = 0;
       if (n !== undefined) {
+        fuseCounters.readBytes += n;
         header.writeUInt32LE(OUT_HEADER_SIZE + n, 0);
         header.writeInt32LE(0, 4);
         copyUnique(request.message, header);
@@ -399,6 +403,7 @@ export class FuseServer {
         handle === NO_HANDLE
           ? await this.fs.readInode(request.nodeid, reply, OUT_HEADER_SIZE, size, position)
           : await this.fs.read(handle, reply, OUT_HEADER_SIZE, size, position);
+      fuseCounters.readBytes += n;
       request.ok(reply, n);
     } finally {
       if (this.readBuffers.length < READ_BUFFERS_KEPT) this.readBuffers.push(reply);
@@ -622,6 +627,6 @@ function writeDirent(buffer: Buffer, view: DataView, at: number, listed: Listing
 }
 
 const OPCODE_NAMES = new Map<number, string>(Object.entries(Opcode).map(([name, value]) => [value, name]));
-function opcodeName(opcode: number): string {
+export function opcodeName(opcode: number): string {
   return OPCODE_NAMES.get(opcode) ?? `opcode ${opcode}`;
 }

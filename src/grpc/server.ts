@@ -22,14 +22,14 @@ export function createServer(services: StoreServices, options: ServerOptions = {
     'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
     'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
   });
-  const guard = (handlers: grpc.UntypedServiceImplementation) => (options.readOnly ? withoutWrites(handlers) : handlers);
-  const blobHandlers = guard(blobServiceHandlers(services.blobs));
-  const directoryHandlers = guard(directoryServiceHandlers(services.directories));
+  const guard = (service: string, handlers: grpc.UntypedServiceImplementation) => counted(service, options.readOnly ? withoutWrites(handlers) : handlers);
+  const blobHandlers = guard('BlobService', blobServiceHandlers(services.blobs));
+  const directoryHandlers = guard('DirectoryService', directoryServiceHandlers(services.directories));
   const serving: Record<string, 'SERVING'> = { '': 'SERVING' };
   for (const prefix of PACKAGE_PREFIXES) {
     server.addService(tolerantServiceDefinition(prefix, 'BlobService'), blobHandlers);
     server.addService(tolerantServiceDefinition(prefix, 'DirectoryService'), directoryHandlers);
-    server.addService(tolerantServiceDefinition(prefix, 'PathInfoService'), guard(pathInfoServiceHandlers(services, prefix)));
+    server.addService(tolerantServiceDefinition(prefix, 'PathInfoService'), guard('PathInfoService', pathInfoServiceHandlers(services, prefix)));
     for (const service of ['BlobService', 'DirectoryService', 'PathInfoService']) {
       serving[qualifiedServiceName(prefix, service)] = 'SERVING';
     }
@@ -37,6 +37,22 @@ export function createServer(services: StoreServices, options: ServerOptions = {
   new HealthImplementation(serving).addToServer(server);
   new ReflectionService(packageDefinition()).addToServer(server);
   return server;
+}
+
+/** Calls by method (Service/Method, whichever package), for metrics (cli/metrics.ts). */
+export const grpcCallCounts = new Map<string, number>();
+
+/** The same handlers, each counting its calls in grpcCallCounts first. */
+function counted(service: string, handlers: grpc.UntypedServiceImplementation): grpc.UntypedServiceImplementation {
+  const wrapped: grpc.UntypedServiceImplementation = {};
+  for (const [method, handler] of Object.entries(handlers)) {
+    const key = `${service}/${method}`;
+    wrapped[method] = ((...args: unknown[]) => {
+      grpcCallCounts.set(key, (grpcCallCounts.get(key) ?? 0) + 1);
+      return (handler as (...a: unknown[]) => unknown)(...args);
+    }) as grpc.UntypedHandleCall;
+  }
+  return wrapped;
 }
 
 /** The same handlers, with Put answering PERMISSION_DENIED before it reads anything. */

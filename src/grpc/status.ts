@@ -2,7 +2,16 @@
 import * as grpc from '@grpc/grpc-js';
 import { AlreadyExistsError, DataLossError, InvalidInputError, NotFoundError, StorageFullError, UnavailableError, isStorageFull } from '../castore/errors.js';
 
+/** Error replies by gRPC status code, for metrics (cli/metrics.ts). */
+export const grpcErrorCounts = new Float64Array(17);
+
 export function toServiceError(err: unknown): Partial<grpc.ServiceError> {
+  const status = toServiceErrorUncounted(err);
+  grpcErrorCounts[status.code ?? grpc.status.UNKNOWN]++;
+  return status;
+}
+
+function toServiceErrorUncounted(err: unknown): Partial<grpc.ServiceError> {
   const message = err instanceof Error ? err.message : String(err);
   if (err instanceof InvalidInputError) return { code: grpc.status.INVALID_ARGUMENT, details: message };
   if (err instanceof NotFoundError) return { code: grpc.status.NOT_FOUND, details: message };

@@ -12,6 +12,7 @@ import type { PathInfoService } from '../store/pathinfoservice.js';
 import { type SigningKey, signFingerprint } from '../store/signing.js';
 import { type StorePath, STORE_DIR, formatBasename, formatStorePath, hashPart } from '../store/storepath.js';
 import { type LoggedRequest, formatAccessLine } from './access-log.js';
+import { countExchange, routeOf } from './counters.js';
 import type { Credentials } from './credentials.js';
 import { DecompressionError, DecompressorMissingError } from '../store/nar/decompress.js';
 import { drainedOrClosed } from './drain.js';
@@ -159,6 +160,8 @@ export class NarBridge {
     response.once('close', () => {
       exchange.log.status = response.statusCode;
       exchange.log.incomplete = !response.writableFinished;
+      const seconds = Number(process.hrtime.bigint() - exchange.log.startedAt) / 1e9;
+      countExchange(routeOf(request.method, request.url), response.statusCode, exchange.log.bodyBytes, seconds);
       this.options.accessLog?.(formatAccessLine(exchange.log));
     });
     this.handle(exchange).catch((err: Error) => this.fail(exchange, err));

@@ -58,6 +58,9 @@ class Slots {
   }
 }
 
+/** Paths fetched, refused (signature, wrong path) and failed (upstream, bad NAR) by every substituter, for metrics. */
+export const substitutionCounts = { fetched: 0, refused: 0, failed: 0 };
+
 export class Substituter {
   private readonly inFlight = new Map<string, Promise<PathInfo | undefined>>();
   private readonly missingUntil = new Map<string, number>();
@@ -114,13 +117,17 @@ export class Substituter {
       const path = formatStorePath(narInfo.storePath);
       const refusal = this.refusal(narInfo, digest);
       if (refusal) {
+        substitutionCounts.refused++;
         this.options.log(`substituter ${cache.url}: ${path}: refused: ${refusal}`);
         failure = new SubstitutionError(refusal);
         continue;
       }
       try {
-        return await this.substitute(cache, narInfo, trail);
+        const info = await this.substitute(cache, narInfo, trail);
+        substitutionCounts.fetched++;
+        return info;
       } catch (err) {
+        substitutionCounts.failed++;
         this.options.log(`substituter ${cache.url}: ${path}: ${(err as Error).message}`);
         failure = err as Error;
       }

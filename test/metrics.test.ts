@@ -1,0 +1,91 @@
+// --metrics-listen against a real Prometheus (Debian's prometheus): it scrapes nar-bridge, a
+// daemon and a FUSE mount, and a query through its HTTP API sees the counters move after a
+// workload: NAR and narinfo GETs, a PathInfo Get over gRPC, a file read through the mount.
+import assert from 'node:assert/strict';
+import { type ChildProcess, spawn } from 'node:child_process';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { type Daemon, nixcas, removeDir, startDaemon, startNixcas, tempDir } from './helpers.js';
+
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const server = createServer();
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', () => {
+      const { port } = server.address() as { port: number };
+      server.close(() => resolve(port));
+    });
+  });
+}
+
+const metricsUrl = (server: Daemon) => /metrics at http:\/\/(127\.0\.0\.1:\d+)\/metrics/.exec(server.output())![1]!;
+
+/** Asks Prometheus for `query` until it has a value of at least `atLeast`, for at most 30 s (it scrapes every second). */
+async function eventually(prometheus: string, query: string, atLeast: number): Promise<number> {
+  const deadline = Date.now() + 30_000;
+  let last = NaN;
+  for (;;) {
+    const response = await fetch(`${prometheus}/api/v1/query?query=${encodeURIComponent(query)}`).catch(() => undefined);
+    if (response?.ok) {
+      const body = (await response.json()) as { data: { result: { value: [number, string] }[] } };
+      last = body.data.result.length ? Number(body.data.result[0]!.value[1]) : NaN;
+      if (last >= atLeast) return last;
+    }
+    if (Date.now() > deadline) assert.fail(`Prometheus never saw ${query} >= ${atLeast} (last: ${last})`);
+    await new Promise((resolve) => setTimeout(resolve, 250)); // polling a server that scrapes on its own clock
+  }
+}
+
+test('Prometheus scrapes nar-bridge, the daemon and a FUSE mount, and sees their counters move', { skip: process.getuid?.() !== 0 && 'mounts as root' }, async () => {
+  const work = tempDir('metrics');
+  const servers: Daemon[] = [];
+  let prometheus: ChildProcess | undefined;
+  try {
+    const store = join(work, 'store');
+    writeFileSync(join(work, 'file'), 'measured\n');
+    const path = nixcas(['import', '--store', store, join(work, 'file')]).stdout.trim();
+    const metrics = ['--metrics-listen', '127.0.0.1:0'];
+    const bridge = await startNixcas(['nar-bridge', '--store', store, '--listen', '127.0.0.1:0', ...metrics], 'metrics at');
+    servers.push(bridge);
+    const socket = join(work, 'daemon.sock');
+    const daemon = await startDaemon(['--store', store, '--listen', socket, ...metrics]);
+    servers.push(daemon);
+    assert.match(daemon.output(), /metrics at/);
+    mkdirSync(join(work, 'mnt'));
+    const mount = await startNixcas(['mount', '--store', store, join(work, 'mnt'), ...metrics], 'mounted at');
+    servers.push(mount);
+
+    const port = await freePort();
+    const targets = [bridge, daemon, mount].map(metricsUrl);
+    writeFileSync(join(work, 'prometheus.yml'), `global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: nixcas\n    static_configs:\n      - targets: ${JSON.stringify(targets)}\n`);
+    prometheus = spawn('/usr/bin/prometheus', [
+      `--config.file=${join(work, 'prometheus.yml')}`, `--storage.tsdb.path=${join(work, 'tsdb')}`, `--web.listen-address=127.0.0.1:${port}`,
+    ], { stdio: 'ignore' });
+    const api = `http://127.0.0.1:${port}`;
+
+    const base = /listening on (http:\/\/127\.0\.0\.1:\d+)/.exec(bridge.output())![1]!;
+    const hash = path.slice('/nix/store/'.length, '/nix/store/'.length + 32);
+    const narinfo = await fetch(`${base}/${hash}.narinfo`);
+    assert.equal(narinfo.status, 200);
+    const nar = await fetch(`${base}/${/^URL: (.*)$/m.exec(await narinfo.text())![1]}`);
+    assert.equal(nar.status, 200);
+    await nar.arrayBuffer();
+    const grpc = `grpc+unix://${socket}`;
+    assert.equal(nixcas(['path-info', '--blob-service-addr', grpc, '--directory-service-addr', grpc, '--path-info-service-addr', grpc, path]).status, 0);
+    assert.equal(readFileSync(join(work, 'mnt', path.slice('/nix/store/'.length))).toString(), 'measured\n');
+
+    assert.equal(await eventually(api, 'up{job="nixcas"} == 1', 1), 1);
+    await eventually(api, 'sum(nixcas_http_responses_total{route="narinfo",status="200"})', 1);
+    await eventually(api, 'sum(nixcas_http_responses_total{route="nar",status="200"})', 1);
+    await eventually(api, 'sum(nixcas_grpc_calls_total{method="PathInfoService/Get"})', 1);
+    await eventually(api, 'sum(nixcas_fuse_requests_total{opcode="READ"})', 1);
+    await eventually(api, 'sum(nixcas_fuse_read_bytes_total)', 9);
+    await eventually(api, 'count(nixcas_process_cpu_seconds_total)', 3);
+  } finally {
+    prometheus?.kill();
+    for (const server of servers.reverse()) await server.stop();
+    removeDir(work);
+  }
+});
