@@ -13,7 +13,7 @@
 // virtiofsd time ÷ nixcas time (above 1: nixcas is faster). Every reply is
 // checked: bytes against the file, attributes against what each back end must
 // say, listings entry by entry.
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { closeSync, linkSync, lstatSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, statSync, unlinkSync, writeFileSync, writeSync } from 'node:fs';
 import { basename, join } from 'node:path';
 import { type Backend, ensureVmPackages, startNixcasVirtiofs, startVirtiofsd } from '../vmtest/harness.js';
@@ -37,8 +37,12 @@ const S_IFMT = 0o170000;
 const S_IFREG = 0o100000;
 const S_IFDIR = 0o040000;
 
-/** nixcas-unverified: nixcas with NIXCAS_VERIFY_READS=0, for what verified reads cost. */
-export type Side = 'nixcas' | 'nixcas-unverified' | 'virtiofsd';
+/**
+ * nixcas-unverified: nixcas with NIXCAS_VERIFY_READS=0, for what verified reads cost.
+ * nixcas-metrics: nixcas with --metrics-listen, scraped every second, for what metrics cost
+ * (only when BENCH_VIRTIOFS_REQUESTS_SIDES names it).
+ */
+export type Side = 'nixcas' | 'nixcas-unverified' | 'nixcas-metrics' | 'virtiofsd';
 
 // ---------------------------------------------------------------- the tree
 
@@ -183,6 +187,7 @@ const EXPECT: Record<Side, Expect> = {
   // The store's rules: files 0444 (0555 when executable), directories 0555.
   nixcas: { fileMode: (m) => S_IFREG | (m & 0o100 ? 0o555 : 0o444), dirMode: () => S_IFDIR | 0o555 },
   'nixcas-unverified': { fileMode: (m) => S_IFREG | (m & 0o100 ? 0o555 : 0o444), dirMode: () => S_IFDIR | 0o555 },
+  'nixcas-metrics': { fileMode: (m) => S_IFREG | (m & 0o100 ? 0o555 : 0o444), dirMode: () => S_IFDIR | 0o555 },
   // Passthrough: the host's own modes.
   virtiofsd: { fileMode: (m) => m, dirMode: (m) => m },
 };
@@ -564,7 +569,7 @@ async function measureSide(side: Side, backend: Backend, tree: Tree, share: stri
         if (now.anon + now.file > rss[side].anon + rss[side].file) rss[side] = now;
         const ops = workload.unit === 'file' ? Math.min(count, SMALL_FILES) : result.requests;
         const key = `${workload.name}@${depth}`;
-        const entry = results.get(key) ?? { samples: { nixcas: [], 'nixcas-unverified': [], virtiofsd: [] }, workload, depth };
+        const entry = results.get(key) ?? { samples: { nixcas: [], 'nixcas-unverified': [], 'nixcas-metrics': [], virtiofsd: [] }, workload, depth };
         entry.samples[side].push({ ops, wallNs: result.wallNs, cpuNs: cpu, requests: result.requests, interrupts: result.interrupts, kicks: result.kicks, driverNs: (driverUsage.user + driverUsage.system) * 1000 });
         results.set(key, entry);
       }
@@ -608,9 +613,9 @@ export async function runVirtiofsRequests(work: string, repeats: number, cli: st
   readTree(join(store, 'blobs'));
   const tree: Tree = { name, ...made };
   const results = new Map<string, Measured>();
-  const rss: Record<Side, Rss> = { nixcas: { anon: 0, file: 0 }, 'nixcas-unverified': { anon: 0, file: 0 }, virtiofsd: { anon: 0, file: 0 } };
+  const rss: Record<Side, Rss> = { nixcas: { anon: 0, file: 0 }, 'nixcas-unverified': { anon: 0, file: 0 }, 'nixcas-metrics': { anon: 0, file: 0 }, virtiofsd: { anon: 0, file: 0 } };
   for (let round = 0; round < repeats; round++) {
-    const all: Side[] = ['nixcas', 'virtiofsd', 'nixcas-unverified'];
+    const all: Side[] = ['nixcas', 'virtiofsd', 'nixcas-unverified', 'nixcas-metrics'];
     const order = (round % 2 === 0 ? all : [...all].reverse()).filter((side) => sides.includes(side));
     for (const side of order) {
       const socketPath = join(work, `${side}-${round}.sock`);
@@ -620,13 +625,21 @@ export async function runVirtiofsRequests(work: string, repeats: number, cli: st
           ? await startNixcasVirtiofs({
               socketPath, store, cli, nodeArgs: process.env.BENCH_VIRTIOFS_REQUESTS_NODE_ARGS?.split(' ').filter(Boolean),
               env: side === 'nixcas-unverified' ? { ...process.env, NIXCAS_VERIFY_READS: '0' } : undefined,
+              extraArgs: side === 'nixcas-metrics' ? ['--metrics-listen', '127.0.0.1:0'] : undefined,
             })
           : await startVirtiofsd({ source: share, socketPath, cache: 'always' });
+      // Prometheus' part, from another process (the driver's CPU must stay the driver's): a scrape a second.
+      const metricsUrl = side === 'nixcas-metrics' ? /metrics at (http:\S+)/.exec(backend.output())?.[1] : undefined;
+      if (side === 'nixcas-metrics' && !metricsUrl) throw new Error(`nixcas-metrics: no metrics address in its output: ${backend.output()}`);
+      const scraper = metricsUrl
+        ? spawn(process.execPath, ['-e', `setInterval(() => fetch(${JSON.stringify(metricsUrl)}).then((r) => r.text()).catch(() => {}), 1000)`], { stdio: 'ignore' })
+        : undefined;
       try {
         await measureSide(side, backend, tree, share, results, rss, scale);
       } catch (err) {
         throw new Error(`${side}: ${(err as Error).message}\n--- back end output ---\n${backend.output().trim()}`);
       } finally {
+        scraper?.kill();
         await backend.stop();
         if (process.env.BENCH_VIRTIOFS_REQUESTS_SHOW_OUTPUT) console.error(`--- ${side} output ---\n${backend.output()}`);
       }
@@ -649,6 +662,7 @@ export async function benchVirtiofsRequests(rows: Row[], work: string, repeats: 
   const ratios: Record<number, number[]> = { 1: [], 64: [] };
   const interruptLines: string[] = [];
   const costLines: string[] = [];
+  const metricsLines: string[] = [];
   for (const { samples, workload, depth } of results.values()) {
     const stat = (side: Side) => {
       const s = samples[side];
@@ -667,6 +681,12 @@ export async function benchVirtiofsRequests(rows: Row[], work: string, repeats: 
       const unchecked = stat('nixcas-unverified');
       costLines.push(`| ${workload.name}${per} | ${depth} | ${fmt(ours.opsPerSecond)} | ${fmt(unchecked.opsPerSecond)} | ${fmt(ours.cpu)} | ${fmt(unchecked.cpu)} | ${(unchecked.wall / ours.wall).toFixed(2)} |`);
       rows.push({ capability: `what verified reads cost: virtio-fs ${workload.name}, depth ${depth}${per}`, ours: ours.opsPerSecond, peer: unchecked.opsPerSecond, unit: 'ops/s', peerName: 'nixcas with NIXCAS_VERIFY_READS=0', target: 0.9 });
+    }
+    if (samples.nixcas.length && samples['nixcas-metrics'].length) {
+      const off = stat('nixcas');
+      const on = stat('nixcas-metrics');
+      metricsLines.push(`| ${workload.name}${per} | ${depth} | ${fmt(off.opsPerSecond)} | ${fmt(on.opsPerSecond)} | ${fmt(off.cpu)} | ${fmt(on.cpu)} | ${(off.wall / on.wall).toFixed(2)} |`);
+      rows.push({ capability: `what metrics cost: virtio-fs ${workload.name}, depth ${depth}${per}`, ours: on.opsPerSecond, peer: off.opsPerSecond, unit: 'ops/s', peerName: 'nixcas without --metrics-listen', target: 0.97 });
     }
     if (samples.nixcas.length === 0 || samples.virtiofsd.length === 0) {
       const side = samples.nixcas.length ? 'nixcas' : 'virtiofsd';
@@ -689,6 +709,11 @@ export async function benchVirtiofsRequests(rows: Row[], work: string, repeats: 
     console.log('\n| workload | depth | nixcas ops/s | unverified ops/s | nixcas CPU µs/op | unverified CPU µs/op | ratio (unverified time ÷ verified time, target ≥ 0.9) |');
     console.log('|---|---|---|---|---|---|---|');
     for (const line of costLines) console.log(line);
+  }
+  if (metricsLines.length) {
+    console.log('\n| workload | depth | without metrics ops/s | with metrics ops/s | without CPU µs/op | with CPU µs/op | ratio (without time ÷ with time, target ≥ 0.97) |');
+    console.log('|---|---|---|---|---|---|---|');
+    for (const line of metricsLines) console.log(line);
   }
   const geomean = (values: number[]) => Math.exp(values.reduce((a, v) => a + Math.log(v), 0) / values.length);
   console.log(`\nGeometric mean of the ratios: depth 1 ${geomean(ratios[1]).toFixed(2)}, depth 64 ${geomean(ratios[64]).toFixed(2)} (target ≥ 1.5).`);

@@ -82,7 +82,8 @@ test('Prometheus scrapes nar-bridge, the daemon and a FUSE mount, and sees their
     await eventually(api, 'sum(nixcas_grpc_calls_total{method="PathInfoService/Get"})', 1);
     await eventually(api, 'sum(nixcas_fuse_requests_total{opcode="READ"})', 1);
     await eventually(api, 'sum(nixcas_fuse_read_bytes_total)', 9);
-    await eventually(api, 'count(nixcas_process_cpu_seconds_total)', 3);
+    await eventually(api, 'count(nixcas_process_cpu_seconds_total{mode="user"})', 3);
+    await eventually(api, 'min(nixcas_process_memory_bytes{kind="rss"})', 1e6);
   } finally {
     prometheus?.kill();
     for (const server of servers.reverse()) await server.stop();

@@ -3,7 +3,8 @@
 // counters.ts, substitution and verification counts); they are read only when Prometheus
 // scrapes, so the request paths pay one increment each and nothing for prom-client.
 import { createServer, type Server } from 'node:http';
-import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
+import { readdirSync } from 'node:fs';
+import { Counter, Gauge, Registry } from 'prom-client';
 import { DataLossError } from '../castore/errors.js';
 
 /** Sources a command has: what it loads anyway, handed in so that this module imports no layer it does not use. */
@@ -34,7 +35,7 @@ function totals(registry: Registry, name: string, help: string, labelNames: stri
 
 export function metricsRegistry(sources: MetricSources): Registry {
   const registry = new Registry();
-  collectDefaultMetrics({ register: registry, prefix: 'nixcas_' });
+  processMetrics(registry);
   totals(registry, 'nixcas_verification_failures_total', 'Content that did not match the digest it is served under (nothing of it was served)', [], (set) => set({}, DataLossError.raised));
   const { fuse, grpc, http, substitution, connections } = sources;
   if (fuse) {
@@ -63,6 +64,39 @@ export function metricsRegistry(sources: MetricSources): Registry {
     new Gauge({ name: 'nixcas_vhost_user_connections', help: 'Connected vhost-user front ends (VMs)', registers: [registry], collect() { this.set(connections()); } });
   }
   return registry;
+}
+
+/**
+ * The process's CPU, memory and open files, read at scrape time. prom-client's default metrics are
+ * not used: their event-loop-delay monitor and GC observer run all the time, and measurably slowed
+ * the virtio-fs request path (docs/benchmarks.md, "what metrics cost").
+ */
+function processMetrics(registry: Registry): void {
+  totals(registry, 'nixcas_process_cpu_seconds_total', 'CPU time of the process, user and system', ['mode'], (set) => {
+    const { user, system } = process.cpuUsage();
+    set({ mode: 'user' }, user / 1e6);
+    set({ mode: 'system' }, system / 1e6);
+  });
+  new Gauge({
+    name: 'nixcas_process_memory_bytes', help: 'Memory of the process: resident set, V8 heap used, and memory outside the heap (Buffers)', labelNames: ['kind'], registers: [registry],
+    collect() {
+      const memory = process.memoryUsage();
+      this.set({ kind: 'rss' }, memory.rss);
+      this.set({ kind: 'heap_used' }, memory.heapUsed);
+      this.set({ kind: 'external' }, memory.external);
+    },
+  });
+  new Gauge({
+    name: 'nixcas_process_open_fds', help: 'Open file descriptors', registers: [registry],
+    collect() {
+      try {
+        this.set(readdirSync('/proc/self/fd').length);
+      } catch {
+        // not Linux: no such gauge value
+      }
+    },
+  });
+  new Gauge({ name: 'nixcas_process_start_time_seconds', help: 'When the process started, in seconds since the epoch', registers: [registry] }).set(Math.floor(Date.now() / 1000 - process.uptime()));
 }
 
 /** nar-bridge's latency histogram, from its bucket counts (prom-client's Histogram would cost every request a lookup). */
