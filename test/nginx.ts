@@ -4,8 +4,7 @@
 // from a generated configuration in its own directory.
 import { type ChildProcess, spawn } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
-import * as http from 'node:http';
-import { createServer } from 'node:net';
+import * as net from 'node:net';
 import { join } from 'node:path';
 
 export interface Nginx {
@@ -20,7 +19,7 @@ export interface Nginx {
 
 export function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {
-    const server = createServer();
+    const server = net.createServer();
     server.once('error', reject);
     server.listen(0, '127.0.0.1', () => {
       const { port } = server.address() as { port: number };
@@ -38,7 +37,7 @@ export function collectStderr(child: ChildProcess): () => string {
   return () => text;
 }
 
-function nginxConfig(dir: string, root: string, port: number, accessLog: string | undefined): string {
+function nginxConfig(dir: string, root: string, port: number, accessLog: string | undefined, tls?: { cert: string; key: string }): string {
   const user = process.getuid?.() === 0 ? 'user root root;\n' : '';
   const temp = (name: string) => join(dir, 'temp', name);
   for (const name of ['body', 'proxy', 'fastcgi', 'uwsgi', 'scgi']) mkdirSync(temp(name), { recursive: true });
@@ -60,7 +59,8 @@ http {
   types { text/x-nix-narinfo narinfo; application/x-nix-nar nar; }
   default_type application/octet-stream;
   server {
-    listen 127.0.0.1:${port};
+    listen 127.0.0.1:${port}${tls ? ' ssl' : ''};
+    ${tls ? `ssl_certificate ${tls.cert}; ssl_certificate_key ${tls.key};` : ''}
     root ${root};
   }
 }
@@ -68,19 +68,20 @@ http {
 }
 
 /** Starts `nginx` (the binary's path) serving `root`, with its files in `dir`; resolves once it accepts connections. */
-export async function startNginx(nginx: string, dir: string, root: string, options: { accessLog?: boolean } = {}): Promise<Nginx> {
+/** `tls`: serve HTTPS with this certificate and key (PEM files). */
+export async function startNginx(nginx: string, dir: string, root: string, options: { accessLog?: boolean; tls?: { cert: string; key: string } } = {}): Promise<Nginx> {
   mkdirSync(dir, { recursive: true });
   const port = await freePort();
   const conf = join(dir, 'nginx.conf');
   const accessLog = options.accessLog ? join(dir, 'access.log') : undefined;
-  writeFileSync(conf, nginxConfig(dir, root, port, accessLog));
+  writeFileSync(conf, nginxConfig(dir, root, port, accessLog, options.tls));
   // -e: nginx opens its error log before reading the configuration.
   const child = spawn(nginx, ['-p', dir, '-e', join(dir, 'error.log'), '-c', conf], { stdio: ['ignore', 'ignore', 'pipe'] });
   const stderr = collectStderr(child);
   const log = () => `${stderr()}${existsSync(join(dir, 'error.log')) ? readFileSync(join(dir, 'error.log'), 'utf8') : ''}`;
   let exited: number | null | undefined;
   child.once('exit', (code) => (exited = code));
-  const base = `http://127.0.0.1:${port}`;
+  const base = `${options.tls ? 'https' : 'http'}://127.0.0.1:${port}`;
   for (const deadline = Date.now() + 10_000; ; ) {
     if (exited !== undefined) throw new Error(`nginx exited with ${exited}: ${log()}`);
     if (await accepts(port)) break;
@@ -94,13 +95,14 @@ export async function startNginx(nginx: string, dir: string, root: string, optio
   return { child, base, stderr: log, requests };
 }
 
+/** Whether something accepts TCP connections on the port (HTTP or HTTPS alike). */
 function accepts(port: number): Promise<boolean> {
   return new Promise((resolve) => {
-    const request = http.get({ host: '127.0.0.1', port, path: '/', agent: false }, (res) => {
-      res.resume();
+    const socket = net.connect({ host: '127.0.0.1', port }, () => {
+      socket.destroy();
       resolve(true);
     });
-    request.once('error', () => resolve(false));
+    socket.once('error', () => resolve(false));
   });
 }
 

@@ -209,6 +209,27 @@ test('nix+http:// as the path info service: a path only the cache has is read fr
   assert.match(wrongKey.stderr, /no valid signature by a trusted key/);
 });
 
+test('copy --from an HTTPS cache (nginx with a self-signed certificate the client is told to trust); untrusted, it fails naming the upstream', async () => {
+  const dir = join(work, 'nginx-tls');
+  mkdirSync(dir, { recursive: true });
+  const run = spawnSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', join(dir, 'key.pem'), '-out', join(dir, 'cert.pem'),
+    '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1', '-days', '2'], { encoding: 'utf8' });
+  assert.equal(run.status, 0, run.stderr);
+  const secure = await startNginx(NGINX, dir, join(work, 'caches'), { tls: { cert: join(dir, 'cert.pem'), key: join(dir, 'key.pem') } });
+  try {
+    assert.match(secure.base, /^https:/);
+    const untrusted = nixcas(['copy', '--store', join(work, 'store-https-untrusted'), '--from', `${secure.base}/xz`, '--trusted-public-key', publicKey, mid]);
+    assert.equal(untrusted.status, 1);
+    assert.match(untrusted.stderr, new RegExp(`substituter ${secure.base}/xz: .*(certificate|self.signed)`, 'i'));
+    const store = join(work, 'store-https');
+    const trusted = nixcas(['copy', '--store', store, '--from', `${secure.base}/xz`, '--trusted-public-key', publicKey, mid], { env: { NODE_EXTRA_CA_CERTS: join(dir, 'cert.pem') } });
+    assert.equal(trusted.status, 0, trusted.stderr);
+    for (const path of paths) assertSameNar(store, path);
+  } finally {
+    await stopNginx(secure);
+  }
+});
+
 test('an untrusted or missing signature, a narinfo for another path and a NAR that does not match are refused: nothing registered, one line naming upstream and path', () => {
   // Signed by a key nobody trusts.
   const other = makeKey('other-1');
