@@ -1,7 +1,8 @@
 // `nixcas daemon`: serve the store over gRPC until SIGINT/SIGTERM.
 import { unlinkSync } from 'node:fs';
 import { Command } from 'commander';
-import { addMetricsOption, addStoreOptions, addSubstitutionOptions, octalMode, openServices } from './store-options.js';
+import { addLogOptions, addMetricsOption, addStoreOptions, addSubstitutionOptions, octalMode, openServices } from './store-options.js';
+import { makeLogger } from './log.js';
 import { notifySystemd } from './systemd.js';
 
 export const DEFAULT_LISTEN = '[::1]:8000';
@@ -22,7 +23,7 @@ export function daemonCommand(): Command {
     .option('--tls-client-ca <file>', 'require client certificates signed by this CA (PEM)')
     .option('--insecure-listen', 'allow plain TCP on an address other than loopback (anyone who reaches it may read and write the store)')
     .option('--read-only', 'refuse every write (the Put methods answer PERMISSION_DENIED); the store is opened read-only, so it may be on a read-only file system');
-  return addMetricsOption(addSubstitutionOptions(addStoreOptions(command))).action(async (options) => {
+  return addLogOptions(addMetricsOption(addSubstitutionOptions(addStoreOptions(command)))).action(async (options) => {
     const { createServer, grpcListenTarget, isLocalListen, listen, serverCredentials } = await import('../grpc/server.js'); // loaded only when serving
     if (Boolean(options.tlsCert) !== Boolean(options.tlsKey)) throw new Error('--tls-cert and --tls-key go together');
     if (options.tlsClientCa && !options.tlsCert) throw new Error('--tls-client-ca needs --tls-cert and --tls-key');
@@ -30,7 +31,8 @@ export function daemonCommand(): Command {
       throw new Error(`--listen ${options.listen}: plain TCP beyond loopback lets anyone who reaches it read and write the store; give --tls-cert and --tls-key (and --tls-client-ca), or --insecure-listen if that is what you want`);
     }
     const credentials = serverCredentials(options.tlsCert ? { cert: options.tlsCert, key: options.tlsKey, clientCa: options.tlsClientCa } : undefined);
-    const services = await openServices(options, { writes: !options.readOnly });
+    const logger = makeLogger('daemon', options);
+    const services = await openServices(options, { writes: !options.readOnly, log: logger.warn });
     const server = createServer(services, { readOnly: Boolean(options.readOnly) });
     const port = await listen(server, options.listen, options.socketMode, credentials);
     const { socketPath } = grpcListenTarget(options.listen);
@@ -40,8 +42,8 @@ export function daemonCommand(): Command {
     const stop = (signal: string) => {
       if (stopping) return;
       stopping = true;
-      console.error(`nixcas daemon: ${signal}, shutting down`);
-      notifySystemd({ STOPPING: '1' }, (m) => console.error(`nixcas daemon: ${m}`));
+      logger.info(`${signal}, shutting down`);
+      notifySystemd({ STOPPING: '1' }, logger.info);
       const forced = setTimeout(() => server.forceShutdown(), 5000);
       server.tryShutdown(async () => {
         clearTimeout(forced);
@@ -63,10 +65,10 @@ export function daemonCommand(): Command {
       const [{ startMetrics }, { grpcCallCounts }, { grpcErrorCounts }, { substitutionCounts }] = await Promise.all([
         import('./metrics.js'), import('../grpc/server.js'), import('../grpc/status.js'), import('../store/substituter.js'),
       ]);
-      await startMetrics(options.metricsListen, { grpc: { calls: grpcCallCounts, errors: grpcErrorCounts }, substitution: substitutionCounts }, (m) => console.error(`nixcas daemon: ${m}`));
+      await startMetrics(options.metricsListen, { grpc: { calls: grpcCallCounts, errors: grpcErrorCounts }, substitution: substitutionCounts }, logger.info);
     }
     const security = options.tlsCert ? (options.tlsClientCa ? ', TLS with client certificates' : ', TLS') : '';
-    console.error(`nixcas daemon: listening on ${where}${security}${options.readOnly ? ', read-only' : ''} (blobs: ${services.addresses.blob}, directories: ${services.addresses.directory}, path infos: ${services.addresses.pathInfo})`);
-    notifySystemd({ READY: '1', STATUS: `serving gRPC on ${where}`, MAINPID: String(process.pid) }, (m) => console.error(`nixcas daemon: ${m}`));
+    logger.info(`listening on ${where}${security}${options.readOnly ? ', read-only' : ''} (blobs: ${services.addresses.blob}, directories: ${services.addresses.directory}, path infos: ${services.addresses.pathInfo})`);
+    notifySystemd({ READY: '1', STATUS: `serving gRPC on ${where}`, MAINPID: String(process.pid) }, logger.info);
   });
 }

@@ -1,7 +1,8 @@
 // `nixcas mount MOUNTPOINT`: the store as a read-only /nix/store over FUSE,
 // until SIGINT/SIGTERM or umount.
 import { Command } from 'commander';
-import { addMetricsOption, addStoreOptions, addSubstitutionOptions, openServices } from './store-options.js';
+import { makeLogger } from './log.js';
+import { addLogOptions, addMetricsOption, addStoreOptions, addSubstitutionOptions, openServices } from './store-options.js';
 
 export function mountCommand(): Command {
   const command = new Command('mount')
@@ -15,7 +16,7 @@ export function mountCommand(): Command {
     .argument('<mountpoint>', 'an existing directory, e.g. /nix/store or /mnt/store')
     .option('--list-root', 'allow listing the top level (otherwise readdir of the root is refused with EPERM)', false)
     .option('--allow-other', 'let other users access the mount (needs user_allow_other in /etc/fuse.conf when not root)', false);
-  return addMetricsOption(addSubstitutionOptions(addStoreOptions(command))).action(async (mountpoint: string, options) => {
+  return addLogOptions(addMetricsOption(addSubstitutionOptions(addStoreOptions(command)))).action(async (mountpoint: string, options) => {
     // Loaded only when mounting: the native addon and the protocol layer.
     const [{ ReadOnlyFilesystem }, { FuseServer }, { limitLog }, { DevFuseSession }, { storePathRoot }] = await Promise.all([
       import('../fs/filesystem.js'),
@@ -24,14 +25,15 @@ export function mountCommand(): Command {
       import('../fuse/session.js'),
       import('../store/fs-root.js'),
     ]);
-    const log = (message: string) => console.error(`nixcas mount: ${message}`);
-    const services = await openServices(options, { writes: false });
+    const logger = makeLogger('mount', options);
+    const log = logger.info;
+    const services = await openServices(options, { writes: false, log: logger.warn });
     const fs = new ReadOnlyFilesystem(services.blobs, services.directories, storePathRoot(services.pathInfos), {
       listRoot: options.listRoot,
     });
     let session;
     try {
-      session = await DevFuseSession.mount(new FuseServer(fs, { log: limitLog(log) }), { mountpoint, allowOther: options.allowOther, log });
+      session = await DevFuseSession.mount(new FuseServer(fs, { log: limitLog(logger.warn) }), { mountpoint, allowOther: options.allowOther, log });
     } catch (err) {
       await services.close();
       throw err;

@@ -1,8 +1,9 @@
 // `nixcas nar-bridge`: the store as an HTTP Nix binary cache until SIGINT/SIGTERM.
 import { readFileSync } from 'node:fs';
+import { makeLogger } from './log.js';
 import { notifySystemd } from './systemd.js';
 import { Command, InvalidArgumentError } from 'commander';
-import { addMetricsOption, addStoreOptions, addSubstitutionOptions, openServices } from './store-options.js';
+import { addLogOptions, addMetricsOption, addStoreOptions, addSubstitutionOptions, openServices } from './store-options.js';
 
 export const DEFAULT_BRIDGE_LISTEN = '[::]:9000';
 
@@ -25,13 +26,14 @@ export function narBridgeCommand(): Command {
     .option('--upload-credentials <file>', 'uploads need HTTP Basic credentials from this file of user:password lines (Nix sends them from its netrc-file)')
     .option('--max-nar-size <bytes>', 'refuse an upload whose NAR, decompressed, is larger (e.g. 64G; default 32G)', byteSize)
     .option('--no-access-log', 'do not log each request');
-  return addMetricsOption(addSubstitutionOptions(addStoreOptions(command))).action(async (options) => {
+  return addLogOptions(addMetricsOption(addSubstitutionOptions(addStoreOptions(command)))).action(async (options) => {
     const [{ NarBridge }, { Credentials }, { parseSecretKey }] = await Promise.all([
       import('../narbridge/server.js'),
       import('../narbridge/credentials.js'),
       import('../store/signing.js'),
     ]);
-    const log = (message: string) => console.error(`nixcas nar-bridge: ${message}`);
+    const logger = makeLogger('nar-bridge', options);
+    const log = logger.info;
     const { host, port } = listenAddress(options.listen);
     const signingKey = options.signKey ? parseSecretKeyFile(options.signKey, parseSecretKey) : undefined;
     let credentials;
@@ -41,14 +43,14 @@ export function narBridgeCommand(): Command {
       if (loaded.warning) log(`warning: ${loaded.warning}`);
       credentials = loaded.credentials;
     }
-    const services = await openServices(options, { writes: options.allowUpload === true });
+    const services = await openServices(options, { writes: options.allowUpload === true, log: logger.warn });
     const bridge = new NarBridge({
       services,
       priority: options.priority,
       signingKey,
       allowUpload: options.allowUpload,
       credentials,
-      accessLog: options.accessLog ? (line) => process.stderr.write(line + '\n') : undefined,
+      accessLog: options.accessLog ? logger.access : undefined,
       errorLog: (line) => console.error(line),
       maxNarSize: options.maxNarSize,
       // For the slow-client test: a shorter header deadline.

@@ -88,7 +88,7 @@ export interface OpenServices {
  */
 export async function openServices(
   options: AddressOptions & SubstitutionFlags,
-  { writes, substitution }: { writes: boolean; substitution?: Omit<SubstituterOptions, 'log'> },
+  { writes, substitution, log = (line) => console.error(`nixcas: ${line}`) }: { writes: boolean; substitution?: Omit<SubstituterOptions, 'log'>; log?: (line: string) => void },
 ): Promise<OpenServices> {
   const addresses = resolveAddresses(options);
   const substituting = substitution ?? substituterOptions(options);
@@ -105,7 +105,7 @@ export async function openServices(
   );
   const local = fromCache ? new MemoryPathInfoService() : await openPathInfoService(addresses.pathInfo, { create });
   const substitutes = fromCache ?? substituting;
-  const substituter = substitutes && new Substituter({ blobs, directories, pathInfos: local }, { ...substitutes, log: (line) => console.error(`nixcas: ${line}`) });
+  const substituter = substitutes && new Substituter({ blobs, directories, pathInfos: local }, { ...substitutes, log });
   return {
     addresses,
     blobs,
@@ -149,4 +149,11 @@ export function octalMode(value: string): number {
 /** --metrics-listen, for the commands that serve. */
 export function addMetricsOption(command: Command): Command {
   return command.addOption(new Option('--metrics-listen <host:port>', 'serve Prometheus metrics at http://HOST:PORT/metrics (requests, errors, bytes, substitutions, verification failures, process)'));
+}
+
+/** --log-format and --log-level, for the commands that serve (cli/log.ts). */
+export function addLogOptions(command: Command): Command {
+  return command
+    .addOption(new Option('--log-format <format>', 'text (default) or json: one object a line with time, level, cmd and msg (env NIXCAS_LOG_FORMAT)').choices(['text', 'json']))
+    .addOption(new Option('--log-level <level>', 'info (default), warn or error: what to leave out below it (env NIXCAS_LOG_LEVEL)').choices(['info', 'warn', 'error']));
 }

@@ -1,8 +1,9 @@
 // `nixcas virtiofs SOCKET`: the store as /nix/store for VMs, over virtio-fs
 // (a vhost-user-fs back end for QEMU and cloud-hypervisor).
+import { makeLogger } from './log.js';
 import { notifySystemd } from './systemd.js';
 import { Command, InvalidArgumentError } from 'commander';
-import { addMetricsOption, addStoreOptions, addSubstitutionOptions, octalMode, openServices } from './store-options.js';
+import { addLogOptions, addMetricsOption, addStoreOptions, addSubstitutionOptions, octalMode, openServices } from './store-options.js';
 
 export function virtiofsCommand(): Command {
   const command = new Command('virtiofs')
@@ -22,7 +23,7 @@ export function virtiofsCommand(): Command {
     .option('--list-root', 'allow listing the top level (otherwise readdir of the root is refused with EPERM)', false)
     .option('--num-request-queues <n>', "request queues besides the high-priority one: QEMU's num-request-queues, cloud-hypervisor's num_queues", positiveInteger, 1)
     .option('--socket-mode <octal>', 'permissions of the socket file, whatever the umask (default 0600); e.g. 0660 to let a group of VM users connect', octalMode);
-  return addMetricsOption(addSubstitutionOptions(addStoreOptions(command))).action(async (socketPath: string, options) => {
+  return addLogOptions(addMetricsOption(addSubstitutionOptions(addStoreOptions(command)))).action(async (socketPath: string, options) => {
     await withSmallYoungGeneration();
     const [{ ReadOnlyFilesystem }, { DirectoryCache }, { VirtioFsServer }, { storePathRoot }] = await Promise.all([
       import('../fs/filesystem.js'),
@@ -30,8 +31,9 @@ export function virtiofsCommand(): Command {
       import('../virtiofs/server.js'),
       import('../store/fs-root.js'),
     ]);
-    const log = (message: string) => console.error(`nixcas virtiofs: ${message}`);
-    const services = await openServices(options, { writes: false });
+    const logger = makeLogger('virtiofs', options);
+    const log = logger.info;
+    const services = await openServices(options, { writes: false, log: logger.warn });
     const root = storePathRoot(services.pathInfos);
     // One cache of decoded directories for every VM.
     const directoryCache = new DirectoryCache(services.directories);
