@@ -44,7 +44,8 @@ export function virtiofsCommand(): Command {
         requestQueues: options.numRequestQueues,
         socketMode: options.socketMode,
         makeFilesystem: () => new ReadOnlyFilesystem(services.blobs, services.directories, root, { listRoot: options.listRoot, directoryCache }),
-        log,
+        log: logger.warn,
+        info: logger.info,
         // For comparing with and without the wait in poll(2) (docs/benchmarks.md).
         waitForKicks: process.env.NIXCAS_VIRTIOFS_WAIT_FOR_KICKS !== '0',
       });

@@ -11,7 +11,10 @@ export interface VirtioFsServerOptions {
   requestQueues: number;
   /** A fresh filesystem (inode table) for each FUSE session; they may share caches. */
   makeFilesystem(): ReadOnlyFilesystem;
+  /** What went wrong: a guest's bad request, a failed reply, a connection broken off. */
   log(message: string): void;
+  /** Front ends coming and going (defaults to log). */
+  info?(message: string): void;
   /** The socket's permissions (default 0600, whatever the umask). */
   socketMode?: number;
   /** Wait for kicks in poll(2) between turns whose requests were answered at once (default true). */
@@ -48,16 +51,17 @@ export class VirtioFsServer {
     // Whatever one VM's requests make us say is limited per connection, so a
     // guest flooding the log cannot crowd out what another one causes.
     const log = limitLog((message: string) => this.options.log(`connection ${id}: ${message}`));
+    const info = (message: string) => (this.options.info ?? this.options.log)(`connection ${id}: ${message}`);
     const device = new VirtioFsDevice({ requestQueues: this.options.requestQueues, makeFilesystem: this.options.makeFilesystem, log });
     const backend = new VhostUserBackend(fd, device, {
       log,
       waitForKicks: this.options.waitForKicks ?? true,
       onClosed: (reason) => {
         this.backends.delete(backend);
-        log(`closed (${reason})`);
+        info(`closed (${reason})`);
       },
     });
     this.backends.add(backend);
-    log('front end connected');
+    info('front end connected');
   }
 }
