@@ -4,9 +4,11 @@
 import assert from 'node:assert/strict';
 import { type ChildProcess, spawn } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { nixcas, removeDir, startNixcas, tempDir } from './helpers.js';
+import { CLI, nixcas, removeDir, startNixcas, tempDir } from './helpers.js';
+import { bootGuest, buildInitramfs, ensureVmPackages } from '../vmtest/harness.js';
 
 /** A datagram socket bound at `path`; each message received becomes one JSON line of its output. */
 async function receiver(path: string): Promise<{ child: ChildProcess; next: () => Promise<string> }> {
@@ -58,5 +60,70 @@ for (const [command, args, ready] of [
       systemd.child.kill();
       removeDir(work);
     }
+  });
+}
+
+test('socket activation (systemd-socket-activate): nar-bridge starts on the first connection, on the socket it was handed', async () => {
+  const work = tempDir('systemd-activate-bridge');
+  try {
+    writeFileSync(join(work, 'file'), 'activated\n');
+    assert.equal(nixcas(['import', '--store', join(work, 'store'), join(work, 'file')]).status, 0);
+    const port = await freePort();
+    const activator = spawn('/usr/bin/systemd-socket-activate', ['-l', `127.0.0.1:${port}`, process.execPath, CLI, 'nar-bridge', '--store', join(work, 'store')], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let output = '';
+    activator.stderr!.on('data', (d) => (output += d));
+    try {
+      await waitForOutput(() => output, `Listening on 127.0.0.1:${port}`);
+      // The first request is what starts nixcas: it waits in the socket's backlog meanwhile.
+      const response = await fetch(`http://127.0.0.1:${port}/nix-cache-info`);
+      assert.equal(response.status, 200);
+      assert.match(await response.text(), /StoreDir: \/nix\/store/);
+      assert.match(output, new RegExp(`nixcas nar-bridge: listening on http://127\\.0\\.0\\.1:${port}`));
+    } finally {
+      activator.kill('SIGTERM');
+    }
+  } finally {
+    removeDir(work);
+  }
+});
+
+test('socket activation: a QEMU guest connects to the socket before nixcas virtiofs runs, and mounts the store', { skip: process.getuid?.() !== 0 && 'boots QEMU as root' }, async () => {
+  ensureVmPackages();
+  const work = tempDir('systemd-activate-virtiofs');
+  try {
+    writeFileSync(join(work, 'file'), 'served after activation\n');
+    const path = nixcas(['import', '--store', join(work, 'store'), join(work, 'file')]).stdout.trim();
+    const socket = join(work, 'fs.sock');
+    const activator = spawn('/usr/bin/systemd-socket-activate', ['-l', socket, process.execPath, CLI, 'virtiofs', socket, '--store', join(work, 'store')], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let output = '';
+    activator.stderr!.on('data', (d) => (output += d));
+    try {
+      await waitForOutput(() => output, `Listening on ${socket}`);
+      const initramfs = buildInitramfs({ guestScript: `set -e\nmkdir -p /nix/store\ncapture mount mount -t virtiofs -o ro nixstore /nix/store\ncapture read cat ${path}` });
+      const r = await bootGuest({ initramfs, virtiofsSocket: socket, memoryMiB: 512, timeoutMs: 120_000 });
+      assert.equal(r.exitStatus, 0, `${r.output}\n--- activator and nixcas ---\n${output}`);
+      assert.equal(r.results['read.out'], 'served after activation');
+      assert.match(output, /nixcas virtiofs: listening on/);
+    } finally {
+      activator.kill('SIGTERM');
+    }
+  } finally {
+    removeDir(work);
+  }
+});
+
+async function waitForOutput(output: () => string, text: string): Promise<void> {
+  for (const deadline = Date.now() + 15_000; !output().includes(text); ) {
+    if (Date.now() > deadline) assert.fail(`never printed ${JSON.stringify(text)}: ${output()}`);
+    await new Promise((resolve) => setTimeout(resolve, 50)); // an external program's output
+  }
+}
+
+function freePort(): Promise<number> {
+  return new Promise((resolve) => {
+    const server = createServer().listen(0, '127.0.0.1', () => {
+      const { port } = server.address() as { port: number };
+      server.close(() => resolve(port));
+    });
   });
 }

@@ -1,7 +1,7 @@
 // `nixcas nar-bridge`: the store as an HTTP Nix binary cache until SIGINT/SIGTERM.
 import { readFileSync } from 'node:fs';
 import { makeLogger } from './log.js';
-import { notifySystemd } from './systemd.js';
+import { activationSocket, notifySystemd } from './systemd.js';
 import { Command, InvalidArgumentError } from 'commander';
 import { addLogOptions, addMetricsOption, addStoreOptions, addSubstitutionOptions, openServices } from './store-options.js';
 
@@ -58,14 +58,17 @@ export function narBridgeCommand(): Command {
     });
     await new Promise<void>((resolve, reject) => {
       bridge.server.once('error', reject);
-      bridge.server.listen({ host, port }, resolve);
+      // Socket activation: systemd made and bound the socket; it is fd 3.
+      const handedOver = activationSocket();
+      bridge.server.listen(handedOver !== undefined ? { fd: handedOver } : { host, port }, resolve);
     }).catch(async (err: NodeJS.ErrnoException) => {
       await services.close();
       throw new Error(`cannot listen on ${options.listen}: ${err.code === 'EADDRINUSE' ? 'the address is in use' : err.message}`);
     });
     const bound = bridge.server.address();
     const actualPort = typeof bound === 'object' && bound ? bound.port : port;
-    const shownHost = host.includes(':') ? `[${host}]` : host;
+    const boundHost = typeof bound === 'object' && bound ? bound.address : host; // as bound: a handed-over socket's own
+    const shownHost = boundHost.includes(':') ? `[${boundHost}]` : boundHost;
     const uploads = options.allowUpload ? (credentials ? 'uploads with credentials' : 'uploads open to anyone') : 'uploads off';
 
     let stopping = false;

@@ -16,3 +16,19 @@ export function notifySystemd(fields: Record<string, string>, log: (message: str
   }
 }
 let warned = false;
+
+/**
+ * The listening socket systemd handed over (socket activation: LISTEN_PID is this process and
+ * LISTEN_FDS at least 1; the first is fd 3), or undefined. The variables are removed, so that
+ * nothing this process starts takes them for its own.
+ */
+export function activationSocket(env: NodeJS.ProcessEnv = process.env): number | undefined {
+  if (env.LISTEN_PID === undefined || Number(env.LISTEN_PID) !== process.pid) return undefined;
+  const count = Number(env.LISTEN_FDS ?? 0);
+  delete env.LISTEN_PID;
+  delete env.LISTEN_FDS;
+  delete env.LISTEN_FDNAMES;
+  if (!(count >= 1)) return undefined;
+  if (count > 1) throw new Error(`systemd handed over ${count} sockets (LISTEN_FDS); this command listens on one`);
+  return 3;
+}

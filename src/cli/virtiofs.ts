@@ -1,7 +1,7 @@
 // `nixcas virtiofs SOCKET`: the store as /nix/store for VMs, over virtio-fs
 // (a vhost-user-fs back end for QEMU and cloud-hypervisor).
 import { makeLogger } from './log.js';
-import { notifySystemd } from './systemd.js';
+import { activationSocket, notifySystemd } from './systemd.js';
 import { Command, InvalidArgumentError } from 'commander';
 import { addLogOptions, addMetricsOption, addStoreOptions, addSubstitutionOptions, octalMode, openServices } from './store-options.js';
 
@@ -46,6 +46,7 @@ export function virtiofsCommand(): Command {
         makeFilesystem: () => new ReadOnlyFilesystem(services.blobs, services.directories, root, { listRoot: options.listRoot, directoryCache }),
         log: logger.warn,
         info: logger.info,
+        listeningFd: activationSocket(),
         // For comparing with and without the wait in poll(2) (docs/benchmarks.md).
         waitForKicks: process.env.NIXCAS_VIRTIOFS_WAIT_FOR_KICKS !== '0',
       });

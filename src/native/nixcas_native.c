@@ -783,8 +783,15 @@ static napi_value exec_process(napi_env env, napi_callback_info info) {
     args[i] = get_bytes_z(env, element);
     if (!args[i]) return NULL;
   }
-  // Node marks its stdio close-on-exec; the new image must keep them.
-  for (int fd = 0; fd <= 2; fd++) {
+  // Node marks its stdio close-on-exec; the new image must keep them, and the sockets systemd
+  // handed over (socket activation: fds 3 and up, LISTEN_PID being this process, which exec keeps).
+  int keep = 2;
+  const char *listen_pid = getenv("LISTEN_PID"), *listen_fds = getenv("LISTEN_FDS");
+  if (listen_pid && listen_fds && atol(listen_pid) == (long)getpid()) {
+    long count = atol(listen_fds);
+    if (count > 0 && count < 1024) keep = 2 + (int)count;
+  }
+  for (int fd = 0; fd <= keep; fd++) {
     int flags = fcntl(fd, F_GETFD);
     if (flags >= 0) fcntl(fd, F_SETFD, flags & ~FD_CLOEXEC);
   }

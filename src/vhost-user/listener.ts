@@ -15,7 +15,21 @@ export class UnixListener {
   private constructor(
     readonly path: string,
     private readonly fd: number,
+    /** The socket file is ours to remove on close (not when it was handed to us). */
+    private readonly ownsFile = true,
   ) {}
+
+  /**
+   * Accepts on a socket someone else made and listens on (systemd's socket
+   * activation): `fd`, already listening; its file is left alone on close.
+   */
+  static adopt(fd: number, path: string, onConnection: (fd: number) => void, log: (message: string) => void): UnixListener {
+    const made = native().setNonBlocking(fd);
+    if (made < 0) throw new ListenError(`cannot use the socket handed over as fd ${fd}: ${errnoName(-made)}`);
+    const listener = new UnixListener(path, fd, false);
+    listener.acceptOn(onConnection, log);
+    return listener;
+  }
 
   /**
    * Listens at `path`, a socket with permissions `mode` whatever the umask
@@ -40,7 +54,13 @@ export class UnixListener {
       throw new ListenError(`cannot give ${path} mode ${mode.toString(8)}: ${(err as Error).message}`);
     }
     const listener = new UnixListener(path, fd);
-    listener.watch = native().watch(fd, () => {
+    listener.acceptOn(onConnection, log);
+    return listener;
+  }
+
+  private acceptOn(onConnection: (fd: number) => void, log: (message: string) => void): void {
+    const fd = this.fd;
+    this.watch = native().watch(fd, () => {
       for (;;) {
         const client = native().accept(fd);
         if (client === -constants.errno.EAGAIN) return;
@@ -48,7 +68,6 @@ export class UnixListener {
         onConnection(client);
       }
     });
-    return listener;
   }
 
   /** Stops listening and removes the socket file; connections already made go on. */
@@ -56,6 +75,7 @@ export class UnixListener {
     if (this.watch) native().unwatch(this.watch);
     this.watch = undefined;
     closeAll([this.fd]);
+    if (!this.ownsFile) return;
     try {
       unlinkSync(this.path);
     } catch {

@@ -15,6 +15,8 @@ export interface VirtioFsServerOptions {
   log(message: string): void;
   /** Front ends coming and going (defaults to log). */
   info?(message: string): void;
+  /** A socket already listening (systemd's socket activation) to accept on, instead of making one at socketPath. */
+  listeningFd?: number;
   /** The socket's permissions (default 0600, whatever the umask). */
   socketMode?: number;
   /** Wait for kicks in poll(2) between turns whose requests were answered at once (default true). */
@@ -30,7 +32,9 @@ export class VirtioFsServer {
 
   static listen(options: VirtioFsServerOptions): VirtioFsServer {
     const server = new VirtioFsServer(options);
-    server.listener = UnixListener.listen(options.socketPath, (fd) => server.accept(fd), options.log, options.socketMode);
+    server.listener = options.listeningFd !== undefined
+      ? UnixListener.adopt(options.listeningFd, options.socketPath, (fd) => server.accept(fd), options.log)
+      : UnixListener.listen(options.socketPath, (fd) => server.accept(fd), options.log, options.socketMode);
     return server;
   }
 
