@@ -4,26 +4,22 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { CLI, nixcas, removeDir, startNixcas, tempDir } from './helpers.js';
+import { CLI, freePort, nixcas, removeDir, startNixcas, tempDir } from './helpers.js';
 
-function freePort(): Promise<number> {
-  return new Promise((resolve) => {
-    const server = createServer().listen(0, '127.0.0.1', () => {
-      const { port } = server.address() as { port: number };
-      server.close(() => resolve(port));
-    });
-  });
+/** A store under `work` holding one small store path, for a bridge to serve. */
+function storeWithOneFile(work: string): string {
+  const store = join(work, 'store');
+  writeFileSync(join(work, 'file'), 'logged\n');
+  assert.equal(nixcas(['import', '--store', store, join(work, 'file')]).status, 0);
+  return store;
 }
 
 test('--log-format json: one object a line, with time, level, cmd and msg; requests as kind access', async () => {
   const work = tempDir('log-json');
   try {
-    const store = join(work, 'store');
-    writeFileSync(join(work, 'file'), 'logged\n');
-    assert.equal(nixcas(['import', '--store', store, join(work, 'file')]).status, 0);
+    const store = storeWithOneFile(work);
     const bridge = await startNixcas(['nar-bridge', '--store', store, '--listen', '127.0.0.1:0', '--log-format', 'json'], 'listening on');
     const port = /listening on http:\/\/127\.0\.0\.1:(\d+)/.exec(bridge.output())![1];
     assert.equal((await fetch(`http://127.0.0.1:${port}/nix-cache-info`)).status, 200);
@@ -45,9 +41,7 @@ test('--log-format json: one object a line, with time, level, cmd and msg; reque
 test('--log-level warn leaves out start-up, stop and request lines; a bad level or format is refused', async () => {
   const work = tempDir('log-level');
   try {
-    const store = join(work, 'store');
-    writeFileSync(join(work, 'file'), 'quiet\n');
-    assert.equal(nixcas(['import', '--store', store, join(work, 'file')]).status, 0);
+    const store = storeWithOneFile(work);
     const port = await freePort();
     // Nothing is said at warn when all goes well, so the test waits for the port to answer.
     const bridge = spawn(process.execPath, [CLI, 'nar-bridge', '--store', store, '--listen', `127.0.0.1:${port}`, '--log-level', 'warn'], { stdio: ['ignore', 'ignore', 'pipe'] });

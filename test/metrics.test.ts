@@ -4,21 +4,10 @@
 import assert from 'node:assert/strict';
 import { type ChildProcess, spawn } from 'node:child_process';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { type Daemon, nixcas, removeDir, startDaemon, startNixcas, tempDir } from './helpers.js';
+import { freePort, nixcas, removeDir, startDaemon, startNixcas, tempDir, type Daemon } from './helpers.js';
 
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = createServer();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address() as { port: number };
-      server.close(() => resolve(port));
-    });
-  });
-}
 
 const metricsUrl = (server: Daemon) => /metrics at http:\/\/(127\.0\.0\.1:\d+)\/metrics/.exec(server.output())![1]!;
 

@@ -6,6 +6,9 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import * as net from 'node:net';
 import { join } from 'node:path';
+import { freePort } from './helpers.js';
+
+export { freePort };
 
 export interface Nginx {
   child: ChildProcess;
@@ -17,16 +20,6 @@ export interface Nginx {
   requests: () => string[];
 }
 
-export function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = net.createServer();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address() as { port: number };
-      server.close(() => resolve(port));
-    });
-  });
-}
 
 export function collectStderr(child: ChildProcess): () => string {
   let text = '';

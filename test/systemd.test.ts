@@ -4,10 +4,9 @@
 import assert from 'node:assert/strict';
 import { type ChildProcess, spawn } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { CLI, nixcas, removeDir, startNixcas, tempDir } from './helpers.js';
+import { CLI, freePort, nixcas, removeDir, startNixcas, tempDir } from './helpers.js';
 import { bootGuest, buildInitramfs, ensureVmPackages } from '../vmtest/harness.js';
 
 /** A datagram socket bound at `path`; each message received becomes one JSON line of its output. */
@@ -119,11 +118,3 @@ async function waitForOutput(output: () => string, text: string): Promise<void> 
   }
 }
 
-function freePort(): Promise<number> {
-  return new Promise((resolve) => {
-    const server = createServer().listen(0, '127.0.0.1', () => {
-      const { port } = server.address() as { port: number };
-      server.close(() => resolve(port));
-    });
-  });
-}
