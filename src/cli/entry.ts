@@ -10,8 +10,7 @@ import { isatty } from 'node:tty';
 import { parseArgs } from 'node:util';
 import type { AddressOptions } from '../services/addresses.js';
 import { writeNarNatively } from './native-nar.js';
-import { STORE_FLAGS } from './store-flags.js';
-import { storeFlagsAfterSubcommand } from './errors.js';
+import { STORE_FLAGS, storeFlagsAfterSubcommand } from './store-flags.js';
 
 /** True when the NAR was written; false to leave the invocation to main.ts. */
 function narFastPath(args: string[]): boolean {
@@ -31,7 +30,7 @@ function narFastPath(args: string[]): boolean {
 
 let handled = false;
 try {
-  handled = narFastPath(storeFlagsAfterSubcommand(process.argv.slice(2), STORE_FLAGS.map((f) => f.name)));
+  handled = narFastPath(storeFlagsAfterSubcommand(process.argv.slice(2)));
 } catch (err) {
   // Possibly after part of the NAR was written: main.ts must not start over.
   console.error(`nixcas: ${(err as Error).message}`);

@@ -57,28 +57,6 @@ function grpcListenError(message: string): string | undefined {
   return `cannot listen on ${where}: ${why}`;
 }
 
-/**
- * The store flags may come before the subcommand (`nixcas --store DIR nar …`):
- * they are moved after it, where each subcommand takes them.
- */
-export function storeFlagsAfterSubcommand(args: string[], flags: readonly string[]): string[] {
-  const moved: string[] = [];
-  let i = 0;
-  while (i < args.length && args[i]!.startsWith('--')) {
-    const [name, inline] = args[i]!.slice(2).split(/=(.*)/s, 2);
-    if (!flags.includes(name!)) return args; // --help, --version, or a mistake: commander answers
-    if (inline !== undefined) {
-      moved.push(args[i]!);
-      i += 1;
-    } else {
-      if (i + 1 >= args.length) return args;
-      moved.push(args[i]!, args[i + 1]!);
-      i += 2;
-    }
-  }
-  if (moved.length === 0 || i >= args.length) return args;
-  return [args[i]!, ...moved, ...args.slice(i + 1)];
-}
 
 /** `subject: why`, unless the description already starts by naming the subject. */
 export function describeAbout(subject: string, err: unknown): string {

@@ -9,8 +9,8 @@ import { virtiofsCommand } from './virtiofs.js';
 import { narCommand } from './nar.js';
 import { narBridgeCommand } from './nar-bridge.js';
 import { verifyCommand } from './verify.js';
-import { describeError, storeFlagsAfterSubcommand } from './errors.js';
-import { STORE_FLAGS } from './store-flags.js';
+import { describeError } from './errors.js';
+import { storeFlagsAfterSubcommand } from './store-flags.js';
 import { pathInfoCommand } from './path-info.js';
 import { lsCommand } from './ls.js';
 import { catCommand } from './cat.js';
@@ -39,7 +39,7 @@ const program = new Command('nixcas')
   .addCommand(lsCommand())
   .addCommand(catCommand());
 
-const argv = [...process.argv.slice(0, 2), ...storeFlagsAfterSubcommand(process.argv.slice(2), STORE_FLAGS.map((f) => f.name))];
+const argv = [...process.argv.slice(0, 2), ...storeFlagsAfterSubcommand(process.argv.slice(2))];
 program.parseAsync(argv).catch((err: Error) => {
   console.error(`nixcas: ${describeError(err)}`);
   process.exit(1);
