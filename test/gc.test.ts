@@ -164,6 +164,34 @@ test('delete refuses roots and referenced paths, naming why, and removes nothing
   }
 });
 
+test("gc stops, removing nothing, when a kept path's directory is missing", async () => {
+  const work = tempDir('gc-damaged');
+  try {
+    const store = join(work, 'store');
+    const kept = importTree(store, makeTree(join(work, 'kept'), 4, 21));
+    const garbage = importTree(store, makeTree(join(work, 'garbage'), 4, 22));
+    assert.equal(nixcas(['root', 'add', '--store', store, kept]).status, 0);
+    // The kept path's root directory goes missing (as verify --repair moves a damaged one aside).
+    const infos = new LocalPathInfoService(store);
+    const { LocalStore } = await import('../src/castore/backends/local.js');
+    const directories = LocalStore.directoryService(store);
+    try {
+      const info = (await infos.get(parseStorePath(kept).digest))!;
+      assert.equal(info.node.kind, 'directory');
+      assert.ok(await directories.quarantine((info.node as { node: { digest: Buffer } }).node.digest));
+    } finally {
+      await directories.close();
+      await infos.close();
+    }
+    const gc = nixcas(['gc', '--store', store]);
+    assert.equal(gc.status, 1);
+    assert.match(gc.stderr, new RegExp(`${kept} is incomplete: directory .* is missing; nothing was collected`));
+    assert.deepEqual(await registered(store), [kept, garbage].sort());
+  } finally {
+    removeDir(work);
+  }
+});
+
 test('gc in a loop against concurrent imports: every registered path stays complete', { timeout: 240_000 }, async () => {
   const work = tempDir('gc-concurrent');
   try {
