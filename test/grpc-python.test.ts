@@ -4,9 +4,9 @@ import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
-import { existsSync, mkdirSync, symlinkSync, writeFileSync } from 'node:fs';
+import { mkdirSync, symlinkSync, writeFileSync } from 'node:fs';
 import { blake3, digestKey } from '../src/castore/digest.js';
-import { type Daemon, ROOT, compilePythonStubs, nix, nixcas, removeDir, startDaemon, tempDir, verifyLocalStore } from './helpers.js';
+import { type Daemon, ROOT, compilePythonStubs, nix, nixcas, pythonReadOnlyChecks, removeDir, startDaemon, tempDir, verifyLocalStore } from './helpers.js';
 
 const PYTHON = '/usr/bin/python3'; // Debian's, where python3-grpcio lives
 let work: string;
@@ -75,14 +75,11 @@ test('daemon --read-only: every Put answers PERMISSION_DENIED to Python grpcio a
   const readOnly = await startDaemon(['--store', store, '--listen', socket, '--read-only']);
   try {
     assert.match(readOnly.output(), /listening on .*, read-only/);
-    const generated = join(work, 'generated');
-    if (!existsSync(generated)) compilePythonStubs(generated);
-    const client = spawnSync(PYTHON, [join(ROOT, 'test/python/read_only_client.py'), socket, generated, digest], { encoding: 'utf8', timeout: 60_000 });
-    assert.equal(client.status, 0, client.stderr);
+    const output = pythonReadOnlyChecks(socket, join(work, 'generated'), digest);
     for (const method of ['BlobService.Put', 'DirectoryService.Put', 'PathInfoService.Put']) {
-      assert.match(client.stdout, new RegExp(`${method}: PERMISSION_DENIED: this nixcas daemon is read-only`));
+      assert.match(output, new RegExp(`${method}: PERMISSION_DENIED: this nixcas daemon serves this address read-only`));
     }
-    assert.match(client.stdout, /BlobService.Read: 14 bytes/);
+    assert.match(output, /BlobService.Read: 14 bytes/);
   } finally {
     await readOnly.stop();
   }
@@ -90,4 +87,29 @@ test('daemon --read-only: every Put answers PERMISSION_DENIED to Python grpcio a
   const { blobs, problems } = await verifyLocalStore(store);
   assert.deepEqual(problems, []);
   assert.equal(blobs, 1);
+});
+
+test('daemon --listen A --listen-read-only B: B refuses every Put to Python grpcio and stores nothing, A stores', async () => {
+  const store = join(work, 'two-listeners-store');
+  writeFileSync(join(work, 'first'), 'stored first\n');
+  assert.equal(nixcas(['import', '--store', store, join(work, 'first')]).status, 0);
+  const writable = join(work, 'rw.sock');
+  const readOnly = join(work, 'ro.sock');
+  const server = await startDaemon(['--store', store, '--listen', writable, '--listen-read-only', readOnly]);
+  try {
+    assert.match(server.output(), new RegExp(`listening on ${writable}; ${readOnly}, read-only \\(`));
+    const output = pythonReadOnlyChecks(readOnly, join(work, 'generated'), digestKey(blake3(Buffer.from('stored first\n'))));
+    for (const method of ['BlobService.Put', 'DirectoryService.Put', 'PathInfoService.Put']) assert.match(output, new RegExp(`${method}: PERMISSION_DENIED`));
+    assert.match(output, /BlobService.Read: 13 bytes/);
+    // The same store, written through the other listener.
+    writeFileSync(join(work, 'second'), 'stored through the writable socket\n');
+    const remote = ['--blob-service-addr', `grpc+unix://${writable}`, '--directory-service-addr', `grpc+unix://${writable}`, '--path-info-service-addr', `grpc+unix://${writable}`];
+    const imported = nixcas(['import', ...remote, join(work, 'second')]);
+    assert.equal(imported.status, 0, imported.stderr);
+  } finally {
+    await server.stop();
+  }
+  const { blobs, problems } = await verifyLocalStore(store);
+  assert.deepEqual(problems, []);
+  assert.equal(blobs, 2); // the first file and the second: nothing from the refused Puts
 });

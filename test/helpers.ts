@@ -211,6 +211,17 @@ export function compilePythonStubs(dir: string): string {
   return dir;
 }
 
+/**
+ * Runs test/python/read_only_client.py (Debian's grpcio) against a daemon's unix socket: it tries
+ * the three Puts and reads the blob `digest`. Returns its output; fails the test if it failed.
+ */
+export function pythonReadOnlyChecks(socket: string, generated: string, digest: string): string {
+  if (!existsSync(generated)) compilePythonStubs(generated);
+  const client = spawnSync('/usr/bin/python3', [join(ROOT, 'test/python/read_only_client.py'), socket, generated, digest], { encoding: 'utf8', timeout: 60_000 });
+  if (client.status !== 0) throw new Error(`read_only_client.py failed (${client.status ?? client.signal}): ${client.stderr}`);
+  return client.stdout;
+}
+
 /** A TCP port on 127.0.0.1 that nothing listens on now. */
 export function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {

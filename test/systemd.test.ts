@@ -6,7 +6,8 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { CLI, freePort, nixcas, removeDir, startNixcas, tempDir } from './helpers.js';
+import { CLI, freePort, nixcas, pythonReadOnlyChecks, removeDir, startNixcas, tempDir } from './helpers.js';
+import { blake3, digestKey } from '../src/castore/digest.js';
 import { bootGuest, buildInitramfs, ensureVmPackages } from '../vmtest/harness.js';
 
 /** A datagram socket bound at `path`; each message received becomes one JSON line of its output. */
@@ -78,6 +79,37 @@ test('socket activation (systemd-socket-activate): nar-bridge starts on the firs
       assert.equal(response.status, 200);
       assert.match(await response.text(), /StoreDir: \/nix\/store/);
       assert.match(output, new RegExp(`nixcas nar-bridge: listening on http://127\\.0\\.0\\.1:${port}`));
+    } finally {
+      activator.kill('SIGTERM');
+    }
+  } finally {
+    removeDir(work);
+  }
+});
+
+test('socket activation: the daemon serves both sockets it was handed, the one named read-only refusing writes to Python grpcio', async () => {
+  const work = tempDir('systemd-activate-daemon');
+  try {
+    writeFileSync(join(work, 'file'), 'activated\n');
+    assert.equal(nixcas(['import', '--store', join(work, 'store'), join(work, 'file')]).status, 0);
+    const writable = join(work, 'rw.sock');
+    const readOnly = join(work, 'ro.sock');
+    const activator = spawn('/usr/bin/systemd-socket-activate', ['-l', writable, '-l', readOnly, '--fdname=store:read-only', process.execPath, CLI, 'daemon', '--store', join(work, 'store')], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let output = '';
+    activator.stderr!.on('data', (d) => (output += d));
+    try {
+      await waitForOutput(() => output, `Listening on ${readOnly}`);
+      // The first connection, the Python client's, is what starts nixcas.
+      const checks = pythonReadOnlyChecks(readOnly, join(work, 'generated'), digestKey(blake3(Buffer.from('activated\n'))));
+      for (const method of ['BlobService.Put', 'DirectoryService.Put', 'PathInfoService.Put']) assert.match(checks, new RegExp(`${method}: PERMISSION_DENIED`));
+      assert.match(checks, /BlobService.Read: 10 bytes/);
+      await waitForOutput(() => output, 'nixcas daemon: listening on'); // logged after it began to serve: may come after the answers
+      assert.match(output, new RegExp(`nixcas daemon: listening on ${writable} \\(from systemd\\); ${readOnly}, read-only \\(from systemd\\)`));
+      writeFileSync(join(work, 'second'), 'written through the other socket\n');
+      const remote = ['--blob-service-addr', `grpc+unix://${writable}`, '--directory-service-addr', `grpc+unix://${writable}`, '--path-info-service-addr', `grpc+unix://${writable}`];
+      const imported = nixcas(['import', ...remote, join(work, 'second')]);
+      assert.equal(imported.status, 0, imported.stderr);
+      assert.equal(nixcas(['cat', '--store', join(work, 'store'), `${imported.stdout.trim()}`]).stdout, 'written through the other socket\n');
     } finally {
       activator.kill('SIGTERM');
     }

@@ -17,18 +17,31 @@ export function notifySystemd(fields: Record<string, string>, log: (message: str
 }
 let warned = false;
 
+/** A socket systemd handed over: its descriptor and the unit's FileDescriptorName= for it (or ''). */
+export interface HandedSocket {
+  fd: number;
+  name: string;
+}
+
 /**
- * The listening socket systemd handed over (socket activation: LISTEN_PID is this process and
- * LISTEN_FDS at least 1; the first is fd 3), or undefined. The variables are removed, so that
- * nothing this process starts takes them for its own.
+ * The listening sockets systemd handed over (socket activation: LISTEN_PID is this process,
+ * LISTEN_FDS of them from fd 3 on, LISTEN_FDNAMES their names, colon-separated). The variables
+ * are removed, so that nothing this process starts takes them for its own.
  */
-export function activationSocket(env: NodeJS.ProcessEnv = process.env): number | undefined {
-  if (env.LISTEN_PID === undefined || Number(env.LISTEN_PID) !== process.pid) return undefined;
+export function activationSockets(env: NodeJS.ProcessEnv = process.env): HandedSocket[] {
+  if (env.LISTEN_PID === undefined || Number(env.LISTEN_PID) !== process.pid) return [];
   const count = Number(env.LISTEN_FDS ?? 0);
+  const names = (env.LISTEN_FDNAMES ?? '').split(':');
   delete env.LISTEN_PID;
   delete env.LISTEN_FDS;
   delete env.LISTEN_FDNAMES;
-  if (!(count >= 1)) return undefined;
-  if (count > 1) throw new Error(`systemd handed over ${count} sockets (LISTEN_FDS); this command listens on one`);
-  return 3;
+  if (!(count >= 1)) return [];
+  return Array.from({ length: count }, (_, i) => ({ fd: 3 + i, name: names[i] ?? '' }));
+}
+
+/** The one listening socket a command that listens once was handed (fd 3), or undefined. */
+export function activationSocket(env: NodeJS.ProcessEnv = process.env): number | undefined {
+  const sockets = activationSockets(env);
+  if (sockets.length > 1) throw new Error(`systemd handed over ${sockets.length} sockets (LISTEN_FDS); this command listens on one`);
+  return sockets[0]?.fd;
 }

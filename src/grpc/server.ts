@@ -1,7 +1,7 @@
 // One gRPC server exposing the castore services under tvix's and snix's
 // package names, plus the standard health and reflection services.
-import { chmodSync, readFileSync, existsSync, statSync, unlinkSync } from 'node:fs';
-import { connect } from 'node:net';
+import { chmodSync, readFileSync, readlinkSync, existsSync, statSync, unlinkSync } from 'node:fs';
+import { type Server as NetServer, connect, createServer as createNetServer } from 'node:net';
 import * as grpc from '@grpc/grpc-js';
 import { ReflectionService } from '@grpc/reflection';
 import { HealthImplementation } from 'grpc-health-check';
@@ -60,7 +60,7 @@ function withoutWrites(handlers: grpc.UntypedServiceImplementation): grpc.Untype
   return {
     ...handlers,
     Put: (_call: unknown, callback: grpc.sendUnaryData<unknown>) =>
-      callback({ code: grpc.status.PERMISSION_DENIED, details: 'this nixcas daemon is read-only (--read-only): it stores nothing' } as grpc.ServiceError),
+      callback({ code: grpc.status.PERMISSION_DENIED, details: 'this nixcas daemon serves this address read-only (--read-only, --listen-read-only or a socket named read-only): it stores nothing' } as grpc.ServiceError),
   };
 }
 
@@ -139,6 +139,54 @@ export async function listen(server: grpc.Server, address: string, socketMode = 
   }
   if (socketPath && socketMode !== 0o600) chmodSync(socketPath, socketMode);
   return port;
+}
+
+/** A listening socket someone else bound (systemd's socket activation), now serving gRPC. */
+export interface HandedListener {
+  listener: NetServer;
+  /** host:port, or the unix socket's path. */
+  where: string;
+  tcp: boolean;
+}
+
+/**
+ * Serves `server` on the listening socket `fd`: its connections are handed to
+ * grpc-js one by one (grpc-js binds only addresses itself). `credentials` picks
+ * TLS or not once the socket's kind is known.
+ */
+export async function serveHandedSocket(server: grpc.Server, fd: number, credentials: (tcp: boolean, where: string) => grpc.ServerCredentials): Promise<HandedListener> {
+  const listener = createNetServer();
+  await new Promise<void>((resolve, reject) => {
+    listener.once('error', reject);
+    listener.listen({ fd }, () => {
+      listener.off('error', reject);
+      resolve();
+    });
+  }).catch((err: Error) => {
+    throw new Error(`cannot serve on the socket systemd handed over (fd ${fd}): ${err.message}`);
+  });
+  const bound = listener.address();
+  const tcp = typeof bound === 'object' && bound !== null;
+  const where = tcp ? `${bound.address.includes(':') ? `[${bound.address}]` : bound.address}:${bound.port}` : (bound ?? unixSocketPath(fd));
+  const injector = server.createConnectionInjector(credentials(tcp, where));
+  listener.on('connection', (socket) => injector.injectConnection(socket));
+  return { listener, where, tcp };
+}
+
+/**
+ * The path a unix socket descriptor is bound to, from /proc (Node's address() has none for a
+ * socket it did not bind): its inode, looked up in /proc/net/unix.
+ */
+function unixSocketPath(fd: number): string {
+  try {
+    const inode = /^socket:\[(\d+)\]$/.exec(readlinkSync(`/proc/self/fd/${fd}`))?.[1];
+    const line = readFileSync('/proc/self/net/unix', 'utf8').split('\n').find((row) => row.split(/\s+/)[6] === inode);
+    const path = line?.split(/\s+/)[7];
+    if (path) return path;
+  } catch {
+    // no /proc: the descriptor will do
+  }
+  return `unix socket fd ${fd}`;
 }
 
 let quiet = false;
