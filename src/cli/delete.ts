@@ -2,6 +2,7 @@
 import { Command } from 'commander';
 import { Progress } from './progress.js';
 import { addStoreOptions } from './store-options.js';
+import { withSmallYoungGeneration } from './young-generation.js';
 import { localStoreOf } from './collection-flags.js';
 import { storePathArgument } from './store-path-argument.js';
 import { printReport } from './gc.js';
@@ -19,6 +20,7 @@ export function deleteCommand(): Command {
     .option('--json', 'print the report as JSON on stdout');
   return addStoreOptions(command).action(async (raw: string[], options) => {
     const root = localStoreOf(options, 'delete');
+    withSmallYoungGeneration(); // a walk over every record: a bounded young generation keeps RSS down
     const paths = raw.map((r) => storePathArgument(r).storePath);
     const { deletePaths } = await import('../store/gc.js');
     const progress = new Progress();

@@ -2,6 +2,7 @@
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { Progress, formatBytes } from './progress.js';
 import { addStoreOptions } from './store-options.js';
+import { withSmallYoungGeneration } from './young-generation.js';
 import { localStoreOf, parseDuration, parseSize } from './collection-flags.js';
 import type { CollectionReport } from '../store/gc.js';
 
@@ -34,6 +35,7 @@ export function gcCommand(): Command {
     .option('--json', 'print the report as JSON on stdout');
   return addStoreOptions(command).action(async (options) => {
     const root = localStoreOf(options, 'gc');
+    withSmallYoungGeneration(); // a walk over every record: a bounded young generation keeps RSS down
     const { collectGarbage } = await import('../store/gc.js');
     const progress = new Progress();
     const report = await collectGarbage(root, {

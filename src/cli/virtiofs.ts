@@ -1,6 +1,7 @@
 // `nixcas virtiofs SOCKET`: the store as /nix/store for VMs, over virtio-fs
 // (a vhost-user-fs back end for QEMU and cloud-hypervisor).
 import { makeLogger } from './log.js';
+import { withSmallYoungGeneration } from './young-generation.js';
 import { activationSocket, notifySystemd } from './systemd.js';
 import { Command, InvalidArgumentError } from 'commander';
 import { addLogOptions, addMetricsOption, addStoreOptions, addSubstitutionOptions, octalMode, openServices } from './store-options.js';
@@ -24,7 +25,7 @@ export function virtiofsCommand(): Command {
     .option('--num-request-queues <n>', "request queues besides the high-priority one: QEMU's num-request-queues, cloud-hypervisor's num_queues", positiveInteger, 1)
     .option('--socket-mode <octal>', 'permissions of the socket file, whatever the umask (default 0600); e.g. 0660 to let a group of VM users connect', octalMode);
   return addLogOptions(addMetricsOption(addSubstitutionOptions(addStoreOptions(command)))).action(async (socketPath: string, options) => {
-    await withSmallYoungGeneration();
+    withSmallYoungGeneration();
     const [{ ReadOnlyFilesystem }, { DirectoryCache }, { VirtioFsServer }, { storePathRoot }] = await Promise.all([
       import('../fs/filesystem.js'),
       import('../fs/directory-cache.js'),
@@ -84,20 +85,4 @@ function positiveInteger(value: string): number {
   const n = Number(value);
   if (!Number.isInteger(n) || n < 1 || n > 64) throw new InvalidArgumentError('expected a whole number from 1 to 64');
   return n;
-}
-
-
-/**
- * V8 lets its young generation grow to 3 × 16 MiB; a daemon answering small
- * requests for hours does as well with 2 MiB semi-spaces and keeps 25 MB less
- * private memory (measured while serving a VM: RssAnon 60 → 35 MB). Node reads
- * the flag only at start-up, so the process re-executes itself with it (same
- * pid, so a service manager sees nothing).
- */
-async function withSmallYoungGeneration(): Promise<void> {
-  const flag = '--max-semi-space-size';
-  if ([...process.execArgv, process.env.NODE_OPTIONS ?? ''].some((arg) => arg.includes(flag))) return;
-  const { native } = await import('../native/index.js');
-  native().exec(process.execPath, [process.execPath, `${flag}=2`, ...process.execArgv, ...process.argv.slice(1)]);
-  // exec returns only when it failed: carry on with the default heap.
 }

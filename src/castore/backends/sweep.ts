@@ -45,10 +45,11 @@ export async function sweepLocalStore(root: string, live: LiveObjects, options: 
   try {
     // Keys only: a live record's value is never read (its pages would count in this process's RSS).
     const deadRecords = (db: typeof store.directories, liveSet: Set<string>) => {
-      const dead: Buffer[] = [];
+      const dead = new DigestList();
       for (const key of db.getKeys()) {
-        if (liveSet.has(digestKey(key as Buffer))) continue;
-        dead.push(Buffer.from(key as Buffer));
+        // A key that is no digest is no object of ours: left alone.
+        if ((key as Buffer).length !== 32 || liveSet.has(digestKey(key as Buffer))) continue;
+        dead.push(key as Buffer);
         report.recordBytes += db.getBinaryFast(key as Buffer)?.length ?? 0;
       }
       return dead;
@@ -57,7 +58,7 @@ export async function sweepLocalStore(root: string, live: LiveObjects, options: 
     report.directories = deadDirectories.length;
     if (!options.dryRun && deadDirectories.length) {
       await committed(root, `the removal of ${deadDirectories.length} directories`, store.directories.transaction(() => {
-        for (const key of deadDirectories) store.directories.removeSync(key);
+        for (const key of deadDirectories.keys()) store.directories.removeSync(key);
       }));
     }
     options.onProgress?.(report);
@@ -66,9 +67,9 @@ export async function sweepLocalStore(root: string, live: LiveObjects, options: 
     // In batches: a transaction holds a copy of every page it changes. With no dead directory
     // left, no directory names these blobs, so a crash between batches loses nothing.
     for (let at = 0; !options.dryRun && at < deadSmall.length; at += SMALL_BLOB_BATCH) {
-      const batch = deadSmall.slice(at, at + SMALL_BLOB_BATCH);
-      await committed(root, `the removal of ${batch.length} small blobs`, store.smallBlobs.transaction(() => {
-        for (const key of batch) store.smallBlobs.removeSync(key);
+      const end = Math.min(at + SMALL_BLOB_BATCH, deadSmall.length);
+      await committed(root, `the removal of ${end - at} small blobs`, store.smallBlobs.transaction(() => {
+        for (const key of deadSmall.keys(at, end)) store.smallBlobs.removeSync(key);
       }));
     }
     options.onProgress?.(report);
@@ -86,6 +87,25 @@ export async function sweepLocalStore(root: string, live: LiveObjects, options: 
     return report;
   } finally {
     await store.release();
+  }
+}
+
+/** Digests (32 bytes each) packed in one growing buffer: a collection lists tens of thousands. */
+class DigestList {
+  private bytes = Buffer.allocUnsafe(32 * 1024);
+  length = 0;
+
+  push(digest: Buffer): void {
+    if ((this.length + 1) * 32 > this.bytes.length) {
+      const grown = Buffer.allocUnsafe(this.bytes.length * 2);
+      this.bytes.copy(grown);
+      this.bytes = grown;
+    }
+    digest.copy(this.bytes, this.length++ * 32);
+  }
+
+  *keys(from = 0, to = this.length): Generator<Buffer> {
+    for (let i = from; i < to; i++) yield this.bytes.subarray(i * 32, i * 32 + 32);
   }
 }
 
