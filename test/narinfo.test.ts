@@ -59,6 +59,9 @@ test('narinfo: formatted in Nix\'s field order with Compression: none, and parse
   assert.equal(parsed.references.length, 2);
   assert.equal(formatContentAddress({ type: 'FLAT_SHA1', digest: Buffer.alloc(20) }), `fixed:sha1:${'0'.repeat(32)}`);
   assert.equal(formatContentAddress({ type: 'TEXT_SHA256', digest: Buffer.alloc(32) }), `text:sha256:${'0'.repeat(52)}`);
+  assert.equal(parsed.castoreDirectory, undefined); // a file root: nothing to fetch object by object
+  const directoryRoot: PathInfo = { ...info, node: { kind: 'directory', node: { name: Buffer.from('x'), digest: Buffer.alloc(32, 9), size: 1 } } };
+  assert.deepEqual(parseNarInfo(formatNarInfo(directoryRoot, PATH, 'nar/x.nar')).castoreDirectory, Buffer.alloc(32, 9));
   // A narinfo without Compression means bzip2 to Nix; we parse it the same way.
   assert.equal(parseNarInfo(text.replace('Compression: none\n', '')).compression, 'bzip2');
 });
@@ -75,6 +78,7 @@ test('narinfo: malformed ones are refused with the field named', () => {
     [good.replace(/^Sig: .*$/m, 'Sig: nokey'), /Sig/],
     [good + 'garbage line\n', /not "Key: value"/],
     [good + 'NarSize: 5\n', /NarSize twice/],
+    [good + `CastoreDirectory: ${'0'.repeat(63)}\n`, /CastoreDirectory: .* is not a hex BLAKE3 digest/],
   ];
   for (const [text, message] of cases) assert.throws(() => parseNarInfo(text), message);
 });

@@ -9,10 +9,11 @@
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
 import { cpSync, mkdirSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
+import http from 'node:http';
 import net from 'node:net';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
-import { CLI, ROOT, buildClosureFixture, type Daemon, nix, nixcas, nixcasBytes, removeDir, startDaemon, startNixcas, tempDir } from './helpers.js';
+import { CLI, ROOT, buildClosureFixture, type Daemon, nix, nixcas, nixcasBytes, removeDir, seededBytes, startDaemon, startNixcas, tempDir } from './helpers.js';
 import { type Nginx, startNginx, stopNginx } from './nginx.js';
 
 const NGINX = '/usr/sbin/nginx';
@@ -315,4 +316,77 @@ async function nixcasAsync(args: string[]): Promise<{ status: number | null; std
   child.stderr.on('data', (d) => (stderr += d));
   const status = await new Promise<number | null>((resolve) => child.once('exit', resolve));
   return { status, stderr };
+}
+
+test('copy --from another nixcas nar-bridge fetches only the blobs the store lacks (castore objects, not the NAR); a bridge that sends a wrong blob gets the NAR fetched instead', async () => {
+  const upstream = join(work, 'store-upstream-nixcas');
+  const first = join(work, 'objects-first');
+  mkdirSync(join(first, 'share'), { recursive: true });
+  writeFileSync(join(first, 'large'), seededBytes(300_000, 23)); // a blob file, not a small blob
+  writeFileSync(join(first, 'share', 'small'), 'shared small file\n');
+  const second = join(work, 'objects-second');
+  cpSync(first, second, { recursive: true });
+  writeFileSync(join(second, 'share', 'new'), seededBytes(5000, 29)); // the one blob the local store lacks
+  const [firstPath, secondPath] = [first, second].map((tree) => {
+    const run = nixcas(['import', '--store', upstream, tree]);
+    assert.equal(run.status, 0, run.stderr);
+    return run.stdout.trim();
+  });
+  const own = makeKey('objects-1');
+  const bridge = await startNixcas(['nar-bridge', '--store', upstream, '--listen', '127.0.0.1:0', '--sign-key', own.secretFile], 'listening on');
+  const base = /listening on (http:\/\/127\.0\.0\.1:\d+)/.exec(bridge.output())![1]!;
+  const lying = await tamperingProxy(base, (path) => path.startsWith('/castore/blob/'));
+  try {
+    const narinfo = await (await fetch(`${base}/${hashPart(secondPath!)}.narinfo`)).text();
+    assert.match(narinfo, /^CastoreDirectory: [0-9a-f]{64}$/m);
+    const gets = (prefix: string) => bridge.output().split('\n').filter((line) => line.includes(`"GET ${prefix}`)).length;
+    // The bridge logs a request once it is answered: a marker request's line comes after every earlier one.
+    let markers = 0;
+    const logged = async () => {
+      const marker = `/nix-cache-info?marker=${++markers}`;
+      await (await fetch(`${base}${marker}`)).text();
+      for (const deadline = Date.now() + 10_000; !bridge.output().includes(`GET ${marker} `); ) {
+        if (Date.now() > deadline) assert.fail(`the bridge never logged ${marker}`);
+        await new Promise((resolve) => setTimeout(resolve, 20)); // another process's output
+      }
+    };
+
+    const local = join(work, 'store-objects-local');
+    assert.equal(nixcas(['import', '--store', local, first]).stdout.trim(), firstPath);
+    const run = copyFrom(local, [base], [secondPath!], ['--trusted-public-key', own.publicKey]);
+    assert.equal(run.status, 0, run.stderr);
+    await logged();
+    assert.equal(gets("/castore/directories/"), 1, bridge.output() + run.stderr);
+    assert.equal(gets('/castore/blob/'), 1, bridge.output());
+    assert.equal(gets('/nar/'), 0, 'no NAR was fetched');
+    assert.deepEqual(nixcasBytes(['nar', '--store', local, secondPath!]), nixcasBytes(['nar', '--store', upstream, secondPath!]));
+
+    // Through a proxy that flips a byte of every blob: the objects are refused, the NAR is fetched and checked.
+    const fooled = join(work, 'store-objects-fooled');
+    assert.equal(nixcas(['import', '--store', fooled, first]).status, 0);
+    const refused = await nixcasAsync(['copy', '--store', fooled, '--from', lying.url, '--trusted-public-key', own.publicKey, secondPath!]);
+    assert.equal(refused.status, 0, refused.stderr);
+    await logged();
+    assert.match(refused.stderr, new RegExp(`substituter ${lying.url}: ${secondPath}: fetching its objects failed \\(${lying.url}/castore/blob/[0-9a-f]{64}: the bytes sent hash to .*\\); fetching the NAR instead`));
+    assert.equal(gets('/nar/'), 1);
+    assert.deepEqual(nixcasBytes(['nar', '--store', fooled, secondPath!]), nixcasBytes(['nar', '--store', upstream, secondPath!]));
+    const verify = nixcas(['verify', '--store', fooled]);
+    assert.equal(verify.status, 0, verify.stdout + verify.stderr);
+  } finally {
+    lying.close();
+    await bridge.stop();
+  }
+});
+
+/** An HTTP proxy in front of `base` that flips the first byte of the body of every response whose path `tamper` picks. */
+async function tamperingProxy(base: string, tamper: (path: string) => boolean): Promise<{ url: string; close: () => void }> {
+  const server = http.createServer(async (request, response) => {
+    const upstream = await fetch(`${base}${request.url}`);
+    const body = Buffer.from(await upstream.arrayBuffer());
+    if (tamper(request.url ?? '') && body.length > 0) body[0] ^= 0xff;
+    response.writeHead(upstream.status, { 'Content-Type': upstream.headers.get('content-type') ?? 'application/octet-stream', 'Content-Length': body.length });
+    response.end(body);
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return { url: `http://127.0.0.1:${(server.address() as net.AddressInfo).port}`, close: () => server.close() };
 }

@@ -12,7 +12,7 @@ export interface MetricSources {
   fuse?: { counters: typeof import('../fuse/counters.js').fuseCounters; opcodeName: (opcode: number) => string };
   grpc?: { calls: Map<string, number>; errors: Float64Array };
   http?: typeof import('../narbridge/counters.js');
-  substitution?: { fetched: number; refused: number; failed: number };
+  substitution?: { fetched: number; refused: number; failed: number; objectBytesSkipped: number };
   /** Connected vhost-user front ends (VMs), read when scraped. */
   connections?: () => number;
 }
@@ -59,6 +59,7 @@ export function metricsRegistry(sources: MetricSources): Registry {
     totals(registry, 'nixcas_substitutions_total', 'Store paths asked of substituters, by outcome', ['outcome'], (set) => {
       for (const outcome of ['fetched', 'refused', 'failed'] as const) set({ outcome }, substitution[outcome]);
     });
+    totals(registry, 'nixcas_substitution_skipped_bytes_total', 'Blob bytes another nixcas did not send because this store had them', [], (set) => set({}, substitution.objectBytesSkipped));
   }
   if (connections) {
     new Gauge({ name: 'nixcas_vhost_user_connections', help: 'Connected vhost-user front ends (VMs)', registers: [registry], collect() { this.set(connections()); } });

@@ -20,6 +20,7 @@ export function routeOf(method: string | undefined, url: string | undefined): st
   if (path === '/nix-cache-info') return 'cache-info';
   if (/^\/[0-9a-z]{32}\.narinfo$/.test(path)) return method === 'PUT' ? 'narinfo-upload' : 'narinfo';
   if (path.startsWith('/nar/')) return method === 'PUT' ? 'nar-upload' : 'nar';
+  if (path.startsWith('/castore/')) return 'castore';
   return 'other';
 }
 

@@ -16,7 +16,10 @@ export type Route =
   | { kind: 'nar'; hashPart: string; digest: Buffer; narSha256: Buffer }
   /** An uploaded NAR file, by the SHA-256 of its (maybe compressed) bytes: nar/<file hash>.nar[.xz|.zst]. */
   | { kind: 'upload'; fileSha256: Buffer; compression: Compression }
-  | { kind: 'unsupported-compression'; suffix: string };
+  | { kind: 'unsupported-compression'; suffix: string }
+  /** castore objects by BLAKE3 digest, for another nixcas that fetches only what it lacks: castore/directories/<hex> is a directory's closure, castore/blob/<hex> a blob. */
+  | { kind: 'castore-directories'; digest: Buffer }
+  | { kind: 'castore-blob'; digest: Buffer };
 
 export class BadRequestError extends Error {
   constructor(message: string, readonly status = 400) {
@@ -29,6 +32,7 @@ const NAR_HASH = '[0-9a-df-np-sv-z]{52}';
 const NARINFO = new RegExp(`^/(${HASH_PART})\\.narinfo$`);
 const REGISTERED_NAR = new RegExp(`^/nar/(${HASH_PART})/(${NAR_HASH})\\.nar$`);
 const UPLOADED_NAR = new RegExp(`^/nar/(${NAR_HASH})\\.nar(\\.[a-z0-9]+)?$`);
+const CASTORE = /^\/castore\/(directories|blob)\/([0-9a-f]{64})$/;
 
 /** The route for a request target (path and query), or undefined when there is none (404). */
 export function parseRoute(target: string): Route | undefined {
@@ -58,6 +62,8 @@ function routeOf(target: string): Route | undefined {
     if (!compression) return { kind: 'unsupported-compression', suffix };
     return { kind: 'upload', fileSha256: nixbase32.decode(match[1]!), compression };
   }
+  match = CASTORE.exec(path);
+  if (match) return { kind: match[1] === 'blob' ? 'castore-blob' : 'castore-directories', digest: Buffer.from(match[2]!, 'hex') };
   return undefined;
 }
 

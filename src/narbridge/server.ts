@@ -4,6 +4,7 @@
 import { type IncomingMessage, type Server, type ServerResponse, createServer } from 'node:http';
 import { AlreadyExistsError, InvalidInputError, isStorageFull } from '../castore/errors.js';
 import { type Node, withName } from '../castore/model.js';
+import { encodeDirectory } from '../castore/wire.js';
 import { type CastoreServices, renderNar } from '../store/nar/render.js';
 import { formatNarHash, formatNarInfo, narInfoFingerprint, parseNarInfo } from '../store/narinfo.js';
 import * as nixbase32 from '../store/nixbase32.js';
@@ -51,6 +52,8 @@ const MAX_NARINFO_BYTES = 2 * 1024 * 1024;
 const DRAIN_LIMIT = 64 * 1024;
 
 const TEXT = 'text/plain; charset=utf-8';
+/** NARs and castore objects are addressed by their contents: they never change. */
+const IMMUTABLE = 'public, max-age=31536000, immutable';
 const IDLE_TIMEOUT_MS = 5 * 60 * 1000;
 
 /** Per request: what the access log needs, and whether the client waits for 100 Continue. */
@@ -66,6 +69,8 @@ function methodsFor(route: Route): string[] {
   switch (route.kind) {
     case 'cache-info':
     case 'nar':
+    case 'castore-directories':
+    case 'castore-blob':
       return ['GET', 'HEAD'];
     case 'narinfo':
     case 'upload':
@@ -230,6 +235,8 @@ export class NarBridge {
       case 'nar': return this.getNar(exchange, route);
       case 'upload': return this.getUploaded(exchange, route);
       case 'unsupported-compression': return this.send(exchange, 404, 'not found\n');
+      case 'castore-directories': return this.getDirectories(exchange, route.digest);
+      case 'castore-blob': return this.getBlob(exchange, route.digest);
     }
   }
 
@@ -302,7 +309,7 @@ export class NarBridge {
       'Content-Type': 'application/x-nix-nar',
       'Accept-Ranges': 'bytes',
       ETag: etag,
-      'Cache-Control': 'public, max-age=31536000, immutable',
+      'Cache-Control': IMMUTABLE,
     };
     if (answer.kind === 'unsatisfiable') return this.send(exchange, 416, 'range not satisfiable\n', { ...headers, 'Content-Type': TEXT, 'Content-Range': `bytes */${narSize}` });
     const range = answer.kind === 'partial' ? answer.range : { start: 0, end: narSize };
@@ -328,6 +335,46 @@ export class NarBridge {
       await chunks.return(undefined);
     }
     if (sent !== range.end - range.start) throw new Error(`the NAR rendered is ${sent} bytes, not the ${range.end - range.start} its PathInfo says`);
+    response.end();
+  }
+
+  /**
+   * A directory and every directory below it, root first, each digest once: each as a 4-byte
+   * little-endian length and the canonical encoding its BLAKE3 digest is of. The reader checks
+   * every one against a digest it already holds (castore/remote-bridge.ts).
+   */
+  private async getDirectories(exchange: Exchange, digest: Buffer): Promise<void> {
+    const { request, response } = exchange;
+    const { directories } = this.options.services;
+    if (!(await directories.get(digest))) return this.send(exchange, 404, 'not found\n');
+    response.writeHead(200, { 'Content-Type': 'application/x-nixcas-directories', 'Cache-Control': IMMUTABLE });
+    if (request.method === 'HEAD') return void response.end();
+    for await (const directory of directories.getRecursive(digest)) {
+      if (response.destroyed) return;
+      const encoded = encodeDirectory(directory);
+      const frame = Buffer.allocUnsafe(4 + encoded.length);
+      frame.writeUInt32LE(encoded.length, 0);
+      encoded.copy(frame, 4);
+      exchange.log.bodyBytes += frame.length;
+      if (!response.write(frame)) await drainedOrClosed(response);
+    }
+    response.end();
+  }
+
+  /** A blob's bytes, read verified. */
+  private async getBlob(exchange: Exchange, digest: Buffer): Promise<void> {
+    const { request, response } = exchange;
+    const { blobs } = this.options.services;
+    const stat = await blobs.stat(digest);
+    const chunks = stat && request.method !== 'HEAD' ? await blobs.readStream(digest) : undefined;
+    if (!stat || (request.method !== 'HEAD' && !chunks)) return this.send(exchange, 404, 'not found\n');
+    response.writeHead(200, { 'Content-Type': 'application/octet-stream', 'Content-Length': stat.size, 'Cache-Control': IMMUTABLE });
+    if (!chunks) return void response.end();
+    for await (const chunk of chunks) {
+      if (response.destroyed) return;
+      exchange.log.bodyBytes += chunk.length;
+      if (!response.write(chunk)) await drainedOrClosed(response);
+    }
     response.end();
   }
 

@@ -60,6 +60,16 @@ export class BinaryCache {
     return { url: url.href, body: this.base.protocol === 'file:' ? fileBody(url) : this.httpBody(url) };
   }
 
+  /** Whether the cache may serve castore objects (a nixcas nar-bridge does, over http(s)). */
+  get servesCastore(): boolean {
+    return this.base.protocol !== 'file:';
+  }
+
+  /** A castore object of a nixcas nar-bridge: castore/directories/<hex> or castore/blob/<hex>. */
+  castore(path: string): AsyncIterable<Uint8Array> {
+    return this.httpBody(new URL(`castore/${path}`, this.base));
+  }
+
   private async fetchText(url: URL): Promise<string | undefined> {
     if (url.protocol === 'file:') {
       try {

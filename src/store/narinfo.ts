@@ -22,6 +22,13 @@ export interface NarInfo {
   deriver?: StorePath;
   signatures: Signature[];
   ca?: ContentAddress;
+  /**
+   * nixcas's own line, `CastoreDirectory: <hex BLAKE3>`: the path's root directory in the
+   * serving store's castore, so that another nixcas can fetch only the objects it lacks
+   * (castore/directories/… and castore/blob/… on the same bridge). Not signed: what is fetched
+   * through it is checked against the signed NarHash before it is registered.
+   */
+  castoreDirectory?: Buffer;
 }
 
 /** `sha256:<nixbase32>`, the form Nix writes in narinfos and fingerprints. */
@@ -61,6 +68,7 @@ export function formatNarInfo(info: PathInfo, storePath: StorePath, url: string,
   if (info.deriver) lines.push(`Deriver: ${formatBasename(derivationPath(info.deriver))}`);
   for (const signature of [...info.signatures, ...extraSignatures]) lines.push(`Sig: ${formatSignature(signature)}`);
   if (info.ca) lines.push(`CA: ${formatContentAddress(info.ca)}`);
+  if (info.node.kind === 'directory') lines.push(`CastoreDirectory: ${info.node.node.digest.toString('hex')}`);
   return lines.join('\n') + '\n';
 }
 
@@ -138,5 +146,9 @@ export function parseNarInfo(text: string): NarInfo {
     deriver,
     signatures,
     ca: optional('CA', parseContentAddress),
+    castoreDirectory: optional('CastoreDirectory', (value) => {
+      if (!/^[0-9a-f]{64}$/.test(value)) throw new Error(`${JSON.stringify(value.slice(0, 100))} is not a hex BLAKE3 digest`);
+      return Buffer.from(value, 'hex');
+    }),
   };
 }

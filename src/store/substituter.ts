@@ -8,7 +8,9 @@
 // closure is incomplete. Lookups of the same missing path at once share one
 // fetch; a path no cache has is remembered as missing for a short time.
 import { createHash } from 'node:crypto';
-import { withName } from '../castore/model.js';
+import { type Node, withName } from '../castore/model.js';
+import { fetchTree } from './castore-fetch.js';
+import { calculateNar } from './nar/render.js';
 import type { BinaryCache } from './binary-cache.js';
 import type { StoreServices } from './import.js';
 import { type NarCompression, decompress, isNarCompression } from './nar/decompress.js';
@@ -58,8 +60,11 @@ class Slots {
   }
 }
 
-/** Paths fetched, refused (signature, wrong path) and failed (upstream, bad NAR) by every substituter, for metrics. */
-export const substitutionCounts = { fetched: 0, refused: 0, failed: 0 };
+/**
+ * Paths fetched, refused (signature, wrong path) and failed (upstream, bad NAR) by every
+ * substituter, and the blob bytes another nixcas did not have to send, for metrics.
+ */
+export const substitutionCounts = { fetched: 0, refused: 0, failed: 0, objectBytesSkipped: 0 };
 
 export class Substituter {
   private readonly inFlight = new Map<string, Promise<PathInfo | undefined>>();
@@ -191,8 +196,38 @@ export class Substituter {
     if (!info) throw new SubstitutionError(`its reference ${path} is neither in the store nor in any substituter`);
   }
 
+  /** Fetches, checks and stores the path's tree; returns its root (unnamed). */
+  private async download(cache: BinaryCache, narInfo: NarInfo): Promise<Node> {
+    if (narInfo.castoreDirectory && cache.servesCastore) {
+      try {
+        return await this.downloadObjects(cache, narInfo, narInfo.castoreDirectory);
+      } catch (err) {
+        this.options.log(`substituter ${cache.url}: ${formatStorePath(narInfo.storePath)}: fetching its objects failed (${(err as Error).message}); fetching the NAR instead`);
+      }
+    }
+    return this.downloadNar(cache, narInfo);
+  }
+
+  /**
+   * From another nixcas: only the blobs the store lacks (castore-fetch.ts), then the tree's NAR
+   * is rendered here and must be the one the signed narinfo names.
+   */
+  private async downloadObjects(cache: BinaryCache, narInfo: NarInfo, rootDigest: Buffer): Promise<Node> {
+    const tree = await fetchTree(cache, rootDigest, this.local, {
+      maxDirectoryBytes: narInfo.narSize + 65536,
+      jobs: 4,
+      onBytes: this.options.onBytes,
+    });
+    const nar = await calculateNar(tree.root, this.local);
+    if (nar.size !== narInfo.narSize || !nar.sha256.equals(narInfo.narSha256)) {
+      throw new SubstitutionError(`its objects make a NAR of ${nar.size} bytes hashing to ${formatNarHash(nar.sha256)}, its narinfo says ${narInfo.narSize} bytes, ${formatNarHash(narInfo.narSha256)}`);
+    }
+    substitutionCounts.objectBytesSkipped += tree.bytesPresent;
+    return tree.root;
+  }
+
   /** Fetches, checks and stores the NAR; returns its root (unnamed). */
-  private async download(cache: BinaryCache, narInfo: NarInfo) {
+  private async downloadNar(cache: BinaryCache, narInfo: NarInfo): Promise<Node> {
     const { url, body } = cache.nar(narInfo.url);
     const compression = narInfo.compression as NarCompression;
     const fileHash = narInfo.fileSha256 && compression !== 'none' ? createHash('sha256') : undefined;
