@@ -6,8 +6,9 @@
 // `nix copy --from` into a fresh chroot store, both checking signatures.
 // Then a second `nixcas copy --from` of the same path, which must make no
 // upstream request (nginx's access log counts them).
-import { spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { spawn, spawnSync } from 'node:child_process';
+import { cpSync, existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { createHash } from 'node:crypto';
 import { join } from 'node:path';
 import { startNginx, stopNginx } from '../test/nginx.js';
 import { type Row, median, timed } from './nix.js';
@@ -88,4 +89,89 @@ export async function benchSubstitute(rows: Row[], work: string, repeats: number
   rows.push({ capability, ours: mb / median(ours.map((s) => s.seconds)), peer: mb / median(theirs.map((s) => s.seconds)), unit: 'MB/s', peerName: 'nix copy --from', target: 1 });
   rows.push({ capability: 'substitution: peak RSS while substituting', ours: Math.max(...ours.map((s) => s.rss)), peer: Math.max(...theirs.map((s) => s.rss)), unit: 'MB', peerName: 'nix copy --from', lowerIsBetter: true, note: 'target ≤ 200 MB' });
   rows.push({ capability: 'substitution: upstream requests on a second copy of the same closure', ours: secondRequests, peer: 0, unit: 'requests', peerName: 'none expected', note: secondRequests === 0 ? 'met' : 'MISSED' });
+  await benchSubstituteObjects(rows, work, repeats, cli, nixOptions, home);
+}
+
+const LARGE_FILES = 20;
+const SMALL_FILES = 200;
+
+/** Deterministic bytes for a bench file (SHA-256 in counter mode). */
+function contents(size: number, seed: string): Buffer {
+  const out = Buffer.alloc(size);
+  for (let at = 0, block = 0; at < size; block++) at += createHash('sha256').update(`${seed}/${block}`).digest().copy(out, at);
+  return out;
+}
+
+/**
+ * From another nixcas: a new version of a path (one of 20 large files and 10 of 200 small ones
+ * changed) whose old version the store has. nixcas fetches the blobs it lacks from the bridge's
+ * castore; `nix copy --from` the same bridge, into a chroot store that has the old version,
+ * fetches the new version's NAR. Bytes are what the bridge's access log says it sent.
+ */
+async function benchSubstituteObjects(rows: Row[], work: string, repeats: number, cli: string, nixOptions: string[], home: string): Promise<void> {
+  console.error('bench substitute: from another nixcas, a new version of a path the store has');
+  const old = join(work, 'objects-old');
+  mkdirSync(join(old, 'share'), { recursive: true });
+  for (let i = 0; i < LARGE_FILES; i++) writeFileSync(join(old, `large-${i}`), contents(4_000_000, `large ${i}`));
+  for (let i = 0; i < SMALL_FILES; i++) writeFileSync(join(old, 'share', `small-${i}`), contents(500 + i * 20, `small ${i}`));
+  const updated = join(work, 'objects-new');
+  cpSync(old, updated, { recursive: true });
+  writeFileSync(join(updated, 'large-0'), contents(4_000_000, 'large 0, version 2'));
+  for (let i = 0; i < 10; i++) writeFileSync(join(updated, 'share', `small-${i}`), contents(500 + i * 20, `small ${i}, version 2`));
+  const upstream = join(work, 'objects-upstream');
+  const [oldPath, newPath] = [old, updated].map((tree) => run(process.execPath, [cli, 'import', '--store', upstream, tree]).trim());
+  run('nix-store', ['--generate-binary-cache-key', 'objects-1', join(work, 'objects.sk'), join(work, 'objects.pk')]);
+  const publicKey = readFileSync(join(work, 'objects.pk'), 'utf8').trim();
+  const bridge = spawn(process.execPath, [cli, 'nar-bridge', '--store', upstream, '--listen', '127.0.0.1:0', '--sign-key', join(work, 'objects.sk')], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let log = '';
+  bridge.stderr!.on('data', (d) => (log += d));
+  try {
+    const base = await new Promise<string>((resolve, reject) => {
+      bridge.stderr!.on('data', () => {
+        const match = /listening on (http:\/\/127\.0\.0\.1:\d+)/.exec(log);
+        if (match) resolve(match[1]!);
+      });
+      bridge.once('exit', (code) => reject(new Error(`nar-bridge exited with ${code}: ${log}`)));
+    });
+    let markers = 0;
+    /** Body bytes the bridge sent for the requests it logged since `from` (a marker request's line follows them all). */
+    const sentSince = async (from: number): Promise<number> => {
+      const marker = `/nix-cache-info?marker=${++markers}`;
+      await (await fetch(`${base}${marker}`)).text();
+      const deadline = Date.now() + 10_000;
+      while (!log.includes(`GET ${marker} `)) {
+        if (Date.now() > deadline) throw new Error(`nar-bridge never logged ${marker}`);
+        await new Promise((resolve) => setTimeout(resolve, 20)); // another process's output
+      }
+      return log.slice(from).split('\n').filter((line) => !line.includes('marker=')).reduce((sum, line) => sum + Number(/" \d{3} (\d+) /.exec(line)?.[1] ?? 0), 0);
+    };
+    const ours: { seconds: number; bytes: number }[] = [];
+    const theirs: { seconds: number; bytes: number }[] = [];
+    for (let r = 0; r < repeats; r++) {
+      const store = join(work, `objects-local-${r}`);
+      if (run(process.execPath, [cli, 'import', '--store', store, old]).trim() !== oldPath) throw new Error('the old version imported under another path');
+      const root = join(work, `objects-nix-root-${r}`);
+      run('nix', [...nixOptions, 'copy', '--from', base, '--to', root, '--option', 'trusted-public-keys', publicKey, oldPath!], { HOME: home });
+      for (const side of r % 2 === 0 ? ['nixcas', 'nix'] : ['nix', 'nixcas']) {
+        const from = log.length;
+        if (side === 'nixcas') {
+          const a = await timed(process.execPath, [cli, 'copy', '--store', store, '--from', base, '--trusted-public-key', publicKey, newPath!]);
+          ours.push({ seconds: a.seconds, bytes: await sentSince(from) });
+        } else {
+          const b = await timed('nix', [...nixOptions, 'copy', '--from', base, '--to', root, '--option', 'trusted-public-keys', publicKey, newPath!], '/dev/null', { HOME: home });
+          theirs.push({ seconds: b.seconds, bytes: await sentSince(from) });
+        }
+      }
+      run(process.execPath, [cli, 'verify', '--check-contents', '--store', store, newPath!]); // exit 1 on anything missing or damaged
+      console.error(`bench substitute: objects: nixcas ${ours[r]!.seconds.toFixed(2)} s, ${(ours[r]!.bytes / 1e6).toFixed(1)} MB; nix copy ${theirs[r]!.seconds.toFixed(2)} s, ${(theirs[r]!.bytes / 1e6).toFixed(1)} MB`);
+      run('chmod', ['-R', 'u+w', root]);
+      rmSync(root, { recursive: true, force: true });
+      rmSync(store, { recursive: true, force: true });
+    }
+    const what = `a new version of a path the store has (${LARGE_FILES} × 4 MB and ${SMALL_FILES} small files, 1 and 10 changed) from a nixcas nar-bridge`;
+    rows.push({ capability: `substitution of ${what}`, ours: median(ours.map((s) => s.seconds)) * 1000, peer: median(theirs.map((s) => s.seconds)) * 1000, unit: 'ms', peerName: 'nix copy --from the same bridge (the whole NAR)', lowerIsBetter: true, peerOverOurs: true });
+    rows.push({ capability: 'substitution from a nixcas nar-bridge: bytes sent by the bridge', ours: median(ours.map((s) => s.bytes)) / 1e6, peer: median(theirs.map((s) => s.bytes)) / 1e6, unit: 'MB', peerName: 'nix copy --from (the whole NAR)', lowerIsBetter: true });
+  } finally {
+    bridge.kill('SIGTERM');
+  }
 }
