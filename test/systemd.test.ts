@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import { CLI, freePort, nixcas, pythonReadOnlyChecks, removeDir, startNixcas, tempDir } from './helpers.js';
 import { blake3, digestKey } from '../src/castore/digest.js';
+import { activationSocket, activationSockets } from '../src/cli/systemd.js';
 import { bootGuest, buildInitramfs, ensureVmPackages } from '../vmtest/harness.js';
 
 /** A datagram socket bound at `path`; each message received becomes one JSON line of its output. */
@@ -150,3 +151,13 @@ async function waitForOutput(output: () => string, text: string): Promise<void> 
   }
 }
 
+
+test('activationSockets: the sockets and names systemd passed to this pid, the variables removed; another pid\'s or a count no systemd passes is refused', () => {
+  const env: NodeJS.ProcessEnv = { LISTEN_PID: String(process.pid), LISTEN_FDS: '2', LISTEN_FDNAMES: 'store:read-only' };
+  assert.deepEqual(activationSockets(env), [{ fd: 3, name: 'store' }, { fd: 4, name: 'read-only' }]);
+  assert.deepEqual(env, {});
+  assert.deepEqual(activationSockets({ LISTEN_PID: String(process.pid + 1), LISTEN_FDS: '1' }), []);
+  assert.deepEqual(activationSockets({ LISTEN_PID: String(process.pid), LISTEN_FDS: 'x' }), []);
+  assert.throws(() => activationSockets({ LISTEN_PID: String(process.pid), LISTEN_FDS: '1000000000' }), /LISTEN_FDS="1000000000" is not a number of sockets/);
+  assert.throws(() => activationSocket({ LISTEN_PID: String(process.pid), LISTEN_FDS: '2' }), /handed over 2 sockets .* this command listens on one/);
+});

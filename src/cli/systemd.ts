@@ -36,6 +36,8 @@ export function activationSockets(env: NodeJS.ProcessEnv = process.env): HandedS
   delete env.LISTEN_FDS;
   delete env.LISTEN_FDNAMES;
   if (!(count >= 1)) return [];
+  // systemd passes a handful; a count beyond any fd limit is not from systemd.
+  if (!Number.isInteger(count) || count > 4096) throw new Error(`LISTEN_FDS=${JSON.stringify(String(count))} is not a number of sockets systemd hands over`);
   return Array.from({ length: count }, (_, i) => ({ fd: 3 + i, name: names[i] ?? '' }));
 }
 
