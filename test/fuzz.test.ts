@@ -1,6 +1,6 @@
 // Property-based runs over the parsers a peer reaches (issue #22, item 9):
 // protobuf Directory decoding, narinfo parsing, HTTP Range, NAR ingestion,
-// virtqueue chain walking, FUSE requests.
+// virtqueue chain walking, FUSE requests, vhost-user messages (against a running `nixcas virtiofs`).
 // Inputs are random bytes and mutations of valid inputs; each parser must
 // either answer or refuse with its own InvalidInputError, never throw
 // anything else, and what it accepts must round-trip. Seeds are fixed
@@ -21,8 +21,10 @@ import { renderNar } from '../src/store/nar/render.js';
 import { parseNarInfo } from '../src/store/narinfo.js';
 import { GuestMemory as DeviceMemory, GuestMemoryError } from '../src/vhost-user/memory.js';
 import { ChainError, SplitQueue as DeviceQueue } from '../src/vhost-user/virtqueue.js';
-import { SplitQueue, closeEverything, defaultGuestMemory } from './vhost-user-frontend.js';
-import { oneFileFilesystem } from './helpers.js';
+import { Connection, NEED_REPLY, REPLY, Req, SplitQueue, VERSION, closeEverything, closeFd, defaultGuestMemory, memTablePayload, u64, vringState } from './vhost-user-frontend.js';
+import { nixcas, oneFileFilesystem, removeDir, startNixcas, tempDir } from './helpers.js';
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
 
 const RUNS = Number(process.env.FUZZ_RUNS ?? 5000);
 const SEED = Number(process.env.FUZZ_SEED ?? 0x22f022);
@@ -309,4 +311,61 @@ test(`fuzz: FUSE requests get one well-formed reply each, and only expected erro
     { ...params, numRuns: Math.max(1, Math.floor(RUNS / 10)) },
   );
   server.handle(message(Opcode.DESTROY, 0, Buffer.alloc(0)), sink);
+});
+
+// ---------------------------------------------------------------- vhost-user messages
+
+test(`fuzz: vhost-user messages from a front end are answered or refused, and the back end serves on (seed ${SEED})`, async () => {
+  const work = tempDir('fuzz-vhost-user');
+  const daemon = await (async () => {
+    writeFileSync(join(work, 'file'), 'still served\n');
+    assert.equal(nixcas(['import', '--store', join(work, 'store'), join(work, 'file')]).status, 0);
+    return startNixcas(['virtiofs', join(work, 'fs.sock'), '--store', join(work, 'store')], 'listening on');
+  })();
+  try {
+    const u32 = fc.nat({ max: 0xffffffff });
+    // Plausible payloads (u64s, vring states and addresses, memory tables without their fds) and noise.
+    const payloadArb = fc.oneof(
+      fc.uint8Array({ maxLength: 64 }).map((a) => Buffer.from(a)),
+      fc.bigUint({ max: (1n << 64n) - 1n }).map((v) => u64(v)),
+      fc.tuple(fc.integer({ min: 0, max: 4 }), u32).map(([index, num]) => vringState(index, num)),
+      fc.array(fc.bigUint({ max: (1n << 64n) - 1n }), { minLength: 5, maxLength: 5 }).map((words) => Buffer.concat(words.map(u64))),
+      fc.tuple(fc.integer({ min: 0, max: 40 }), fc.array(fc.tuple(fc.bigUint({ max: 1n << 40n }), fc.nat(), fc.bigUint({ max: 1n << 40n }), fc.nat()), { maxLength: 3 }))
+        .map(([count, regions]) => memTablePayload(regions.map(([gpa, size, userAddr, mmapOffset]) => ({ gpa, size, userAddr, mmapOffset })), count)),
+    );
+    const messageArb = fc.record({
+      request: fc.oneof(fc.constantFrom(...Object.values(Req)), fc.integer({ min: 0, max: 64 }), u32),
+      flags: fc.oneof(fc.constant(VERSION), fc.constant(VERSION | NEED_REPLY), u32),
+      payload: payloadArb,
+    });
+    await fc.assert(
+      fc.asyncProperty(fc.array(messageArb, { minLength: 1, maxLength: 8 }), async (messages) => {
+        const conn = await Connection.connect(join(work, 'fs.sock'));
+        try {
+          for (const { request, flags, payload } of messages) conn.send(request, payload, { flags });
+          // Every back end answers GET_FEATURES; the replies before it are whatever the messages earned.
+          conn.send(Req.GET_FEATURES, Buffer.alloc(0), { flags: VERSION });
+          for (;;) {
+            let reply;
+            try {
+              reply = await conn.recv(5000);
+            } catch (err) {
+              if (conn.closedByPeer) break; // it hung up on framing it could not follow: allowed
+              throw err;
+            }
+            for (const fd of reply.fds) closeFd(fd);
+            if (reply.request === Req.GET_FEATURES && reply.flags === (VERSION | REPLY) && reply.size === 8) break;
+          }
+        } finally {
+          conn.close();
+        }
+        assert.equal(daemon.process.exitCode, null, 'the back end is still running');
+        assert.doesNotMatch(daemon.output(), /^\s+at /m, 'a message was refused with a stack trace, not a reason');
+      }),
+      { ...params, numRuns: Math.min(RUNS, 400) },
+    );
+  } finally {
+    await daemon.stop();
+    removeDir(work);
+  }
 });
