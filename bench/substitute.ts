@@ -134,8 +134,8 @@ async function benchSubstituteObjects(rows: Row[], work: string, repeats: number
       bridge.once('exit', (code) => reject(new Error(`nar-bridge exited with ${code}: ${log}`)));
     });
     let markers = 0;
-    /** Body bytes the bridge sent for the requests it logged since `from` (a marker request's line follows them all). */
-    const sentSince = async (from: number): Promise<number> => {
+    /** The log's length once every request answered so far is in it (a marker request's line comes after them all). */
+    const settledLog = async (): Promise<number> => {
       const marker = `/nix-cache-info?marker=${++markers}`;
       await (await fetch(`${base}${marker}`)).text();
       const deadline = Date.now() + 10_000;
@@ -143,8 +143,11 @@ async function benchSubstituteObjects(rows: Row[], work: string, repeats: number
         if (Date.now() > deadline) throw new Error(`nar-bridge never logged ${marker}`);
         await new Promise((resolve) => setTimeout(resolve, 20)); // another process's output
       }
-      return log.slice(from).split('\n').filter((line) => !line.includes('marker=')).reduce((sum, line) => sum + Number(/" \d{3} (\d+) /.exec(line)?.[1] ?? 0), 0);
+      return log.length;
     };
+    /** Body bytes the bridge sent between two settled points of its log. */
+    const sentBetween = (from: number, to: number): number =>
+      log.slice(from, to).split('\n').filter((line) => !line.includes('marker=')).reduce((sum, line) => sum + Number(/" \d{3} (\d+) /.exec(line)?.[1] ?? 0), 0);
     const ours: { seconds: number; bytes: number }[] = [];
     const theirs: { seconds: number; bytes: number }[] = [];
     for (let r = 0; r < repeats; r++) {
@@ -153,13 +156,13 @@ async function benchSubstituteObjects(rows: Row[], work: string, repeats: number
       const root = join(work, `objects-nix-root-${r}`);
       run('nix', [...nixOptions, 'copy', '--from', base, '--to', root, '--option', 'trusted-public-keys', publicKey, oldPath!], { HOME: home });
       for (const side of r % 2 === 0 ? ['nixcas', 'nix'] : ['nix', 'nixcas']) {
-        const from = log.length;
+        const from = await settledLog(); // the untimed copy of the old version is not counted
         if (side === 'nixcas') {
           const a = await timed(process.execPath, [cli, 'copy', '--store', store, '--from', base, '--trusted-public-key', publicKey, newPath!]);
-          ours.push({ seconds: a.seconds, bytes: await sentSince(from) });
+          ours.push({ seconds: a.seconds, bytes: sentBetween(from, await settledLog()) });
         } else {
           const b = await timed('nix', [...nixOptions, 'copy', '--from', base, '--to', root, '--option', 'trusted-public-keys', publicKey, newPath!], '/dev/null', { HOME: home });
-          theirs.push({ seconds: b.seconds, bytes: await sentSince(from) });
+          theirs.push({ seconds: b.seconds, bytes: sentBetween(from, await settledLog()) });
         }
       }
       run(process.execPath, [cli, 'verify', '--check-contents', '--store', store, newPath!]); // exit 1 on anything missing or damaged
