@@ -1,13 +1,15 @@
 # Against `nixcas daemon --tls-cert … --tls-client-ca …`: a Put and a Read over TLS with a client
-# certificate; then a channel without one, which the server must refuse.
-# argv: host:port, generated stubs directory, CA, client certificate, client key.
+# certificate; then a channel without one and one with a certificate from another CA, which the
+# server must refuse; then, on a read-only TLS listener, a Read that works and a Put that is refused.
+# argv: host:port, generated stubs directory, CA, client certificate, client key, the other CA's
+# client certificate and key, the read-only listener's host:port.
 import sys
 
 sys.path.insert(0, sys.argv[2])
 import grpc  # noqa: E402
 from tvix.castore.v1 import rpc_blobstore_pb2, rpc_blobstore_pb2_grpc  # noqa: E402
 
-target, _, ca, cert, key = sys.argv[1:6]
+target, _, ca, cert, key, stranger_cert, stranger_key, read_only_target = sys.argv[1:9]
 read = lambda path: open(path, 'rb').read()  # noqa: E731
 with_cert = grpc.secure_channel(target, grpc.ssl_channel_credentials(read(ca), read(key), read(cert)))
 blobs = rpc_blobstore_pb2_grpc.BlobServiceStub(with_cert)
@@ -20,3 +22,17 @@ try:
     print('without a client certificate: ACCEPTED')
 except grpc.RpcError as e:
     print(f'without a client certificate: {e.code().name}')
+stranger = rpc_blobstore_pb2_grpc.BlobServiceStub(grpc.secure_channel(target, grpc.ssl_channel_credentials(read(ca), read(stranger_key), read(stranger_cert))))
+try:
+    stranger.Stat(rpc_blobstore_pb2.StatBlobRequest(digest=digest), timeout=10)
+    print('with a certificate from another CA: ACCEPTED')
+except grpc.RpcError as e:
+    print(f'with a certificate from another CA: {e.code().name}')
+fleet = rpc_blobstore_pb2_grpc.BlobServiceStub(grpc.secure_channel(read_only_target, grpc.ssl_channel_credentials(read(ca), read(key), read(cert))))
+data = b''.join(c.data for c in fleet.Read(rpc_blobstore_pb2.ReadBlobRequest(digest=digest), timeout=20))
+try:
+    fleet.Put(iter([rpc_blobstore_pb2.BlobChunk(data=b'not to be stored')]), timeout=20)
+    outcome = 'ACCEPTED'
+except grpc.RpcError as e:
+    outcome = e.code().name
+print(f'read-only listener: read {len(data)} bytes; Put: {outcome}')
