@@ -14,10 +14,8 @@ import { optionalNative } from '../native/index.js';
 
 /** Slab addresses are multiples of this (O_DIRECT wants 512 or 4096). */
 export const SLAB_ALIGNMENT = 4096;
-/** The size of every lent slab. */
+/** The size of every slab of the import pool (lentSlabs). */
 export const LENT_SLAB_SIZE = 4 * 1024 * 1024;
-/** Idle slabs kept for reuse; a fresh one costs a page fault per 4 KiB on first touch. */
-const KEEP_IDLE = 8;
 
 export class LentSlab {
   /** The producer's own hold, given up with release(). */
@@ -70,22 +68,35 @@ export function lentSlabOf(chunk: Uint8Array): LentSlab | undefined {
 export class LentSlabPool {
   private readonly idle: LentSlab[] = [];
 
+  constructor(
+    /** The size of every slab of this pool. */
+    readonly slabSize: number,
+    /** Idle slabs kept for reuse; a fresh one costs a page fault per 4 KiB on first touch. */
+    private readonly keepIdle: number,
+  ) {}
+
   /** A slab for the caller to fill, held once by it. */
   take(): LentSlab {
     const idle = this.idle.pop();
     if (idle) return idle.reuse();
-    const memory = new SharedArrayBuffer(LENT_SLAB_SIZE + SLAB_ALIGNMENT);
+    const memory = new SharedArrayBuffer(this.slabSize + SLAB_ALIGNMENT);
     const addon = optionalNative();
     const skip = addon ? addon.misalignment(Buffer.from(memory), SLAB_ALIGNMENT) : 0;
-    const slab = new LentSlab(Buffer.from(memory, skip, LENT_SLAB_SIZE), addon !== undefined, this);
+    const slab = new LentSlab(Buffer.from(memory, skip, this.slabSize), addon !== undefined, this);
     slabOfMemory.set(memory, slab);
     return slab;
   }
 
   give(slab: LentSlab): void {
-    if (this.idle.length < KEEP_IDLE) this.idle.push(slab);
+    if (this.idle.length < this.keepIdle) this.idle.push(slab);
   }
 }
 
-/** The process's pool: slabs move between imports, which run one after another or interleaved. */
-export const lentSlabs = new LentSlabPool();
+/** The process's pool for imports: slabs move between imports, which run one after another or interleaved. */
+export const lentSlabs = new LentSlabPool(LENT_SLAB_SIZE, 8);
+
+/**
+ * Smaller slabs for decompressed NARs (store/nar/decompress.ts): several download at once, and
+ * their bytes are copied into blob files' own buffers, so large slabs would only hold memory.
+ */
+export const decodedSlabs = new LentSlabPool(512 * 1024, 8);

@@ -14,6 +14,7 @@ import { Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { createBrotliDecompress, createGunzip } from 'node:zlib';
 import { zstdAddon } from '../../native/zstd.js';
+import { type LentSlab, decodedSlabs } from '../../castore/lent-slabs.js';
 
 /** The Compression values of a narinfo this store can read. */
 export const COMPRESSIONS = ['none', 'xz', 'zstd', 'bzip2', 'gzip', 'br'] as const;
@@ -57,18 +58,35 @@ export async function* decompress(
   }
   const zstd = compression === 'zstd' ? zstdAddon() : undefined;
   if (zstd) {
+    // Into lent slabs (castore/lent-slabs.ts): no allocation per output step, and the blob
+    // writers keep only what they hold or copy, so memory stays bounded without waiting for GC.
     const decoder = zstd.decoder();
-    for await (const chunk of body) {
-      onCompressed(Buffer.from(chunk.buffer, chunk.byteOffset, chunk.length));
-      let out: Buffer[];
-      try {
-        out = zstd.decode(decoder, chunk);
-      } catch (err) {
-        throw new DecompressionError(`the body is not valid zstd: ${(err as Error).message}`);
+    let slab: LentSlab | undefined;
+    let filled = 0;
+    try {
+      for await (const chunk of body) {
+        onCompressed(Buffer.from(chunk.buffer, chunk.byteOffset, chunk.length));
+        for (let consumed = 0; ; ) {
+          if (!slab || filled === slab.bytes.length) {
+            slab?.release();
+            slab = decodedSlabs.take();
+            filled = 0;
+          }
+          const from = filled;
+          try {
+            [consumed, filled] = zstd.decodeInto(decoder, chunk, consumed, slab.bytes, filled);
+          } catch (err) {
+            throw new DecompressionError(`the body is not valid zstd: ${(err as Error).message}`);
+          }
+          if (filled > from) yield slab.bytes.subarray(from, filled);
+          if (consumed === chunk.length && filled < slab.bytes.length) break;
+        }
       }
-      yield* out;
+      if (!zstd.finished(decoder)) throw new DecompressionError('the body is not valid zstd: it ends inside a frame');
+    } finally {
+      slab?.release();
+      zstd.release(decoder);
     }
-    if (!zstd.finished(decoder)) throw new DecompressionError('the body is not valid zstd: it ends inside a frame');
     return;
   }
   const { program, args, package: debianPackage } = PROGRAMS[compression];
