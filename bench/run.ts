@@ -1,7 +1,7 @@
 // `npm run bench`: each capability measured side by side with its peer in
 // one run, reported as a ratio (ours / peer; higher is better).
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -16,6 +16,7 @@ import { benchNarBridge } from './narbridge.js';
 import { benchSubstitute } from './substitute.js';
 import { benchGc } from './gc.js';
 import { benchNixVmtest } from './nix-vmtest.js';
+import { makeCertificates } from '../test/certificates.js';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 /** The built command (npm run build). */
@@ -45,13 +46,13 @@ if (process.env.NODE_EXTRA_CA_CERTS) {
   console.error(`bench: NODE_EXTRA_CA_CERTS is set: \`node -e 0\` takes ${withCerts.toFixed(0)} ms with it, ${startOf(process.env).toFixed(0)} ms without; the benchmarks run without it`);
 }
 
-function startServer(args: string[], label: string): Promise<ChildProcess> {
+function startServer(args: string[], label: string): Promise<ChildProcess & { output: () => string }> {
   const child = spawn(process.execPath, args, { cwd: ROOT, stdio: ['ignore', 'ignore', 'pipe'] });
+  let err = '';
   return new Promise((resolve, reject) => {
-    let err = '';
     child.stderr!.on('data', (d) => {
       err += d;
-      if (err.includes('listening on')) resolve(child);
+      if (err.includes('listening on')) resolve(Object.assign(child, { output: () => err }));
     });
     child.once('exit', (code) => reject(new Error(`${label} exited with ${code}: ${err}`)));
   });
@@ -59,9 +60,25 @@ function startServer(args: string[], label: string): Promise<ChildProcess> {
 
 type Client = grpc.Client & Record<string, (...a: unknown[]) => unknown>;
 
-function blobClient(socket: string): Client {
+/** A BlobService client of a unix socket path, or of host:port (over TLS with `credentials`). */
+function blobClient(address: string, credentials = grpc.credentials.createInsecure()): Client {
   const C = clientConstructor('tvix', 'BlobService');
-  return new C(`unix://${socket}`, grpc.credentials.createInsecure(), { 'grpc.max_receive_message_length': 64 << 20 }) as unknown as Client;
+  return new C(address.includes('/') ? `unix://${address}` : address, credentials, { 'grpc.max_receive_message_length': 64 << 20 }) as unknown as Client;
+}
+
+/** Put then Read of BLOB_BYTES through each client, REPEATS times, alternating which client goes first. */
+async function putAndRead(clients: Client[]): Promise<{ put: number[]; read: number[] }[]> {
+  const results = clients.map(() => ({ put: [] as number[], read: [] as number[] }));
+  for (let i = 0; i < REPEATS; i++) {
+    const order = clients.map((_, at) => at);
+    if (i % 2 === 1) order.reverse(); // neither always gets the warmer machine
+    for (const at of order) {
+      const { mbps, digest } = await putThroughput(clients[at]!, i * clients.length + at + 1000 * clients.length);
+      results[at]!.put.push(mbps);
+      results[at]!.read.push(await readThroughput(clients[at]!, digest));
+    }
+  }
+  return results;
 }
 
 /** Uploads `bytes` of distinct content (so nothing deduplicates); returns MB/s. */
@@ -101,33 +118,37 @@ async function benchBlobs(): Promise<void> {
   const bareSocket = join(work, 'bare.sock');
   const ours = await startServer([CLI, 'daemon', '--store', join(work, 'store'), '--listen', oursSocket], 'nixcas daemon');
   const bare = await startServer(['--import', 'tsx', join(ROOT, 'bench/bare-blob-server.ts'), bareSocket, String(BLOB_BYTES)], 'bare server');
+  const metricsSocket = join(work, 'nixcas-metrics.sock');
+  const withMetrics = await startServer([CLI, 'daemon', '--store', join(work, 'store-metrics'), '--listen', metricsSocket, '--metrics-listen', '127.0.0.1:0'], 'nixcas daemon --metrics-listen');
+  const certs = makeCertificates(work);
+  const tls = ['--tls-cert', certs.serverCert, '--tls-key', certs.serverKey, '--tls-client-ca', certs.ca];
+  const plainTcp = await startServer([CLI, 'daemon', '--store', join(work, 'store-tcp'), '--listen', '127.0.0.1:0'], 'nixcas daemon on TCP');
+  const overTls = await startServer([CLI, 'daemon', '--store', join(work, 'store-tls'), '--listen', '127.0.0.1:0', ...tls], 'nixcas daemon over TLS');
+  const tcpAddress = (server: { output: () => string }) => /listening on (127\.0\.0\.1:\d+)/.exec(server.output())![1]!;
+  const scraper = spawn(process.execPath, ['-e', `setInterval(() => fetch(${JSON.stringify(/metrics at (http:\S+)/.exec(withMetrics.output())?.[1])}).then((r) => r.text()).catch(() => {}), 1000)`], { stdio: 'ignore' });
+  const clients: Client[] = [];
   try {
-    const oursClient = blobClient(oursSocket);
-    const bareClient = blobClient(bareSocket);
-    const put = { ours: [] as number[], peer: [] as number[] };
-    const read = { ours: [] as number[], peer: [] as number[] };
-    for (let i = 0; i < REPEATS; i++) {
-      // Alternate who goes first so neither always gets the warmer machine.
-      const order = i % 2 === 0 ? ['ours', 'peer'] as const : ['peer', 'ours'] as const;
-      for (const who of order) {
-        const client = who === 'ours' ? oursClient : bareClient;
-        const { mbps, digest } = await putThroughput(client, i * 2 + (who === 'ours' ? 0 : 1));
-        put[who].push(mbps);
-        read[who].push(await readThroughput(client, digest));
-      }
-    }
+    const read = (path: string) => readFileSync(path);
+    clients.push(blobClient(oursSocket), blobClient(bareSocket), blobClient(metricsSocket), blobClient(tcpAddress(plainTcp)),
+      blobClient(tcpAddress(overTls), grpc.credentials.createSsl(read(certs.ca), read(certs.clientKey), read(certs.clientCert))));
+    const [ours, bare, metrics, tcp, secure] = await putAndRead(clients) as [Throughput, Throughput, Throughput, Throughput, Throughput];
     const mib = BLOB_BYTES / 1024 / 1024;
-    rows.push({ capability: `blob Put, ${mib} MiB over a unix socket`, ours: median(put.ours), peer: median(put.peer), unit: 'MB/s', peerName: 'bare grpc-js, no storage', target: 0.7 });
-    rows.push({ capability: `blob Read, ${mib} MiB over a unix socket`, ours: median(read.ours), peer: median(read.peer), unit: 'MB/s', peerName: 'bare grpc-js, from memory', target: 0.7 });
-    oursClient.close();
-    bareClient.close();
+    rows.push({ capability: `blob Put, ${mib} MiB over a unix socket`, ours: median(ours.put), peer: median(bare.put), unit: 'MB/s', peerName: 'bare grpc-js, no storage', target: 0.7 });
+    rows.push({ capability: `blob Read, ${mib} MiB over a unix socket`, ours: median(ours.read), peer: median(bare.read), unit: 'MB/s', peerName: 'bare grpc-js, from memory', target: 0.7 });
+    rows.push({ capability: `what metrics cost: blob Put, ${mib} MiB, with --metrics-listen (scraped every second)`, ours: median(metrics.put), peer: median(ours.put), unit: 'MB/s', peerName: 'the daemon without it', target: 0.97 });
+    rows.push({ capability: `what metrics cost: blob Read, ${mib} MiB, with --metrics-listen (scraped every second)`, ours: median(metrics.read), peer: median(ours.read), unit: 'MB/s', peerName: 'the daemon without it', target: 0.97 });
+    rows.push({ capability: `blob Put, ${mib} MiB over TLS with client certificates (127.0.0.1)`, ours: median(secure.put), peer: median(tcp.put), unit: 'MB/s', peerName: 'plain TCP (127.0.0.1)' });
+    rows.push({ capability: `blob Read, ${mib} MiB over TLS with client certificates (127.0.0.1)`, ours: median(secure.read), peer: median(tcp.read), unit: 'MB/s', peerName: 'plain TCP (127.0.0.1)' });
   } finally {
-    ours.kill('SIGTERM');
-    bare.kill('SIGTERM');
+    for (const client of clients) client.close();
+    scraper.kill();
+    for (const server of [ours, bare, withMetrics, plainTcp, overTls]) server.kill('SIGTERM');
     await new Promise((r) => setTimeout(r, 300));
     rmSync(work, { recursive: true, force: true });
   }
 }
+
+type Throughput = { put: number[]; read: number[] };
 
 function benchBlake3(): void {
   const data = Buffer.alloc(BLOB_BYTES);

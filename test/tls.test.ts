@@ -2,32 +2,12 @@
 // against Debian's Python grpcio and against nixcas's own grpc+https:// client; plain TCP beyond
 // loopback is refused without --insecure-listen. Certificates are made by openssl for the test.
 import assert from 'node:assert/strict';
-import { execFileSync, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { makeCertificates } from './certificates.js';
 import { ROOT, compilePythonStubs, nixcas, nixcasBytes, removeDir, startDaemon, tempDir } from './helpers.js';
-
-/**
- * A CA, and a server (localhost, 127.0.0.1) and a client certificate it signed; and another CA
- * with a client certificate of its own, which the server must not take.
- */
-function makeCertificates(dir: string): Record<'ca' | 'serverCert' | 'serverKey' | 'clientCert' | 'clientKey' | 'strangerCert' | 'strangerKey', string> {
-  const ssl = (...args: string[]) => execFileSync('openssl', args, { cwd: dir, stdio: ['ignore', 'ignore', 'pipe'] });
-  const key = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes'];
-  ssl('req', '-x509', ...key, '-keyout', 'ca.key', '-out', 'ca.pem', '-subj', '/CN=nixcas test CA', '-days', '2');
-  ssl('req', '-x509', ...key, '-keyout', 'other-ca.key', '-out', 'other-ca.pem', '-subj', '/CN=another CA', '-days', '2');
-  for (const [name, san, ca] of [['server', 'DNS:localhost,IP:127.0.0.1', 'ca'], ['client', 'DNS:client', 'ca'], ['stranger', 'DNS:client', 'other-ca']]) {
-    ssl('req', ...key, '-keyout', `${name}.key`, '-out', `${name}.csr`, '-subj', `/CN=${name}`);
-    writeFileSync(join(dir, `${name}.ext`), `subjectAltName=${san}\n`);
-    ssl('x509', '-req', '-in', `${name}.csr`, '-CA', `${ca}.pem`, '-CAkey', `${ca}.key`, '-CAcreateserial', '-out', `${name}.pem`, '-days', '2', '-extfile', `${name}.ext`);
-  }
-  return {
-    ca: join(dir, 'ca.pem'), serverCert: join(dir, 'server.pem'), serverKey: join(dir, 'server.key'),
-    clientCert: join(dir, 'client.pem'), clientKey: join(dir, 'client.key'),
-    strangerCert: join(dir, 'stranger.pem'), strangerKey: join(dir, 'stranger.key'),
-  };
-}
 
 test('daemon over TLS requires client certificates: Python grpcio and grpc+https:// with one work, without one they are refused', async () => {
   const work = tempDir('tls');
