@@ -5,7 +5,8 @@
 // fetches the whole closure into an empty store: `nixcas copy --from` against
 // `nix copy --from` into a fresh chroot store, both checking signatures.
 // Then a second `nixcas copy --from` of the same path, which must make no
-// upstream request (nginx's access log counts them).
+// upstream request (nginx's access log counts them). Sides alternate, each
+// after an untimed sync.
 import { spawn, spawnSync } from 'node:child_process';
 import { cpSync, existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createHash } from 'node:crypto';
@@ -68,16 +69,26 @@ export async function benchSubstitute(rows: Row[], work: string, repeats: number
     for (let i = 0; i < repeats; i++) {
       console.error(`bench substitute: repeat ${i + 1} of ${repeats}`);
       const store = join(work, `store-${i}`);
-      const a = await timed(process.execPath, [cli, 'copy', '--store', store, '--from', nginx.base, '--trusted-public-key', publicKey, '--jobs', JOBS, top]);
-      ours.push({ seconds: a.seconds, rss: a.peakRssMb });
-      const before = nginx.requests().length;
-      await timed(process.execPath, [cli, 'copy', '--store', store, '--from', nginx.base, '--trusted-public-key', publicKey, top]);
-      secondRequests = nginx.requests().length - before;
-      rmSync(store, { recursive: true, force: true });
       const root = join(work, `nix-root-${i}`);
-      const b = await timed('nix', [...nixOptions, 'copy', '--from', nginx.base, '--to', root, '--option', 'require-sigs', 'true', '--option', 'trusted-public-keys', publicKey, top], '/dev/null', { HOME: home });
-      theirs.push({ seconds: b.seconds, rss: b.peakRssMb });
-      console.error(`bench substitute: nixcas ${a.seconds.toFixed(2)} s (${a.peakRssMb.toFixed(0)} MB), nix copy ${b.seconds.toFixed(2)} s (${b.peakRssMb.toFixed(0)} MB)`);
+      let a: Awaited<ReturnType<typeof timed>> | undefined;
+      let b: Awaited<ReturnType<typeof timed>> | undefined;
+      // Sides alternate, and each starts after a sync: Nix leaves its files to the page cache, so
+      // without it whoever runs next pays for the other's writeback.
+      for (const side of i % 2 === 0 ? ['nixcas', 'nix'] : ['nix', 'nixcas']) {
+        run('sync', []);
+        if (side === 'nixcas') {
+          a = await timed(process.execPath, [cli, 'copy', '--store', store, '--from', nginx.base, '--trusted-public-key', publicKey, '--jobs', JOBS, top]);
+          ours.push({ seconds: a.seconds, rss: a.peakRssMb });
+          const before = nginx.requests().length;
+          await timed(process.execPath, [cli, 'copy', '--store', store, '--from', nginx.base, '--trusted-public-key', publicKey, top]);
+          secondRequests = nginx.requests().length - before;
+        } else {
+          b = await timed('nix', [...nixOptions, 'copy', '--from', nginx.base, '--to', root, '--option', 'require-sigs', 'true', '--option', 'trusted-public-keys', publicKey, top], '/dev/null', { HOME: home });
+          theirs.push({ seconds: b.seconds, rss: b.peakRssMb });
+        }
+      }
+      console.error(`bench substitute: nixcas ${a!.seconds.toFixed(2)} s (${a!.peakRssMb.toFixed(0)} MB), nix copy ${b!.seconds.toFixed(2)} s (${b!.peakRssMb.toFixed(0)} MB)`);
+      rmSync(store, { recursive: true, force: true });
       run('chmod', ['-R', 'u+w', root]);
       rmSync(root, { recursive: true, force: true });
     }
