@@ -3,7 +3,6 @@
 // `nixcas copy --from URL STORE_PATH…`: fetch closures from binary caches.
 import { readFileSync } from 'node:fs';
 import { describeAbout } from './errors.js';
-import { withSmallYoungGeneration } from './young-generation.js';
 import { Command, Option } from 'commander';
 import { parseClosure } from '../store/closure.js';
 import { copyClosure } from '../store/copy.js';
@@ -41,10 +40,7 @@ export function copyCommand(): Command {
     }));
   addSubstitutionOptions(command, { jobs: false });
   return addStoreOptions(command).action(async (files: string[], options) => {
-    if (options.from) {
-      withSmallYoungGeneration(); // NARs stream through in chunks that die young: a bounded young generation keeps RSS down
-      return copyFrom(files, options);
-    }
+    if (options.from) return copyFrom(files, options);
     if (files.length > 1) throw new Error(`copy takes one closure FILE, not ${files.length} (to fetch store paths from a binary cache, pass --from URL)`);
     const file = files[0];
     const { text, source } = readInput(file);
