@@ -104,7 +104,7 @@ function processTree(pid: number): number[] {
 }
 
 /** CPU time of every thread of the tree, in ns (schedstat's first field). */
-function cpuNs(pid: number): number {
+export function cpuNs(pid: number): number {
   let total = 0;
   for (const p of processTree(pid)) {
     for (const task of safeReaddir(`/proc/${p}/task`)) total += Number(safeRead(`/proc/${p}/task/${task}/schedstat`).split(' ')[0] || 0);

@@ -1,12 +1,14 @@
 // --metrics-listen against a real Prometheus (Debian's prometheus): it scrapes nar-bridge, a
-// daemon and a FUSE mount, and a query through its HTTP API sees the counters move after a
-// workload: NAR and narinfo GETs, a PathInfo Get over gRPC, a file read through the mount.
+// daemon, a FUSE mount and virtio-fs, and a query through its HTTP API sees the counters move
+// after a workload: NAR and narinfo GETs, a PathInfo Get over gRPC, a file read through the mount,
+// a QEMU guest that boots with the store over virtio-fs and reads from it.
 import assert from 'node:assert/strict';
 import { type ChildProcess, spawn } from 'node:child_process';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { freePort, nixcas, removeDir, startDaemon, startNixcas, tempDir, type Daemon } from './helpers.js';
+import { bootGuest, buildInitramfs, ensureVmPackages } from '../vmtest/harness.js';
 
 
 const metricsUrl = (server: Daemon) => /metrics at http:\/\/(127\.0\.0\.1:\d+)\/metrics/.exec(server.output())![1]!;
@@ -25,6 +27,16 @@ async function eventually(prometheus: string, query: string, atLeast: number): P
     if (Date.now() > deadline) assert.fail(`Prometheus never saw ${query} >= ${atLeast} (last: ${last})`);
     await new Promise((resolve) => setTimeout(resolve, 250)); // polling a server that scrapes on its own clock
   }
+}
+
+/** Debian's Prometheus scraping `targets` every second; returns its API base and the process. */
+async function startPrometheus(work: string, targets: string[]): Promise<{ api: string; process: ChildProcess }> {
+  const port = await freePort();
+  writeFileSync(join(work, 'prometheus.yml'), `global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: nixcas\n    static_configs:\n      - targets: ${JSON.stringify(targets)}\n`);
+  const process = spawn('/usr/bin/prometheus', [
+    `--config.file=${join(work, 'prometheus.yml')}`, `--storage.tsdb.path=${join(work, 'tsdb')}`, `--web.listen-address=127.0.0.1:${port}`,
+  ], { stdio: 'ignore' });
+  return { api: `http://127.0.0.1:${port}`, process };
 }
 
 test('Prometheus scrapes nar-bridge, the daemon and a FUSE mount, and sees their counters move', { skip: process.getuid?.() !== 0 && 'mounts as root' }, async () => {
@@ -46,13 +58,9 @@ test('Prometheus scrapes nar-bridge, the daemon and a FUSE mount, and sees their
     const mount = await startNixcas(['mount', '--store', store, join(work, 'mnt'), ...metrics], 'mounted at');
     servers.push(mount);
 
-    const port = await freePort();
-    const targets = [bridge, daemon, mount].map(metricsUrl);
-    writeFileSync(join(work, 'prometheus.yml'), `global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: nixcas\n    static_configs:\n      - targets: ${JSON.stringify(targets)}\n`);
-    prometheus = spawn('/usr/bin/prometheus', [
-      `--config.file=${join(work, 'prometheus.yml')}`, `--storage.tsdb.path=${join(work, 'tsdb')}`, `--web.listen-address=127.0.0.1:${port}`,
-    ], { stdio: 'ignore' });
-    const api = `http://127.0.0.1:${port}`;
+    const started = await startPrometheus(work, [bridge, daemon, mount].map(metricsUrl));
+    prometheus = started.process;
+    const { api } = started;
 
     const base = /listening on (http:\/\/127\.0\.0\.1:\d+)/.exec(bridge.output())![1]!;
     const hash = path.slice('/nix/store/'.length, '/nix/store/'.length + 32);
@@ -76,6 +84,36 @@ test('Prometheus scrapes nar-bridge, the daemon and a FUSE mount, and sees their
   } finally {
     prometheus?.kill();
     for (const server of servers.reverse()) await server.stop();
+    removeDir(work);
+  }
+});
+
+test('Prometheus scrapes nixcas virtiofs while a QEMU guest boots from it: its requests and reads are counted', { skip: process.getuid?.() !== 0 && 'boots QEMU as root' }, async () => {
+  ensureVmPackages();
+  const work = tempDir('metrics-virtiofs');
+  let prometheus: ChildProcess | undefined;
+  let server: Daemon | undefined;
+  try {
+    const store = join(work, 'store');
+    writeFileSync(join(work, 'file'), 'read by a guest\n');
+    const path = nixcas(['import', '--store', store, join(work, 'file')]).stdout.trim();
+    const socket = join(work, 'fs.sock');
+    server = await startNixcas(['virtiofs', socket, '--store', store, '--metrics-listen', '127.0.0.1:0'], 'metrics at');
+    const target = metricsUrl(server);
+    const started = await startPrometheus(work, [target]);
+    prometheus = started.process;
+    const initramfs = buildInitramfs({ guestScript: `set -e\nmkdir -p /nix/store\ncapture mount mount -t virtiofs -o ro nixstore /nix/store\ncapture read cat ${path}` });
+    const guest = await bootGuest({ initramfs, virtiofsSocket: socket, memoryMiB: 512, timeoutMs: 120_000 });
+    assert.equal(guest.exitStatus, 0, guest.output);
+    assert.equal(guest.results['read.out'], 'read by a guest');
+    const instance = `instance="${target}"`;
+    await eventually(started.api, `up{${instance}} == 1`, 1);
+    await eventually(started.api, `sum(nixcas_fuse_requests_total{${instance},opcode="INIT"})`, 1);
+    await eventually(started.api, `sum(nixcas_fuse_requests_total{${instance},opcode="LOOKUP"})`, 1);
+    await eventually(started.api, `sum(nixcas_fuse_read_bytes_total{${instance}})`, 'read by a guest\n'.length);
+  } finally {
+    prometheus?.kill();
+    await server?.stop();
     removeDir(work);
   }
 });
