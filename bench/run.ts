@@ -71,7 +71,7 @@ function blobClient(address: string, credentials = grpc.credentials.createInsecu
  * Put then Read of BLOB_BYTES through each client, REPEATS times, alternating which client goes
  * first; with the server's CPU (all its threads) for each, in ms.
  */
-async function putAndRead(clients: Client[], serverPids: number[]): Promise<Throughput[]> {
+async function putAndRead(clients: Client[], serverPids: number[], seedBase: number): Promise<Throughput[]> {
   const results = clients.map(() => ({ put: [] as number[], read: [] as number[], putCpu: [] as number[], readCpu: [] as number[] }));
   const cpuMs = (at: number) => cpuNs(serverPids[at]!) / 1e6;
   for (let i = 0; i < REPEATS; i++) {
@@ -79,7 +79,7 @@ async function putAndRead(clients: Client[], serverPids: number[]): Promise<Thro
     if (i % 2 === 1) order.reverse(); // neither always gets the warmer machine
     for (const at of order) {
       let before = cpuMs(at);
-      const { mbps, digest } = await putThroughput(clients[at]!, i * clients.length + at + 1000 * clients.length);
+      const { mbps, digest } = await putThroughput(clients[at]!, seedBase + i * clients.length + at); // distinct blobs: nothing deduplicates
       results[at]!.putCpu.push(cpuMs(at) - before);
       results[at]!.put.push(mbps);
       before = cpuMs(at);
@@ -143,7 +143,7 @@ async function benchBlobs(): Promise<void> {
     // Three comparisons, each a pair of sides alternating (a five-way rotation let one side's
     // disk writeback land on whichever came next: 25 % more CPU per Put that a paired run never showed).
     const pids = [oursServer, bareServer, withMetrics, plainTcp, overTls].map((server) => server.pid!);
-    const pair = (a: number, b: number) => putAndRead([clients[a]!, clients[b]!], [pids[a]!, pids[b]!]) as Promise<[Throughput, Throughput]>;
+    const pair = (a: number, b: number) => putAndRead([clients[a]!, clients[b]!], [pids[a]!, pids[b]!], 1000 * (a * 8 + b)) as Promise<[Throughput, Throughput]>;
     const [ours, bare] = await pair(0, 1);
     const [withoutMetrics, metrics] = await pair(0, 2);
     const [tcp, secure] = await pair(3, 4);
