@@ -7,7 +7,7 @@ import { activationSockets, notifySystemd } from './systemd.js';
 import type { Server as NetServer } from 'node:net';
 import type { Server } from '@grpc/grpc-js';
 
-const collect = (value: string, previous: string[]) => [...previous, value];
+const collect = (value: string, previous: string[] | undefined) => [...(previous ?? []), value];
 
 export const DEFAULT_LISTEN = '[::1]:8000';
 
@@ -20,8 +20,8 @@ export function daemonCommand(): Command {
         `the default address is loopback only (${DEFAULT_LISTEN}); listening elsewhere exposes the ` +
         'store to whoever can reach that address.',
     )
-    .option('-l, --listen <address>', `host:port, [ipv6]:port, or a unix socket path; repeat to listen on several (default ${DEFAULT_LISTEN}, unless systemd hands over sockets)`, collect, [])
-    .option('--listen-read-only <address>', 'also listen here, answering every write with PERMISSION_DENIED: e.g. a TLS port for a fleet next to a read-write unix socket for the host; repeatable', collect, [])
+    .option('-l, --listen <address>', `host:port, [ipv6]:port, or a unix socket path; repeat to listen on several (default ${DEFAULT_LISTEN}, unless systemd hands over sockets)`, collect)
+    .option('--listen-read-only <address>', 'also listen here, answering every write with PERMISSION_DENIED: e.g. a TLS port for a fleet next to a read-write unix socket for the host; repeatable', collect)
     .option('--socket-mode <octal>', 'permissions of a unix socket, whatever the umask (default 0600); e.g. 0660 to let a group connect', octalMode)
     .option('--tls-cert <file>', 'serve gRPC over TLS with this certificate (PEM; with --tls-key) on every TCP listener; unix sockets stay plain, guarded by their mode')
     .option('--tls-key <file>', 'the private key of --tls-cert (PEM)')
@@ -40,8 +40,8 @@ export function daemonCommand(): Command {
     const allReadOnly = Boolean(options.readOnly);
     const handed = activationSockets();
     const wanted = [
-      ...(options.listen as string[]).map((address) => ({ address, flag: '--listen', readOnly: allReadOnly })),
-      ...(options.listenReadOnly as string[]).map((address) => ({ address, flag: '--listen-read-only', readOnly: true })),
+      ...((options.listen as string[] | undefined) ?? []).map((address) => ({ address, flag: '--listen', readOnly: allReadOnly })),
+      ...((options.listenReadOnly as string[] | undefined) ?? []).map((address) => ({ address, flag: '--listen-read-only', readOnly: true })),
     ];
     if (wanted.length === 0 && handed.length === 0) wanted.push({ address: DEFAULT_LISTEN, flag: '--listen', readOnly: allReadOnly });
     const plainBeyondLoopback = (flag: string, address: string) =>
