@@ -372,6 +372,12 @@ test('copy --from another nixcas nar-bridge fetches only the blobs the store lac
     assert.deepEqual(nixcasBytes(['nar', '--store', fooled, secondPath!]), nixcasBytes(['nar', '--store', upstream, secondPath!]));
     const verify = nixcas(['verify', '--store', fooled]);
     assert.equal(verify.status, 0, verify.stdout + verify.stderr);
+    // What the store lacks is 404, and only exact hex digests are routes.
+    for (const route of [`castore/blob/${'0'.repeat(64)}`, `castore/directories/${'0'.repeat(64)}`, `castore/blob/${'A'.repeat(64)}`, 'castore/blob/../x']) {
+      const response = await fetch(`${base}/${route}`);
+      assert.ok([400, 404].includes(response.status), `${route}: ${response.status}`);
+      await response.arrayBuffer();
+    }
   } finally {
     lying.close();
     await bridge.stop();
