@@ -208,8 +208,11 @@ test('gc in a loop against concurrent imports: every registered path stays compl
     const collections: Promise<number> = (async () => {
       let runs = 0;
       while (importing) {
-        const code = await new Promise<number | null>((resolve) => spawn(process.execPath, [CLI, 'gc', '--store', store], { stdio: 'ignore' }).on('exit', resolve));
-        assert.equal(code, 0, 'gc failed');
+        const gc = spawn(process.execPath, [CLI, 'gc', '--store', store], { stdio: ['ignore', 'ignore', 'pipe'] });
+        let stderr = '';
+        gc.stderr!.on('data', (d) => (stderr += d));
+        const code = await new Promise<number | null>((resolve) => gc.on('close', resolve));
+        assert.equal(code, 0, `gc failed: ${stderr}`);
         runs++;
       }
       return runs;
@@ -219,8 +222,10 @@ test('gc in a loop against concurrent imports: every registered path stays compl
         const path = await new Promise<string>((resolve, reject) => {
           const child = spawn(process.execPath, [CLI, 'import', '--store', store, tree]);
           let out = '';
+          let err = '';
           child.stdout.on('data', (d) => (out += d));
-          child.on('exit', (code) => (code === 0 ? resolve(out.trim()) : reject(new Error(`import exited ${code}`))));
+          child.stderr.on('data', (d) => (err += d));
+          child.on('close', (code) => (code === 0 ? resolve(out.trim()) : reject(new Error(`import exited ${code}: ${err}`))));
         });
         assert.match(path, /^\/nix\/store\//);
       }
