@@ -106,6 +106,7 @@ export function daemonCommand(): Command {
       ]);
       await startMetrics(options.metricsListen, { grpc: { calls: grpcCallCounts, errors: grpcErrorCounts }, substitution: substitutionCounts }, logger.info);
     }
+    if (tls && socketPaths.length) logger.warn(`TLS is for TCP listeners: ${socketPaths.join(', ')} ${socketPaths.length > 1 ? 'are' : 'is'} served without it, guarded by the socket's mode`);
     logger.info(`listening on ${listening.join('; ')} (blobs: ${services.addresses.blob}, directories: ${services.addresses.directory}, path infos: ${services.addresses.pathInfo})`);
     notifySystemd({ READY: '1', STATUS: `serving gRPC on ${listening.join('; ')}`, MAINPID: String(process.pid) }, logger.info);
   });
