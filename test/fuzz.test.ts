@@ -1,6 +1,7 @@
 // Property-based runs over the parsers a peer reaches (issue #22, item 9):
 // protobuf Directory decoding, narinfo parsing, HTTP Range, NAR ingestion,
-// virtqueue chain walking, FUSE requests, gRPC PathInfo messages, vhost-user
+// virtqueue chain walking, FUSE requests, gRPC PathInfo messages, directory
+// closures another nixcas sends, vhost-user
 // messages (against a running `nixcas virtiofs`).
 // Inputs are random bytes and mutations of valid inputs; each parser must
 // either answer or refuse with its own InvalidInputError, never throw
@@ -12,7 +13,9 @@ import { test } from 'node:test';
 import fc from 'fast-check';
 import { MemoryBlobService, MemoryDirectoryService } from '../src/castore/backends/memory.js';
 import { InvalidInputError } from '../src/castore/errors.js';
-import type { Directory, Node } from '../src/castore/model.js';
+import { type Directory, type Node, directorySize } from '../src/castore/model.js';
+import { blake3, digestKey } from '../src/castore/digest.js';
+import { TreeFetchError, readDirectoryClosure } from '../src/store/castore-fetch.js';
 import { requireWellFormed, tolerantServiceDefinition } from '../src/grpc/protos.js';
 import { type WirePathInfo, pathInfoFromWire, pathInfoToWire } from '../src/grpc/store-convert.js';
 import { type PathInfo, validatePathInfo } from '../src/store/pathinfo.js';
@@ -363,6 +366,48 @@ for (const prefix of ['tvix', 'snix'] as const) {
     );
   });
 }
+
+// ---------------------------------------------------------------- castore directories from a nar-bridge
+
+/** A directory's closure as a nar-bridge sends it: 4-byte little-endian lengths and canonical records, root first. */
+function framed(directories: Directory[]): Buffer {
+  return Buffer.concat(directories.flatMap((d) => {
+    const encoded = encodeDirectory(d);
+    const length = Buffer.alloc(4);
+    length.writeUInt32LE(encoded.length);
+    return [length, encoded];
+  }));
+}
+
+test(`fuzz: a directory closure from another nixcas is taken whole and checked, or refused (seed ${SEED})`, async () => {
+  // A root with one child directory (a leaf of files and symlinks), framed: the valid input mutated.
+  const closureArb = directoryArb.filter((d) => d.directories.length === 0).map((leaf) => {
+    const root: Directory = { directories: [{ name: Buffer.from('child'), digest: blake3(encodeDirectory(leaf)), size: directorySize(leaf) }], files: [], symlinks: [] };
+    return { root: blake3(encodeDirectory(root)), bytes: framed([root, leaf]) };
+  });
+  await fc.assert(
+    fc.asyncProperty(closureArb, fc.nat(), fc.constantFrom('flip', 'insert', 'delete', 'truncate', 'none'), fc.nat(), fc.integer({ min: 1, max: 64 }), async ({ root, bytes }, at, how, value, piece) => {
+      const i = bytes.length ? at % bytes.length : 0;
+      const input = how === 'flip' ? Buffer.from(bytes).fill(bytes[i]! ^ (value % 255 || 1), i, i + 1)
+        : how === 'insert' ? Buffer.concat([bytes.subarray(0, i), Buffer.from([value & 0xff]), bytes.subarray(i)])
+        : how === 'delete' ? Buffer.concat([bytes.subarray(0, i), bytes.subarray(i + 1)])
+        : how === 'truncate' ? bytes.subarray(0, i) : bytes;
+      async function* pieces() {
+        for (let p = 0; p < input.length; p += piece) yield input.subarray(p, p + piece);
+      }
+      let received: Map<string, Directory>;
+      try {
+        received = await readDirectoryClosure(pieces(), root, 1 << 20, 'fuzz');
+      } catch (err) {
+        return err instanceof TreeFetchError;
+      }
+      // Whatever is taken is the closure: the root and every directory named, each under its own digest.
+      return received.has(digestKey(root)) && [...received].every(([key, directory]) =>
+        digestKey(blake3(encodeDirectory(directory))) === key && directory.directories.every((child) => received.has(digestKey(child.digest))));
+    }),
+    params,
+  );
+});
 
 // ---------------------------------------------------------------- vhost-user messages
 

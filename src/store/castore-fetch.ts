@@ -33,9 +33,13 @@ export interface FetchedTree {
 
 export class TreeFetchError extends Error {}
 
+/** A directory record larger than this is not one a store would send (a million entries is ~60 MB). */
+const MAX_RECORD_BYTES = 64 * 1024 * 1024;
+
 /** Fetches the tree under `rootDigest` from `cache` into `local`, blobs the local store has excepted. */
 export async function fetchTree(cache: BinaryCache, rootDigest: B3Digest, local: StoreServices, options: TreeFetchOptions): Promise<FetchedTree> {
-  const directories = await fetchDirectories(cache, rootDigest, options);
+  const path = `directories/${rootDigest.toString('hex')}`;
+  const directories = await readDirectoryClosure(cache.castore(path), rootDigest, options.maxDirectoryBytes, `${cache.url}/castore/${path}`, options.onBytes);
   const blobs = new Map<string, { digest: B3Digest; size: number }>();
   for (const directory of directories.values()) {
     for (const file of directory.files) blobs.set(digestKey(file.digest), { digest: file.digest, size: Number(file.size) });
@@ -62,38 +66,65 @@ export async function fetchTree(cache: BinaryCache, rootDigest: B3Digest, local:
   return fetched;
 }
 
-/** The closure of `rootDigest`, each record checked against the digest a record before it (or the caller) names. */
-async function fetchDirectories(cache: BinaryCache, rootDigest: B3Digest, options: TreeFetchOptions): Promise<Map<string, Directory>> {
-  const path = `directories/${rootDigest.toString('hex')}`;
+/**
+ * The closure of `rootDigest` from `body` (4-byte little-endian lengths, each followed by a
+ * directory's canonical encoding, root first): each record checked against the digest a record
+ * before it (or the caller) names, each decoded and validated, every named one present.
+ * Throws TreeFetchError naming `source` for anything else.
+ */
+export async function readDirectoryClosure(
+  body: AsyncIterable<Uint8Array>,
+  rootDigest: B3Digest,
+  maxBytes: number,
+  source: string,
+  onBytes?: (bytes: number) => void,
+): Promise<Map<string, Directory>> {
   const expected = new Set([digestKey(rootDigest)]);
   const received = new Map<string, Directory>();
-  let pending = Buffer.alloc(0);
+  let pending = Buffer.alloc(0); // unread bytes, joined
+  let waiting: Buffer[] = []; // chunks of a record still arriving, joined once it is whole
+  let waitingBytes = 0;
+  let needed = 0;
   let total = 0;
-  for await (const chunk of cache.castore(path)) {
+  for await (const chunk of body) {
     total += chunk.length;
-    if (total > options.maxDirectoryBytes) throw new TreeFetchError(`${cache.url}/castore/${path}: more than ${options.maxDirectoryBytes} bytes of directories for this path`);
-    options.onBytes?.(chunk.length);
-    pending = pending.length ? Buffer.concat([pending, chunk]) : Buffer.from(chunk);
+    if (total > maxBytes) throw new TreeFetchError(`${source}: more than ${maxBytes} bytes of directories for this path`);
+    onBytes?.(chunk.length);
+    if (needed > 0) {
+      waiting.push(Buffer.from(chunk));
+      waitingBytes += chunk.length;
+      if (pending.length + waitingBytes < needed) continue;
+      pending = Buffer.concat([pending, ...waiting]);
+      waiting = [];
+      waitingBytes = 0;
+      needed = 0;
+    } else {
+      pending = pending.length ? Buffer.concat([pending, chunk]) : Buffer.from(chunk);
+    }
     while (pending.length >= 4) {
       const length = pending.readUInt32LE(0);
-      if (pending.length < 4 + length) break;
+      if (length > MAX_RECORD_BYTES) throw new TreeFetchError(`${source}: a directory record of ${length} bytes (at most ${MAX_RECORD_BYTES})`);
+      if (pending.length < 4 + length) {
+        needed = 4 + length;
+        break;
+      }
       const encoded = pending.subarray(4, 4 + length);
       pending = pending.subarray(4 + length);
       const key = digestKey(blake3(encoded));
-      if (!expected.has(key) || received.has(key)) throw new TreeFetchError(`${cache.url}/castore/${path}: sent directory ${key}, which nothing before it names`);
+      if (!expected.has(key) || received.has(key)) throw new TreeFetchError(`${source}: sent directory ${key}, which nothing before it names`);
       let directory: Directory;
       try {
         directory = decodeDirectory(Buffer.from(encoded));
         validateDirectory(directory);
       } catch (err) {
-        throw new TreeFetchError(`${cache.url}/castore/${path}: directory ${key}: ${(err as Error).message}`);
+        throw new TreeFetchError(`${source}: directory ${key}: ${(err as Error).message}`);
       }
       received.set(key, directory);
       for (const child of directory.directories) expected.add(digestKey(child.digest));
     }
   }
-  if (pending.length) throw new TreeFetchError(`${cache.url}/castore/${path}: ends inside a directory record`);
-  for (const key of expected) if (!received.has(key)) throw new TreeFetchError(`${cache.url}/castore/${path}: directory ${key} is named but was not sent`);
+  if (pending.length || waitingBytes) throw new TreeFetchError(`${source}: ends inside a directory record`);
+  for (const key of expected) if (!received.has(key)) throw new TreeFetchError(`${source}: directory ${key} is named but was not sent`);
   return received;
 }
 
@@ -117,17 +148,23 @@ async function fetchBlob(cache: BinaryCache, digest: B3Digest, size: number, loc
   if (!stored.equals(digest)) throw new TreeFetchError(`${cache.url}/castore/${path}: the bytes sent hash to ${formatDigest(stored)}`);
 }
 
-/** The directories below `rootDigest`, every one after all its children. */
+/** The directories below `rootDigest`, every one after all its children (iteratively: a chain may be deep). */
 function postOrder(directories: Map<string, Directory>, rootDigest: B3Digest): Directory[] {
   const ordered: Directory[] = [];
-  const done = new Set<string>();
-  const visit = (key: string) => {
-    if (done.has(key)) return;
-    done.add(key);
-    const directory = directories.get(key)!;
-    for (const child of directory.directories) visit(digestKey(child.digest));
-    ordered.push(directory);
-  };
-  visit(digestKey(rootDigest));
+  const seen = new Set<string>([digestKey(rootDigest)]);
+  const stack: { directory: Directory; next: number }[] = [{ directory: directories.get(digestKey(rootDigest))!, next: 0 }];
+  while (stack.length) {
+    const top = stack[stack.length - 1]!;
+    const child = top.directory.directories[top.next++];
+    if (!child) {
+      ordered.push(top.directory);
+      stack.pop();
+      continue;
+    }
+    const key = digestKey(child.digest);
+    if (seen.has(key)) continue;
+    seen.add(key);
+    stack.push({ directory: directories.get(key)!, next: 0 });
+  }
   return ordered;
 }
