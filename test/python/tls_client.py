@@ -16,23 +16,25 @@ blobs = rpc_blobstore_pb2_grpc.BlobServiceStub(with_cert)
 digest = blobs.Put(iter([rpc_blobstore_pb2.BlobChunk(data=b'over tls\n')]), timeout=20).digest
 data = b''.join(c.data for c in blobs.Read(rpc_blobstore_pb2.ReadBlobRequest(digest=digest), timeout=20))
 print(f'with a client certificate: put and read {len(data)} bytes, digest {digest.hex()}')
-without = rpc_blobstore_pb2_grpc.BlobServiceStub(grpc.secure_channel(target, grpc.ssl_channel_credentials(read(ca))))
-try:
-    without.Stat(rpc_blobstore_pb2.StatBlobRequest(digest=digest), timeout=10)
-    print('without a client certificate: ACCEPTED')
-except grpc.RpcError as e:
-    print(f'without a client certificate: {e.code().name}')
-stranger = rpc_blobstore_pb2_grpc.BlobServiceStub(grpc.secure_channel(target, grpc.ssl_channel_credentials(read(ca), read(stranger_key), read(stranger_cert))))
-try:
-    stranger.Stat(rpc_blobstore_pb2.StatBlobRequest(digest=digest), timeout=10)
-    print('with a certificate from another CA: ACCEPTED')
-except grpc.RpcError as e:
-    print(f'with a certificate from another CA: {e.code().name}')
+
+
+def outcome(call):
+    """ACCEPTED, or the status code the server answered with."""
+    try:
+        call()
+        return 'ACCEPTED'
+    except grpc.RpcError as e:
+        return e.code().name
+
+
+def stat_with(credentials):
+    stub = rpc_blobstore_pb2_grpc.BlobServiceStub(grpc.secure_channel(target, credentials))
+    return outcome(lambda: stub.Stat(rpc_blobstore_pb2.StatBlobRequest(digest=digest), timeout=10))
+
+
+print(f'without a client certificate: {stat_with(grpc.ssl_channel_credentials(read(ca)))}')
+print(f'with a certificate from another CA: {stat_with(grpc.ssl_channel_credentials(read(ca), read(stranger_key), read(stranger_cert)))}')
 fleet = rpc_blobstore_pb2_grpc.BlobServiceStub(grpc.secure_channel(read_only_target, grpc.ssl_channel_credentials(read(ca), read(key), read(cert))))
 data = b''.join(c.data for c in fleet.Read(rpc_blobstore_pb2.ReadBlobRequest(digest=digest), timeout=20))
-try:
-    fleet.Put(iter([rpc_blobstore_pb2.BlobChunk(data=b'not to be stored')]), timeout=20)
-    outcome = 'ACCEPTED'
-except grpc.RpcError as e:
-    outcome = e.code().name
-print(f'read-only listener: read {len(data)} bytes; Put: {outcome}')
+put = outcome(lambda: fleet.Put(iter([rpc_blobstore_pb2.BlobChunk(data=b'not to be stored')]), timeout=20))
+print(f'read-only listener: read {len(data)} bytes; Put: {put}')
