@@ -7,12 +7,12 @@
 // Then a second `nixcas copy --from` of the same path, which must make no
 // upstream request (nginx's access log counts them). Sides alternate, each
 // after an untimed sync.
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { cpSync, existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createHash } from 'node:crypto';
 import { join } from 'node:path';
 import { startNginx, stopNginx } from '../test/nginx.js';
-import { startNixcas } from '../test/helpers.js';
+import { settledAccessLog, startNixcas } from '../test/helpers.js';
 import { readFile } from 'node:fs/promises';
 import { basename } from 'node:path';
 import { type Row, median, timed } from './nix.js';
@@ -157,32 +157,13 @@ async function benchSubstituteObjects(rows: Row[], work: string, repeats: number
   const [oldPath, newPath] = [old, updated].map((tree) => run(process.execPath, [cli, 'import', '--store', upstream, tree]).trim());
   run('nix-store', ['--generate-binary-cache-key', 'objects-1', join(work, 'objects.sk'), join(work, 'objects.pk')]);
   const publicKey = readFileSync(join(work, 'objects.pk'), 'utf8').trim();
-  const bridge = spawn(process.execPath, [cli, 'nar-bridge', '--store', upstream, '--listen', '127.0.0.1:0', '--sign-key', join(work, 'objects.sk')], { stdio: ['ignore', 'ignore', 'pipe'] });
-  let log = '';
-  bridge.stderr!.on('data', (d) => (log += d));
+  const bridge = await startNixcas(['nar-bridge', '--store', upstream, '--listen', '127.0.0.1:0', '--sign-key', join(work, 'objects.sk')], 'listening on');
   try {
-    const base = await new Promise<string>((resolve, reject) => {
-      bridge.stderr!.on('data', () => {
-        const match = /listening on (http:\/\/127\.0\.0\.1:\d+)/.exec(log);
-        if (match) resolve(match[1]!);
-      });
-      bridge.once('exit', (code) => reject(new Error(`nar-bridge exited with ${code}: ${log}`)));
-    });
-    let markers = 0;
-    /** The log's length once every request answered so far is in it (a marker request's line comes after them all). */
-    const settledLog = async (): Promise<number> => {
-      const marker = `/nix-cache-info?marker=${++markers}`;
-      await (await fetch(`${base}${marker}`)).text();
-      const deadline = Date.now() + 10_000;
-      while (!log.includes(`GET ${marker} `)) {
-        if (Date.now() > deadline) throw new Error(`nar-bridge never logged ${marker}`);
-        await new Promise((resolve) => setTimeout(resolve, 20)); // another process's output
-      }
-      return log.length;
-    };
+    const base = /listening on (http:\/\/127\.0\.0\.1:\d+)/.exec(bridge.output())![1]!;
+    const settledLog = () => settledAccessLog(base, bridge.output);
     /** Body bytes the bridge sent between two settled points of its log. */
     const sentBetween = (from: number, to: number): number =>
-      log.slice(from, to).split('\n').filter((line) => !line.includes('marker=')).reduce((sum, line) => sum + Number(/" \d{3} (\d+) /.exec(line)?.[1] ?? 0), 0);
+      bridge.output().slice(from, to).split('\n').filter((line) => !line.includes('marker=')).reduce((sum, line) => sum + Number(/" \d{3} (\d+) /.exec(line)?.[1] ?? 0), 0);
     const ours: { seconds: number; bytes: number }[] = [];
     const theirs: { seconds: number; bytes: number }[] = [];
     for (let r = 0; r < repeats; r++) {
@@ -210,6 +191,6 @@ async function benchSubstituteObjects(rows: Row[], work: string, repeats: number
     rows.push({ capability: `substitution of ${what}`, ours: median(ours.map((s) => s.seconds)) * 1000, peer: median(theirs.map((s) => s.seconds)) * 1000, unit: 'ms', peerName: 'nix copy --from the same bridge (the whole NAR)', lowerIsBetter: true, peerOverOurs: true });
     rows.push({ capability: 'substitution from a nixcas nar-bridge: bytes sent by the bridge', ours: median(ours.map((s) => s.bytes)) / 1e6, peer: median(theirs.map((s) => s.bytes)) / 1e6, unit: 'MB', peerName: 'nix copy --from (the whole NAR)', lowerIsBetter: true });
   } finally {
-    bridge.kill('SIGTERM');
+    await bridge.stop();
   }
 }

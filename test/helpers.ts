@@ -222,6 +222,22 @@ export function pythonReadOnlyChecks(socket: string, generated: string, digest: 
   return client.stdout;
 }
 
+let accessLogMarkers = 0;
+
+/**
+ * The length of a nar-bridge's output once every request answered so far is logged in it: it logs
+ * a request when it is answered, so a marker request's line comes after all earlier ones.
+ */
+export async function settledAccessLog(base: string, output: () => string, timeoutMs = 10_000): Promise<number> {
+  const marker = `/nix-cache-info?marker=${++accessLogMarkers}`;
+  await (await fetch(`${base}${marker}`)).text();
+  for (const deadline = Date.now() + timeoutMs; !output().includes(`GET ${marker} `); ) {
+    if (Date.now() > deadline) throw new Error(`the bridge never logged ${marker}`);
+    await new Promise((resolve) => setTimeout(resolve, 20)); // another process's output
+  }
+  return output().length;
+}
+
 /** A TCP port on 127.0.0.1 that nothing listens on now. */
 export function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {

@@ -13,7 +13,7 @@ import http from 'node:http';
 import net from 'node:net';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
-import { CLI, ROOT, buildClosureFixture, type Daemon, nix, nixcas, nixcasBytes, removeDir, seededBytes, startDaemon, startNixcas, tempDir } from './helpers.js';
+import { CLI, ROOT, buildClosureFixture, type Daemon, nix, nixcas, nixcasBytes, removeDir, seededBytes, settledAccessLog, startDaemon, startNixcas, tempDir } from './helpers.js';
 import { type Nginx, startNginx, stopNginx } from './nginx.js';
 
 const NGINX = '/usr/sbin/nginx';
@@ -340,16 +340,7 @@ test('copy --from another nixcas nar-bridge fetches only the blobs the store lac
     const narinfo = await (await fetch(`${base}/${hashPart(secondPath!)}.narinfo`)).text();
     assert.match(narinfo, /^CastoreDirectory: [0-9a-f]{64}$/m);
     const gets = (prefix: string) => bridge.output().split('\n').filter((line) => line.includes(`"GET ${prefix}`)).length;
-    // The bridge logs a request once it is answered: a marker request's line comes after every earlier one.
-    let markers = 0;
-    const logged = async () => {
-      const marker = `/nix-cache-info?marker=${++markers}`;
-      await (await fetch(`${base}${marker}`)).text();
-      for (const deadline = Date.now() + 10_000; !bridge.output().includes(`GET ${marker} `); ) {
-        if (Date.now() > deadline) assert.fail(`the bridge never logged ${marker}`);
-        await new Promise((resolve) => setTimeout(resolve, 20)); // another process's output
-      }
-    };
+    const logged = () => settledAccessLog(base, bridge.output);
 
     const local = join(work, 'store-objects-local');
     assert.equal(nixcas(['import', '--store', local, first]).stdout.trim(), firstPath);
