@@ -44,26 +44,26 @@ export async function fetchTree(cache: BinaryCache, rootDigest: B3Digest, local:
   for (const directory of directories.values()) {
     for (const file of directory.files) blobs.set(digestKey(file.digest), { digest: file.digest, size: Number(file.size) });
   }
-  const fetched: FetchedTree = { root: undefined as unknown as Node, blobsPresent: 0, bytesPresent: 0, blobsFetched: 0, bytesFetched: 0 };
+  const counts = { blobsPresent: 0, bytesPresent: 0, blobsFetched: 0, bytesFetched: 0 };
   const queue = [...blobs.values()];
+  let next = 0;
   const worker = async () => {
-    for (let blob = queue.shift(); blob; blob = queue.shift()) {
+    for (let blob = queue[next++]; blob; blob = queue[next++]) {
       if (await local.blobs.has(blob.digest)) {
-        fetched.blobsPresent++;
-        fetched.bytesPresent += blob.size;
+        counts.blobsPresent++;
+        counts.bytesPresent += blob.size;
         continue;
       }
       await fetchBlob(cache, blob.digest, blob.size, local, options);
-      fetched.blobsFetched++;
-      fetched.bytesFetched += blob.size;
+      counts.blobsFetched++;
+      counts.bytesFetched += blob.size;
     }
   };
   await Promise.all(Array.from({ length: Math.max(1, options.jobs) }, worker));
   // Leaves to root, as a directory Put takes them.
   await local.directories.put(postOrder(directories, rootDigest));
   const root = directories.get(digestKey(rootDigest))!;
-  fetched.root = { kind: 'directory', node: { name: Buffer.alloc(0), digest: rootDigest, size: directorySize(root) } };
-  return fetched;
+  return { root: { kind: 'directory', node: { name: Buffer.alloc(0), digest: rootDigest, size: directorySize(root) } }, ...counts };
 }
 
 /**
