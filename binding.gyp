@@ -2,7 +2,7 @@
   "targets": [
     {
       "target_name": "nixcas_native",
-      "sources": ["src/native/nixcas_native.c", "src/native/blake3.c"],
+      "sources": ["src/native/nixcas_native.c", "src/native/blake3.c", "src/native/virtiofs_fast.c"],
       "cflags": ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"]
     },
     {

@@ -30,6 +30,11 @@ export interface BlobReader {
    * have to wait: then use `read`.
    */
   tryReadv?(targets: ScatterList, length: number, position: number): number | undefined;
+  /**
+   * Optional: the open file that holds the whole blob, for readers that read one (checked as
+   * every read is); whoever reads it directly reads only what `read` would, and never closes it.
+   */
+  readonly fd?: number;
   close(): Promise<void>;
 }
 

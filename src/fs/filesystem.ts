@@ -283,6 +283,15 @@ export class ReadOnlyFilesystem {
     return this.readers.peek(ino)?.tryReadv?.(targets, wanted, position);
   }
 
+  /**
+   * The open file behind an inode whose reader reads one (see BlobReader.fd), and the blob's
+   * size, while that reader is open: for a transport that reads it on its own.
+   */
+  fileOf(ino: number): { fd: number; size: number } | undefined {
+    const reader = this.readers.peek(ino);
+    return reader?.fd === undefined ? undefined : { fd: reader.fd, size: reader.size };
+  }
+
   /** Like tryReadInode, through an open file handle. */
   tryRead(handle: number, targets: ScatterList, length: number, position: number): number | undefined {
     const file = this.files.get(handle);

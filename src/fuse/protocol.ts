@@ -59,6 +59,22 @@ export interface FuseServerOptions {
   maxPages?: number;
   /** Answer OPEN with ENOSYS when the kernel supports that (default), saving OPEN and RELEASE per file. */
   noOpen?: boolean;
+  /** A transport that answers some requests itself (virtio-fs's native path): told what it may answer. */
+  accelerator?: Accelerator;
+}
+
+/**
+ * What a transport may answer without this layer, as this layer would: GETATTR of an inode
+ * from its attributes, READ by inode from the blob's open file. Told again after each answer
+ * this layer gives (it keeps what it can), and told when the inode is forgotten.
+ */
+export interface Accelerator {
+  /** GETATTR of `nodeid` is answered with `attrOut` (fuse_attr_out, 104 bytes; copy it). */
+  attributes(nodeid: number, attrOut: Buffer): void;
+  /** READ of `nodeid` without a file handle is answered from `size` bytes of `fd` (not closed by the transport). */
+  file(nodeid: number, fd: number, size: number): void;
+  /** `nodeid` is forgotten: none of it may be answered any more. */
+  forget(nodeid: number): void;
 }
 
 /** The INIT flags we ask for, where the kernel offers them. */
@@ -71,6 +87,8 @@ const WANTED_FLAGS =
   InitFlag.ASYNC_DIO;
 
 const UNKNOWN_INO = 0xffffffff;
+/** FUSE_ROOT_ID. */
+const ROOT_NODEID = 1;
 /** File handles start at 1; a READ with handle 0 comes from a kernel that no longer opens files. */
 const NO_HANDLE = 0;
 /** Idle READ buffers kept (each MAX_READ): enough for the kernel's usual readahead depth. */
@@ -324,21 +342,27 @@ export class FuseServer {
 
   private forget(request: Request): void {
     this.fs.forget(request.nodeid, readU64(need(request, 8), 0));
+    this.options.accelerator?.forget(request.nodeid);
   }
 
   private batchForget(request: Request): void {
     const args = need(request, 8);
     const count = args.readUInt32LE(0);
     if (args.length < 8 + count * FORGET_ONE_SIZE) throw new MalformedRequest(`BATCH_FORGET of ${count} entries in ${args.length} bytes`);
+    const accelerator = this.options.accelerator;
     for (let i = 0, at = 8; i < count; i++, at += FORGET_ONE_SIZE) {
-      this.fs.forget(readU64(args, at), readU64(args, at + 8));
+      const ino = readU64(args, at);
+      this.fs.forget(ino, readU64(args, at + 8));
+      accelerator?.forget(ino);
     }
   }
 
   private getattr(request: Request): Promise<void> | void {
     const entry = this.fs.getattr(request.nodeid);
-    if (entry instanceof Promise) return entry.then((e) => replyAttributes(request, e.attributes, e.attributeTimeout));
-    replyAttributes(request, entry.attributes, entry.attributeTimeout);
+    if (entry instanceof Promise) return entry.then((e) => void replyAttributes(request, e.attributes, e.attributeTimeout));
+    const reply = replyAttributes(request, entry.attributes, entry.attributeTimeout);
+    // The root's attributes change as store paths appear; no other inode's ever do.
+    if (this.options.accelerator && request.nodeid !== ROOT_NODEID) this.options.accelerator.attributes(request.nodeid, reply.subarray(OUT_HEADER_SIZE, OUT_HEADER_SIZE + ATTR_OUT_SIZE));
   }
 
   private readlink(request: Request): void {
@@ -382,6 +406,7 @@ export class FuseServer {
       places.buffers.length = 0; // valid only now
       places.count = 0;
       if (n !== undefined) {
+        if (handle === NO_HANDLE && this.options.accelerator) this.offerFile(request.nodeid);
         fuseCounters.readBytes += n;
         header.writeUInt32LE(OUT_HEADER_SIZE + n, 0);
         header.writeInt32LE(0, 4);
@@ -391,6 +416,11 @@ export class FuseServer {
       }
     }
     return this.readWaiting(request, handle, position, size);
+  }
+
+  private offerFile(ino: number): void {
+    const file = this.fs.fileOf(ino);
+    if (file) this.options.accelerator!.file(ino, file.fd, file.size);
   }
 
   /** A READ that has to wait (a blob file not in the page cache, a remote store): into a buffer of ours, then sent. */
@@ -564,13 +594,15 @@ function replyEntry(request: Request, entry: Entry): void {
   request.ok(reply, ENTRY_OUT_SIZE);
 }
 
-function replyAttributes(request: Request, attributes: Attributes, timeout: number): void {
+/** Answers with the attributes; returns the reply (valid until the next reply is made). */
+function replyAttributes(request: Request, attributes: Attributes, timeout: number): Buffer {
   const reply = request.allocate(ATTR_OUT_SIZE);
   const view = scratchView;
   setU64(view, OUT_HEADER_SIZE, timeout); // attr_valid
   setU64(view, OUT_HEADER_SIZE + 8, 0); // attr_valid_nsec, dummy
   writeAttributes(view, OUT_HEADER_SIZE + 16, attributes);
   request.ok(reply, ATTR_OUT_SIZE);
+  return reply;
 }
 
 /** A DataView over a reply buffer (the scratch one's is kept): field stores that V8 inlines. */

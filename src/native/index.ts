@@ -5,6 +5,10 @@ export interface Watch {
   readonly __watch: unique symbol;
 }
 
+/** Handles the addon makes (opaque). */
+export type FastRing = { readonly __brand: 'FastRing' };
+export type FastTables = { readonly __brand: 'FastTables' };
+
 export interface NativeAddon {
   /**
    * Calls `onReady` whenever `fd` is readable, or writable with `writable` (or in error); `status` < 0 is a libuv error.
@@ -65,6 +69,31 @@ export interface NativeAddon {
   munmap(buffer: ArrayBuffer): void;
   /** A non-blocking eventfd, or -errno. */
   eventfd(): number;
+  /**
+   * A split ring for virtiofsServe: guest memory as mapped chunks (`buffers[i]` maps guest
+   * addresses from `gpas[i]`, the first `primaries[i]` bytes its own) and the guest addresses
+   * of the descriptor table, avail and used rings.
+   */
+  fastRing(buffers: ArrayBuffer[], gpas: number[], primaries: number[], desc: number, avail: number, used: number, size: number, indirect: boolean): FastRing;
+  /** What one FUSE session lets virtiofsServe answer: attributes and open files by inode. */
+  fastTables(): FastTables;
+  /** GETATTR of `nodeid` is answered with these 104 bytes (fuse_attr_out). */
+  fastAttributes(tables: FastTables, nodeid: number, attrOut: Buffer): void;
+  /** READ of `nodeid` without a handle is answered from `size` bytes of `fd` (duplicated) while they are cached. */
+  fastFile(tables: FastTables, nodeid: number, fd: number, size: number): void;
+  /** Nothing of `nodeid` is answered natively any more. */
+  fastForget(tables: FastTables, nodeid: number): void;
+  /** Forgets everything (and closes the duplicated fds). */
+  fastClear(tables: FastTables): void;
+  /**
+   * Answers, in order, the chains from avail index `nextAvail` on while they are GETATTRs and
+   * READs the tables cover (at most `max`), putting them on the used ring from `nextUsed` on;
+   * stops at the first it leaves to JavaScript. Returns how many (-1: the ring's memory was
+   * unmapped since fastRing). `stats` gets += GETATTRs, READs, bytes read.
+   */
+  /** 1 as soon as the ring's avail index moves beyond `nextAvail`, 0 after `maxNs` without that, -1 when its memory changed. */
+  ringSpin(ring: FastRing, nextAvail: number, maxNs: number): number;
+  virtiofsServe(ring: FastRing, tables: FastTables, nextAvail: number, nextUsed: number, stats: Float64Array, max: number): number;
   /** A memfd of `size` bytes, or -errno. */
   memfd(name: string, size: number): number;
   /** execv(2): replaces the process (same pid, env and inheritable fds); returns -errno only on failure. */

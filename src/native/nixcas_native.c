@@ -29,6 +29,7 @@
 #include <uv.h>
 
 #include "blake3.h"
+#include "virtiofs_fast.h"
 
 #define MAX_IOVECS 1024
 
@@ -919,6 +920,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"dup", NULL, dup_fd, NULL, NULL, NULL, napi_default, NULL},
   };
   CHECK(napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props));
+  virtiofs_fast_register(env, exports);
   return exports;
 }
 

@@ -85,8 +85,17 @@ class MappedRegion implements MemoryRegion {
   }
 }
 
+/** Guest memory as native code takes it: mapping i covers guest addresses from gpas[i], its first primaries[i] bytes its own. */
+export interface NativeChunks {
+  buffers: ArrayBuffer[];
+  gpas: number[];
+  primaries: number[];
+}
+
 export class GuestMemory {
   private regions: MappedRegion[] = [];
+  /** Counts the changes of the table, so that whoever keeps addresses from it knows when they are stale. */
+  generation = 0;
 
   constructor(private readonly maxRegions: number) {}
 
@@ -109,6 +118,7 @@ export class GuestMemory {
       throw new GuestMemoryError(`region at ${hex(region.guestPhysAddr)} ends at byte ${region.mmapOffset + region.size} of a ${file.size}-byte file`);
     }
     this.regions.push(new MappedRegion(region, fd));
+    this.generation++;
   }
 
   /** Unmaps the region matching `region` (guest address, size and front-end address). */
@@ -117,12 +127,27 @@ export class GuestMemory {
     if (index < 0) throw new GuestMemoryError(`no memory region at ${hex(region.guestPhysAddr)} of ${region.size} bytes to remove`);
     this.regions[index].unmap();
     this.regions.splice(index, 1);
+    this.generation++;
   }
 
   /** Unmaps everything. */
   clear(): void {
     for (const region of this.regions) region.unmap();
     this.regions = [];
+    this.generation++;
+  }
+
+  /** Every mapping, for native code (valid until `generation` changes; it checks its buffers are still attached). */
+  nativeChunks(): NativeChunks {
+    const chunks: NativeChunks = { buffers: [], gpas: [], primaries: [] };
+    for (const r of this.regions) {
+      r.chunks.forEach((chunk, i) => {
+        chunks.buffers.push(chunk.buffer as ArrayBuffer);
+        chunks.gpas.push(r.guestPhysAddr + i * CHUNK);
+        chunks.primaries.push(Math.min(CHUNK, r.size - i * CHUNK));
+      });
+    }
+    return chunks;
   }
 
   /** The guest physical address of a front-end virtual address (how rings are given). */

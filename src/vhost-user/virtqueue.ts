@@ -10,6 +10,7 @@
 // between publishing used.idx and reading used_event, and between
 // publishing avail_event and re-reading avail.idx (else a kick is lost).
 import { GuestMemory, GuestMemoryError, hex, type Places, type Span } from './memory.js';
+import { type FastRing, optionalNative } from '../native/index.js';
 
 const DESC_F_NEXT = 1;
 const DESC_F_WRITE = 2;
@@ -83,6 +84,11 @@ export class SplitQueue {
   private idleWaiters: (() => void)[] = [];
   /** One chain object per head, reused request after request. */
   private readonly chains: (DescriptorChain | undefined)[] = [];
+  /** Where the rings are (guest addresses), for native code. */
+  private addresses!: RingAddresses;
+  /** The ring as native code takes it, for the memory table of `nativeGeneration`; null: native code cannot have it. */
+  private nativeRing?: FastRing | null;
+  private nativeGeneration = -1;
 
   constructor(
     private readonly memory: GuestMemory,
@@ -111,6 +117,8 @@ export class SplitQueue {
 
   private bind({ desc, avail, used }: RingAddresses): void {
     const { size } = this.layout;
+    this.addresses = { desc, avail, used };
+    this.nativeRing = undefined;
     if (desc % 16 !== 0 || avail % 2 !== 0 || used % 4 !== 0) {
       throw new QueueError(`misaligned rings (descriptors ${hex(desc)}, avail ${hex(avail)}, used ${hex(used)})`);
     }
@@ -174,6 +182,7 @@ export class SplitQueue {
         return null;
       }
       this.inFlight++;
+      this.taken++;
       try {
         return this.walk(head);
       } catch (err) {
@@ -206,6 +215,69 @@ export class SplitQueue {
   disableNotification(): void {
     if (!this.active || this.layout.eventIdx) return;
     this.used[0] = USED_F_NO_NOTIFY;
+  }
+
+  /**
+   * Lets native code answer chains, in order, from the next one: `serve` gets
+   * the ring (see the addon's fastRing) and the next avail and used indices,
+   * answers and puts on the used ring as many as it can, and returns how many
+   * (-1: its view of the memory is stale). Returns that count (0 when there is no addon).
+   */
+  serveNatively(serve: (ring: FastRing, nextAvail: number, nextUsed: number, max: number) => number): number {
+    if (!this.active || this.brokenReason !== undefined) return 0;
+    if (this.nativeRing === undefined || this.nativeGeneration !== this.memory.generation) this.makeNativeRing();
+    let total = 0;
+    // In batches, so that the driver hears of the first replies while the rest are answered.
+    for (let answered = EARLY_INTERRUPT_BATCH; answered === EARLY_INTERRUPT_BATCH && this.nativeRing; ) {
+      answered = serve(this.nativeRing, this.nextAvail, this.nextUsed, EARLY_INTERRUPT_BATCH);
+      if (answered <= 0) {
+        if (answered < 0) this.nativeRing = undefined; // made again next time
+        break;
+      }
+      this.nextAvail = (this.nextAvail + answered) & 0xffff;
+      this.nextUsed = (this.nextUsed + answered) & 0xffff;
+      this.taken += answered;
+      total += answered;
+      this.notify(true);
+    }
+    if (total > 0 && !this.notifyScheduled) {
+      this.notifyScheduled = true;
+      queueMicrotask(this.endOfTurn);
+    }
+    return total;
+  }
+
+  /**
+   * Waits on the CPU, at most `maxNs`, for the driver to make another chain
+   * available, with its kicks turned off meanwhile; true when it did (take
+   * it). False at once without the addon. Notifications are on again after.
+   */
+  spinForChains(maxNs: number): boolean {
+    if (!this.active || this.brokenReason !== undefined) return false;
+    if (this.nativeRing === undefined || this.nativeGeneration !== this.memory.generation) this.makeNativeRing();
+    if (!this.nativeRing) return false;
+    this.disableNotification();
+    const found = optionalNative()!.ringSpin(this.nativeRing, this.nextAvail, maxNs) === 1;
+    return this.enableNotification() || found;
+  }
+
+  /** Chains taken so far (by pop and natively): a turn's count tells how busy the driver is. */
+  get takenCount(): number {
+    return this.taken;
+  }
+  private taken = 0;
+
+  private makeNativeRing(): void {
+    const addon = optionalNative();
+    this.nativeGeneration = this.memory.generation;
+    if (!addon) return void (this.nativeRing = null);
+    const { buffers, gpas, primaries } = this.memory.nativeChunks();
+    const { desc, avail, used } = this.addresses;
+    try {
+      this.nativeRing = addon.fastRing(buffers, gpas, primaries, desc, avail, used, this.layout.size, this.layout.indirect);
+    } catch {
+      this.nativeRing = null; // the rings are not where native code can see them whole: JavaScript answers
+    }
   }
 
   /** Puts a chain on the used ring with `length` bytes written; interrupts the driver soon after if it wants that. */

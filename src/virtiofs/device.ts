@@ -5,13 +5,16 @@
 import { ReadOnlyFilesystem } from '../fs/filesystem.js';
 import { Opcode } from '../fuse/abi.js';
 import type { ScatterList } from '../castore/blobservice.js';
-import { expectsReply, FuseServer, type ReplySink } from '../fuse/protocol.js';
-import { ChainError, type DescriptorChain, type VirtioDevice } from '../vhost-user/index.js';
+import { fuseCounters } from '../fuse/counters.js';
+import { type Accelerator, expectsReply, FuseServer, type ReplySink } from '../fuse/protocol.js';
+import { type FastTables, type NativeAddon, optionalNative } from '../native/index.js';
+import { ChainError, type DescriptorChain, type SplitQueue, type VirtioDevice } from '../vhost-user/index.js';
 
 /** virtio-fs has no device feature bits we need (notification queue, bit 0, is unused). */
 const NO_FEATURES = 0n;
 const OUT_HEADER_SIZE = 16;
 const EIO = 5;
+const HIPRIO_QUEUE = 0;
 
 export interface VirtioFsOptions {
   /** Request queues besides the high-priority one (the front end's num-request-queues). */
@@ -25,7 +28,17 @@ export interface VirtioFsOptions {
 interface Session {
   fs: ReadOnlyFilesystem;
   server: FuseServer;
+  /** What the native path may answer in this session (none without the addon). */
+  tables?: FastTables;
 }
+
+/**
+ * GETATTRs and READs the FUSE layer has answered once are answered after that
+ * by the addon (virtiofs_fast.c) straight from the ring, without a turn of
+ * JavaScript per request; everything else, and anything unusual, comes to
+ * the FUSE layer as before. NIXCAS_VIRTIOFS_NATIVE=0 turns it off (to measure it).
+ */
+const NATIVE_PATH = process.env.NIXCAS_VIRTIOFS_NATIVE !== '0';
 
 export class VirtioFsDevice implements VirtioDevice {
   readonly queueCount: number;
@@ -55,6 +68,19 @@ export class VirtioFsDevice implements VirtioDevice {
     this.endSession();
   }
 
+  serveNatively(queue: number, ring: SplitQueue): void {
+    if (queue === HIPRIO_QUEUE) return; // FORGETs only
+    const session = this.session;
+    const tables = session?.tables;
+    if (!tables || !session.server.negotiatedMinor) return;
+    const stats = nativeStats;
+    if (ring.serveNatively((fastRing, nextAvail, nextUsed, max) => addon!.virtiofsServe(fastRing, tables, nextAvail, nextUsed, stats, max)) === 0) return;
+    fuseCounters.requests[Opcode.GETATTR] += stats[0];
+    fuseCounters.requests[Opcode.READ] += stats[1];
+    fuseCounters.readBytes += stats[2];
+    stats.fill(0);
+  }
+
   /** A reply that does not fit its chain: logged, and the guest told the request failed, if there is room even for that. */
   replyDidNotFit(chain: DescriptorChain, header: Buffer, err: ChainError): void {
     this.options.log(`request ${header.readBigUInt64LE(8)}: ${err.message}`);
@@ -69,9 +95,10 @@ export class VirtioFsDevice implements VirtioDevice {
   private current(): Session {
     if (!this.session) {
       const fs = this.options.makeFilesystem();
+      const tables = NATIVE_PATH ? addon?.fastTables() : undefined;
       // DESTROY is answered before onDestroy runs: the next request (a new mount's INIT) gets a fresh session.
-      const server = new FuseServer(fs, { log: this.options.log, onDestroy: () => this.endSession() });
-      this.session = { fs, server };
+      const server = new FuseServer(fs, { log: this.options.log, onDestroy: () => this.endSession(), accelerator: tables && accelerator(addon!, tables) });
+      this.session = { fs, server, tables };
     }
     return this.session;
   }
@@ -79,11 +106,24 @@ export class VirtioFsDevice implements VirtioDevice {
   private endSession(): void {
     const session = this.session;
     this.session = undefined;
+    if (session?.tables) addon!.fastClear(session.tables);
     session?.fs.close().catch((err: unknown) => this.options.log(`closing the filesystem failed: ${(err as Error).message}`));
   }
 }
 
 const NO_REPLY: ReplySink = { send: () => {} };
+
+const addon: NativeAddon | undefined = optionalNative();
+/** GETATTRs, READs and bytes read the native path answered (added to the FUSE counters). */
+const nativeStats = new Float64Array(3);
+
+function accelerator(native: NativeAddon, tables: FastTables): Accelerator {
+  return {
+    attributes: (nodeid, attrOut) => native.fastAttributes(tables, nodeid, attrOut),
+    file: (nodeid, fd, size) => native.fastFile(tables, nodeid, fd, size),
+    forget: (nodeid) => native.fastForget(tables, nodeid),
+  };
+}
 
 /**
  * Where one request's reply goes: its chain, by the guest's addresses. The

@@ -697,6 +697,7 @@ function fileReader(fd: number, size: number): BlobReader {
   let closed: Promise<void> | undefined;
   return {
     size,
+    fd,
     read: (target, offset, length, position) => {
       // What the page cache holds is read at once; only the rest goes to libuv's thread pool,
       // whose round trip costs many times more than copying a cached 128 KiB.

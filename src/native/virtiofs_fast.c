@@ -1,0 +1,558 @@
+// The virtio-fs requests that need no decision: GETATTR of an inode whose
+// attributes were answered before, and READ by inode (no file handle) of a
+// blob file that was opened and verified before, answered here without
+// entering JavaScript. JavaScript keeps the state: it registers what may be
+// answered here (fastAttributes, fastFile), forgets it (fastForget), and owns
+// the ring's indices; virtiofsServe takes chains from the ring's avail index
+// on, answers them in order, and stops at the first one it cannot answer
+// (anything unusual: it is left, untouched, for JavaScript, which also gives
+// every error its message). Nothing a guest wrote is trusted: every address
+// is translated through the guest memory chunks JavaScript mapped, every
+// chain walk is bounded, and the request bytes are copied out once before
+// they are looked at.
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <node_api.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "virtiofs_fast.h"
+
+#define CHECK(call)                                                           \
+  do {                                                                        \
+    if ((call) != napi_ok) {                                                  \
+      napi_throw_error(env, NULL, "nixcas native: " #call " failed");        \
+      return NULL;                                                            \
+    }                                                                         \
+  } while (0)
+
+enum {
+  DESC_F_NEXT = 1,
+  DESC_F_WRITE = 2,
+  DESC_F_INDIRECT = 4,
+  DESC_SIZE = 16,
+  // FUSE (include/uapi/linux/fuse.h)
+  FUSE_GETATTR = 3,
+  FUSE_READ = 15,
+  IN_HEADER_SIZE = 40,
+  OUT_HEADER_SIZE = 16,
+  GETATTR_IN_SIZE = 16,
+  READ_IN_MIN = 24,
+  ATTR_REPLY_SIZE = OUT_HEADER_SIZE + 104,
+  // The largest READ answered (as fuse/protocol.ts's MAX_READ).
+  MAX_READ = 1024 * 1024 + 4096,
+  // Readable bytes of a request answered here (GETATTR and READ are 56 and 80).
+  MAX_REQUEST = 128,
+  MAX_WRITABLE = 1024,
+  ATTR_SLOTS = 4096,
+  FILE_SLOTS = 256,
+};
+
+// ---------------------------------------------------------------- guest memory and the ring
+
+/** One mapping of guest memory: `primary` bytes from `gpa` start in it, `length` are mapped (chunks overlap). */
+typedef struct {
+  uint64_t gpa;
+  uint64_t primary;
+  uint64_t length;
+  uint8_t *host;
+  napi_ref buffer;
+} chunk_t;
+
+typedef struct {
+  chunk_t *chunks;
+  uint32_t chunk_count;
+  uint32_t size;
+  bool indirect;
+  uint64_t desc_gpa, avail_gpa, used_gpa;
+} ring_t;
+
+/** Host address of `length` bytes at guest address `gpa`, or NULL when they are not all in one mapping. */
+static uint8_t *translate(const ring_t *ring, uint64_t gpa, uint64_t length) {
+  for (uint32_t i = 0; i < ring->chunk_count; i++) {
+    const chunk_t *c = &ring->chunks[i];
+    if (gpa < c->gpa) continue;
+    uint64_t at = gpa - c->gpa;
+    if (at < c->primary && length <= c->length - at) return c->host + at;
+  }
+  return NULL;
+}
+
+/** Whether every chunk is still mapped where it was (JavaScript unmaps by detaching its buffer). */
+static bool chunks_current(napi_env env, const ring_t *ring) {
+  for (uint32_t i = 0; i < ring->chunk_count; i++) {
+    napi_value value;
+    void *data;
+    size_t length;
+    if (napi_get_reference_value(env, ring->chunks[i].buffer, &value) != napi_ok || value == NULL) return false;
+    if (napi_get_arraybuffer_info(env, value, &data, &length) != napi_ok) return false;
+    if (data != ring->chunks[i].host || length != ring->chunks[i].length) return false;
+  }
+  return true;
+}
+
+static void ring_finalize(napi_env env, void *data, void *hint) {
+  (void)hint;
+  ring_t *ring = data;
+  for (uint32_t i = 0; i < ring->chunk_count; i++) napi_delete_reference(env, ring->chunks[i].buffer);
+  free(ring->chunks);
+  free(ring);
+}
+
+static bool get_u64(napi_env env, napi_value value, uint64_t *out) {
+  double number;
+  if (napi_get_value_double(env, value, &number) != napi_ok || !(number >= 0) || number > 9007199254740991.0) return false;
+  *out = (uint64_t)number;
+  return true;
+}
+
+// fastRing(buffers, gpas, primaries, desc, avail, used, size, indirect) -> a
+// ring handle: the guest memory chunks (ArrayBuffers from mmap, each mapping
+// `primaries[i]` bytes of guest memory from `gpas[i]`, maybe more after) and
+// where the split ring's three parts are.
+static napi_value fast_ring(napi_env env, napi_callback_info info) {
+  size_t argc = 8;
+  napi_value argv[8];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 8) {
+    napi_throw_type_error(env, NULL, "nixcas native: fastRing takes 8 arguments");
+    return NULL;
+  }
+  uint32_t count;
+  CHECK(napi_get_array_length(env, argv[0], &count));
+  ring_t *ring = calloc(1, sizeof *ring);
+  ring->chunks = calloc(count ? count : 1, sizeof *ring->chunks);
+  bool ok = true;
+  for (uint32_t i = 0; ok && i < count; i++) {
+    napi_value buffer, gpa, primary;
+    void *data;
+    size_t length;
+    ok = napi_get_element(env, argv[0], i, &buffer) == napi_ok && napi_get_element(env, argv[1], i, &gpa) == napi_ok &&
+         napi_get_element(env, argv[2], i, &primary) == napi_ok && napi_get_arraybuffer_info(env, buffer, &data, &length) == napi_ok;
+    chunk_t *c = &ring->chunks[i];
+    ok = ok && get_u64(env, gpa, &c->gpa) && get_u64(env, primary, &c->primary) && c->primary <= length;
+    if (!ok) break;
+    c->host = data;
+    c->length = length;
+    ok = napi_create_reference(env, buffer, 1, &c->buffer) == napi_ok;
+    if (ok) ring->chunk_count++;
+  }
+  uint32_t size = 0;
+  bool indirect = false;
+  ok = ok && get_u64(env, argv[3], &ring->desc_gpa) && get_u64(env, argv[4], &ring->avail_gpa) && get_u64(env, argv[5], &ring->used_gpa) &&
+       napi_get_value_uint32(env, argv[6], &size) == napi_ok && napi_get_value_bool(env, argv[7], &indirect) == napi_ok;
+  ring->size = size;
+  ring->indirect = indirect;
+  ok = ok && size > 0 && size <= 32768 && (size & (size - 1)) == 0;
+  ok = ok && translate(ring, ring->desc_gpa, (uint64_t)DESC_SIZE * size) && translate(ring, ring->avail_gpa, 2 * (3 + (uint64_t)size)) &&
+       translate(ring, ring->used_gpa, 6 + 8 * (uint64_t)size);
+  if (!ok) {
+    ring_finalize(env, ring, NULL);
+    napi_throw_range_error(env, NULL, "nixcas native: fastRing: bad chunks or ring addresses");
+    return NULL;
+  }
+  napi_value result;
+  CHECK(napi_create_external(env, ring, ring_finalize, NULL, &result));
+  return result;
+}
+
+// ---------------------------------------------------------------- what may be answered here
+
+typedef struct {
+  uint64_t nodeid; // 0: empty
+  uint8_t reply[ATTR_REPLY_SIZE - OUT_HEADER_SIZE];
+} attr_slot_t;
+
+typedef struct {
+  uint64_t nodeid; // 0: empty
+  uint64_t size;
+  int fd;
+} file_slot_t;
+
+typedef struct {
+  attr_slot_t attrs[ATTR_SLOTS];
+  file_slot_t files[FILE_SLOTS];
+} tables_t;
+
+static uint32_t slot_of(uint64_t nodeid, uint32_t slots) {
+  return (uint32_t)((nodeid * 0x9E3779B97F4A7C15ull) >> 40) & (slots - 1);
+}
+
+static void drop_file(file_slot_t *slot) {
+  if (slot->nodeid) close(slot->fd);
+  slot->nodeid = 0;
+}
+
+static void tables_clear(tables_t *t) {
+  for (uint32_t i = 0; i < ATTR_SLOTS; i++) t->attrs[i].nodeid = 0;
+  for (uint32_t i = 0; i < FILE_SLOTS; i++) drop_file(&t->files[i]);
+}
+
+static void tables_finalize(napi_env env, void *data, void *hint) {
+  (void)env, (void)hint;
+  tables_clear(data);
+  free(data);
+}
+
+static tables_t *get_tables(napi_env env, napi_value value) {
+  void *data = NULL;
+  if (napi_get_value_external(env, value, &data) != napi_ok || !data) {
+    napi_throw_type_error(env, NULL, "nixcas native: expected the handle fastTables() made");
+    return NULL;
+  }
+  return data;
+}
+
+// fastTables() -> a handle for one FUSE session's attributes and files.
+static napi_value fast_tables(napi_env env, napi_callback_info info) {
+  (void)info;
+  tables_t *t = calloc(1, sizeof *t);
+  if (!t) {
+    napi_throw_error(env, NULL, "nixcas native: out of memory");
+    return NULL;
+  }
+  napi_value result;
+  CHECK(napi_create_external(env, t, tables_finalize, NULL, &result));
+  return result;
+}
+
+// fastAttributes(tables, nodeid, attrOut): GETATTR of `nodeid` is answered
+// with these 104 bytes (fuse_attr_out) from now on.
+static napi_value fast_attributes(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  tables_t *t = argc == 3 ? get_tables(env, argv[0]) : NULL;
+  uint64_t nodeid;
+  void *bytes;
+  size_t length;
+  if (!t || !get_u64(env, argv[1], &nodeid) || napi_get_buffer_info(env, argv[2], &bytes, &length) != napi_ok ||
+      length != ATTR_REPLY_SIZE - OUT_HEADER_SIZE || nodeid == 0) {
+    if (t) napi_throw_type_error(env, NULL, "nixcas native: fastAttributes(tables, nodeid, 104 bytes)");
+    return NULL;
+  }
+  attr_slot_t *slot = &t->attrs[slot_of(nodeid, ATTR_SLOTS)];
+  slot->nodeid = nodeid;
+  memcpy(slot->reply, bytes, length);
+  return NULL;
+}
+
+// fastFile(tables, nodeid, fd, size): READ of `nodeid` without a file
+// handle is answered from `size` bytes of `fd` (duplicated here; the
+// caller keeps its own) while they are in the page cache.
+static napi_value fast_file(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  tables_t *t = argc == 4 ? get_tables(env, argv[0]) : NULL;
+  uint64_t nodeid, size;
+  int32_t fd;
+  if (!t || !get_u64(env, argv[1], &nodeid) || napi_get_value_int32(env, argv[2], &fd) != napi_ok || !get_u64(env, argv[3], &size) || nodeid == 0) {
+    if (t) napi_throw_type_error(env, NULL, "nixcas native: fastFile(tables, nodeid, fd, size)");
+    return NULL;
+  }
+  file_slot_t *slot = &t->files[slot_of(nodeid, FILE_SLOTS)];
+  if (slot->nodeid == nodeid && slot->size == size) return NULL;
+  int copy = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+  if (copy < 0) return NULL; // out of fds: JavaScript keeps answering
+  drop_file(slot);
+  slot->nodeid = nodeid;
+  slot->size = size;
+  slot->fd = copy;
+  return NULL;
+}
+
+// fastForget(tables, nodeid): nothing of `nodeid` is answered here any more.
+static napi_value fast_forget(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  tables_t *t = argc == 2 ? get_tables(env, argv[0]) : NULL;
+  uint64_t nodeid;
+  if (!t || !get_u64(env, argv[1], &nodeid)) return NULL;
+  attr_slot_t *attr = &t->attrs[slot_of(nodeid, ATTR_SLOTS)];
+  if (attr->nodeid == nodeid) attr->nodeid = 0;
+  file_slot_t *file = &t->files[slot_of(nodeid, FILE_SLOTS)];
+  if (file->nodeid == nodeid) drop_file(file);
+  return NULL;
+}
+
+// fastClear(tables): forgets everything and closes the files (a session's end).
+static napi_value fast_clear(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  tables_t *t = argc == 1 ? get_tables(env, argv[0]) : NULL;
+  if (t) tables_clear(t);
+  return NULL;
+}
+
+// ---------------------------------------------------------------- answering
+
+typedef struct {
+  uint8_t request[MAX_REQUEST];
+  uint32_t request_length;
+  struct iovec writable[MAX_WRITABLE];
+  uint32_t writable_count;
+  uint64_t writable_length;
+} chain_t;
+
+static uint16_t load16(const uint8_t *p) {
+  uint16_t v;
+  memcpy(&v, p, 2);
+  return v;
+}
+static uint32_t load32(const uint8_t *p) {
+  uint32_t v;
+  memcpy(&v, p, 4);
+  return v;
+}
+static uint64_t load64(const uint8_t *p) {
+  uint64_t v;
+  memcpy(&v, p, 8);
+  return v;
+}
+
+/** Walks the chain from `head` (bounded as virtqueue.ts's walk); false for anything this path leaves to JavaScript. */
+static bool walk(const ring_t *ring, uint16_t head, chain_t *chain) {
+  const uint8_t *table = translate(ring, ring->desc_gpa, (uint64_t)DESC_SIZE * ring->size);
+  uint32_t table_size = ring->size, index = head, seen = 0;
+  bool in_indirect = false;
+  chain->request_length = 0;
+  chain->writable_count = 0;
+  chain->writable_length = 0;
+  for (;;) {
+    if (!table || index >= table_size || ++seen > table_size) return false;
+    const uint8_t *d = table + (size_t)index * DESC_SIZE;
+    uint64_t address = load64(d);
+    uint32_t length = load32(d + 8);
+    uint16_t flags = load16(d + 12);
+    if (flags & DESC_F_INDIRECT) {
+      if (!ring->indirect || in_indirect || (flags & DESC_F_NEXT) || length == 0 || length % DESC_SIZE) return false;
+      table = translate(ring, address, length);
+      table_size = length / DESC_SIZE;
+      in_indirect = true;
+      index = 0;
+      seen = 0;
+      continue;
+    }
+    uint8_t *host = translate(ring, address, length);
+    if (!host) return false;
+    if (flags & DESC_F_WRITE) {
+      if (chain->writable_count == MAX_WRITABLE) return false;
+      chain->writable[chain->writable_count++] = (struct iovec){host, length};
+      chain->writable_length += length;
+    } else {
+      if (chain->writable_count > 0 || length > MAX_REQUEST - chain->request_length) return false;
+      memcpy(chain->request + chain->request_length, host, length);
+      chain->request_length += length;
+    }
+    if (!(flags & DESC_F_NEXT)) return true;
+    index = load16(d + 14);
+  }
+}
+
+/** Copies `length` bytes into the writable part at `offset` (the caller checked they fit). */
+static void write_at(chain_t *chain, uint64_t offset, const uint8_t *bytes, uint64_t length) {
+  for (uint32_t i = 0; i < chain->writable_count && length > 0; i++) {
+    uint64_t size = chain->writable[i].iov_len;
+    if (offset >= size) {
+      offset -= size;
+      continue;
+    }
+    uint64_t take = size - offset < length ? size - offset : length;
+    memcpy((uint8_t *)chain->writable[i].iov_base + offset, bytes, take);
+    bytes += take;
+    length -= take;
+    offset = 0;
+  }
+}
+
+/** The writable bytes [offset, offset + length) as iovecs; how many, or -1 when they are too many. */
+static int writable_iovecs(const chain_t *chain, uint64_t offset, uint64_t length, struct iovec *out, int max) {
+  int count = 0;
+  for (uint32_t i = 0; i < chain->writable_count && length > 0; i++) {
+    uint64_t size = chain->writable[i].iov_len;
+    if (offset >= size) {
+      offset -= size;
+      continue;
+    }
+    if (count == max) return -1;
+    uint64_t take = size - offset < length ? size - offset : length;
+    out[count++] = (struct iovec){(uint8_t *)chain->writable[i].iov_base + offset, take};
+    length -= take;
+    offset = 0;
+  }
+  return count;
+}
+
+static void out_header(uint8_t header[OUT_HEADER_SIZE], uint32_t length, uint64_t unique) {
+  memcpy(header, &length, 4);
+  memset(header + 4, 0, 4);
+  memcpy(header + 8, &unique, 8);
+}
+
+/** Answers the chain if it is a request this path takes; the reply's length, or -1 (left to JavaScript, nothing written that matters). */
+static int64_t answer(tables_t *t, chain_t *chain, double *stats) {
+  const uint8_t *request = chain->request;
+  if (chain->request_length < IN_HEADER_SIZE || load32(request) != chain->request_length) return -1;
+  uint32_t opcode = load32(request + 4);
+  uint64_t unique = load64(request + 8), nodeid = load64(request + 16);
+  uint8_t header[OUT_HEADER_SIZE];
+  if (opcode == FUSE_GETATTR) {
+    if (chain->request_length < IN_HEADER_SIZE + GETATTR_IN_SIZE || chain->writable_length < ATTR_REPLY_SIZE || nodeid == 0) return -1;
+    const attr_slot_t *slot = &t->attrs[slot_of(nodeid, ATTR_SLOTS)];
+    if (slot->nodeid != nodeid) return -1;
+    out_header(header, ATTR_REPLY_SIZE, unique);
+    write_at(chain, 0, header, OUT_HEADER_SIZE);
+    write_at(chain, OUT_HEADER_SIZE, slot->reply, sizeof slot->reply);
+    stats[0]++;
+    return ATTR_REPLY_SIZE;
+  }
+  if (opcode == FUSE_READ) {
+    if (chain->request_length < IN_HEADER_SIZE + READ_IN_MIN || nodeid == 0) return -1;
+    const uint8_t *args = request + IN_HEADER_SIZE;
+    uint64_t handle = load64(args), position = load64(args + 8);
+    uint32_t size = load32(args + 16);
+    if (handle != 0 || size > MAX_READ || chain->writable_length < (uint64_t)OUT_HEADER_SIZE + size) return -1;
+    const file_slot_t *file = &t->files[slot_of(nodeid, FILE_SLOTS)];
+    if (file->nodeid != nodeid) return -1;
+    uint64_t wanted = position >= file->size ? 0 : file->size - position < size ? file->size - position : size;
+    if (wanted > 0) {
+      struct iovec pieces[MAX_WRITABLE];
+      int count = writable_iovecs(chain, OUT_HEADER_SIZE, wanted, pieces, MAX_WRITABLE);
+      if (count < 0) return -1;
+      // Only a whole answer from the page cache: anything else (not cached, a short
+      // file, an error) JavaScript reads again, and reports.
+      ssize_t n = preadv2(file->fd, pieces, count, (off_t)position, RWF_NOWAIT);
+      if (n < 0 || (uint64_t)n != wanted) return -1;
+    }
+    out_header(header, OUT_HEADER_SIZE + (uint32_t)wanted, unique);
+    write_at(chain, 0, header, OUT_HEADER_SIZE);
+    stats[1]++;
+    stats[2] += (double)wanted;
+    return OUT_HEADER_SIZE + (int64_t)wanted;
+  }
+  return -1;
+}
+
+// virtiofsServe(ring, tables, nextAvail, nextUsed, stats, max) -> chains answered:
+// from avail index `nextAvail` on, while the chains are requests this path
+// answers (at most `max`: the caller may want to interrupt the driver between batches), each is answered and put on the used ring at `nextUsed` on (and
+// used.idx published after each). The caller advances both indices by the
+// count. stats (a Float64Array) gets += GETATTRs, READs and bytes read.
+// -1: the ring's memory changed since fastRing (make another).
+static napi_value virtiofs_serve(napi_env env, napi_callback_info info) {
+  size_t argc = 6;
+  napi_value argv[6];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  ring_t *ring = NULL;
+  tables_t *t = argc == 6 ? get_tables(env, argv[1]) : NULL;
+  uint32_t next_avail, next_used, max;
+  napi_typedarray_type type;
+  size_t stats_length;
+  void *stats_data;
+  if (!t || napi_get_value_external(env, argv[0], (void **)&ring) != napi_ok || !ring || napi_get_value_uint32(env, argv[2], &next_avail) != napi_ok ||
+      napi_get_value_uint32(env, argv[3], &next_used) != napi_ok ||
+      napi_get_typedarray_info(env, argv[4], &type, &stats_length, &stats_data, NULL, NULL) != napi_ok || type != napi_float64_array || stats_length < 3 ||
+      napi_get_value_uint32(env, argv[5], &max) != napi_ok) {
+    if (t) napi_throw_type_error(env, NULL, "nixcas native: virtiofsServe(ring, tables, nextAvail, nextUsed, Float64Array(3), max)");
+    return NULL;
+  }
+  napi_value result;
+  if (!chunks_current(env, ring)) {
+    CHECK(napi_create_int32(env, -1, &result));
+    return result;
+  }
+  uint16_t *avail = (uint16_t *)translate(ring, ring->avail_gpa, 2 * (3 + (uint64_t)ring->size));
+  uint8_t *used = translate(ring, ring->used_gpa, 6 + 8 * (uint64_t)ring->size);
+  uint16_t *used_idx = (uint16_t *)(used + 2);
+  uint32_t mask = ring->size - 1;
+  uint16_t taken = (uint16_t)next_avail, put = (uint16_t)next_used;
+  // Acquire: the ring entries and descriptors are read after the index that covers them.
+  uint16_t avail_idx = __atomic_load_n(&avail[1], __ATOMIC_ACQUIRE);
+  int32_t answered = 0;
+  static chain_t chain;
+  if ((uint16_t)(avail_idx - taken) > ring->size) avail_idx = taken; // bogus: JavaScript says so
+  while (taken != avail_idx && (uint32_t)answered < max) {
+    uint16_t head = __atomic_load_n(&avail[2 + (taken & mask)], __ATOMIC_RELAXED);
+    if (head >= ring->size || !walk(ring, head, &chain)) break;
+    int64_t length = answer(t, &chain, stats_data);
+    if (length < 0) break;
+    uint8_t *element = used + 4 + 8 * (size_t)(put & mask);
+    uint32_t id = head, written = (uint32_t)length;
+    memcpy(element, &id, 4);
+    memcpy(element + 4, &written, 4);
+    taken++;
+    put++;
+    answered++;
+    // Release: the element (and the reply) before the index that publishes it.
+    __atomic_store_n(used_idx, put, __ATOMIC_RELEASE);
+  }
+  // A full fence between publishing used.idx and the caller reading whether to interrupt.
+  if (answered) __atomic_thread_fence(__ATOMIC_SEQ_CST);
+  CHECK(napi_create_int32(env, answered, &result));
+  return result;
+}
+
+static uint64_t now_ns(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+// ringSpin(ring, nextAvail, maxNs) -> 1 as soon as the driver makes a chain
+// available beyond `nextAvail`, 0 after `maxNs` without one, -1 when the
+// ring's memory changed. A busy driver posts its next request within a few
+// microseconds; waiting for it on the CPU saves the two wake-ups (a kick for
+// us, an interrupt for it) that sleeping costs.
+static napi_value ring_spin(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  ring_t *ring = NULL;
+  uint32_t next_avail, max_ns;
+  if (argc < 3 || napi_get_value_external(env, argv[0], (void **)&ring) != napi_ok || !ring || napi_get_value_uint32(env, argv[1], &next_avail) != napi_ok ||
+      napi_get_value_uint32(env, argv[2], &max_ns) != napi_ok) {
+    napi_throw_type_error(env, NULL, "nixcas native: ringSpin(ring, nextAvail, maxNs)");
+    return NULL;
+  }
+  napi_value result;
+  if (!chunks_current(env, ring)) {
+    CHECK(napi_create_int32(env, -1, &result));
+    return result;
+  }
+  const uint16_t *avail = (const uint16_t *)translate(ring, ring->avail_gpa, 2 * (3 + (uint64_t)ring->size));
+  uint64_t deadline = now_ns() + max_ns;
+  int found = 0;
+  for (uint32_t i = 1;; i++) {
+    if (__atomic_load_n(&avail[1], __ATOMIC_ACQUIRE) != (uint16_t)next_avail) {
+      found = 1;
+      break;
+    }
+    __builtin_ia32_pause();
+    if (i % 64 == 0 && now_ns() >= deadline) break;
+  }
+  CHECK(napi_create_int32(env, found, &result));
+  return result;
+}
+
+void virtiofs_fast_register(napi_env env, napi_value exports) {
+  napi_property_descriptor properties[] = {
+      {"fastRing", NULL, fast_ring, NULL, NULL, NULL, napi_default, NULL},
+      {"fastTables", NULL, fast_tables, NULL, NULL, NULL, napi_default, NULL},
+      {"fastAttributes", NULL, fast_attributes, NULL, NULL, NULL, napi_default, NULL},
+      {"fastFile", NULL, fast_file, NULL, NULL, NULL, napi_default, NULL},
+      {"fastForget", NULL, fast_forget, NULL, NULL, NULL, napi_default, NULL},
+      {"fastClear", NULL, fast_clear, NULL, NULL, NULL, napi_default, NULL},
+      {"virtiofsServe", NULL, virtiofs_serve, NULL, NULL, NULL, napi_default, NULL},
+      {"ringSpin", NULL, ring_spin, NULL, NULL, NULL, napi_default, NULL},
+  };
+  napi_define_properties(env, exports, sizeof properties / sizeof properties[0], properties);
+}
