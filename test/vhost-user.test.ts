@@ -85,7 +85,7 @@ import { randomBytes } from 'node:crypto';
 import { mkdirSync, readFileSync, readdirSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { type Daemon, nixcas, removeDir, startNixcas, tempDir } from './helpers.js';
+import { type Daemon, freePort, nixcas, removeDir, startNixcas, tempDir } from './helpers.js';
 import {
   closeEverything,
   closeFd,
@@ -565,6 +565,58 @@ describe('nixcas virtiofs', () => {
     assert.equal((await b.call(1, Op.GETATTR, hello.nodeid, getattrArgs(), [120])).error, 0);
     closeDevice(a);
     closeDevice(b);
+  });
+
+  test('GETATTR and READ answered once are answered natively after that, byte for byte the same; not after FORGET', async () => {
+    const port = await freePort();
+    const path = join(work, 'native.sock');
+    const server = await startNixcas(['virtiofs', path, '--store', store, '--metrics-listen', `127.0.0.1:${port}`], 'listening on');
+    const answeredNatively = async () => {
+      const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+      return Number(/^nixcas_fuse_native_answers_total (\d+)/m.exec(text)?.[1]);
+    };
+    try {
+      // As Linux with NO_OPEN_SUPPORT: READs then come by inode, with no file handle.
+      const device = await chDevice(path, { init: false });
+      assert.equal((await device.call(1, Op.INIT, 0, initArgs(7, 38, 128 * 1024, 0xffffffff)))?.error, 0);
+      const dir = await lookup(device, 1, 1, storeName);
+      const big = await lookup(device, 1, dir.nodeid, 'big');
+      const hello = await lookup(device, 1, dir.nodeid, 'hello.txt');
+      const bytes = readFileSync(join(tree, 'big'));
+      const getattr = () => device.call(1, Op.GETATTR, big.nodeid, getattrArgs(), [120]);
+      const read = (offset: number, size: number, parts: number[], options = {}) => device.call(1, Op.READ, big.nodeid, readArgs(0n, offset, size), parts, options);
+      const first = { attr: await getattr(), read: await read(4096, 8192, [16 + 8192]) };
+      assert.equal(first.attr.error, 0);
+      assert.deepEqual(first.read.body, bytes.subarray(4096, 4096 + 8192));
+      assert.equal(await answeredNatively(), 0, 'the FUSE layer answers an inode first');
+      const same = (reply: FuseReply, expected: FuseReply, what: string) => assert.deepEqual({ ...reply, unique: 0n }, { ...expected, unique: 0n }, what);
+      same(await getattr(), first.attr, 'GETATTR again: the same reply');
+      same(await read(4096, 8192, [16 + 8192]), first.read, 'READ again: the same reply');
+      assert.equal(await answeredNatively(), 2);
+      // Replies split over descriptors as Linux makes them (out header, then pages), through an
+      // indirect table; a READ at the end of the file is short, one past it is empty.
+      assert.deepEqual((await read(100_000, 3 * 4096, [16, 4096, 4096, 4096], { indirect: true })).body, bytes.subarray(100_000, 100_000 + 3 * 4096));
+      assert.deepEqual((await read(BIG_SIZE - 100, 4096, [16 + 4096])).body, bytes.subarray(BIG_SIZE - 100));
+      assert.equal((await read(BIG_SIZE + 10, 4096, [16 + 4096])).body.length, 0);
+      assert.equal(await answeredNatively(), 5);
+      // What the native path does not take goes to the FUSE layer, which says what is wrong.
+      assert.equal((await read(0, 8192, [16 + 4096])).error, -5, 'a READ whose reply does not fit its chain: EIO, from the FUSE layer');
+      assert.equal((await device.call(1, Op.READ, hello.nodeid, readArgs(0n, 0, 4096), [16 + 4096])).body.toString(), 'hello from the store\n');
+      assert.equal((await device.call(1, Op.READ, hello.nodeid, readArgs(0n, 0, 4096), [16 + 4096])).body.toString(), 'hello from the store\n');
+      assert.equal(await answeredNatively(), 5, 'a small blob (kept in LMDB, checked per read) is never read natively');
+      // Once the kernel forgets the inode, neither is answered natively any more.
+      const q0 = device.queues[0];
+      const forget = q0.build([{ data: fuseRequest(Op.FORGET, 0n, big.nodeid, forgetArgs(1)) }]);
+      q0.publish([forget.head]);
+      q0.kick();
+      await q0.waitUsed(1);
+      assert.equal((await getattr()).error, -2, 'ENOENT after FORGET');
+      assert.equal((await read(0, 4096, [16 + 4096])).error !== 0, true, 'READ of a forgotten inode fails');
+      assert.equal(await answeredNatively(), 5);
+      closeDevice(device);
+    } finally {
+      await server.stop('SIGTERM');
+    }
   });
 
   test('ring indices wrap around at 65536', async () => {

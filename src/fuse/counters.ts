@@ -11,4 +11,6 @@ export const fuseCounters = {
   errors: new Float64Array(OPCODES),
   /** File bytes answered to READs. */
   readBytes: 0,
+  /** Requests the transport answered without this layer (virtio-fs's native path; also in `requests`). */
+  nativeAnswers: 0,
 };

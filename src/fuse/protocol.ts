@@ -435,6 +435,7 @@ export class FuseServer {
           : await this.fs.read(handle, reply, OUT_HEADER_SIZE, size, position);
       fuseCounters.readBytes += n;
       request.ok(reply, n);
+      if (handle === NO_HANDLE && this.options.accelerator) this.offerFile(request.nodeid);
     } finally {
       if (this.readBuffers.length < READ_BUFFERS_KEPT) this.readBuffers.push(reply);
     }

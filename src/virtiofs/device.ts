@@ -78,6 +78,7 @@ export class VirtioFsDevice implements VirtioDevice {
     fuseCounters.requests[Opcode.GETATTR] += stats[0];
     fuseCounters.requests[Opcode.READ] += stats[1];
     fuseCounters.readBytes += stats[2];
+    fuseCounters.nativeAnswers += stats[0] + stats[1];
     stats.fill(0);
   }
 
