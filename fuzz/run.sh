@@ -15,7 +15,9 @@ clang-14 "${flags[@]}" -DMDB_MAXKEYSIZE=0 -DMDB_USE_ROBUST -I/usr/include/node -
   local-nar-decoders.c $root/src/native/blake3.c "$lmdb/mdb.c" "$lmdb/midl.c" -lpthread \
   -Wl,--unresolved-symbols=ignore-all -o "$out/local-nar-decoders"
 clang-14 "${flags[@]}" blake3-split.c $root/src/native/blake3.c -o "$out/blake3-split"
-for target in local-nar-decoders blake3-split; do
+clang-14 "${flags[@]}" -I/usr/include/node virtiofs-chains.c -o "$out/virtiofs-chains"
+python3 virtiofs-chains-seeds.py corpus/virtiofs-chains
+for target in local-nar-decoders blake3-split virtiofs-chains; do
   mkdir -p "corpus/$target"
   echo "fuzz: $target for ${seconds}s"
   "$out/$target" -max_total_time="$seconds" -max_len=65536 -artifact_prefix=artifacts/ "corpus/$target" 2>&1 | grep -E '^#[0-9]+ *DONE|^Done|ERROR|SUMMARY' || true
