@@ -23,6 +23,13 @@ export function virtiofsCommand(): Command {
     .argument('<socket>', 'path of the unix socket to create, e.g. /run/nixcas-fs.sock')
     .option('--list-root', 'allow listing the top level (otherwise readdir of the root is refused with EPERM)', false)
     .option('--num-request-queues <n>', "request queues besides the high-priority one: QEMU's num-request-queues, cloud-hypervisor's num_queues", positiveInteger, 1)
+    .option(
+      '--poll-max-ns <ns>',
+      "how long to wait on the CPU for a busy guest's next request (one that had several in flight) before sleeping: " +
+        'a wake-up costs each side more than a short wait; 0 never waits (for hosts short of CPUs)',
+      nonNegativeNanoseconds,
+      50_000,
+    )
     .option('--socket-mode <octal>', 'permissions of the socket file, whatever the umask (default 0600); e.g. 0660 to let a group of VM users connect', octalMode);
   return addLogOptions(addMetricsOption(addSubstitutionOptions(addStoreOptions(command)))).action(async (socketPath: string, options) => {
     withSmallYoungGeneration();
@@ -50,6 +57,7 @@ export function virtiofsCommand(): Command {
         listeningFd: activationSocket(),
         // For comparing with and without the wait in poll(2) (docs/benchmarks.md).
         waitForKicks: process.env.NIXCAS_VIRTIOFS_WAIT_FOR_KICKS !== '0',
+        pollMaxNs: options.pollMaxNs,
       });
     } catch (err) {
       server?.close();
@@ -79,6 +87,12 @@ export function virtiofsCommand(): Command {
     );
     notifySystemd({ READY: '1', STATUS: `serving virtio-fs on ${socketPath}`, MAINPID: String(process.pid) }, log);
   });
+}
+
+function nonNegativeNanoseconds(value: string): number {
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 0 || n > 10_000_000) throw new InvalidArgumentError('expected nanoseconds, a whole number from 0 to 10000000 (10 ms)');
+  return n;
 }
 
 function positiveInteger(value: string): number {

@@ -50,6 +50,11 @@ export interface BackendOptions {
    * kick in poll(2) instead of a turn of the event loop (see service()).
    */
   waitForKicks?: boolean;
+  /**
+   * With waitForKicks: how long to wait on the CPU for a busy driver's next request (one that
+   * had several in flight) before sleeping in poll(2); 0 never (default SPIN_NS).
+   */
+  pollMaxNs?: number;
   /** Called once the connection is gone and everything it held is released. */
   onClosed?: (reason: string) => void;
 }
@@ -386,7 +391,8 @@ export class VhostUserBackend {
       // microseconds: wait for it on the CPU. One with a single request waits for our answer.
       const taken = queue.takenCount - before;
       before = queue.takenCount;
-      if (taken > 1 && queue.spinForChains(SPIN_NS)) continue;
+      const spin = this.options.pollMaxNs ?? SPIN_NS;
+      if (taken > 1 && spin > 0 && queue.spinForChains(spin)) continue;
       if (native().waitKick(kickFd) !== 1) return;
     }
   }

@@ -21,6 +21,8 @@ export interface VirtioFsServerOptions {
   socketMode?: number;
   /** Wait for kicks in poll(2) between turns whose requests were answered at once (default true). */
   waitForKicks?: boolean;
+  /** How long to wait on the CPU for a busy guest's next request (BackendOptions.pollMaxNs). */
+  pollMaxNs?: number;
 }
 
 export class VirtioFsServer {
@@ -60,6 +62,7 @@ export class VirtioFsServer {
     const backend = new VhostUserBackend(fd, device, {
       log,
       waitForKicks: this.options.waitForKicks ?? true,
+      pollMaxNs: this.options.pollMaxNs,
       onClosed: (reason) => {
         this.backends.delete(backend);
         info(`closed (${reason})`);
