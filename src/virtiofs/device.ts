@@ -7,7 +7,7 @@ import { Opcode } from '../fuse/abi.js';
 import type { ScatterList } from '../castore/blobservice.js';
 import { fuseCounters } from '../fuse/counters.js';
 import { type Accelerator, expectsReply, FuseServer, type ReplySink } from '../fuse/protocol.js';
-import { type FastTables, type NativeAddon, optionalNative } from '../native/index.js';
+import { type FastRing, type FastTables, type NativeAddon, optionalNative } from '../native/index.js';
 import { ChainError, type DescriptorChain, type SplitQueue, type VirtioDevice } from '../vhost-user/index.js';
 
 /** virtio-fs has no device feature bits we need (notification queue, bit 0, is unused). */
@@ -28,8 +28,9 @@ export interface VirtioFsOptions {
 interface Session {
   fs: ReadOnlyFilesystem;
   server: FuseServer;
-  /** What the native path may answer in this session (none without the addon). */
+  /** What the native path may answer in this session (none without the addon), and its call. */
   tables?: FastTables;
+  serve?: (ring: FastRing, nextAvail: number, nextUsed: number, max: number) => number;
 }
 
 /**
@@ -71,10 +72,9 @@ export class VirtioFsDevice implements VirtioDevice {
   serveNatively(queue: number, ring: SplitQueue): void {
     if (queue === HIPRIO_QUEUE) return; // FORGETs only
     const session = this.session;
-    const tables = session?.tables;
-    if (!tables || !session.server.negotiatedMinor) return;
+    if (!session?.serve || !session.server.negotiatedMinor) return;
     const stats = nativeStats;
-    if (ring.serveNatively((fastRing, nextAvail, nextUsed, max) => addon!.virtiofsServe(fastRing, tables, nextAvail, nextUsed, stats, max)) === 0) return;
+    if (ring.serveNatively(session.serve) === 0) return;
     fuseCounters.requests[Opcode.GETATTR] += stats[0];
     fuseCounters.requests[Opcode.READ] += stats[1];
     fuseCounters.readBytes += stats[2];
@@ -99,7 +99,8 @@ export class VirtioFsDevice implements VirtioDevice {
       const tables = NATIVE_PATH ? addon?.fastTables() : undefined;
       // DESTROY is answered before onDestroy runs: the next request (a new mount's INIT) gets a fresh session.
       const server = new FuseServer(fs, { log: this.options.log, onDestroy: () => this.endSession(), accelerator: tables && accelerator(addon!, tables) });
-      this.session = { fs, server, tables };
+      const serve = tables && ((fastRing: FastRing, nextAvail: number, nextUsed: number, max: number) => addon!.virtiofsServe(fastRing, tables, nextAvail, nextUsed, nativeStats, max));
+      this.session = { fs, server, tables, serve };
     }
     return this.session;
   }
