@@ -5,7 +5,7 @@
 // removes only temp files named as nixcas names them, of writers that are
 // gone; sockets are 0600 and store directories 0755 whatever the umask.
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
@@ -129,6 +129,36 @@ test('sockets are 0600 and store directories not world-writable, whatever the um
         await served.stop();
       }
     }
+  } finally {
+    removeDir(work);
+  }
+});
+
+test('writers that make the same store at once all succeed; a marker a killed writer left half placed does not block one', async () => {
+  const work = tempDir('own-files-race');
+  try {
+    const tree = join(work, 'tree');
+    mkdirSync(tree);
+    writeFileSync(join(tree, 'hello'), 'hello\n');
+    // The state a writer killed while placing the marker leaves: its staging file only.
+    const halfMade = join(work, 'half-made');
+    mkdirSync(halfMade);
+    writeFileSync(join(halfMade, '.nixcas-store.4242-0badc0de'), 'nixcas-store 2\n');
+    const run = nixcas(['import', '--store', halfMade, tree]);
+    assert.equal(run.status, 0, run.stderr);
+    assert.ok(existsSync(join(halfMade, 'nixcas-store')));
+    // Six writers start on one missing directory together.
+    const racing = join(work, 'racing');
+    const runs = await Promise.all(
+      Array.from({ length: 6 }, () => new Promise<{ status: number | null; stderr: string }>((resolve) => {
+        const child = spawn(process.execPath, [CLI, 'import', '--store', racing, tree], { stdio: ['ignore', 'ignore', 'pipe'] });
+        let stderr = '';
+        child.stderr.on('data', (chunk) => (stderr += chunk));
+        child.on('close', (status) => resolve({ status, stderr }));
+      })),
+    );
+    for (const r of runs) assert.equal(r.status, 0, r.stderr);
+    assert.equal(readFileSync(join(racing, 'nixcas-store'), 'utf8'), 'nixcas-store 2\n');
   } finally {
     removeDir(work);
   }

@@ -24,9 +24,9 @@
 // full on first use unless its blob-files record shows it unchanged since it
 // was last found intact. A mismatch is a DataLossError.
 import { randomBytes } from 'node:crypto';
-import { type BigIntStats, close, constants, fstatSync, open, promises as fs, read, readdirSync, unlinkSync, mkdirSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { type BigIntStats, close, constants, fstatSync, linkSync, open, promises as fs, read, readdirSync, unlinkSync, mkdirSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
 import { type Database, type RootDatabase, open as openLmdb } from 'lmdb';
 import { type BlobFile, type BlobReader, type BlobService, type BlobWriter, type ScatterList, bufferReader, streamBlobReader } from '../blobservice.js';
@@ -62,6 +62,26 @@ const TEMP_NAME = /^([0-9]+)-[0-9a-f]{12}-[0-9]+$/;
 /** What the store's own directories and files are made with (the umask can only narrow them). */
 const DIRECTORY_MODE = 0o755;
 const FILE_MODE = 0o644;
+/** The marker's name while it is written, before it is linked in place (placeMarker). */
+const MARKER_BEING_PLACED = /^\.nixcas-store\.\d+-[0-9a-f]+$/;
+
+/**
+ * Puts the layout marker in place whole: written under a name of its own, then linked (which
+ * fails if the marker is there). Writers that make the same store at once all succeed, and
+ * none of them ever reads a marker half written.
+ */
+function placeMarker(marker: string): void {
+  const dir = dirname(marker);
+  const staging = join(dir, `.nixcas-store.${process.pid}-${randomBytes(4).toString('hex')}`);
+  writeFileSync(staging, `${LAYOUT_MARKER} ${LAYOUT_VERSION}\n`, { mode: FILE_MODE });
+  try {
+    linkSync(staging, marker);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+  } finally {
+    unlinkSync(staging);
+  }
+}
 let tempFiles = 0;
 
 /** Blobs up to this size are kept in LMDB rather than as files. */
@@ -116,7 +136,7 @@ export class LocalStore {
     } else {
       LocalStore.createIn(root, create);
       // The marker first: a creation cut short is still recognised as a store, never as someone's directory.
-      writeFileSync(marker, `${LAYOUT_MARKER} ${LAYOUT_VERSION}\n`, { mode: FILE_MODE });
+      placeMarker(marker);
     }
     if (!readOnly) {
       observeLmdbBatchRejections();
@@ -172,8 +192,11 @@ export class LocalStore {
       if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw new Error(`${root}: cannot make a store there: ${(err as Error).message}`, { cause: err });
       entries = [];
     }
-    // A file system of its own, mounted there, starts with lost+found: that counts as empty.
-    entries = entries.filter((name) => name !== 'lost+found');
+    // A file system of its own, mounted there, starts with lost+found: that counts as empty. So
+    // does a marker being placed by a writer that started at the same time (see placeMarker),
+    // or left half-placed by one that was killed.
+    if (entries.includes(LAYOUT_MARKER)) return;
+    entries = entries.filter((name) => name !== 'lost+found' && !MARKER_BEING_PLACED.test(name));
     if (entries.length > 0) {
       const shown = entries.slice(0, 3).join(', ') + (entries.length > 3 ? ', …' : '');
       throw new Error(
