@@ -628,7 +628,7 @@ export async function runVirtiofsRequests(work: string, repeats: number, cli: st
           ? await startNixcasVirtiofs({
               socketPath, store, cli, nodeArgs: process.env.BENCH_VIRTIOFS_REQUESTS_NODE_ARGS?.split(' ').filter(Boolean),
               env: side === 'nixcas-unverified' ? { ...process.env, NIXCAS_VERIFY_READS: '0' } : undefined,
-              extraArgs: side === 'nixcas-metrics' ? ['--metrics-listen', '127.0.0.1:0'] : undefined,
+              extraArgs: [...(side === 'nixcas-metrics' ? ['--metrics-listen', '127.0.0.1:0'] : []), ...(process.env.BENCH_VIRTIOFS_REQUESTS_NIXCAS_ARGS?.split(' ').filter(Boolean) ?? [])],
             })
           : await startVirtiofsd({ source: share, socketPath, cache: 'always' });
       // Prometheus' part, from another process (the driver's CPU must stay the driver's): a scrape a second.
