@@ -91,6 +91,14 @@ export interface NativeAddon {
    * stops at the first it leaves to JavaScript. Returns how many (-1: the ring's memory was
    * unmapped since fastRing). `stats` gets += GETATTRs, READs, bytes read.
    */
+  /**
+   * Waits for kicks on `kickFd` and answers natively what they bring, interrupting through
+   * `callFd` (-1: none) as a turn's end would, up to `rounds` times; returns why it stopped
+   * (NativeWait in vhost-user/virtqueue.ts), -1 when the ring's memory changed. `state` is the
+   * queue's (nextAvail, nextUsed, signalledUsed, awaitingDriver, availAtInterrupt, eventIdx),
+   * read and written back; `stats` as virtiofsServe's.
+   */
+  virtiofsLoop(ring: FastRing, tables: FastTables, kickFd: number, callFd: number, state: Float64Array, stats: Float64Array, rounds: number): number;
   /** 1 as soon as the ring's avail index moves beyond `nextAvail`, 0 after `maxNs` without that, -1 when its memory changed. */
   ringSpin(ring: FastRing, nextAvail: number, maxNs: number): number;
   virtiofsServe(ring: FastRing, tables: FastTables, nextAvail: number, nextUsed: number, stats: Float64Array, max: number): number;

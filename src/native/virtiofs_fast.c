@@ -20,7 +20,9 @@
 #include <string.h>
 #include <sys/uio.h>
 #include <time.h>
+#include <poll.h>
 #include <unistd.h>
+#include <uv.h>
 
 #include "virtiofs_fast.h"
 #include "virtiofs_ring.h"
@@ -286,6 +288,104 @@ static napi_value ring_spin(napi_env env, napi_callback_info info) {
   return result;
 }
 
+enum { LOOP_EVENT_LOOP = 0, LOOP_FOR_JAVASCRIPT = 1, LOOP_BUSY = 2, LOOP_ROUNDS = 3, LOOP_FAILED = 4 };
+
+// virtiofsLoop(ring, tables, kickFd, callFd, state, stats, rounds) -> why it
+// returned: one request at a time, the turn through JavaScript costs more
+// than the request, so this waits for the next kick itself, answers natively
+// what it can, interrupts the driver as SplitQueue.notify would at the end of
+// a turn, and waits again, up to `rounds` times. It returns when anything
+// else the event loop watches is ready or a timer is due (0), when a chain
+// is left that JavaScript must take (1), when a kick brought more than one
+// chain (2: JavaScript's turn decides whether to wait on the CPU), after
+// `rounds` (3), or when a system call failed (4). `state` (a Float64Array:
+// nextAvail, nextUsed, signalledUsed, awaitingDriver, availAtInterrupt,
+// eventIdx) is the queue's, read and written back; `stats` as virtiofsServe's.
+// -1: the ring's memory changed since fastRing.
+static napi_value virtiofs_loop(napi_env env, napi_callback_info info) {
+  size_t argc = 7;
+  napi_value argv[7];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  ring_t *ring = NULL;
+  tables_t *t = argc == 7 ? get_tables(env, argv[1]) : NULL;
+  int32_t kick_fd, call_fd;
+  uint32_t rounds;
+  napi_typedarray_type state_type, stats_type;
+  size_t state_length, stats_length;
+  double *state, *stats;
+  if (!t || napi_get_value_external(env, argv[0], (void **)&ring) != napi_ok || !ring || napi_get_value_int32(env, argv[2], &kick_fd) != napi_ok ||
+      napi_get_value_int32(env, argv[3], &call_fd) != napi_ok ||
+      napi_get_typedarray_info(env, argv[4], &state_type, &state_length, (void **)&state, NULL, NULL) != napi_ok || state_type != napi_float64_array ||
+      state_length < 6 || napi_get_typedarray_info(env, argv[5], &stats_type, &stats_length, (void **)&stats, NULL, NULL) != napi_ok ||
+      stats_type != napi_float64_array || stats_length < 3 || napi_get_value_uint32(env, argv[6], &rounds) != napi_ok) {
+    if (t) napi_throw_type_error(env, NULL, "nixcas native: virtiofsLoop(ring, tables, kickFd, callFd, Float64Array(6), Float64Array(3), rounds)");
+    return NULL;
+  }
+  napi_value result;
+  if (!chunks_current(env, ring)) {
+    CHECK(napi_create_int32(env, -1, &result));
+    return result;
+  }
+  uv_loop_t *loop;
+  CHECK(napi_get_uv_event_loop(env, &loop));
+  queue_state_t q = {
+      .next_avail = (uint16_t)state[0], .next_used = (uint16_t)state[1], .signalled_used = (uint16_t)state[2],
+      .awaiting_driver = state[3] != 0, .avail_at_interrupt = (uint16_t)state[4], .event_idx = state[5] != 0,
+  };
+  const uint16_t *avail = avail_ring(ring);
+  int why = LOOP_ROUNDS;
+  for (uint32_t round = 0; round < rounds; round++) {
+    struct pollfd fds[2] = {{.fd = kick_fd, .events = POLLIN}, {.fd = uv_backend_fd(loop), .events = POLLIN}};
+    int n;
+    do n = poll(fds, 2, uv_backend_timeout(loop));
+    while (n < 0 && errno == EINTR);
+    if (n < 0) {
+      why = LOOP_FAILED;
+      break;
+    }
+    if (!(fds[0].revents & POLLIN)) {
+      why = LOOP_EVENT_LOOP;
+      break;
+    }
+    uint64_t counter;
+    ssize_t r;
+    do r = read(kick_fd, &counter, sizeof counter);
+    while (r < 0 && errno == EINTR);
+    // A turn, as VhostUserBackend.take: kicks off while taking, on again and a last look.
+    int32_t taken = 0;
+    bool left = false;
+    do {
+      disable_notification(ring, &q);
+      int32_t answered = serve_ring(ring, t, q.next_avail, q.next_used, UINT32_MAX, stats, NULL);
+      q.next_avail += (uint16_t)answered;
+      q.next_used += (uint16_t)answered;
+      taken += answered;
+      left = __atomic_load_n(&avail[1], __ATOMIC_ACQUIRE) != q.next_avail;
+    } while (!left && enable_notification(ring, &q));
+    if (left) {
+      why = LOOP_FOR_JAVASCRIPT; // JavaScript's turn takes it, and interrupts at its end
+      break;
+    }
+    if (call_fd >= 0 && wants_interrupt(ring, &q)) {
+      uint64_t one = 1;
+      ssize_t w;
+      do w = write(call_fd, &one, sizeof one);
+      while (w < 0 && errno == EINTR);
+    }
+    if (taken > 1) {
+      why = LOOP_BUSY;
+      break;
+    }
+  }
+  state[0] = q.next_avail;
+  state[1] = q.next_used;
+  state[2] = q.signalled_used;
+  state[3] = q.awaiting_driver;
+  state[4] = q.avail_at_interrupt;
+  CHECK(napi_create_int32(env, why, &result));
+  return result;
+}
+
 void virtiofs_fast_register(napi_env env, napi_value exports) {
   napi_property_descriptor properties[] = {
       {"fastRing", NULL, fast_ring, NULL, NULL, NULL, napi_default, NULL},
@@ -296,6 +396,7 @@ void virtiofs_fast_register(napi_env env, napi_value exports) {
       {"fastClear", NULL, fast_clear, NULL, NULL, NULL, napi_default, NULL},
       {"virtiofsServe", NULL, virtiofs_serve, NULL, NULL, NULL, napi_default, NULL},
       {"ringSpin", NULL, ring_spin, NULL, NULL, NULL, napi_default, NULL},
+      {"virtiofsLoop", NULL, virtiofs_loop, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof properties / sizeof properties[0], properties);
 }

@@ -292,4 +292,54 @@ static uint64_t now_ns(void) {
   return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
 }
 
+enum { AVAIL_F_NO_INTERRUPT = 1, USED_F_NO_NOTIFY = 1 };
+
+/** What SplitQueue keeps of a ring's progress, handed to virtiofsLoop and back (its order). */
+typedef struct {
+  uint16_t next_avail, next_used, signalled_used, avail_at_interrupt;
+  bool awaiting_driver, event_idx;
+} queue_state_t;
+
+static uint16_t *avail_ring(const ring_t *ring) {
+  return (uint16_t *)translate(ring, ring->avail_gpa, 2 * (3 + (uint64_t)ring->size));
+}
+
+static uint16_t *used_ring(const ring_t *ring) {
+  return (uint16_t *)translate(ring, ring->used_gpa, 6 + 8 * (uint64_t)ring->size);
+}
+
+/** SplitQueue.disableNotification: no kicks while chains are being taken anyway. */
+static void disable_notification(const ring_t *ring, const queue_state_t *q) {
+  if (!q->event_idx) __atomic_store_n(&used_ring(ring)[0], USED_F_NO_NOTIFY, __ATOMIC_RELAXED);
+}
+
+/** SplitQueue.enableNotification: kicks wanted again; true when chains arrived meanwhile. */
+static bool enable_notification(const ring_t *ring, const queue_state_t *q) {
+  uint16_t *used = used_ring(ring);
+  if (q->event_idx) __atomic_store_n(&used[2 + 4 * ring->size], q->next_avail, __ATOMIC_SEQ_CST);
+  else __atomic_store_n(&used[0], 0, __ATOMIC_SEQ_CST);
+  return __atomic_load_n(&avail_ring(ring)[1], __ATOMIC_ACQUIRE) != q->next_avail;
+}
+
+/** SplitQueue.notify(false), the end of a turn: whether to interrupt the driver now (and the state updated as if it was). */
+static bool wants_interrupt(const ring_t *ring, queue_state_t *q) {
+  if (q->signalled_used == q->next_used) return false;
+  const uint16_t *avail = avail_ring(ring);
+  uint16_t old = q->signalled_used, now = q->next_used;
+  if (q->event_idx) {
+    q->signalled_used = now;
+    uint16_t used_event = __atomic_load_n(&avail[2 + ring->size], __ATOMIC_ACQUIRE);
+    if ((uint16_t)(now - used_event - 1) >= (uint16_t)(now - old)) return false;
+  } else {
+    if (__atomic_load_n(&avail[0], __ATOMIC_ACQUIRE) & AVAIL_F_NO_INTERRUPT) {
+      q->awaiting_driver = false; // it is reaping: it looks at used.idx again before it enables interrupts
+      return false;
+    }
+    q->signalled_used = now;
+  }
+  q->awaiting_driver = true;
+  q->avail_at_interrupt = __atomic_load_n(&avail[1], __ATOMIC_ACQUIRE);
+  return true;
+}
+
 #endif

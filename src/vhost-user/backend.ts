@@ -20,7 +20,7 @@ import {
   VRING_INDEX_MASK,
   VRING_NOFD,
 } from './protocol.js';
-import { type DescriptorChain, type RingAddresses, SplitQueue } from './virtqueue.js';
+import { type DescriptorChain, NativeWait, type RingAddresses, SplitQueue } from './virtqueue.js';
 
 /** What a virtio device (virtio-fs) gives the transport and gets from it. */
 export interface VirtioDevice {
@@ -39,6 +39,12 @@ export interface VirtioDevice {
    * before the next is taken for handle(); whatever it leaves comes to handle() as usual.
    */
   serveNatively?(queue: number, ring: SplitQueue): void;
+  /**
+   * Optional: waits for kicks on `kickFd` and answers natively what they bring
+   * (SplitQueue.waitAndServeNatively), interrupting through `callFd` (-1: none);
+   * undefined when it cannot (then the backend waits itself).
+   */
+  serveAfterKicks?(queue: number, ring: SplitQueue, kickFd: number, callFd: number): NativeWait | undefined;
   /** The device was reset, or the front end went away: drop all per-guest state. */
   reset(): void;
 }
@@ -393,6 +399,12 @@ export class VhostUserBackend {
       before = queue.takenCount;
       const spin = this.options.pollMaxNs ?? SPIN_NS;
       if (taken > 1 && spin > 0 && queue.spinForChains(spin)) continue;
+      // One request at a time: the device may wait for the next kicks and answer them itself.
+      const why = taken <= 1 ? this.device.serveAfterKicks?.(index, queue, kickFd, vring.callFd ?? -1) : undefined;
+      if (why !== undefined) {
+        if (why === NativeWait.ForJavaScript || why === NativeWait.Busy) continue;
+        return; // the event loop has work, or the device waited its share
+      }
       if (native().waitKick(kickFd) !== 1) return;
     }
   }

@@ -3,4 +3,4 @@
 // the store: a VirtioDevice gets descriptor chains and completes them.
 export { type BackendOptions, VhostUserBackend, type VirtioDevice } from './backend.js';
 export { ListenError, UnixListener } from './listener.js';
-export { ChainError, DescriptorChain, type SplitQueue } from './virtqueue.js';
+export { ChainError, DescriptorChain, NativeWait, type SplitQueue } from './virtqueue.js';

@@ -39,6 +39,20 @@ export interface QueueLayout {
   indirect: boolean;
 }
 
+/** Why native code that waited for kicks (SplitQueue.waitAndServeNatively) handed the turn back. */
+export enum NativeWait {
+  /** Something else the event loop watches is ready, or a timer is due. */
+  EventLoop = 0,
+  /** A chain is left that JavaScript must take. */
+  ForJavaScript = 1,
+  /** A kick brought more than one chain: the driver is busy. */
+  Busy = 2,
+  /** It waited as often as it may in one go. */
+  Rounds = 3,
+  /** A system call failed. */
+  Failed = 4,
+}
+
 /** A chain that breaks the rules: the device returns it unused and goes on. */
 export class ChainError extends Error {
   override name = 'ChainError';
@@ -260,6 +274,38 @@ export class SplitQueue {
     const found = optionalNative()!.ringSpin(this.nativeRing, this.nextAvail, maxNs) === 1;
     return this.enableNotification() || found;
   }
+
+  /**
+   * Lets native code wait for the driver's kicks and answer what they bring
+   * (see the addon's virtiofsLoop): `run` gets the ring and the queue's
+   * state (read and written back). Returns why it stopped, or undefined when
+   * native code cannot have the ring (then wait as usual).
+   */
+  waitAndServeNatively(run: (ring: FastRing, state: Float64Array) => number): NativeWait | undefined {
+    if (!this.active || this.brokenReason !== undefined) return undefined;
+    if (this.nativeRing === undefined || this.nativeGeneration !== this.memory.generation) this.makeNativeRing();
+    if (!this.nativeRing) return undefined;
+    const state = this.loopState;
+    state[0] = this.nextAvail;
+    state[1] = this.nextUsed;
+    state[2] = this.signalledUsed;
+    state[3] = this.awaitingDriver ? 1 : 0;
+    state[4] = this.availAtInterrupt;
+    state[5] = this.layout.eventIdx ? 1 : 0;
+    const why = run(this.nativeRing, state);
+    if (why < 0) {
+      this.nativeRing = undefined;
+      return undefined;
+    }
+    this.taken += (state[0] - this.nextAvail) & 0xffff;
+    this.nextAvail = state[0];
+    this.nextUsed = state[1];
+    this.signalledUsed = state[2];
+    this.awaitingDriver = state[3] !== 0;
+    this.availAtInterrupt = state[4];
+    return why;
+  }
+  private readonly loopState = new Float64Array(6);
 
   /** Chains taken so far (by pop and natively): a turn's count tells how busy the driver is. */
   get takenCount(): number {

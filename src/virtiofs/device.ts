@@ -8,13 +8,15 @@ import type { ScatterList } from '../castore/blobservice.js';
 import { fuseCounters } from '../fuse/counters.js';
 import { type Accelerator, expectsReply, FuseServer, type ReplySink } from '../fuse/protocol.js';
 import { type FastRing, type FastTables, type NativeAddon, optionalNative } from '../native/index.js';
-import { ChainError, type DescriptorChain, type SplitQueue, type VirtioDevice } from '../vhost-user/index.js';
+import { ChainError, type DescriptorChain, type NativeWait, type SplitQueue, type VirtioDevice } from '../vhost-user/index.js';
 
 /** virtio-fs has no device feature bits we need (notification queue, bit 0, is unused). */
 const NO_FEATURES = 0n;
 const OUT_HEADER_SIZE = 16;
 const EIO = 5;
 const HIPRIO_QUEUE = 0;
+/** Kicks the native path waits for before the event loop gets a turn anyway (as the backend's own waits). */
+const WAITS_IN_A_TURN = 1024;
 
 export interface VirtioFsOptions {
   /** Request queues besides the high-priority one (the front end's num-request-queues). */
@@ -73,8 +75,21 @@ export class VirtioFsDevice implements VirtioDevice {
     if (queue === HIPRIO_QUEUE) return; // FORGETs only
     const session = this.session;
     if (!session?.serve || !session.server.negotiatedMinor) return;
+    if (ring.serveNatively(session.serve) > 0) this.countNativeAnswers();
+  }
+
+  serveAfterKicks(queue: number, ring: SplitQueue, kickFd: number, callFd: number): NativeWait | undefined {
+    const session = this.session;
+    const tables = session?.tables;
+    if (queue === HIPRIO_QUEUE || !tables || !session.server.negotiatedMinor) return undefined;
+    const why = ring.waitAndServeNatively((fastRing, state) => addon!.virtiofsLoop(fastRing, tables, kickFd, callFd, state, nativeStats, WAITS_IN_A_TURN));
+    this.countNativeAnswers();
+    return why;
+  }
+
+  private countNativeAnswers(): void {
     const stats = nativeStats;
-    if (ring.serveNatively(session.serve) === 0) return;
+    if (stats[0] + stats[1] === 0) return;
     fuseCounters.requests[Opcode.GETATTR] += stats[0];
     fuseCounters.requests[Opcode.READ] += stats[1];
     fuseCounters.readBytes += stats[2];
