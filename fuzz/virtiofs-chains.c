@@ -4,7 +4,8 @@
 // AddressSanitizer. The tables answer GETATTR of nodeid 2 and READ of nodeid 3
 // (a 100 000-byte memfd). Nothing outside the guest memory may be read or
 // written, every walk must end, and what is put on the used ring must be a
-// head of the queue with a reply's length. Built and run
+// head of the queue with a reply's length. The notification helpers of
+// virtiofsLoop run on the same rings afterwards. Built and run
 // by fuzz/run.sh.
 #define _GNU_SOURCE
 #include <node_api.h>
@@ -46,6 +47,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   for (int32_t i = 0; i < answered; i++) {
     if (log[2 * i] >= QUEUE || log[2 * i + 1] < OUT_HEADER_SIZE || log[2 * i + 1] > OUT_HEADER_SIZE + MAX_READ) __builtin_trap();
   }
+  // The notification helpers virtiofsLoop uses, on the same rings and a state from the input.
+  queue_state_t q = {.next_avail = (uint16_t)answered, .next_used = (uint16_t)answered, .signalled_used = memory[MEMORY - 1],
+                     .event_idx = memory[MEMORY - 2] & 1, .awaiting_driver = memory[MEMORY - 2] & 2};
+  disable_notification(&ring, &q);
+  (void)enable_notification(&ring, &q);
+  (void)wants_interrupt(&ring, &q);
   free(memory);
   return 0;
 }
