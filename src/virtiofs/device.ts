@@ -8,7 +8,7 @@ import type { ScatterList } from '../castore/blobservice.js';
 import { fuseCounters } from '../fuse/counters.js';
 import { type Accelerator, expectsReply, FuseServer, type ReplySink } from '../fuse/protocol.js';
 import { type FastRing, type FastTables, type NativeAddon, optionalNative } from '../native/index.js';
-import { ChainError, type DescriptorChain, type NativeWait, type SplitQueue, type VirtioDevice } from '../vhost-user/index.js';
+import { ChainError, type DescriptorChain, NativeWait, type SplitQueue, type VirtioDevice } from '../vhost-user/index.js';
 
 /** virtio-fs has no device feature bits we need (notification queue, bit 0, is unused). */
 const NO_FEATURES = 0n;
@@ -75,17 +75,25 @@ export class VirtioFsDevice implements VirtioDevice {
     if (queue === HIPRIO_QUEUE) return; // FORGETs only
     const session = this.session;
     if (!session?.serve || !session.server.negotiatedMinor) return;
-    if (ring.serveNatively(session.serve) > 0) this.countNativeAnswers();
+    if (ring.serveNatively(session.serve) === 0) return;
+    this.nativeWaitPays = true;
+    this.countNativeAnswers();
   }
 
   serveAfterKicks(queue: number, ring: SplitQueue, kickFd: number, callFd: number): NativeWait | undefined {
     const session = this.session;
     const tables = session?.tables;
-    if (queue === HIPRIO_QUEUE || !tables || !session.server.negotiatedMinor) return undefined;
+    if (queue === HIPRIO_QUEUE || !tables || !session.server.negotiatedMinor || !this.nativeWaitPays) return undefined;
     const why = ring.waitAndServeNatively((fastRing, state) => addon!.virtiofsLoop(fastRing, tables, kickFd, callFd, state, nativeStats, WAITS_IN_A_TURN));
+    // Traffic the native path cannot answer (LOOKUPs, small files) would pay for its wait on
+    // every request: the backend waits itself until the native path answers something again.
+    if (why === NativeWait.ForJavaScript && nativeStats[0] + nativeStats[1] === 0) this.nativeWaitPays = false;
     this.countNativeAnswers();
     return why;
   }
+
+  /** Whether the native path answered the last requests it saw (see serveAfterKicks). */
+  private nativeWaitPays = true;
 
   private countNativeAnswers(): void {
     const stats = nativeStats;
