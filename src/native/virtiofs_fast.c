@@ -65,6 +65,21 @@ static bool get_u64(napi_env env, napi_value value, uint64_t *out) {
   return true;
 }
 
+static ring_t *get_ring(napi_env env, napi_value value) {
+  void *data = NULL;
+  if (napi_get_value_external(env, value, &data) != napi_ok || !data) return NULL;
+  return data;
+}
+
+static napi_value make_int32(napi_env env, int32_t value) {
+  napi_value result;
+  napi_create_int32(env, value, &result);
+  return result;
+}
+
+/** What a call on a ring whose memory JavaScript has unmapped since fastRing answers: make another. */
+#define STALE_RING (-1)
+
 // fastRing(buffers, gpas, primaries, desc, avail, used, size, indirect) -> a
 // ring handle: the guest memory chunks (ArrayBuffers from mmap, each mapping
 // `primaries[i]` bytes of guest memory from `gpas[i]`, maybe more after) and
@@ -235,21 +250,15 @@ static napi_value virtiofs_serve(napi_env env, napi_callback_info info) {
   napi_typedarray_type type;
   size_t stats_length;
   void *stats_data;
-  if (!t || napi_get_value_external(env, argv[0], (void **)&ring) != napi_ok || !ring || napi_get_value_uint32(env, argv[2], &next_avail) != napi_ok ||
+  if (!t || !(ring = get_ring(env, argv[0])) || napi_get_value_uint32(env, argv[2], &next_avail) != napi_ok ||
       napi_get_value_uint32(env, argv[3], &next_used) != napi_ok ||
       napi_get_typedarray_info(env, argv[4], &type, &stats_length, &stats_data, NULL, NULL) != napi_ok || type != napi_float64_array || stats_length < 3 ||
       napi_get_value_uint32(env, argv[5], &max) != napi_ok) {
     if (t) napi_throw_type_error(env, NULL, "nixcas native: virtiofsServe(ring, tables, nextAvail, nextUsed, Float64Array(3), max)");
     return NULL;
   }
-  napi_value result;
-  if (!chunks_current(env, ring)) {
-    CHECK(napi_create_int32(env, -1, &result));
-    return result;
-  }
-  int32_t answered = serve_ring(ring, t, next_avail, next_used, max, stats_data, NULL);
-  CHECK(napi_create_int32(env, answered, &result));
-  return result;
+  if (!chunks_current(env, ring)) return make_int32(env, STALE_RING);
+  return make_int32(env, serve_ring(ring, t, next_avail, next_used, max, stats_data, NULL));
 }
 
 // ringSpin(ring, nextAvail, maxNs) -> 1 as soon as the driver makes a chain
@@ -263,17 +272,13 @@ static napi_value ring_spin(napi_env env, napi_callback_info info) {
   CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   ring_t *ring = NULL;
   uint32_t next_avail, max_ns;
-  if (argc < 3 || napi_get_value_external(env, argv[0], (void **)&ring) != napi_ok || !ring || napi_get_value_uint32(env, argv[1], &next_avail) != napi_ok ||
+  if (argc < 3 || !(ring = get_ring(env, argv[0])) || napi_get_value_uint32(env, argv[1], &next_avail) != napi_ok ||
       napi_get_value_uint32(env, argv[2], &max_ns) != napi_ok) {
     napi_throw_type_error(env, NULL, "nixcas native: ringSpin(ring, nextAvail, maxNs)");
     return NULL;
   }
-  napi_value result;
-  if (!chunks_current(env, ring)) {
-    CHECK(napi_create_int32(env, -1, &result));
-    return result;
-  }
-  const uint16_t *avail = (const uint16_t *)translate(ring, ring->avail_gpa, 2 * (3 + (uint64_t)ring->size));
+  if (!chunks_current(env, ring)) return make_int32(env, STALE_RING);
+  const uint16_t *avail = avail_ring(ring);
   uint64_t deadline = now_ns() + max_ns;
   int found = 0;
   for (uint32_t i = 1;; i++) {
@@ -284,8 +289,7 @@ static napi_value ring_spin(napi_env env, napi_callback_info info) {
     __builtin_ia32_pause();
     if (i % 64 == 0 && now_ns() >= deadline) break;
   }
-  CHECK(napi_create_int32(env, found, &result));
-  return result;
+  return make_int32(env, found);
 }
 
 enum { LOOP_EVENT_LOOP = 0, LOOP_FOR_JAVASCRIPT = 1, LOOP_BUSY = 2, LOOP_ROUNDS = 3, LOOP_FAILED = 4 };
@@ -313,7 +317,7 @@ static napi_value virtiofs_loop(napi_env env, napi_callback_info info) {
   napi_typedarray_type state_type, stats_type;
   size_t state_length, stats_length;
   double *state, *stats;
-  if (!t || napi_get_value_external(env, argv[0], (void **)&ring) != napi_ok || !ring || napi_get_value_int32(env, argv[2], &kick_fd) != napi_ok ||
+  if (!t || !(ring = get_ring(env, argv[0])) || napi_get_value_int32(env, argv[2], &kick_fd) != napi_ok ||
       napi_get_value_int32(env, argv[3], &call_fd) != napi_ok ||
       napi_get_typedarray_info(env, argv[4], &state_type, &state_length, (void **)&state, NULL, NULL) != napi_ok || state_type != napi_float64_array ||
       state_length < 6 || napi_get_typedarray_info(env, argv[5], &stats_type, &stats_length, (void **)&stats, NULL, NULL) != napi_ok ||
@@ -321,11 +325,7 @@ static napi_value virtiofs_loop(napi_env env, napi_callback_info info) {
     if (t) napi_throw_type_error(env, NULL, "nixcas native: virtiofsLoop(ring, tables, kickFd, callFd, Float64Array(6), Float64Array(3), rounds)");
     return NULL;
   }
-  napi_value result;
-  if (!chunks_current(env, ring)) {
-    CHECK(napi_create_int32(env, -1, &result));
-    return result;
-  }
+  if (!chunks_current(env, ring)) return make_int32(env, STALE_RING);
   uv_loop_t *loop;
   CHECK(napi_get_uv_event_loop(env, &loop));
   queue_state_t q = {
@@ -382,8 +382,7 @@ static napi_value virtiofs_loop(napi_env env, napi_callback_info info) {
   state[2] = q.signalled_used;
   state[3] = q.awaiting_driver;
   state[4] = q.avail_at_interrupt;
-  CHECK(napi_create_int32(env, why, &result));
-  return result;
+  return make_int32(env, why);
 }
 
 void virtiofs_fast_register(napi_env env, napi_value exports) {
