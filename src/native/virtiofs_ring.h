@@ -225,7 +225,7 @@ static int64_t answer(tables_t *t, chain_t *chain, double *stats) {
     uint64_t handle = load64(args), position = load64(args + 8);
     uint32_t size = load32(args + 16);
     if (handle != 0 || size > MAX_READ || chain->writable_length < (uint64_t)OUT_HEADER_SIZE + size) return -1;
-    const file_slot_t *file = &t->files[slot_of(nodeid, FILE_SLOTS)];
+    file_slot_t *file = &t->files[slot_of(nodeid, FILE_SLOTS)];
     if (file->nodeid != nodeid) return -1;
     uint64_t wanted = position >= file->size ? 0 : file->size - position < size ? file->size - position : size;
     if (wanted > 0) {
@@ -235,6 +235,8 @@ static int64_t answer(tables_t *t, chain_t *chain, double *stats) {
       // Only a whole answer from the page cache: anything else (not cached, a short
       // file, an error) JavaScript reads again, and reports.
       ssize_t n = preadv2(file->fd, pieces, count, (off_t)position, RWF_NOWAIT);
+      // A file system without RWF_NOWAIT will never answer here: stop trying this file.
+      if (n < 0 && errno == EOPNOTSUPP) drop_file(file);
       if (n < 0 || (uint64_t)n != wanted) return -1;
     }
     out_header(header, OUT_HEADER_SIZE + (uint32_t)wanted, unique);
@@ -260,7 +262,7 @@ static int32_t serve_ring(const ring_t *ring, tables_t *t, uint32_t next_avail, 
   // Acquire: the ring entries and descriptors are read after the index that covers them.
   uint16_t avail_idx = __atomic_load_n(&avail[1], __ATOMIC_ACQUIRE);
   int32_t answered = 0;
-  static chain_t chain;
+  static chain_t chain; // one thread (the event loop's) serves rings: 16 KiB kept off its stack
   if ((uint16_t)(avail_idx - taken) > ring->size) avail_idx = taken; // bogus: JavaScript says so
   while (taken != avail_idx && (uint32_t)answered < max) {
     uint16_t head = __atomic_load_n(&avail[2 + (taken & mask)], __ATOMIC_RELAXED);
