@@ -235,14 +235,15 @@ export class SplitQueue {
    * Lets native code answer chains, in order, from the next one: `serve` gets
    * the ring (see the addon's fastRing) and the next avail and used indices,
    * answers and puts on the used ring as many as it can, and returns how many
-   * (-1: its view of the memory is stale). Returns that count (0 when there is no addon).
+   * (-1: its view of the memory is stale). Returns that count (0 when there is no addon),
+   * or undefined when there was no chain to show it.
    */
-  serveNatively(serve: (ring: FastRing, nextAvail: number, nextUsed: number, max: number) => number): number {
-    if (!this.active || this.brokenReason !== undefined) return 0;
+  serveNatively(serve: (ring: FastRing, nextAvail: number, nextUsed: number, max: number) => number): number | undefined {
+    if (!this.active || this.brokenReason !== undefined || Atomics.load(this.avail, 1) === this.nextAvail) return undefined;
     if (this.nativeRing === undefined || this.nativeGeneration !== this.memory.generation) this.makeNativeRing();
     let total = 0;
     // In batches, so that the driver hears of the first replies while the rest are answered.
-    for (let answered = EARLY_INTERRUPT_BATCH; answered === EARLY_INTERRUPT_BATCH && this.nativeRing; ) {
+    for (let answered = EARLY_INTERRUPT_BATCH; answered === EARLY_INTERRUPT_BATCH && this.nativeRing && Atomics.load(this.avail, 1) !== this.nextAvail; ) {
       answered = serve(this.nativeRing, this.nextAvail, this.nextUsed, EARLY_INTERRUPT_BATCH);
       if (answered <= 0) {
         if (answered < 0) this.nativeRing = undefined; // made again next time

@@ -15,6 +15,8 @@ const NO_FEATURES = 0n;
 const OUT_HEADER_SIZE = 16;
 const EIO = 5;
 const HIPRIO_QUEUE = 0;
+/** What the native path answers (virtiofs_ring.h). */
+const NATIVE_OPCODES = new Set<number>([Opcode.GETATTR, Opcode.READ]);
 /** Kicks the native path waits for before the event loop gets a turn anyway (as the backend's own waits). */
 const WAITS_IN_A_TURN = 1024;
 
@@ -59,6 +61,8 @@ export class VirtioFsDevice implements VirtioDevice {
     // without a DESTROY, so whatever it knew of the last session is gone.
     if (message.length >= 8 && message.readUInt32LE(4) === Opcode.INIT && this.session?.server.negotiatedMinor) this.endSession();
     const { server } = this.current();
+    // The FUSE layer's answer may give the native path what the next such requests need.
+    if (message.length >= 8 && NATIVE_OPCODES.has(message.readUInt32LE(4))) this.nativeMayAnswer = true;
     if (!expectsReply(message)) {
       const waits = server.handle(message, NO_REPLY);
       chain.done(0);
@@ -74,26 +78,28 @@ export class VirtioFsDevice implements VirtioDevice {
   serveNatively(queue: number, ring: SplitQueue): void {
     if (queue === HIPRIO_QUEUE) return; // FORGETs only
     const session = this.session;
-    if (!session?.serve || !session.server.negotiatedMinor) return;
-    if (ring.serveNatively(session.serve) === 0) return;
-    this.nativeWaitPays = true;
-    this.countNativeAnswers();
+    if (!session?.serve || !session.server.negotiatedMinor || !this.nativeMayAnswer) return;
+    const answered = ring.serveNatively(session.serve);
+    if (answered === 0) this.nativeMayAnswer = false;
+    else if (answered) this.countNativeAnswers();
   }
 
   serveAfterKicks(queue: number, ring: SplitQueue, kickFd: number, callFd: number): NativeWait | undefined {
     const session = this.session;
     const tables = session?.tables;
-    if (queue === HIPRIO_QUEUE || !tables || !session.server.negotiatedMinor || !this.nativeWaitPays) return undefined;
+    if (queue === HIPRIO_QUEUE || !tables || !session.server.negotiatedMinor || !this.nativeMayAnswer) return undefined;
     const why = ring.waitAndServeNatively((fastRing, state) => addon!.virtiofsLoop(fastRing, tables, kickFd, callFd, state, nativeStats, WAITS_IN_A_TURN));
-    // Traffic the native path cannot answer (LOOKUPs, small files) would pay for its wait on
-    // every request: the backend waits itself until the native path answers something again.
-    if (why === NativeWait.ForJavaScript && nativeStats[0] + nativeStats[1] === 0) this.nativeWaitPays = false;
+    if (why === NativeWait.ForJavaScript && nativeStats[0] + nativeStats[1] === 0) this.nativeMayAnswer = false;
     this.countNativeAnswers();
     return why;
   }
 
-  /** Whether the native path answered the last requests it saw (see serveAfterKicks). */
-  private nativeWaitPays = true;
+  /**
+   * Whether asking the native path is worth its call: false once it answered nothing of what it
+   * was shown (LOOKUPs, small files: traffic that would pay for a failed try per request), true
+   * again once the FUSE layer answers a GETATTR or READ (which may register what the next need).
+   */
+  private nativeMayAnswer = true;
 
   private countNativeAnswers(): void {
     const stats = nativeStats;
