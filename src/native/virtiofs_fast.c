@@ -147,6 +147,24 @@ static tables_t *get_tables(napi_env env, napi_value value) {
   return data;
 }
 
+/**
+ * The arguments of a call on the tables: (tables, nodeid, …) into `argv`, the tables
+ * returned and the node id (never 0) in `nodeid`; NULL with `usage` thrown when they are not.
+ */
+static tables_t *tables_call(napi_env env, napi_callback_info info, size_t argc_wanted, napi_value *argv, uint64_t *nodeid, const char *usage) {
+  size_t argc = argc_wanted;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < argc_wanted) {
+    napi_throw_type_error(env, NULL, usage);
+    return NULL;
+  }
+  tables_t *t = get_tables(env, argv[0]);
+  if (t && (!get_u64(env, argv[1], nodeid) || *nodeid == 0)) {
+    napi_throw_type_error(env, NULL, usage);
+    return NULL;
+  }
+  return t;
+}
+
 // fastTables() -> a handle for one FUSE session's attributes and files.
 static napi_value fast_tables(napi_env env, napi_callback_info info) {
   (void)info;
@@ -163,16 +181,15 @@ static napi_value fast_tables(napi_env env, napi_callback_info info) {
 // fastAttributes(tables, nodeid, attrOut): GETATTR of `nodeid` is answered
 // with these 104 bytes (fuse_attr_out) from now on.
 static napi_value fast_attributes(napi_env env, napi_callback_info info) {
-  size_t argc = 3;
+  static const char usage[] = "nixcas native: fastAttributes(tables, nodeid, 104 bytes)";
   napi_value argv[3];
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  tables_t *t = argc == 3 ? get_tables(env, argv[0]) : NULL;
   uint64_t nodeid;
+  tables_t *t = tables_call(env, info, 3, argv, &nodeid, usage);
+  if (!t) return NULL;
   void *bytes;
   size_t length;
-  if (!t || !get_u64(env, argv[1], &nodeid) || napi_get_buffer_info(env, argv[2], &bytes, &length) != napi_ok ||
-      length != ATTR_REPLY_SIZE - OUT_HEADER_SIZE || nodeid == 0) {
-    if (t) napi_throw_type_error(env, NULL, "nixcas native: fastAttributes(tables, nodeid, 104 bytes)");
+  if (napi_get_buffer_info(env, argv[2], &bytes, &length) != napi_ok || length != ATTR_REPLY_SIZE - OUT_HEADER_SIZE) {
+    napi_throw_type_error(env, NULL, usage);
     return NULL;
   }
   attr_slot_t *slot = &t->attrs[slot_of(nodeid, ATTR_SLOTS)];
@@ -185,14 +202,14 @@ static napi_value fast_attributes(napi_env env, napi_callback_info info) {
 // handle is answered from `size` bytes of `fd` (duplicated here; the
 // caller keeps its own) while they are in the page cache.
 static napi_value fast_file(napi_env env, napi_callback_info info) {
-  size_t argc = 4;
+  static const char usage[] = "nixcas native: fastFile(tables, nodeid, fd, size)";
   napi_value argv[4];
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  tables_t *t = argc == 4 ? get_tables(env, argv[0]) : NULL;
   uint64_t nodeid, size;
+  tables_t *t = tables_call(env, info, 4, argv, &nodeid, usage);
+  if (!t) return NULL;
   int32_t fd;
-  if (!t || !get_u64(env, argv[1], &nodeid) || napi_get_value_int32(env, argv[2], &fd) != napi_ok || !get_u64(env, argv[3], &size) || nodeid == 0) {
-    if (t) napi_throw_type_error(env, NULL, "nixcas native: fastFile(tables, nodeid, fd, size)");
+  if (napi_get_value_int32(env, argv[2], &fd) != napi_ok || !get_u64(env, argv[3], &size)) {
+    napi_throw_type_error(env, NULL, usage);
     return NULL;
   }
   file_slot_t *slot = &t->files[slot_of(nodeid, FILE_SLOTS)];
@@ -208,12 +225,10 @@ static napi_value fast_file(napi_env env, napi_callback_info info) {
 
 // fastForget(tables, nodeid): nothing of `nodeid` is answered here any more.
 static napi_value fast_forget(napi_env env, napi_callback_info info) {
-  size_t argc = 2;
   napi_value argv[2];
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  tables_t *t = argc == 2 ? get_tables(env, argv[0]) : NULL;
   uint64_t nodeid;
-  if (!t || !get_u64(env, argv[1], &nodeid)) return NULL;
+  tables_t *t = tables_call(env, info, 2, argv, &nodeid, "nixcas native: fastForget(tables, nodeid)");
+  if (!t) return NULL;
   attr_slot_t *attr = &t->attrs[slot_of(nodeid, ATTR_SLOTS)];
   if (attr->nodeid == nodeid) attr->nodeid = 0;
   file_slot_t *file = &t->files[slot_of(nodeid, FILE_SLOTS)];

@@ -248,14 +248,23 @@ static int64_t answer(tables_t *t, chain_t *chain, double *stats) {
   return -1;
 }
 
+/** The avail and used rings (translated when the ring was made: never NULL). */
+static uint16_t *avail_ring(const ring_t *ring) {
+  return (uint16_t *)translate(ring, ring->avail_gpa, 2 * (3 + (uint64_t)ring->size));
+}
+
+static uint16_t *used_ring(const ring_t *ring) {
+  return (uint16_t *)translate(ring, ring->used_gpa, 6 + 8 * (uint64_t)ring->size);
+}
+
 /**
  * virtiofsServe's work, on a ring whose memory is current: the count of
  * chains answered. `log` (NULL but in the fuzz target) gets each one's head
  * and used length, as the guest's own ring may be overwritten by a reply.
  */
 static int32_t serve_ring(const ring_t *ring, tables_t *t, uint32_t next_avail, uint32_t next_used, uint32_t max, double *stats, uint32_t *log) {
-  uint16_t *avail = (uint16_t *)translate(ring, ring->avail_gpa, 2 * (3 + (uint64_t)ring->size));
-  uint8_t *used = translate(ring, ring->used_gpa, 6 + 8 * (uint64_t)ring->size);
+  uint16_t *avail = avail_ring(ring);
+  uint8_t *used = (uint8_t *)used_ring(ring);
   uint16_t *used_idx = (uint16_t *)(used + 2);
   uint32_t mask = ring->size - 1;
   uint16_t taken = (uint16_t)next_avail, put = (uint16_t)next_used;
@@ -301,14 +310,6 @@ typedef struct {
   uint16_t next_avail, next_used, signalled_used, avail_at_interrupt;
   bool awaiting_driver, event_idx;
 } queue_state_t;
-
-static uint16_t *avail_ring(const ring_t *ring) {
-  return (uint16_t *)translate(ring, ring->avail_gpa, 2 * (3 + (uint64_t)ring->size));
-}
-
-static uint16_t *used_ring(const ring_t *ring) {
-  return (uint16_t *)translate(ring, ring->used_gpa, 6 + 8 * (uint64_t)ring->size);
-}
 
 /** SplitQueue.disableNotification: no kicks while chains are being taken anyway. */
 static void disable_notification(const ring_t *ring, const queue_state_t *q) {
