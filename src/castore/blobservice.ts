@@ -72,6 +72,12 @@ export interface BlobService {
   readStream(digest: B3Digest, chunkSize?: number): Promise<AsyncIterable<Buffer> | undefined>;
   openWriter(): BlobWriter;
   /**
+   * Optional: stores a blob given whole (a small file's), without what a
+   * writer costs per blob. Resolves to its digest once stored, as a writer's
+   * close() does. `data` is given away: the caller does not modify it.
+   */
+  put?(data: Buffer): Promise<B3Digest>;
+  /**
    * Only for blobs the backend can read without waiting (the local store's
    * small blobs, mapped from LMDB): calls `use` at once with the contents, a
    * view valid only during the call, and returns true. Returns false without
@@ -146,8 +152,13 @@ export function copyToScatter(source: Uint8Array, position: number, length: numb
   return Math.max(0, copied);
 }
 
-/** Writes a whole buffer as one blob (tests, small metadata). */
+/**
+ * Writes a whole buffer as one blob (a small file, tests, small metadata),
+ * with the service's put where it has one. `data` must not change until this
+ * resolves.
+ */
 export async function putBlob(service: BlobService, data: Uint8Array): Promise<B3Digest> {
+  if (service.put) return service.put(Buffer.isBuffer(data) ? data : Buffer.from(data.buffer, data.byteOffset, data.byteLength));
   const writer = service.openWriter();
   try {
     await writer.write(data);

@@ -37,7 +37,16 @@ export class BlobWriteWindow {
   async finish(writer: BlobWriter, size: number): Promise<{ digest: Promise<B3Digest> }> {
     const digest = writer.close();
     // A small blob is held whole until committed; a large one holds at most its write queue.
-    const held = Math.min(size, QUEUED_BYTES_PER_WRITER);
+    await this.track(digest, Math.min(size, QUEUED_BYTES_PER_WRITER));
+    return { digest };
+  }
+
+  /**
+   * Tracks a blob being stored that holds `held` bytes until it is. Returns
+   * a promise to wait for only while too many, or too many bytes, are
+   * pending; throws the first failure so far.
+   */
+  track(digest: Promise<B3Digest>, held: number): Promise<void> | undefined {
     const tracked: Promise<void> = digest.then(
       () => this.settled(tracked),
       (err) => {
@@ -48,10 +57,15 @@ export class BlobWriteWindow {
     this.pending.set(tracked, held);
     this.pendingBytes += held;
     if (this.failure) throw this.failure;
-    while (this.pending.size >= this.maxPending || (this.pendingBytes > this.maxPendingBytes && this.pending.size > 1)) {
-      await Promise.race(this.pending.keys());
-    }
-    return { digest };
+    return this.full() ? this.room() : undefined;
+  }
+
+  private full(): boolean {
+    return this.pending.size >= this.maxPending || (this.pendingBytes > this.maxPendingBytes && this.pending.size > 1);
+  }
+
+  private async room(): Promise<void> {
+    while (this.full()) await Promise.race(this.pending.keys());
   }
 
   private settled(tracked: Promise<void>): void {

@@ -440,6 +440,17 @@ export class LocalBlobService implements BlobService {
     );
   }
 
+  async put(data: Buffer): Promise<B3Digest> {
+    if (data.length > SMALL_BLOB_MAX) {
+      const writer = this.openWriter();
+      await writer.write(data);
+      return writer.close();
+    }
+    const digest = blake3(data);
+    await this.publishSmall(digest, data);
+    return digest;
+  }
+
   /** Stores a small blob in LMDB; puts made in the same tick share one commit. */
   private async publishSmall(digest: B3Digest, data: Buffer): Promise<void> {
     await this.lease?.hold();
