@@ -283,7 +283,7 @@ test('an untrusted or missing signature, a narinfo for another path and a NAR th
   assert.notEqual(nixcas(['nar', '--store', join(work, 'store-truncated'), mid]).status, 0);
 });
 
-test('a path no cache has fails with 404 as not there; an upstream that never answers fails after --substituter-timeout, and the next cache is tried', async () => {
+test('a path no cache has fails with 404 as not there; an upstream that never answers, or stops inside a NAR, fails after --substituter-timeout, and the next cache is tried', async () => {
   const store = join(work, 'store-faults');
   const missing = '/nix/store/00000000000000000000000000000000-not-anywhere';
   let run = copyFrom(store, [`${nginx.base}/xz`], [missing]);
@@ -306,6 +306,35 @@ test('a path no cache has fails with 404 as not there; an upstream that never an
   } finally {
     for (const socket of sockets) socket.destroy();
     stalled.close();
+  }
+
+  // An upstream that answers the narinfos but stops sending each NAR halfway (its full
+  // Content-Length promised): every fetch fails after the timeout and the next cache serves it.
+  const cacheDir = join(work, 'caches', 'xz');
+  const halfway = http.createServer((request, response) => {
+    let bytes: Buffer;
+    try {
+      bytes = readFileSync(join(cacheDir, new URL(request.url!, 'http://upstream').pathname));
+    } catch {
+      response.writeHead(404).end();
+      return;
+    }
+    if (request.url!.endsWith('.narinfo')) return void response.end(bytes);
+    response.writeHead(200, { 'content-length': bytes.length });
+    response.write(bytes.subarray(0, bytes.length >> 1));
+  });
+  await new Promise<void>((resolve) => halfway.listen(0, '127.0.0.1', resolve));
+  const halfwayUrl = `http://127.0.0.1:${(halfway.address() as net.AddressInfo).port}`;
+  try {
+    const other = join(work, 'store-faults-halfway');
+    run = await nixcasAsync(['copy', '--store', other, '--from', halfwayUrl, '--from', `${nginx.base}/xz`, '--trusted-public-key', publicKey, '--substituter-timeout', '1', mid]);
+    assert.equal(run.status, 0, run.stderr);
+    const narUrl = /^URL: (.*)$/m.exec(readFileSync(join(cacheDir, `${hashPart(mid)}.narinfo`), 'utf8'))![1]!;
+    assert.match(run.stderr, new RegExp(`substituter ${halfwayUrl}: ${mid}: ${halfwayUrl}/${narUrl}: no answer within 1 s`));
+    assertSameNar(other, mid);
+  } finally {
+    halfway.closeAllConnections();
+    halfway.close();
   }
 });
 

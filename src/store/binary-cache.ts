@@ -3,7 +3,12 @@
 // `nix copy --to file://…` writes). Every request is bounded in time: an
 // upstream that is down, refuses or stalls fails the request with an error
 // naming the upstream, and never holds anything else up.
+//
+// HTTP goes through node:http, not fetch: a NAR body read through fetch's web
+// streams cost the copy's main thread ~3x the CPU per chunk (docs/benchmarks.md).
 import { createReadStream } from 'node:fs';
+import { type IncomingMessage, request as httpRequest } from 'node:http';
+import { request as httpsRequest } from 'node:https';
 import { readFile } from 'node:fs/promises';
 import { fileURLToPath } from 'node:url';
 import { InvalidNarInfoError, type NarInfo, parseNarInfo } from './narinfo.js';
@@ -81,57 +86,79 @@ export class BinaryCache {
         throw err instanceof UpstreamError ? err : new UpstreamError(`${url.href}: ${(err as Error).message}`);
       }
     }
-    const signal = AbortSignal.timeout(this.options.timeoutMs);
+    let response: IncomingMessage | undefined;
     try {
-      const response = await fetch(url, { signal, redirect: 'follow' });
-      if (response.status === 404 || response.status === 403) {
-        await response.body?.cancel();
-        return undefined;
+      response = await httpGet(url, this.options.timeoutMs);
+      if (response.statusCode === 404 || response.statusCode === 403) return undefined;
+      if (!ok(response)) throw new UpstreamError(`${url.href}: HTTP ${response.statusCode} ${response.statusMessage}`);
+      const declared = Number(response.headers['content-length'] ?? 0);
+      if (declared > MAX_NARINFO_BYTES) throw new UpstreamError(`${url.href}: ${declared} bytes is not a narinfo`);
+      const chunks: Buffer[] = [];
+      let length = 0;
+      for await (const chunk of response as AsyncIterable<Buffer>) {
+        length += chunk.length;
+        if (length > MAX_NARINFO_BYTES) throw new UpstreamError(`${url.href}: larger than ${MAX_NARINFO_BYTES} bytes: not a narinfo`);
+        chunks.push(chunk);
       }
-      if (!response.ok) {
-        await response.body?.cancel();
-        throw new UpstreamError(`${url.href}: HTTP ${response.status} ${response.statusText}`);
-      }
-      const declared = Number(response.headers.get('content-length') ?? 0);
-      if (declared > MAX_NARINFO_BYTES) {
-        await response.body?.cancel();
-        throw new UpstreamError(`${url.href}: ${declared} bytes is not a narinfo`);
-      }
-      let text = '';
-      for await (const chunk of response.body ?? []) {
-        text += Buffer.from(chunk).toString('utf8');
-        if (text.length > MAX_NARINFO_BYTES) throw new UpstreamError(`${url.href}: larger than ${MAX_NARINFO_BYTES} bytes: not a narinfo`);
-      }
-      return text;
+      return Buffer.concat(chunks).toString('utf8');
     } catch (err) {
       throw upstreamError(url.href, err, this.options.timeoutMs);
+    } finally {
+      response?.destroy();
     }
   }
 
   /** The body of a GET; the time to its headers and every pause inside it are bounded by the timeout. */
   private async *httpBody(url: URL): AsyncGenerator<Uint8Array> {
-    const controller = new AbortController();
-    let timer = setTimeout(() => controller.abort(), this.options.timeoutMs);
-    const rearm = () => {
-      clearTimeout(timer);
-      timer = setTimeout(() => controller.abort(), this.options.timeoutMs);
-    };
+    let response: IncomingMessage | undefined;
     try {
-      const response = await fetch(url, { signal: controller.signal, redirect: 'follow' });
-      if (!response.ok) {
-        await response.body?.cancel();
-        throw new UpstreamError(`${url.href}: HTTP ${response.status} ${response.statusText}`);
-      }
-      for await (const chunk of response.body ?? []) {
-        rearm();
-        yield chunk;
-      }
+      response = await httpGet(url, this.options.timeoutMs);
+      if (!ok(response)) throw new UpstreamError(`${url.href}: HTTP ${response.statusCode} ${response.statusMessage}`);
+      yield* response as AsyncIterable<Buffer>;
     } catch (err) {
-      throw upstreamError(url.href, err, this.options.timeoutMs);
+      throw upstreamError(url.href, response && stalled.has(response) ? new NoAnswerError() : err, this.options.timeoutMs);
     } finally {
-      clearTimeout(timer);
-      controller.abort(); // a body left unread (an early error) is not kept open
+      response?.destroy(); // a body left unread (an early error) is not kept open
     }
+  }
+}
+
+/** The upstream took longer than the timeout to answer, or paused longer inside a body. */
+class NoAnswerError extends Error {}
+
+/** Responses whose body paused past the timeout (the body then fails with a plain "aborted"). */
+const stalled = new WeakSet<IncomingMessage>();
+
+const MAX_REDIRECTS = 20;
+
+function ok(response: IncomingMessage): boolean {
+  return response.statusCode !== undefined && response.statusCode >= 200 && response.statusCode < 300;
+}
+
+/**
+ * GETs `url`, following redirects, and resolves once the headers are in.
+ * The socket's idle timeout bounds the wait for them and every pause in the
+ * body that follows: the response then fails with a NoAnswerError.
+ */
+async function httpGet(url: URL, timeoutMs: number): Promise<IncomingMessage> {
+  for (let redirects = 0; ; redirects++) {
+    const response = await new Promise<IncomingMessage>((resolve, reject) => {
+      let answer: IncomingMessage | undefined;
+      const request = (url.protocol === 'https:' ? httpsRequest : httpRequest)(url, { method: 'GET' }, (response) => resolve((answer = response)));
+      request.setTimeout(timeoutMs, () => {
+        if (answer) stalled.add(answer);
+        request.destroy(new NoAnswerError());
+      });
+      request.once('error', reject);
+      request.end();
+    });
+    const location = response.headers.location;
+    if (!location || ![301, 302, 303, 307, 308].includes(response.statusCode ?? 0)) return response;
+    response.destroy();
+    if (redirects === MAX_REDIRECTS) throw new UpstreamError(`${url.href}: more than ${MAX_REDIRECTS} redirects`);
+    const next = new URL(location, url);
+    if (next.protocol !== 'http:' && next.protocol !== 'https:') throw new UpstreamError(`${url.href}: redirected to ${next.protocol}//, which is not HTTP`);
+    url = next;
   }
 }
 
@@ -146,7 +173,7 @@ async function* fileBody(url: URL): AsyncGenerator<Uint8Array> {
 function upstreamError(url: string, err: unknown, timeoutMs: number): Error {
   if (err instanceof UpstreamError) return err;
   const e = err as Error & { cause?: Error & { code?: string } };
-  if (e.name === 'TimeoutError' || e.name === 'AbortError') return new UpstreamError(`${url}: no answer within ${timeoutMs / 1000} s`);
+  if (err instanceof NoAnswerError) return new UpstreamError(`${url}: no answer within ${timeoutMs / 1000} s`);
   const cause = e.cause?.code ?? e.cause?.message;
   return new UpstreamError(`${url}: ${cause ? `${e.message} (${cause})` : e.message}`);
 }
