@@ -1,12 +1,14 @@
 // The Nix layer's building blocks: nixbase32, store paths, the NAR reader's
 // refusals, closure parsing. (Agreement with real Nix is in nix.test.ts.)
 import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
 import { test } from 'node:test';
 import { LocalStore } from '../src/castore/backends/local.js';
+import { LentSlabPool } from '../src/castore/lent-slabs.js';
 import { MemoryBlobService, MemoryDirectoryService } from '../src/castore/backends/memory.js';
 import type { Node } from '../src/castore/model.js';
 import { renderNar } from '../src/store/nar/render.js';
-import { removeDir, tempDir } from './helpers.js';
+import { removeDir, seededBytes, tempDir } from './helpers.js';
 import { InvalidInputError } from '../src/castore/errors.js';
 import { parseClosure, parseContentAddress, parseNixHash } from '../src/store/closure.js';
 import { NarEncoder } from '../src/store/nar/encoder.js';
@@ -172,6 +174,67 @@ function narString(text: string): Buffer {
 function nar(...tokens: (string | Buffer)[]): Buffer {
   return Buffer.concat(tokens.map((t) => (typeof t === 'string' ? narString(t) : t)));
 }
+
+test('NAR reader: a NAR whose chunks the producer reuses (as decompression does) is stored as it is, small and large files alike, at every chunk size', async () => {
+  // Files around the reader's 64 KiB limit for storing whole, and the local store's small-blob limit.
+  const sizes = [0, 1, 7, 8, 4096, 65535, 65536, 65537, 200_000];
+  const chunks: Buffer[] = [];
+  const e = new NarEncoder((c) => chunks.push(Buffer.from(c)));
+  e.directoryStart();
+  sizes.forEach((size, i) => {
+    e.entryStart(Buffer.from(`f${String(i).padStart(2, '0')}`));
+    e.fileStart(i % 2 === 1, size);
+    e.fileData(seededBytes(size, 1000 + i));
+    e.fileEnd();
+    e.entryEnd();
+  });
+  e.entryStart(Buffer.from('link'));
+  e.symlink(Buffer.from('f00'.repeat(100)));
+  e.entryEnd();
+  e.directoryEnd();
+  e.flush();
+  const nar = Buffer.concat(chunks);
+  const dir = tempDir('nar-reader');
+  try {
+    const local = { blobs: LocalStore.blobService(dir, { create: true }), directories: LocalStore.directoryService(dir, { create: true }) };
+    // A service may keep what put() is given and read it later, as its contract allows.
+    const latePut = new MemoryBlobService();
+    latePut.put = (data: Buffer) =>
+      new Promise((resolve, reject) => setImmediate(() => {
+        const writer = latePut.openWriter();
+        writer.write(data).then(() => writer.close()).then(resolve, reject);
+      }));
+    for (const [name, services] of [['the local store', local], ['a service reading put() data later', { blobs: latePut, directories: new MemoryDirectoryService() }]] as const)
+    for (const piece of [1, 5, 8, 13, 4096, 65536, 1 << 20]) {
+      // Each chunk in a lent slab of a pool of one, released once the reader asks for the next and
+      // scribbled over when it is taken again: whatever the reader kept of a chunk past that,
+      // without holding its slab, would come out wrong.
+      const pool = new LentSlabPool(piece, 1);
+      async function* reused(): AsyncGenerator<Buffer> {
+        for (let at = 0; at < nar.length; at += piece) {
+          const slab = pool.take();
+          slab.bytes.fill(0xee);
+          const length = nar.copy(slab.bytes, 0, at, Math.min(at + piece, nar.length));
+          try {
+            yield slab.bytes.subarray(0, length);
+          } finally {
+            slab.release();
+          }
+        }
+      }
+      const { root, narSize, narSha256 } = await ingestNar(reused(), services);
+      assert.equal(narSize, nar.length, `${name}, chunks of ${piece}`);
+      assert.ok(narSha256.equals(createHash('sha256').update(nar).digest()), `${name}, chunks of ${piece}: NAR hash`);
+      const rendered: Buffer[] = [];
+      for await (const chunk of renderNar(root, services)) rendered.push(Buffer.from(chunk));
+      assert.ok(Buffer.concat(rendered).equals(nar), `${name}, chunks of ${piece}: the stored tree renders back the same NAR`);
+    }
+    await local.blobs.close();
+    await local.directories.close();
+  } finally {
+    removeDir(dir);
+  }
+});
 
 test('NAR reader: refuses malformed NARs with a clear error and registers no directory', async () => {
   const good = sampleNar();
