@@ -4,8 +4,8 @@
 // upstream that is down, refuses or stalls fails the request with an error
 // naming the upstream, and never holds anything else up.
 //
-// HTTP goes through node:http, not fetch: a NAR body read through fetch's web
-// streams cost the copy's main thread ~3x the CPU per chunk (docs/benchmarks.md).
+// HTTP goes through node:http, not fetch: undici and its web streams took
+// ~170 ms of a 200 MB copy's main thread, node:http ~50 ms (docs/benchmarks.md).
 import { createReadStream } from 'node:fs';
 import { type IncomingMessage, request as httpRequest } from 'node:http';
 import { request as httpsRequest } from 'node:https';
