@@ -11,6 +11,7 @@ import { spawn, spawnSync } from 'node:child_process';
 import { cpSync, mkdirSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
+import { gzipSync } from 'node:zlib';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { CLI, ROOT, buildClosureFixture, type Daemon, nix, nixcas, nixcasBytes, removeDir, seededBytes, settledAccessLog, startDaemon, startNixcas, tempDir } from './helpers.js';
@@ -308,9 +309,12 @@ test('a path no cache has fails with 404 as not there; an upstream that never an
     stalled.close();
   }
 
-  // An upstream that answers the narinfos but stops sending each NAR halfway (its full
-  // Content-Length promised): every fetch fails after the timeout and the next cache serves it.
+  // An upstream that answers the narinfos gzip-encoded (as an S3 cache written with Nix's
+  // narinfo-compression does, whatever was asked for), except one it stops sending halfway, and
+  // stops sending each NAR halfway (its full Content-Length promised): every such fetch fails after
+  // the timeout and the next cache serves the path.
   const cacheDir = join(work, 'caches', 'xz');
+  const leaf = paths.find((p) => p.endsWith('-leaf'))!;
   const halfway = http.createServer((request, response) => {
     let bytes: Buffer;
     try {
@@ -319,7 +323,9 @@ test('a path no cache has fails with 404 as not there; an upstream that never an
       response.writeHead(404).end();
       return;
     }
-    if (request.url!.endsWith('.narinfo')) return void response.end(bytes);
+    if (request.url!.endsWith('.narinfo') && !request.url!.includes(hashPart(leaf))) {
+      return void response.writeHead(200, { 'content-encoding': 'gzip' }).end(gzipSync(bytes));
+    }
     response.writeHead(200, { 'content-length': bytes.length });
     response.write(bytes.subarray(0, bytes.length >> 1));
   });
@@ -331,6 +337,7 @@ test('a path no cache has fails with 404 as not there; an upstream that never an
     assert.equal(run.status, 0, run.stderr);
     const narUrl = /^URL: (.*)$/m.exec(readFileSync(join(cacheDir, `${hashPart(mid)}.narinfo`), 'utf8'))![1]!;
     assert.match(run.stderr, new RegExp(`substituter ${halfwayUrl}: ${mid}: ${halfwayUrl}/${narUrl}: no answer within 1 s`));
+    assert.match(run.stderr, new RegExp(`substituter ${halfwayUrl}: ${hashPart(leaf)}: ${halfwayUrl}/${hashPart(leaf)}.narinfo: no answer within 1 s`));
     assertSameNar(other, mid);
   } finally {
     halfway.closeAllConnections();

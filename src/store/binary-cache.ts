@@ -9,6 +9,8 @@
 import { createReadStream } from 'node:fs';
 import { type IncomingMessage, request as httpRequest } from 'node:http';
 import { request as httpsRequest } from 'node:https';
+import { pipeline } from 'node:stream';
+import { createBrotliDecompress, createGunzip, createInflate } from 'node:zlib';
 import { readFile } from 'node:fs/promises';
 import { fileURLToPath } from 'node:url';
 import { InvalidNarInfoError, type NarInfo, parseNarInfo } from './narinfo.js';
@@ -89,22 +91,27 @@ export class BinaryCache {
     let response: IncomingMessage | undefined;
     try {
       response = await httpGet(url, this.options.timeoutMs);
-      if (response.statusCode === 404 || response.statusCode === 403) return undefined;
+      if (response.statusCode === 404 || response.statusCode === 403) {
+        // Read to its end (if short), so that the connection can be used again.
+        let length = 0;
+        for await (const chunk of response as AsyncIterable<Buffer>) if ((length += chunk.length) > MAX_NARINFO_BYTES) break;
+        return undefined;
+      }
       if (!ok(response)) throw new UpstreamError(`${url.href}: HTTP ${response.statusCode} ${response.statusMessage}`);
       const declared = Number(response.headers['content-length'] ?? 0);
       if (declared > MAX_NARINFO_BYTES) throw new UpstreamError(`${url.href}: ${declared} bytes is not a narinfo`);
       const chunks: Buffer[] = [];
       let length = 0;
-      for await (const chunk of response as AsyncIterable<Buffer>) {
+      for await (const chunk of decodedBody(response, url)) {
         length += chunk.length;
         if (length > MAX_NARINFO_BYTES) throw new UpstreamError(`${url.href}: larger than ${MAX_NARINFO_BYTES} bytes: not a narinfo`);
         chunks.push(chunk);
       }
       return Buffer.concat(chunks).toString('utf8');
     } catch (err) {
-      throw upstreamError(url.href, err, this.options.timeoutMs);
+      throw upstreamError(url.href, response && stalled.has(response) ? new NoAnswerError() : err, this.options.timeoutMs);
     } finally {
-      response?.destroy();
+      response?.destroy(); // a no-op once the body was read to its end
     }
   }
 
@@ -114,7 +121,7 @@ export class BinaryCache {
     try {
       response = await httpGet(url, this.options.timeoutMs);
       if (!ok(response)) throw new UpstreamError(`${url.href}: HTTP ${response.statusCode} ${response.statusMessage}`);
-      yield* response as AsyncIterable<Buffer>;
+      yield* decodedBody(response, url);
     } catch (err) {
       throw upstreamError(url.href, response && stalled.has(response) ? new NoAnswerError() : err, this.options.timeoutMs);
     } finally {
@@ -131,25 +138,40 @@ const stalled = new WeakSet<IncomingMessage>();
 
 const MAX_REDIRECTS = 20;
 
+/**
+ * The body with its Content-Encoding undone. node:http asks for none, but a
+ * cache on S3 may store narinfos compressed (Nix's `narinfo-compression`)
+ * and serve them with the header set whatever was asked; Nix decodes them.
+ */
+function decodedBody(response: IncomingMessage, url: URL): AsyncIterable<Buffer> {
+  const encoding = String(response.headers['content-encoding'] ?? '').trim().toLowerCase();
+  if (encoding === '' || encoding === 'identity') return response;
+  const decoder = encoding === 'gzip' || encoding === 'x-gzip' ? createGunzip() : encoding === 'deflate' ? createInflate() : encoding === 'br' ? createBrotliDecompress() : undefined;
+  if (!decoder) throw new UpstreamError(`${url.href}: Content-Encoding ${JSON.stringify(encoding)} is not supported (gzip, deflate and br are)`);
+  pipeline(response, decoder, () => {}); // a failure of either side fails the decoder's iteration
+  return decoder;
+}
+
 function ok(response: IncomingMessage): boolean {
   return response.statusCode !== undefined && response.statusCode >= 200 && response.statusCode < 300;
 }
 
 /**
  * GETs `url`, following redirects, and resolves once the headers are in.
- * The socket's idle timeout bounds the wait for them and every pause in the
- * body that follows: the response then fails with a NoAnswerError.
+ * The socket's timeout bounds connecting, the wait for the headers and every
+ * pause in the body that follows: the response then fails with a NoAnswerError.
  */
 async function httpGet(url: URL, timeoutMs: number): Promise<IncomingMessage> {
   for (let redirects = 0; ; redirects++) {
     const response = await new Promise<IncomingMessage>((resolve, reject) => {
       let answer: IncomingMessage | undefined;
-      const request = (url.protocol === 'https:' ? httpsRequest : httpRequest)(url, { method: 'GET' }, (response) => resolve((answer = response)));
-      request.setTimeout(timeoutMs, () => {
+      // `timeout` (unlike setTimeout() after the fact) also bounds connecting, instead of the agent's own 5 s.
+      const request = (url.protocol === 'https:' ? httpsRequest : httpRequest)(url, { method: 'GET', timeout: timeoutMs }, (response) => resolve((answer = response)));
+      request.on('timeout', () => {
         if (answer) stalled.add(answer);
         request.destroy(new NoAnswerError());
       });
-      request.once('error', reject);
+      request.on('error', reject);
       request.end();
     });
     const location = response.headers.location;

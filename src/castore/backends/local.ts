@@ -443,8 +443,13 @@ export class LocalBlobService implements BlobService {
   async put(data: Buffer): Promise<B3Digest> {
     if (data.length > SMALL_BLOB_MAX) {
       const writer = this.openWriter();
-      await writer.write(data);
-      return writer.close();
+      try {
+        await writer.write(data);
+        return await writer.close();
+      } catch (err) {
+        await writer.abort();
+        throw err;
+      }
     }
     const digest = blake3(data);
     await this.publishSmall(digest, data);
