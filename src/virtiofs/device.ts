@@ -15,8 +15,6 @@ const NO_FEATURES = 0n;
 const OUT_HEADER_SIZE = 16;
 const EIO = 5;
 const HIPRIO_QUEUE = 0;
-/** What the native path answers (virtiofs_ring.h). */
-const NATIVE_OPCODES = new Set<number>([Opcode.GETATTR, Opcode.READ]);
 /** Kicks the native path waits for before the event loop gets a turn anyway (as the backend's own waits). */
 const WAITS_IN_A_TURN = 1024;
 
@@ -61,8 +59,6 @@ export class VirtioFsDevice implements VirtioDevice {
     // without a DESTROY, so whatever it knew of the last session is gone.
     if (message.length >= 8 && message.readUInt32LE(4) === Opcode.INIT && this.session?.server.negotiatedMinor) this.endSession();
     const { server } = this.current();
-    // The FUSE layer's answer may give the native path what the next such requests need.
-    if (message.length >= 8 && NATIVE_OPCODES.has(message.readUInt32LE(4))) this.nativeMayAnswer = true;
     if (!expectsReply(message)) {
       const waits = server.handle(message, NO_REPLY);
       chain.done(0);
@@ -97,9 +93,15 @@ export class VirtioFsDevice implements VirtioDevice {
   /**
    * Whether asking the native path is worth its call: false once it answered nothing of what it
    * was shown (LOOKUPs, small files: traffic that would pay for a failed try per request), true
-   * again once the FUSE layer answers a GETATTR or READ (which may register what the next need).
+   * again once the FUSE layer gives it something to answer (attributes, or a blob's file). A READ
+   * of a small blob gives it nothing, so a run of small files never asks it.
    */
   private nativeMayAnswer = true;
+
+  /** The FUSE layer registered something the native path may answer. */
+  nativeGained(): void {
+    this.nativeMayAnswer = true;
+  }
 
   private countNativeAnswers(): void {
     const stats = nativeStats;
@@ -127,7 +129,7 @@ export class VirtioFsDevice implements VirtioDevice {
       const fs = this.options.makeFilesystem();
       const tables = NATIVE_PATH ? addon?.fastTables() : undefined;
       // DESTROY is answered before onDestroy runs: the next request (a new mount's INIT) gets a fresh session.
-      const server = new FuseServer(fs, { log: this.options.log, onDestroy: () => this.endSession(), accelerator: tables && accelerator(addon!, tables) });
+      const server = new FuseServer(fs, { log: this.options.log, onDestroy: () => this.endSession(), accelerator: tables && accelerator(addon!, tables, this) });
       const serve = tables && ((fastRing: FastRing, nextAvail: number, nextUsed: number, max: number) => addon!.virtiofsServe(fastRing, tables, nextAvail, nextUsed, nativeStats, max));
       this.session = { fs, server, tables, serve };
     }
@@ -148,10 +150,16 @@ const addon: NativeAddon | undefined = optionalNative();
 /** GETATTRs, READs and bytes read the native path answered (added to the FUSE counters). */
 const nativeStats = new Float64Array(3);
 
-function accelerator(native: NativeAddon, tables: FastTables): Accelerator {
+function accelerator(native: NativeAddon, tables: FastTables, device: VirtioFsDevice): Accelerator {
   return {
-    attributes: (nodeid, attrOut) => native.fastAttributes(tables, nodeid, attrOut),
-    file: (nodeid, fd, size) => native.fastFile(tables, nodeid, fd, size),
+    attributes: (nodeid, attrOut) => {
+      native.fastAttributes(tables, nodeid, attrOut);
+      device.nativeGained();
+    },
+    file: (nodeid, fd, size) => {
+      native.fastFile(tables, nodeid, fd, size);
+      device.nativeGained();
+    },
     forget: (nodeid) => native.fastForget(tables, nodeid),
   };
 }
