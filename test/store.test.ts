@@ -236,6 +236,27 @@ test('NAR reader: a NAR whose chunks the producer reuses (as decompression does)
   }
 });
 
+test('NAR reader: directories nested as deep as allowed (2048) are read, in chunks of 8 bytes; one level deeper is refused, naming the limit', async () => {
+  const nested = (depth: number) => {
+    const opening = ['nix-archive-1'];
+    const closing: string[] = [];
+    for (let i = 0; i < depth; i++) {
+      opening.push('(', 'type', 'directory', 'entry', '(', 'name', 'a', 'node');
+      closing.push(')', ')');
+    }
+    return nar(...opening, '(', 'type', 'regular', 'contents', narString('hello'), ')', ...closing);
+  };
+  const inPieces = (bytes: Buffer) => Array.from({ length: Math.ceil(bytes.length / 8) }, (_, i) => bytes.subarray(i * 8, i * 8 + 8));
+  const deepest = nested(2048);
+  const services = { blobs: new MemoryBlobService(), directories: new MemoryDirectoryService() };
+  const { root, narSize } = await ingestNar(inPieces(deepest), services);
+  assert.equal(narSize, deepest.length);
+  const rendered: Buffer[] = [];
+  for await (const chunk of renderNar(root, services)) rendered.push(Buffer.from(chunk));
+  assert.ok(Buffer.concat(rendered).equals(deepest));
+  await assert.rejects(ingestNar(inPieces(nested(2049)), { blobs: new MemoryBlobService(), directories: new MemoryDirectoryService() }), (err: Error) => err instanceof NarFormatError && /directories nested deeper than 2048/.test(err.message));
+});
+
 test('NAR reader: refuses malformed NARs with a clear error and registers no directory', async () => {
   const good = sampleNar();
   const services = () => ({ blobs: new MemoryBlobService(), directories: new MemoryDirectoryService() });

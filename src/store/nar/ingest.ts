@@ -43,6 +43,13 @@ export interface IngestOptions {
   onProgress?: (bytes: number) => void;
 }
 
+/** A directory whose entries are being read: those read so far, and the last one's name. */
+interface DirectoryBeingRead {
+  name: Buffer;
+  entries: PendingNode[];
+  previous?: Buffer;
+}
+
 /** The chunk being parsed and how far into the NAR the parser is. */
 class NarInput {
   chunk: Buffer = EMPTY;
@@ -137,10 +144,45 @@ class NarReader {
   *nar(): Parse<PendingNode> {
     const magic = yield* this.string(MAX_TOKEN_LENGTH, 'the NAR header');
     if (magic.toString('latin1') !== NAR_MAGIC) throw new NarFormatError('not a NAR: it does not start with "nix-archive-1"');
-    return yield* this.node(EMPTY, 0);
+    // The directories being read, innermost last: an explicit stack rather than a generator per
+    // level, so that resuming the parser costs the same at any depth.
+    const open: DirectoryBeingRead[] = [];
+    let done = yield* this.node(EMPTY, 0);
+    for (;;) {
+      if (!('kind' in done)) {
+        open.push(done);
+      } else {
+        if (open.length === 0) return done;
+        open[open.length - 1]!.entries.push(done);
+        this.where.pop();
+        yield* this.expect(')');
+      }
+      const directory = open[open.length - 1]!;
+      const next = yield* this.token();
+      if (next === ')') {
+        open.pop();
+        done = { kind: 'directory', name: directory.name, entries: directory.entries };
+        continue;
+      }
+      if (next !== 'entry') this.fail(`expected "entry" or ")", found ${JSON.stringify(next)}`);
+      yield* this.expect('(');
+      yield* this.expect('name');
+      const childName = Buffer.from(yield* this.string(MAX_NAME_LENGTH, 'entry name'));
+      const problem = nameProblem(childName);
+      if (problem) this.fail(`entry name ${displayName(childName)}: ${problem}`);
+      const previous = directory.previous;
+      if (previous && Buffer.compare(previous, childName) >= 0) {
+        this.fail(`entry ${displayName(childName)} ${previous.equals(childName) ? 'appears twice' : `comes after ${displayName(previous)}: entries must be sorted`}`);
+      }
+      directory.previous = childName;
+      yield* this.expect('node');
+      this.where.push(childName);
+      done = yield* this.node(childName, open.length);
+    }
   }
 
-  private *node(name: Buffer, depth: number): Parse<PendingNode> {
+  /** A file or symlink read whole, or a directory whose entries are still to be read. */
+  private *node(name: Buffer, depth: number): Parse<PendingNode | DirectoryBeingRead> {
     if (depth > MAX_DEPTH) this.fail(`directories nested deeper than ${MAX_DEPTH}`);
     yield* this.expect('(');
     yield* this.expect('type');
@@ -169,30 +211,8 @@ class NarReader {
         yield* this.expect(')');
         return { kind: 'symlink', name, target };
       }
-      case 'directory': {
-        const entries: PendingNode[] = [];
-        let previous: Buffer | undefined;
-        for (;;) {
-          const next = yield* this.token();
-          if (next === ')') break;
-          if (next !== 'entry') this.fail(`expected "entry" or ")", found ${JSON.stringify(next)}`);
-          yield* this.expect('(');
-          yield* this.expect('name');
-          const childName = Buffer.from(yield* this.string(MAX_NAME_LENGTH, 'entry name'));
-          const problem = nameProblem(childName);
-          if (problem) this.fail(`entry name ${displayName(childName)}: ${problem}`);
-          if (previous && Buffer.compare(previous, childName) >= 0) {
-            this.fail(`entry ${displayName(childName)} ${previous.equals(childName) ? 'appears twice' : `comes after ${displayName(previous)}: entries must be sorted`}`);
-          }
-          previous = childName;
-          yield* this.expect('node');
-          this.where.push(childName);
-          entries.push(yield* this.node(childName, depth + 1));
-          this.where.pop();
-          yield* this.expect(')');
-        }
-        return { kind: 'directory', name, entries };
-      }
+      case 'directory':
+        return { name, entries: [] };
       default:
         return this.fail(`unknown node type ${JSON.stringify(type)}`);
     }
