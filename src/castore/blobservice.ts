@@ -159,6 +159,11 @@ export function copyToScatter(source: Uint8Array, position: number, length: numb
  */
 export async function putBlob(service: BlobService, data: Uint8Array): Promise<B3Digest> {
   if (service.put) return service.put(Buffer.isBuffer(data) ? data : Buffer.from(data.buffer, data.byteOffset, data.byteLength));
+  return writeWhole(service, data);
+}
+
+/** `data` as one blob through a writer of `service` (aborted if it fails). */
+export async function writeWhole(service: BlobService, data: Uint8Array): Promise<B3Digest> {
   const writer = service.openWriter();
   try {
     await writer.write(data);

@@ -29,7 +29,7 @@ import { constants as osConstants } from 'node:os';
 import { dirname, join } from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
 import { type Database, type RootDatabase, open as openLmdb } from 'lmdb';
-import { type BlobFile, type BlobReader, type BlobService, type BlobWriter, type ScatterList, bufferReader, streamBlobReader } from '../blobservice.js';
+import { type BlobFile, type BlobReader, type BlobService, type BlobWriter, type ScatterList, bufferReader, streamBlobReader, writeWhole } from '../blobservice.js';
 import { type B3Digest, type Blake3Hasher, blake3, createBlake3, digestKey, formatDigest } from '../digest.js';
 import { type DirectoryService, checkBatch, readUnderDigest, walkDirectories } from '../directoryservice.js';
 import { DataLossError, StorageFullError } from '../errors.js';
@@ -441,16 +441,7 @@ export class LocalBlobService implements BlobService {
   }
 
   async put(data: Buffer): Promise<B3Digest> {
-    if (data.length > SMALL_BLOB_MAX) {
-      const writer = this.openWriter();
-      try {
-        await writer.write(data);
-        return await writer.close();
-      } catch (err) {
-        await writer.abort();
-        throw err;
-      }
-    }
+    if (data.length > SMALL_BLOB_MAX) return writeWhole(this, data);
     const digest = blake3(data);
     await this.publishSmall(digest, data);
     return digest;
