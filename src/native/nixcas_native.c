@@ -11,6 +11,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <node_api.h>
+#include "napi_check.h"
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -33,13 +34,6 @@
 
 #define MAX_IOVECS 1024
 
-#define CHECK(call)                                                           \
-  do {                                                                        \
-    if ((call) != napi_ok) {                                                  \
-      napi_throw_error(env, NULL, "nixcas native: " #call " failed");        \
-      return NULL;                                                            \
-    }                                                                         \
-  } while (0)
 
 static napi_value make_int(napi_env env, int64_t value) {
   napi_value result;

@@ -25,15 +25,9 @@
 #include <uv.h>
 
 #include "virtiofs_fast.h"
+#include "napi_check.h"
 #include "virtiofs_ring.h"
 
-#define CHECK(call)                                                           \
-  do {                                                                        \
-    if ((call) != napi_ok) {                                                  \
-      napi_throw_error(env, NULL, "nixcas native: " #call " failed");        \
-      return NULL;                                                            \
-    }                                                                         \
-  } while (0)
 
 // ---------------------------------------------------------------- guest memory and the ring
 
@@ -248,6 +242,15 @@ static napi_value fast_clear(napi_env env, napi_callback_info info) {
 
 // ---------------------------------------------------------------- answering
 
+// The elements of `value` if it is a Float64Array of at least `min_length`; NULL otherwise.
+static double *float64_array(napi_env env, napi_value value, size_t min_length) {
+  napi_typedarray_type type;
+  size_t length;
+  void *data;
+  if (napi_get_typedarray_info(env, value, &type, &length, &data, NULL, NULL) != napi_ok || type != napi_float64_array || length < min_length) return NULL;
+  return data;
+}
+
 // virtiofsServe(ring, tables, nextAvail, nextUsed, stats, max) -> chains
 // answered: from avail index `nextAvail` on, while the chains are requests
 // this path answers (at most `max`: the caller interrupts the driver between
@@ -262,12 +265,9 @@ static napi_value virtiofs_serve(napi_env env, napi_callback_info info) {
   ring_t *ring = NULL;
   tables_t *t = argc == 6 ? get_tables(env, argv[1]) : NULL;
   uint32_t next_avail, next_used, max;
-  napi_typedarray_type type;
-  size_t stats_length;
-  void *stats_data;
+  double *stats_data;
   if (!t || !(ring = get_ring(env, argv[0])) || napi_get_value_uint32(env, argv[2], &next_avail) != napi_ok ||
-      napi_get_value_uint32(env, argv[3], &next_used) != napi_ok ||
-      napi_get_typedarray_info(env, argv[4], &type, &stats_length, &stats_data, NULL, NULL) != napi_ok || type != napi_float64_array || stats_length < 3 ||
+      napi_get_value_uint32(env, argv[3], &next_used) != napi_ok || !(stats_data = float64_array(env, argv[4], 3)) ||
       napi_get_value_uint32(env, argv[5], &max) != napi_ok) {
     if (t) napi_throw_type_error(env, NULL, "nixcas native: virtiofsServe(ring, tables, nextAvail, nextUsed, Float64Array(3), max)");
     return NULL;
@@ -329,14 +329,10 @@ static napi_value virtiofs_loop(napi_env env, napi_callback_info info) {
   tables_t *t = argc == 7 ? get_tables(env, argv[1]) : NULL;
   int32_t kick_fd, call_fd;
   uint32_t rounds;
-  napi_typedarray_type state_type, stats_type;
-  size_t state_length, stats_length;
   double *state, *stats;
   if (!t || !(ring = get_ring(env, argv[0])) || napi_get_value_int32(env, argv[2], &kick_fd) != napi_ok ||
-      napi_get_value_int32(env, argv[3], &call_fd) != napi_ok ||
-      napi_get_typedarray_info(env, argv[4], &state_type, &state_length, (void **)&state, NULL, NULL) != napi_ok || state_type != napi_float64_array ||
-      state_length < 6 || napi_get_typedarray_info(env, argv[5], &stats_type, &stats_length, (void **)&stats, NULL, NULL) != napi_ok ||
-      stats_type != napi_float64_array || stats_length < 3 || napi_get_value_uint32(env, argv[6], &rounds) != napi_ok) {
+      napi_get_value_int32(env, argv[3], &call_fd) != napi_ok || !(state = float64_array(env, argv[4], 6)) ||
+      !(stats = float64_array(env, argv[5], 3)) || napi_get_value_uint32(env, argv[6], &rounds) != napi_ok) {
     if (t) napi_throw_type_error(env, NULL, "nixcas native: virtiofsLoop(ring, tables, kickFd, callFd, Float64Array(6), Float64Array(3), rounds)");
     return NULL;
   }
