@@ -566,7 +566,12 @@ async function measureSide(side: Side, backend: Backend, tree: Tree, share: stri
         const cpu = cpuNs(pid) - cpuBefore;
         const driverUsage = process.cpuUsage(driverBefore);
         const now = rssOf(pid);
-        if (now.anon + now.file > rss[side].anon + rss[side].file) rss[side] = now;
+        if (now.anon + now.file > rss[side].anon + rss[side].file) {
+          rss[side] = now;
+          // Where the resident memory is, mapping by mapping, for profiling it.
+          const smapsTo = process.env.BENCH_VIRTIOFS_REQUESTS_SMAPS;
+          if (smapsTo) writeFileSync(`${smapsTo}.${side}`, processTree(pid).map((p) => safeRead(`/proc/${p}/smaps`)).join(''));
+        }
         const ops = workload.unit === 'file' ? Math.min(count, SMALL_FILES) : result.requests;
         const key = `${workload.name}@${depth}`;
         const entry = results.get(key) ?? { samples: { nixcas: [], 'nixcas-unverified': [], 'nixcas-metrics': [], virtiofsd: [] }, workload, depth };

@@ -70,6 +70,12 @@ export interface NativeAddon {
   /** A non-blocking eventfd, or -errno. */
   eventfd(): number;
   /**
+   * Drops the pages of this process's shared mappings of the file at `path` (as /proc/self/maps
+   * names it) from its address space, madvise(MADV_DONTNEED): bytes of mappings released, or -errno.
+   * They stay in the page cache.
+   */
+  releaseMapped(path: string): number;
+  /**
    * A split ring for virtiofsServe: guest memory as mapped chunks (`buffers[i]` maps guest
    * addresses from `gpas[i]`, the first `primaries[i]` bytes its own) and the guest addresses
    * of the descriptor table, avail and used rings.

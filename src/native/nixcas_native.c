@@ -742,6 +742,65 @@ static napi_value munmap_buffer(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+// releaseMapped(path) -> bytes of this process's mappings of `path` whose
+// pages were dropped (madvise MADV_DONTNEED), or -errno. For a shared
+// mapping of a file this only takes the pages out of the process: they stay
+// in the page cache, and the next access maps them again. A library's
+// mapping (LMDB's) is found by its path in /proc/self/maps.
+static napi_value release_mapped(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (!get_args(env, info, 1, argv)) return NULL;
+  char *path = get_bytes_z(env, argv[0]);
+  if (!path) return NULL;
+  int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    int error = errno;
+    free(path);
+    return make_int(env, -error);
+  }
+  size_t path_length = strlen(path);
+  int64_t released = 0;
+  // Whole lines are parsed out of `text`; a line cut by the buffer's end is moved to its start.
+  enum { TEXT_SIZE = 64 * 1024 };
+  char *text = malloc(TEXT_SIZE);
+  if (!text) {
+    close(fd);
+    free(path);
+    return make_int(env, -ENOMEM);
+  }
+  size_t held = 0;
+  for (;;) {
+    ssize_t n;
+    do n = read(fd, text + held, TEXT_SIZE - 1 - held);
+    while (n < 0 && errno == EINTR);
+    if (n <= 0) break;
+    held += (size_t)n;
+    text[held] = 0;
+    char *line = text;
+    char *newline;
+    while ((newline = memchr(line, '\n', held - (size_t)(line - text)))) {
+      *newline = 0;
+      size_t length = (size_t)(newline - line);
+      // "start-end perms offset dev inode   path": the path is the line's tail.
+      if (length > path_length && line[length - path_length - 1] == ' ' && memcmp(line + length - path_length, path, path_length) == 0) {
+        char *cursor;
+        unsigned long start = strtoul(line, &cursor, 16);
+        unsigned long end = *cursor == '-' ? strtoul(cursor + 1, &cursor, 16) : 0;
+        // Only a shared mapping: dropping a private one's pages would lose what was written to them.
+        if (*cursor == ' ' && cursor[4] == 's' && end > start && madvise((void *)start, end - start, MADV_DONTNEED) == 0) released += (int64_t)(end - start);
+      }
+      line = newline + 1;
+    }
+    held -= (size_t)(line - text);
+    memmove(text, line, held);
+    if (held == TEXT_SIZE - 1) held = 0; // a line longer than the buffer names no path we look for
+  }
+  close(fd);
+  free(text);
+  free(path);
+  return make_int(env, released);
+}
+
 // eventfd() -> a non-blocking, close-on-exec eventfd, or -errno.
 static napi_value event_fd(napi_env env, napi_callback_info info) {
   (void)info;
@@ -908,6 +967,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"mmap", NULL, mmap_fd, NULL, NULL, NULL, napi_default, NULL},
       {"munmap", NULL, munmap_buffer, NULL, NULL, NULL, napi_default, NULL},
       {"eventfd", NULL, event_fd, NULL, NULL, NULL, napi_default, NULL},
+      {"releaseMapped", NULL, release_mapped, NULL, NULL, NULL, napi_default, NULL},
       {"memfd", NULL, memfd, NULL, NULL, NULL, napi_default, NULL},
       {"exec", NULL, exec_process, NULL, NULL, NULL, napi_default, NULL},
       {"sendfileAsync", NULL, sendfile_async, NULL, NULL, NULL, napi_default, NULL},

@@ -40,6 +40,7 @@ import { BlobFileWriter } from './blob-file.js';
 import { blobFileRecord } from './blob-file-record.js';
 import { lentSlabOf } from '../lent-slabs.js';
 import { WriteLease } from './gc-lock.js';
+import { MappedBudget } from './mapped-budget.js';
 
 const LAYOUT_MARKER = 'nixcas-store';
 /**
@@ -159,10 +160,13 @@ export class LocalStore {
     this.directoryDb = this.openBinary('directories');
     this.smallBlobDb = this.openBinary('small-blobs');
     this.blobFileDb = this.openBinary('blob-files');
+    this.mapped = MappedBudget.forEnvironment(metadata);
     if (!readOnly) this.lease = new WriteLease(root);
   }
 
   private readonly readOnly: boolean;
+  /** What reads of small blobs and directories leave mapped (mapped-budget.ts). */
+  readonly mapped: MappedBudget;
 
   /**
    * A named database. Read-only, one that was never written (a layout-1
@@ -247,13 +251,13 @@ export class LocalStore {
   /** A BlobService on the store at `root`; closing it releases the store. */
   static blobService(root: string, options: OpenOptions = {}): LocalBlobService {
     const store = LocalStore.acquire(root, options.create ?? true);
-    return new LocalBlobService(root, store.smallBlobDb, store.blobFileDb, !store.readOnly, () => store.release(), store.lease);
+    return new LocalBlobService(root, store.smallBlobDb, store.blobFileDb, !store.readOnly, () => store.release(), store.lease, store.mapped);
   }
 
   /** A DirectoryService on the store at `root`; closing it releases the store. */
   static directoryService(root: string, options: OpenOptions = {}): LocalDirectoryService {
     const store = LocalStore.acquire(root, options.create ?? true);
-    return new LocalDirectoryService(root, store.directoryDb, () => store.release(), store.lease);
+    return new LocalDirectoryService(root, store.directoryDb, () => store.release(), store.lease, store.mapped);
   }
 
   /**
@@ -307,10 +311,12 @@ export class LocalBlobService implements BlobService {
     private readonly writable: boolean,
     readonly onClose?: () => Promise<void>,
     private readonly lease?: WriteLease,
+    private readonly mapped?: MappedBudget,
   ) {}
 
   /** `data`, the small blob stored under `digest`, unless it does not hash to it. */
   private checkedSmallBlob(digest: B3Digest, data: Buffer): Buffer {
+    this.mapped?.read(data.length);
     if (!VERIFY_READS || this.checkedSmall.has(digest)) return data;
     if (!hashesTo(data, digest)) {
       throw new DataLossError(
@@ -626,11 +632,13 @@ export class LocalDirectoryService implements DirectoryService {
     private readonly db: Database<Buffer, Buffer>,
     readonly onClose?: () => Promise<void>,
     private readonly lease?: WriteLease,
+    private readonly mapped?: MappedBudget,
   ) {}
 
   async get(digest: B3Digest): Promise<Directory | undefined> {
     const encoded = this.db.get(digest);
     if (!encoded) return undefined;
+    this.mapped?.read(encoded.length);
     if (VERIFY_READS && !hashesTo(encoded, digest)) {
       throw new DataLossError(
         `the store at ${this.root} is damaged: directory ${formatDigest(digest)} (${encoded.length} bytes, in metadata/) does not hash to its digest; ` +
