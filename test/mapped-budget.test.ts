@@ -47,3 +47,25 @@ test('reading every small blob of a store leaves at most a few budgets of its LM
     removeDir(dir);
   }
 });
+
+test('a range is released only while it is a mapping of the file named', async () => {
+  const { optionalNative } = await import('../src/native/index.js');
+  const native = optionalNative()!;
+  const dir = tempDir('mapped-range');
+  const blobs = LocalStore.blobService(dir, { create: true });
+  try {
+    await blobs.put!(seededBytes(4096, 7));
+    const file = realpathSync(join(dir, 'metadata', 'data.mdb'));
+    const ranges = native.mappingsOf(file) as number[];
+    assert.equal(ranges.length, 2, `one shared mapping of ${file}: ${ranges}`);
+    const [start, end] = ranges;
+    assert.equal(native.releaseMapping(file, start, end), end - start);
+    const ESTALE = -(await import('node:os')).constants.errno.ESTALE;
+    assert.equal(native.releaseMapping(file, start, end - 4096), ESTALE, 'a range that is not the whole mapping');
+    assert.equal(native.releaseMapping(`${file}x`, start, end), ESTALE, 'another file');
+    assert.equal(native.releaseMapping('/usr/bin/node', start, end), ESTALE);
+  } finally {
+    await blobs.close();
+    removeDir(dir);
+  }
+});

@@ -69,12 +69,14 @@ export interface NativeAddon {
   munmap(buffer: ArrayBuffer): void;
   /** A non-blocking eventfd, or -errno. */
   eventfd(): number;
+  /** [start, end, …] of this process's shared mappings of the file at `path` (as /proc/self/maps names it), or -errno. */
+  mappingsOf(path: string): number[] | number;
   /**
-   * Drops the pages of this process's shared mappings of the file at `path` (as /proc/self/maps
-   * names it) from its address space, madvise(MADV_DONTNEED): bytes of mappings released, or -errno.
-   * They stay in the page cache.
+   * Drops the pages of the mapping [start, end) of `path` from this process (madvise
+   * MADV_DONTNEED; they stay in the page cache): bytes released, or -ESTALE when that range is
+   * not a mapping of `path` (any more), or -errno.
    */
-  releaseMapped(path: string): number;
+  releaseMapping(path: string, start: number, end: number): number;
   /**
    * A split ring for virtiofsServe: guest memory as mapped chunks (`buffers[i]` maps guest
    * addresses from `gpas[i]`, the first `primaries[i]` bytes its own) and the guest addresses

@@ -15,6 +15,8 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <inttypes.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <poll.h>
@@ -742,32 +744,29 @@ static napi_value munmap_buffer(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
-// releaseMapped(path) -> bytes of this process's mappings of `path` whose
-// pages were dropped (madvise MADV_DONTNEED), or -errno. For a shared
-// mapping of a file this only takes the pages out of the process: they stay
-// in the page cache, and the next access maps them again. A library's
-// mapping (LMDB's) is found by its path in /proc/self/maps.
-static napi_value release_mapped(napi_env env, napi_callback_info info) {
+// mappingsOf(path) -> [start, end, …] of this process's shared mappings of
+// the file at `path` (as /proc/self/maps names it), or -errno. Reading
+// /proc/self/maps costs ~150 µs in a process as big as node: callers keep
+// the answer and check it with releaseMapping.
+static napi_value mappings_of(napi_env env, napi_callback_info info) {
   napi_value argv[1];
   if (!get_args(env, info, 1, argv)) return NULL;
   char *path = get_bytes_z(env, argv[0]);
   if (!path) return NULL;
   int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
-  if (fd < 0) {
-    int error = errno;
+  enum { TEXT_SIZE = 64 * 1024 };
+  char *text = fd < 0 ? NULL : malloc(TEXT_SIZE);
+  if (!text) {
+    int error = fd < 0 ? errno : ENOMEM;
+    if (fd >= 0) close(fd);
     free(path);
     return make_int(env, -error);
   }
+  napi_value result;
+  CHECK(napi_create_array(env, &result));
+  uint32_t found = 0;
   size_t path_length = strlen(path);
-  int64_t released = 0;
   // Whole lines are parsed out of `text`; a line cut by the buffer's end is moved to its start.
-  enum { TEXT_SIZE = 64 * 1024 };
-  char *text = malloc(TEXT_SIZE);
-  if (!text) {
-    close(fd);
-    free(path);
-    return make_int(env, -ENOMEM);
-  }
   size_t held = 0;
   for (;;) {
     ssize_t n;
@@ -775,7 +774,6 @@ static napi_value release_mapped(napi_env env, napi_callback_info info) {
     while (n < 0 && errno == EINTR);
     if (n <= 0) break;
     held += (size_t)n;
-    text[held] = 0;
     char *line = text;
     char *newline;
     while ((newline = memchr(line, '\n', held - (size_t)(line - text)))) {
@@ -787,7 +785,13 @@ static napi_value release_mapped(napi_env env, napi_callback_info info) {
         unsigned long start = strtoul(line, &cursor, 16);
         unsigned long end = *cursor == '-' ? strtoul(cursor + 1, &cursor, 16) : 0;
         // Only a shared mapping: dropping a private one's pages would lose what was written to them.
-        if (*cursor == ' ' && cursor[4] == 's' && end > start && madvise((void *)start, end - start, MADV_DONTNEED) == 0) released += (int64_t)(end - start);
+        if (*cursor == ' ' && cursor[4] == 's' && end > start) {
+          napi_value bound;
+          CHECK(napi_create_double(env, (double)start, &bound));
+          CHECK(napi_set_element(env, result, found++, bound));
+          CHECK(napi_create_double(env, (double)end, &bound));
+          CHECK(napi_set_element(env, result, found++, bound));
+        }
       }
       line = newline + 1;
     }
@@ -798,7 +802,32 @@ static napi_value release_mapped(napi_env env, napi_callback_info info) {
   close(fd);
   free(text);
   free(path);
-  return make_int(env, released);
+  return result;
+}
+
+// releaseMapping(path, start, end) -> bytes whose pages were dropped from
+// this process (madvise MADV_DONTNEED), or -ESTALE when [start, end) is not
+// (any longer) one mapping of the file at `path`, which /proc/self/map_files
+// tells in one readlink. For a shared mapping of a file this only takes the
+// pages out of the process: they stay in the page cache, and the next access
+// maps them again.
+static napi_value release_mapping(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  int64_t start, end;
+  if (!get_args(env, info, 3, argv) || !get_int(env, argv[1], &start) || !get_int(env, argv[2], &end)) return NULL;
+  char *path = get_bytes_z(env, argv[0]);
+  if (!path) return NULL;
+  char link[64];
+  snprintf(link, sizeof link, "/proc/self/map_files/%" PRIx64 "-%" PRIx64, (uint64_t)start, (uint64_t)end);
+  size_t path_length = strlen(path);
+  char *target = malloc(path_length + 2);
+  ssize_t n = target ? readlink(link, target, path_length + 2) : -1;
+  bool same = n == (ssize_t)path_length && memcmp(target, path, path_length) == 0;
+  free(target);
+  free(path);
+  if (!same || end <= start) return make_int(env, -ESTALE);
+  if (madvise((void *)(uintptr_t)start, (size_t)(end - start), MADV_DONTNEED) != 0) return make_int(env, -errno);
+  return make_int(env, end - start);
 }
 
 // eventfd() -> a non-blocking, close-on-exec eventfd, or -errno.
@@ -967,7 +996,8 @@ static napi_value init(napi_env env, napi_value exports) {
       {"mmap", NULL, mmap_fd, NULL, NULL, NULL, napi_default, NULL},
       {"munmap", NULL, munmap_buffer, NULL, NULL, NULL, napi_default, NULL},
       {"eventfd", NULL, event_fd, NULL, NULL, NULL, napi_default, NULL},
-      {"releaseMapped", NULL, release_mapped, NULL, NULL, NULL, napi_default, NULL},
+      {"mappingsOf", NULL, mappings_of, NULL, NULL, NULL, napi_default, NULL},
+      {"releaseMapping", NULL, release_mapping, NULL, NULL, NULL, napi_default, NULL},
       {"memfd", NULL, memfd, NULL, NULL, NULL, napi_default, NULL},
       {"exec", NULL, exec_process, NULL, NULL, NULL, napi_default, NULL},
       {"sendfileAsync", NULL, sendfile_async, NULL, NULL, NULL, napi_default, NULL},

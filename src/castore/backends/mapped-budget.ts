@@ -7,6 +7,7 @@
 // (madvise MADV_DONTNEED on a shared mapping: nothing is lost, the page cache
 // keeps them); the next read maps a page again with a minor fault.
 import { realpathSync } from 'node:fs';
+import { constants as osConstants } from 'node:os';
 import { join } from 'node:path';
 import { optionalNative } from '../../native/index.js';
 
@@ -50,7 +51,24 @@ export class MappedBudget {
 
   release(): void {
     this.readSinceRelease = 0;
-    if (this.file === undefined) return;
-    if ((optionalNative()?.releaseMapped(this.file) ?? 0) > 0) this.releases++;
+    const native = this.file === undefined ? undefined : optionalNative();
+    if (!native) return;
+    // The map stays where LMDB put it (its size is fixed), so where it is is looked up once;
+    // each release checks the range still is that file's mapping before it drops anything.
+    for (let attempt = 0; attempt < 2; attempt++) {
+      const ranges = (this.ranges ??= found(native.mappingsOf(this.file!)));
+      let stale = false;
+      for (let i = 0; i + 1 < ranges.length; i += 2) stale ||= native.releaseMapping(this.file!, ranges[i], ranges[i + 1]) === -ESTALE;
+      if (!stale) break;
+      this.ranges = undefined;
+    }
+    this.releases++;
   }
+
+  private ranges?: number[];
 }
+
+function found(ranges: number[] | number): number[] {
+  return typeof ranges === 'number' ? [] : ranges;
+}
+const ESTALE = osConstants.errno.ESTALE;
