@@ -29,7 +29,7 @@ export class MappedBudget {
   releases = 0;
 
   /** `file` as /proc/self/maps names it (symbolic links resolved); undefined: nothing is ever released. */
-  private constructor(private readonly file: string | undefined, private readonly budget: number) {}
+  private constructor(private file: string | undefined, private readonly budget: number) {}
 
   /** The budget of the LMDB environment in `metadataDir`. */
   static forEnvironment(metadataDir: string, budget = MAPPED_METADATA_BUDGET): MappedBudget {
@@ -55,14 +55,21 @@ export class MappedBudget {
     if (!native) return;
     // The map stays where LMDB put it (its size is fixed), so where it is is looked up once;
     // each release checks the range still is that file's mapping before it drops anything.
-    for (let attempt = 0; attempt < 2; attempt++) {
-      const ranges = (this.ranges ??= found(native.mappingsOf(this.file!)));
-      let stale = false;
-      for (let i = 0; i + 1 < ranges.length; i += 2) stale ||= native.releaseMapping(this.file!, ranges[i], ranges[i + 1]) === -ESTALE;
-      if (!stale) break;
-      this.ranges = undefined;
+    if (this.releaseRanges(this.ranges)) {
+      this.ranges = found(native.mappingsOf(this.file!));
+      // Refused even just after it was read: this system does not let the ranges be checked.
+      if (this.releaseRanges(this.ranges)) this.file = undefined;
     }
     this.releases++;
+  }
+
+  /** Drops the pages of each range; true when a range is no longer the file's mapping (or none is known). */
+  private releaseRanges(ranges: number[] | undefined): boolean {
+    if (!ranges) return true;
+    const native = optionalNative()!;
+    let stale = false;
+    for (let i = 0; i + 1 < ranges.length; i += 2) stale ||= native.releaseMapping(this.file!, ranges[i], ranges[i + 1]) === -ESTALE;
+    return stale;
   }
 
   private ranges?: number[];
