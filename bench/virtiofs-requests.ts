@@ -603,6 +603,8 @@ export interface RequestRun {
   rss: Record<Side, Rss>;
   /** nixcas-metrics only: the back end's CPU per /metrics scrape, one entry per round. */
   scrapeCosts: { cpuMicros: number; bytes: number }[];
+  /** nixcas-metrics only: READs it read into a buffer of its own rather than into the guest's pages, one entry per round. */
+  bufferedReads: number[];
 }
 
 /**
@@ -632,6 +634,7 @@ export async function runVirtiofsRequests(work: string, repeats: number, cli: st
   const results = new Map<string, Measured>();
   const rss: Record<Side, Rss> = { nixcas: { anon: 0, file: 0 }, 'nixcas-unverified': { anon: 0, file: 0 }, 'nixcas-metrics': { anon: 0, file: 0 }, virtiofsd: { anon: 0, file: 0 } };
   const scrapeCosts: { cpuMicros: number; bytes: number }[] = [];
+  const bufferedReads: number[] = [];
   for (let round = 0; round < repeats; round++) {
     const all: Side[] = ['nixcas', 'virtiofsd', 'nixcas-unverified', 'nixcas-metrics'];
     const order = (round % 2 === 0 ? all : [...all].reverse()).filter((side) => sides.includes(side));
@@ -656,6 +659,8 @@ export async function runVirtiofsRequests(work: string, repeats: number, cli: st
         await measureSide(side, backend, tree, share, results, rss, scale);
         if (metricsUrl) {
           scraper?.kill();
+          const text = await (await fetch(metricsUrl)).text();
+          bufferedReads.push(Number(/^nixcas_fuse_buffered_reads_total (\d+)$/m.exec(text)?.[1] ?? NaN));
           scrapeCosts.push(await scrapeCost(metricsUrl, backend.process.pid!));
         }
       } catch (err) {
@@ -667,7 +672,7 @@ export async function runVirtiofsRequests(work: string, repeats: number, cli: st
       }
     }
   }
-  return { results, rss, scrapeCosts };
+  return { results, rss, scrapeCosts, bufferedReads };
 }
 
 const SCRAPES = 200;

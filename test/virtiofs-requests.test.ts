@@ -25,10 +25,13 @@ function skipReason(): string | undefined {
 test('every request workload gets right answers from nixcas and from virtiofsd, at depth 1 and 64', { skip: skipReason() }, async () => {
   const work = tempDir('nixcas-requests-test-');
   try {
-    const { results } = await runVirtiofsRequests(work, 1, CLI, 0.02, ['nixcas', 'virtiofsd']);
+    const { results, bufferedReads } = await runVirtiofsRequests(work, 1, CLI, 0.02, ['nixcas', 'virtiofsd', 'nixcas-metrics']);
     assert.equal(results.size, 12, 'six workloads at two depths');
+    // Every READ is of bytes in the page cache or in LMDB: all go straight into the guest's pages,
+    // the first 64 of a file new to the back end (depth 64) too.
+    assert.deepEqual(bufferedReads, [0], 'READs read into a buffer of the back end (nixcas_fuse_buffered_reads_total)');
     for (const [key, measured] of results) {
-      for (const side of ['nixcas', 'virtiofsd'] as const) {
+      for (const side of ['nixcas', 'virtiofsd', 'nixcas-metrics'] as const) {
         assert.equal(measured.samples[side].length, 1, `${key}: ${side} ran`);
         assert.ok(measured.samples[side][0].requests > 0, `${key}: ${side} answered`);
       }

@@ -45,6 +45,7 @@ export function metricsRegistry(sources: MetricSources): Registry {
     totals(registry, 'nixcas_fuse_errors_total', 'FUSE requests answered with an error, by opcode', ['opcode'], byOpcode(fuse.counters.errors));
     totals(registry, 'nixcas_fuse_read_bytes_total', 'File bytes answered to READ requests', [], (set) => set({}, fuse.counters.readBytes));
     totals(registry, 'nixcas_fuse_native_answers_total', "Requests virtio-fs's native path answered (GETATTR, READ; also in nixcas_fuse_requests_total)", [], (set) => set({}, fuse.counters.nativeAnswers));
+    totals(registry, 'nixcas_fuse_buffered_reads_total', 'virtio-fs READs whose bytes had to be waited for (the disk, a remote store): read into a buffer and copied, not straight into the guest', [], (set) => set({}, fuse.counters.bufferedReads));
   }
   if (grpc) {
     totals(registry, 'nixcas_grpc_calls_total', 'gRPC calls, by service and method', ['method'], (set) => grpc.calls.forEach((value, method) => set({ method }, value)));

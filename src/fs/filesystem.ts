@@ -252,6 +252,21 @@ export class ReadOnlyFilesystem {
     );
   }
 
+  /** Opens the inode's reader and keeps it, as `readInode` does, without reading: then `tryReadInode` can answer. */
+  openInode(ino: number): Promise<void> {
+    const inode = this.inode(ino);
+    return this.readers.with(
+      ino,
+      () => this.openBlob(inode),
+      async () => undefined,
+    );
+  }
+
+  /** Whether the inode's reader is open (so a `tryReadInode` that answers nothing would have to wait for the disk). */
+  readerIsOpen(ino: number): boolean {
+    return this.readers.peek(ino) !== undefined;
+  }
+
   /**
    * Reads like `readInode`, straight into `targets` (filled in turn), but
    * only if that can be done at once: a blob the store keeps in memory, or an

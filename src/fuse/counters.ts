@@ -13,4 +13,6 @@ export const fuseCounters = {
   readBytes: 0,
   /** Requests the transport answered without this layer (virtio-fs's native path; also in `requests`). */
   nativeAnswers: 0,
+  /** READs answered through a buffer of ours (the bytes had to be waited for), not in the transport's place. */
+  bufferedReads: 0,
 };

@@ -394,28 +394,38 @@ export class FuseServer {
     const position = readU64(args, 8);
     const size = args.readUInt32LE(16);
     if (size > MAX_READ) throw new MalformedRequest(`READ of ${size} bytes`);
-    // Where the transport can take the bytes in place (virtio-fs: the guest's pages), a read that
-    // needs no waiting goes straight there: one copy, from the page cache or the store's memory.
+    if (this.readInPlace(request, handle, position, size)) return;
+    // The first READs of a file find its reader not open yet: open it, then read in place. (Each
+    // into a buffer of its own instead, a guest starting 64 READs of a new file cost 64 buffers.)
+    if (handle === NO_HANDLE && request.sink.scatter && !this.fs.readerIsOpen(request.nodeid)) return this.openThenRead(request, position, size);
+    return this.readWaiting(request, handle, position, size);
+  }
+
+  /**
+   * Where the transport can take the bytes in place (virtio-fs: the guest's pages), a read that
+   * needs no waiting goes straight there: one copy, from the page cache or the store's memory.
+   * False when it would have to wait (nothing is sent then).
+   */
+  private readInPlace(request: Request, handle: number, position: number, size: number): boolean {
     const sink = request.sink;
     const places = this.readPlaces;
-    if (sink.scatter && sink.sendInPlace && sink.scatter(OUT_HEADER_SIZE, size, places)) {
-      const n =
-        handle === NO_HANDLE
-          ? this.fs.tryReadInode(request.nodeid, places, size, position)
-          : this.fs.tryRead(handle, places, size, position);
-      places.buffers.length = 0; // valid only now
-      places.count = 0;
-      if (n !== undefined) {
-        if (handle === NO_HANDLE && this.options.accelerator) this.offerFile(request.nodeid);
-        fuseCounters.readBytes += n;
-        header.writeUInt32LE(OUT_HEADER_SIZE + n, 0);
-        header.writeInt32LE(0, 4);
-        copyUnique(request.message, header);
-        sink.sendInPlace(header, OUT_HEADER_SIZE + n);
-        return;
-      }
-    }
-    return this.readWaiting(request, handle, position, size);
+    if (!sink.scatter || !sink.sendInPlace || !sink.scatter(OUT_HEADER_SIZE, size, places)) return false;
+    const n = handle === NO_HANDLE ? this.fs.tryReadInode(request.nodeid, places, size, position) : this.fs.tryRead(handle, places, size, position);
+    places.buffers.length = 0; // valid only now
+    places.count = 0;
+    if (n === undefined) return false;
+    if (handle === NO_HANDLE && this.options.accelerator) this.offerFile(request.nodeid);
+    fuseCounters.readBytes += n;
+    header.writeUInt32LE(OUT_HEADER_SIZE + n, 0);
+    header.writeInt32LE(0, 4);
+    copyUnique(request.message, header);
+    sink.sendInPlace(header, OUT_HEADER_SIZE + n);
+    return true;
+  }
+
+  private async openThenRead(request: Request, position: number, size: number): Promise<void> {
+    await this.fs.openInode(request.nodeid);
+    if (!this.readInPlace(request, NO_HANDLE, position, size)) await this.readWaiting(request, NO_HANDLE, position, size);
   }
 
   private offerFile(ino: number): void {
@@ -428,6 +438,8 @@ export class FuseServer {
     // The blob bytes go straight into the reply buffer, after the header. Buffers this large
     // are fresh mappings each time (page faults and all), so they are reused.
     const reply = this.readBuffers.pop() ?? Buffer.allocUnsafe(OUT_HEADER_SIZE + MAX_READ);
+    // Counted where the transport could have taken the bytes in place (a FUSE mount never can).
+    if (request.sink.scatter) fuseCounters.bufferedReads++;
     try {
       const n =
         handle === NO_HANDLE
