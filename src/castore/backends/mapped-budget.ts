@@ -25,8 +25,6 @@ function envBytes(name: string, fallback: number): number {
 
 export class MappedBudget {
   private readSinceRelease = 0;
-  /** How many times the pages were dropped (for tests and metrics). */
-  releases = 0;
 
   /** `file` as /proc/self/maps names it (symbolic links resolved); undefined: nothing is ever released. */
   private constructor(private file: string | undefined, private readonly budget: number) {}
@@ -60,7 +58,6 @@ export class MappedBudget {
       // Refused even just after it was read: this system does not let the ranges be checked.
       if (this.releaseRanges(this.ranges)) this.file = undefined;
     }
-    this.releases++;
   }
 
   /** Drops the pages of each range; true when a range is no longer the file's mapping (or none is known). */
