@@ -41,8 +41,11 @@ test('SIGKILLed writers leave a consistent store', { timeout: 180_000 }, async (
   const store = tempDir('crash');
   try {
     const committed: string[] = [];
+    /** In which round and by which writer of it each root was reported committed (for a failure's message). */
+    const reportedIn = new Map<string, string>();
     for (let round = 0; round < ROUNDS; round++) {
       const results = await Promise.all(Array.from({ length: WRITERS_PER_ROUND }, () => runAndKill(store)));
+      results.forEach((roots, writer) => roots.forEach((root, i) => reportedIn.set(root, `round ${round + 1}, writer ${writer + 1}, its commit ${i + 1} of ${roots.length}`)));
       committed.push(...results.flat());
     }
     const state = await verifyLocalStore(store);
@@ -54,7 +57,16 @@ test('SIGKILLed writers leave a consistent store', { timeout: 180_000 }, async (
     try {
       for (const root of committed) {
         let seen = 0;
-        for await (const _ of directories.getRecursive(Buffer.from(root, 'hex'))) seen++;
+        try {
+          for await (const _ of directories.getRecursive(Buffer.from(root, 'hex'))) seen++;
+        } catch (err) {
+          const present = (await directories.get(Buffer.from(root, 'hex'))) !== undefined;
+          throw new Error(
+            `root ${root}, reported committed in ${reportedIn.get(root)} (${committed.length} reported in all), ` +
+              `is ${present ? 'there but its closure is not' : 'not there'}: ${(err as Error).message}`,
+            { cause: err },
+          );
+        }
         assert.ok(seen > 0);
       }
     } finally {
