@@ -4,27 +4,26 @@
 // writer reported as committed is there.
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { randomInt } from 'node:crypto';
 import { readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { LocalStore } from '../src/castore/backends/local.js';
-import { ROOT, removeDir, tempDir, verifyLocalStore } from './helpers.js';
+import { ROOT, removeDir, seededRandom, tempDir, verifyLocalStore } from './helpers.js';
 
 const WRITER = join(ROOT, 'test/fixtures/store-writer.ts');
 const ROUNDS = 6;
 const WRITERS_PER_ROUND = 2;
 
-function runAndKill(store: string): Promise<string[]> {
+/** Runs a writer (its random choices from `seed`) and SIGKILLs it `killAfterMs` after it started writing. */
+function runAndKill(store: string, seed: number, killAfterMs: number): Promise<string[]> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, ['--import', 'tsx', WRITER, store], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(process.execPath, ['--import', 'tsx', WRITER, store, String(seed)], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
     let err = '';
     child.stdout.on('data', (d) => {
       out += d;
       if (out.startsWith('ready\n') && !child.killed) {
-        // Kill somewhere between 50 ms and 1.5 s into the writing.
-        setTimeout(() => child.kill('SIGKILL'), randomInt(50, 1500)).unref();
+        setTimeout(() => child.kill('SIGKILL'), killAfterMs).unref();
         out = out.replace('ready\n', '');
       }
     });
@@ -43,8 +42,10 @@ test('SIGKILLed writers leave a consistent store', { timeout: 180_000 }, async (
     const committed: string[] = [];
     /** In which round and by which writer of it each root was reported committed (for a failure's message). */
     const reportedIn = new Map<string, string>();
+    const random = seededRandom('SIGKILLed writers');
     for (let round = 0; round < ROUNDS; round++) {
-      const results = await Promise.all(Array.from({ length: WRITERS_PER_ROUND }, () => runAndKill(store)));
+      // Each writer killed somewhere between 50 ms and 1.5 s into its writing.
+      const results = await Promise.all(Array.from({ length: WRITERS_PER_ROUND }, () => runAndKill(store, random.int(0, 2 ** 32), random.int(50, 1500))));
       results.forEach((roots, writer) => roots.forEach((root, i) => reportedIn.set(root, `round ${round + 1}, writer ${writer + 1}, its commit ${i + 1} of ${roots.length}`)));
       committed.push(...results.flat());
     }

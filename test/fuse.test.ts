@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { blake3, formatDigest } from '../src/castore/digest.js';
 import { LocalStore } from '../src/castore/backends/local.js';
-import { type Daemon, nixcas, removeDir, startDaemon, startNixcas, tempDir } from './helpers.js';
+import { type Daemon, nixcas, removeDir, seededRandom, startDaemon, startNixcas, tempDir } from './helpers.js';
 
 const NON_UTF8 = Buffer.from([0x6e, 0x6f, 0x6e, 0xff, 0xfe, 0x2d, 0x75, 0x74, 0x66, 0x38]); // "non\xff\xfe-utf8"
 const BIG_BYTES = 64 * 1024 * 1024 + 12345;
@@ -202,10 +202,11 @@ describe('nixcas mount: a tree of every kind of entry', () => {
   test('reads at random offsets return the original bytes', () => {
     const original = readFileSync(`${tree}/big`);
     const fd = openSync(`${mnt}/${base}/big`, 'r');
+    const random = seededRandom('reads at random offsets');
     try {
       for (let i = 0; i < 300; i++) {
-        const position = Math.floor(Math.random() * (BIG_BYTES + 100));
-        const length = 1 + Math.floor(Math.random() * 300_000);
+        const position = random.int(0, BIG_BYTES + 100);
+        const length = random.int(1, 300_001);
         const target = Buffer.alloc(length);
         const n = readSync(fd, target, 0, length, position);
         const want = original.subarray(position, position + length);

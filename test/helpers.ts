@@ -161,6 +161,25 @@ export function buildClosureFixture(outLink: string): string {
   return outLink;
 }
 
+/**
+ * A seeded source of random numbers for a test (mulberry32). The seed is NIXCAS_TEST_SEED when set,
+ * otherwise a new one, and is printed with `what`, so that a failure can be run again exactly.
+ */
+export function seededRandom(what: string): { seed: number; float(): number; int(min: number, max: number): number } {
+  const given = process.env.NIXCAS_TEST_SEED;
+  const seed = given !== undefined && given !== '' ? Number(given) >>> 0 : Math.floor(Math.random() * 2 ** 32);
+  console.log(`${what}: seed ${seed} (NIXCAS_TEST_SEED=${seed} runs it again)`);
+  let state = seed;
+  const float = () => {
+    state = (state + 0x6d2b79f5) >>> 0;
+    let t = state;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 2 ** 32;
+  };
+  return { seed, float, int: (min, max) => min + Math.floor(float() * (max - min)) };
+}
+
 /** Bytes from a fixed-seed xorshift32: incompressible, the same on every run. */
 export function seededBytes(length: number, seed: number): Buffer {
   const out = Buffer.alloc(length);

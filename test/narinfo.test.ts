@@ -17,7 +17,7 @@ import type { PathInfo } from '../src/store/pathinfo.js';
 import { ReferenceScanner } from '../src/store/reference-scan.js';
 import { parseSecretKey, signFingerprint, verifyFingerprint } from '../src/store/signing.js';
 import { parseBasename, parseStorePath } from '../src/store/storepath.js';
-import { nix, removeDir, tempDir } from './helpers.js';
+import { nix, removeDir, seededRandom, tempDir } from './helpers.js';
 
 async function collect(stream: AsyncIterable<Buffer>): Promise<Buffer> {
   const chunks: Buffer[] = [];
@@ -125,9 +125,10 @@ test('NAR byte ranges: every range equals the same slice of the whole NAR, and s
     const edges = [0, 1, 7, 8, 100, 200, 1024 * 1024, 3 * 1024 * 1024, size - 80_000, size - 100, size - 1];
     const ranges: [number, number][] = [[0, size], [0, 1], [size - 1, size]];
     for (const a of edges) for (const b of edges) if (a < b) ranges.push([a, b]);
+    const random = seededRandom('NAR ranges');
     for (let i = 0; i < 40; i++) {
-      const a = Math.floor(Math.random() * size);
-      ranges.push([a, a + 1 + Math.floor(Math.random() * (size - a))]);
+      const a = random.int(0, size);
+      ranges.push([a, random.int(a + 1, size + 1)]);
     }
     for (const [start, end] of ranges) {
       const part = await collect(renderNar(root, services, { range: { start, end } }));
