@@ -17,6 +17,13 @@ function pattern(length: number): Buffer {
   return bytes;
 }
 
+/** `digest` with one bit changed. */
+function flipped(digest: Uint8Array): Buffer {
+  const copy = Buffer.from(digest);
+  copy[0] ^= 1;
+  return copy;
+}
+
 /** A small linear congruential generator: the same bytes on every run. */
 function seeded(seed: number): () => number {
   let state = seed >>> 0;
@@ -48,4 +55,30 @@ test('blake3.c agrees with @napi-rs/blake-hash on every length to 66 chunks and 
     assert.equal(native().blake3Matches(input, blake3(input)), true, `length ${length} (seed ${seed})`);
   }
   assert.equal(native().blake3Matches(Buffer.from('abc'), Buffer.alloc(31)), false, 'a digest of the wrong length never matches');
+});
+
+test('blake3.c hashing many inputs side by side (the C renderer checks) agrees with @napi-rs/blake-hash, and names the first wrong one', () => {
+  const seed = 0x5eed_b4;
+  const next = seeded(seed);
+  // Every length up to 3 chunks and past the one-pass limit, in groups of every size, so that
+  // whole chunks, short last chunks and parents of different inputs share the lanes.
+  const lengths: number[] = [];
+  for (let length = 0; length <= 3 * CHUNK; length += 1) lengths.push(length);
+  for (let i = 0; i < 300; i++) lengths.push(next() % (70 * CHUNK));
+  lengths.push(64 * CHUNK, 64 * CHUNK + 1, 200_000);
+  const inputs = lengths.map((length) => {
+    const input = Buffer.alloc(length);
+    for (let i = 0; i < length; i++) input[i] = next() >>> 24;
+    return input;
+  });
+  const digests = inputs.map((input) => blake3(input));
+  for (let first = 0, size = 1; first < inputs.length; first += size, size = (size % 40) + 1) {
+    const group = inputs.slice(first, first + size);
+    assert.equal(native().blake3ManyMatch(group, digests.slice(first, first + size)), -1, `inputs ${first}..${first + size - 1} (seed ${seed})`);
+  }
+  for (const wrong of [0, 15, 16, 17, 33]) {
+    const group = inputs.slice(1000, 1040);
+    const expected = digests.slice(1000, 1040).map((d, i) => (i === wrong || i === 38 ? flipped(d) : d));
+    assert.equal(native().blake3ManyMatch(group, expected), wrong, `the first of two wrong digests, at ${wrong}`);
+  }
 });

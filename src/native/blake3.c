@@ -130,18 +130,19 @@ static compress_fn *compress = compress_words;
   } while (0)
 
 /**
- * Whole chunks hashed side by side, chunk i (numbered counter + i) at
- * chunks[i]; their chaining values go to out[0..LANES). A caller with fewer
- * chunks than lanes repeats a pointer and ignores the extra values.
+ * Whole chunks hashed side by side, chunk i (numbered counters[i] in its
+ * input) at chunks[i]; their chaining values go to out[0..LANES). The
+ * chunks may come from different inputs. A caller with fewer chunks than
+ * lanes repeats a chunk and ignores the extra values.
  */
 #define DEFINE_HASH_CHUNKS(NAME, LANES, TARGET) \
   typedef uint32_t NAME##_vector __attribute__((vector_size(4 * (LANES)))); \
-  TARGET static void NAME(const uint8_t *const chunks[], uint64_t counter, uint32_t out[][8]) { \
+  TARGET static void NAME(const uint8_t *const chunks[], const uint64_t counters[], uint32_t out[][8]) { \
     NAME##_vector h[8], counter_low, counter_high; \
     for (int i = 0; i < 8; i++) h[i] = (NAME##_vector){0} + IV[i]; \
     for (int lane = 0; lane < (LANES); lane++) { \
-      counter_low[lane] = (uint32_t)(counter + lane); \
-      counter_high[lane] = (uint32_t)((counter + lane) >> 32); \
+      counter_low[lane] = (uint32_t)counters[lane]; \
+      counter_high[lane] = (uint32_t)(counters[lane] >> 32); \
     } \
     for (int block = 0; block < BLAKE3_CHUNK_LEN / BLAKE3_BLOCK_LEN; block++) { \
       NAME##_vector m[16]; \
@@ -171,7 +172,7 @@ static compress_fn *compress = compress_words;
       for (int i = 0; i < 8; i++) out[lane][i] = h[i][lane]; \
   }
 
-typedef void hash_chunks_fn(const uint8_t *const chunks[], uint64_t counter, uint32_t out[][8]);
+typedef void hash_chunks_fn(const uint8_t *const chunks[], const uint64_t counters[], uint32_t out[][8]);
 
 DEFINE_HASH_CHUNKS(hash_4_chunks, 4, )
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -182,6 +183,50 @@ DEFINE_HASH_CHUNKS(hash_4_chunks_vl, 4, __attribute__((target("avx512f,avx512vl"
 DEFINE_HASH_CHUNKS(hash_8_chunks_vl, 8, __attribute__((target("avx2,avx512f,avx512vl"))))
 #endif
 
+typedef struct {
+  const uint32_t *cv;
+  const uint8_t *block; // BLAKE3_BLOCK_LEN bytes (a short last block zero-padded)
+  uint64_t counter;
+  uint32_t block_len;
+  uint32_t flags;
+} compression_t;
+
+typedef void compress_many_fn(const compression_t jobs[], size_t count, uint32_t *const out[]);
+
+/**
+ * Single compressions side by side, each with its own chaining value, block,
+ * counter, block length and flags: the last blocks of chunks and the parents
+ * of many inputs at once (nixcas_blake3_many). Lanes past `count` repeat lane 0.
+ */
+#define DEFINE_COMPRESS_MANY(NAME, LANES, TARGET) \
+  typedef uint32_t NAME##_vector __attribute__((vector_size(4 * (LANES)))); \
+  TARGET static void NAME(const compression_t jobs[], size_t count, uint32_t *const out[]) { \
+    NAME##_vector h[8], m[16], counter_low, counter_high, block_len, flags; \
+    for (int lane = 0; lane < (LANES); lane++) { \
+      const compression_t *job = &jobs[(size_t)lane < count ? (size_t)lane : 0]; \
+      for (int i = 0; i < 8; i++) h[i][lane] = job->cv[i]; \
+      for (int i = 0; i < 16; i++) m[i][lane] = load32(job->block + 4 * i); \
+      counter_low[lane] = (uint32_t)job->counter; \
+      counter_high[lane] = (uint32_t)(job->counter >> 32); \
+      block_len[lane] = job->block_len; \
+      flags[lane] = job->flags; \
+    } \
+    NAME##_vector s[16] = { \
+      h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7], \
+      (NAME##_vector){0} + IV[0], (NAME##_vector){0} + IV[1], (NAME##_vector){0} + IV[2], (NAME##_vector){0} + IV[3], \
+      counter_low, counter_high, block_len, flags, \
+    }; \
+    ROUND(s, m, 0); ROUND(s, m, 1); ROUND(s, m, 2); ROUND(s, m, 3); ROUND(s, m, 4); ROUND(s, m, 5); ROUND(s, m, 6); \
+    for (size_t lane = 0; lane < count; lane++) \
+      for (int i = 0; i < 8; i++) out[lane][i] = s[i][lane] ^ s[i + 8][lane]; \
+  }
+
+DEFINE_COMPRESS_MANY(compress_4, 4, )
+#if defined(__x86_64__) && defined(__GNUC__)
+DEFINE_COMPRESS_MANY(compress_8, 8, __attribute__((target("avx2"))))
+DEFINE_COMPRESS_MANY(compress_16, 16, __attribute__((target("avx512f"))))
+#endif
+
 #define MAX_LANES 16
 
 /** The widths this CPU runs, narrowest first. */
@@ -189,10 +234,12 @@ static struct {
   int count;
   int lanes[3];
   hash_chunks_fn *fn[3];
+  compress_many_fn *many[3];
 } widths;
 
-static void add_width(int lanes, hash_chunks_fn *fn) {
+static void add_width(int lanes, hash_chunks_fn *fn, compress_many_fn *many) {
   widths.lanes[widths.count] = lanes;
+  widths.many[widths.count] = many;
   widths.fn[widths.count++] = fn;
 }
 
@@ -201,12 +248,12 @@ static void choose_widths(void) {
   __builtin_cpu_init();
   int vl = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
   compress = vl ? compress_rows_vl : compress_rows;
-  add_width(4, vl ? hash_4_chunks_vl : hash_4_chunks);
-  if (__builtin_cpu_supports("avx2")) add_width(8, vl ? hash_8_chunks_vl : hash_8_chunks);
-  if (__builtin_cpu_supports("avx512f")) add_width(16, hash_16_chunks);
+  add_width(4, vl ? hash_4_chunks_vl : hash_4_chunks, compress_4);
+  if (__builtin_cpu_supports("avx2")) add_width(8, vl ? hash_8_chunks_vl : hash_8_chunks, compress_8);
+  if (__builtin_cpu_supports("avx512f")) add_width(16, hash_16_chunks, compress_16);
 #else
   compress = compress_rows;
-  add_width(4, hash_4_chunks);
+  add_width(4, hash_4_chunks, compress_4);
 #endif
 }
 
@@ -256,9 +303,14 @@ static size_t hash_chunks(uint64_t counter, const uint8_t *input, size_t availab
   size_t lanes = (size_t)widths.lanes[w];
   size_t count = available < lanes ? available : lanes;
   const uint8_t *chunks[MAX_LANES];
-  for (size_t lane = 0; lane < lanes; lane++) chunks[lane] = input + (lane < count ? lane : count - 1) * BLAKE3_CHUNK_LEN;
+  uint64_t counters[MAX_LANES];
+  for (size_t lane = 0; lane < lanes; lane++) {
+    size_t chunk = lane < count ? lane : count - 1;
+    chunks[lane] = input + chunk * BLAKE3_CHUNK_LEN;
+    counters[lane] = counter + chunk;
+  }
   uint32_t all[MAX_LANES][8];
-  widths.fn[w](chunks, counter, all);
+  widths.fn[w](chunks, counters, all);
   memcpy(cvs, all, count * sizeof all[0]);
   return count;
 }
@@ -339,6 +391,8 @@ void nixcas_blake3_final(const nixcas_blake3_t *h, uint8_t out[BLAKE3_OUT_LEN]) 
 /** Inputs up to this size are hashed in one pass that knows where they end (nixcas_blake3). */
 #define ONE_PASS_MAX (64 * BLAKE3_CHUNK_LEN)
 
+static void finish_tree(const uint8_t *input, size_t length, size_t done, uint32_t cvs[][8], uint8_t out[BLAKE3_OUT_LEN]);
+
 void nixcas_blake3(const void *data, size_t length, uint8_t out[BLAKE3_OUT_LEN]) {
   nixcas_blake3_t h;
   nixcas_blake3_init(&h);
@@ -355,6 +409,17 @@ void nixcas_blake3(const void *data, size_t length, uint8_t out[BLAKE3_OUT_LEN])
   uint32_t cvs[ONE_PASS_MAX / BLAKE3_CHUNK_LEN][8];
   size_t whole = length / BLAKE3_CHUNK_LEN, count = 0;
   while (whole - count >= 2) count += hash_chunks(count, input + count * BLAKE3_CHUNK_LEN, whole - count, cvs + count);
+  finish_tree(input, length, count, cvs, out);
+}
+
+/**
+ * The digest of an input of more than one chunk and at most ONE_PASS_MAX bytes whose
+ * first `done` chunks' chaining values are in `cvs`: the remaining chunks one at a time,
+ * then the tree reduced level by level (adjacent pairs merged, an odd one out carried
+ * up: the specification's left-balanced tree).
+ */
+static void finish_tree(const uint8_t *input, size_t length, size_t done, uint32_t cvs[][8], uint8_t out[BLAKE3_OUT_LEN]) {
+  size_t count = done;
   for (size_t at = count * BLAKE3_CHUNK_LEN; at < length; at += BLAKE3_CHUNK_LEN) {
     size_t piece = length - at < BLAKE3_CHUNK_LEN ? length - at : BLAKE3_CHUNK_LEN;
     chunk_cv(input + at, piece, count, cvs[count]);
@@ -369,4 +434,120 @@ void nixcas_blake3(const void *data, size_t length, uint8_t out[BLAKE3_OUT_LEN])
   uint32_t root[8];
   parent_cv(cvs[0], cvs[1], ROOT, root);
   memcpy(out, root, BLAKE3_OUT_LEN);
+}
+
+/** Runs `count` compressions in the widest lanes, as many at a time as fit. */
+static void compress_all(const compression_t jobs[], size_t count, uint32_t *const out[]) {
+  size_t lanes = (size_t)widths.lanes[widths.count - 1];
+  compress_many_fn *many = widths.many[widths.count - 1];
+  for (size_t at = 0; at < count; at += lanes) many(jobs + at, count - at < lanes ? count - at : lanes, out + at);
+}
+
+void nixcas_blake3_many(const void *const inputs[], const size_t lengths[], size_t count, uint8_t outs[][BLAKE3_OUT_LEN]) {
+  if (!widths.count) choose_widths();
+  // Every step of every input side by side in the widest lanes: first the whole chunks of all
+  // inputs, then the last (short) chunks block by block, then the parents level by level. A
+  // 4 KiB input alone would fill 4 lanes of 16, and its last chunk and parents one.
+  enum { MAX = NIXCAS_BLAKE3_MANY_MAX, CHUNKS = ONE_PASS_MAX / BLAKE3_CHUNK_LEN, BLOCKS = BLAKE3_CHUNK_LEN / BLAKE3_BLOCK_LEN };
+  size_t lanes = (size_t)widths.lanes[widths.count - 1];
+  hash_chunks_fn *fn = widths.fn[widths.count - 1];
+  for (size_t first = 0; first < count; first += MAX) {
+    size_t batch = count - first < MAX ? count - first : MAX;
+    const uint8_t *input[MAX];
+    size_t length[MAX], whole[MAX], cv_count[MAX];
+    int alone[MAX]; // one chunk: it is the root
+    uint32_t cvs[MAX][CHUNKS][8];
+    // The whole chunks (of inputs of more than one chunk).
+    const uint8_t *chunks[MAX_LANES];
+    uint64_t counters[MAX_LANES];
+    uint32_t(*targets[MAX_LANES])[8];
+    size_t queued = 0;
+    for (size_t i = 0; i < batch; i++) {
+      input[i] = inputs[first + i];
+      length[i] = lengths[first + i];
+      alone[i] = length[i] <= BLAKE3_CHUNK_LEN;
+      whole[i] = alone[i] || length[i] > ONE_PASS_MAX ? 0 : length[i] / BLAKE3_CHUNK_LEN;
+      cv_count[i] = whole[i];
+      for (size_t c = 0; c < whole[i]; c++) {
+        chunks[queued] = input[i] + c * BLAKE3_CHUNK_LEN;
+        counters[queued] = c;
+        targets[queued++] = &cvs[i][c];
+        if (queued == lanes || (i == batch - 1 && c == whole[i] - 1)) {
+          uint32_t all[MAX_LANES][8];
+          for (size_t lane = queued; lane < lanes; lane++) chunks[lane] = chunks[0], counters[lane] = counters[0];
+          fn(chunks, counters, all);
+          for (size_t lane = 0; lane < queued; lane++) memcpy(*targets[lane], all[lane], sizeof all[0]);
+          queued = 0;
+        }
+      }
+    }
+    if (queued) {
+      uint32_t all[MAX_LANES][8];
+      for (size_t lane = queued; lane < lanes; lane++) chunks[lane] = chunks[0], counters[lane] = counters[0];
+      fn(chunks, counters, all);
+      for (size_t lane = 0; lane < queued; lane++) memcpy(*targets[lane], all[lane], sizeof all[0]);
+    }
+    // The last chunks that are short (or the only one), block by block.
+    uint32_t tail_cv[MAX][8];
+    size_t tail_bytes[MAX], tail_blocks[MAX];
+    uint8_t padded[MAX][BLAKE3_BLOCK_LEN];
+    for (size_t i = 0; i < batch; i++) {
+      int large = length[i] > ONE_PASS_MAX;
+      tail_bytes[i] = large ? 0 : length[i] - whole[i] * BLAKE3_CHUNK_LEN;
+      tail_blocks[i] = large || (!alone[i] && tail_bytes[i] == 0) ? 0 : tail_bytes[i] == 0 ? 1 : (tail_bytes[i] + BLAKE3_BLOCK_LEN - 1) / BLAKE3_BLOCK_LEN;
+      memcpy(tail_cv[i], IV, sizeof tail_cv[i]);
+    }
+    for (size_t step = 0; step < BLOCKS; step++) {
+      compression_t jobs[MAX];
+      uint32_t *out[MAX];
+      size_t n = 0;
+      for (size_t i = 0; i < batch; i++) {
+        if (step >= tail_blocks[i]) continue;
+        const uint8_t *at = input[i] + whole[i] * BLAKE3_CHUNK_LEN + step * BLAKE3_BLOCK_LEN;
+        int last = step == tail_blocks[i] - 1;
+        size_t bytes = last ? tail_bytes[i] - step * BLAKE3_BLOCK_LEN : BLAKE3_BLOCK_LEN;
+        const uint8_t *block = at;
+        if (bytes < BLAKE3_BLOCK_LEN) {
+          memset(padded[i], 0, sizeof padded[i]);
+          memcpy(padded[i], at, bytes);
+          block = padded[i];
+        }
+        uint32_t flags = (step == 0 ? CHUNK_START : 0) | (last ? CHUNK_END | (alone[i] ? ROOT : 0) : 0);
+        jobs[n] = (compression_t){tail_cv[i], block, whole[i], (uint32_t)bytes, flags};
+        out[n++] = tail_cv[i];
+      }
+      if (!n) break;
+      compress_all(jobs, n, out);
+    }
+    for (size_t i = 0; i < batch; i++) {
+      if (length[i] > ONE_PASS_MAX) nixcas_blake3(input[i], length[i], outs[first + i]);
+      else if (alone[i]) memcpy(outs[first + i], tail_cv[i], BLAKE3_OUT_LEN);
+      else if (tail_blocks[i]) memcpy(cvs[i][cv_count[i]++], tail_cv[i], sizeof tail_cv[i]);
+    }
+    // The parents, level by level: adjacent pairs merged, an odd one out carried up (the
+    // specification's left-balanced tree); the last merge of an input is its root.
+    for (;;) {
+      static _Thread_local compression_t jobs[MAX * CHUNKS / 2];
+      static _Thread_local uint8_t blocks[MAX * CHUNKS / 2][BLAKE3_BLOCK_LEN];
+      uint32_t *out[MAX * CHUNKS / 2];
+      size_t n = 0;
+      for (size_t i = 0; i < batch; i++) {
+        if (alone[i] || length[i] > ONE_PASS_MAX || cv_count[i] < 2) continue;
+        for (size_t k = 0; k + 1 < cv_count[i]; k += 2) {
+          memcpy(blocks[n], cvs[i][k], 32);
+          memcpy(blocks[n] + 32, cvs[i][k + 1], 32);
+          jobs[n] = (compression_t){IV, blocks[n], 0, BLAKE3_BLOCK_LEN, PARENT | (cv_count[i] == 2 ? ROOT : 0)};
+          out[n++] = cvs[i][k / 2];
+        }
+      }
+      if (!n) break;
+      compress_all(jobs, n, out);
+      for (size_t i = 0; i < batch; i++) {
+        if (alone[i] || length[i] > ONE_PASS_MAX || cv_count[i] < 2) continue;
+        if (cv_count[i] % 2) memcpy(cvs[i][cv_count[i] / 2], cvs[i][cv_count[i] - 1], sizeof cvs[i][0]);
+        cv_count[i] = (cv_count[i] + 1) / 2;
+        if (cv_count[i] == 1) memcpy(outs[first + i], cvs[i][0], BLAKE3_OUT_LEN);
+      }
+    }
+  }
 }

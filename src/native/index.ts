@@ -41,6 +41,8 @@ export interface NativeAddon {
   misalignment(buffer: Uint8Array, alignment: number): number;
   /** Whether the BLAKE3 of `data` is `digest` (src/native/blake3.c). */
   blake3Matches(data: Uint8Array, digest: Uint8Array): boolean;
+  /** The index of the first of `data` whose BLAKE3 is not its digest, or -1 (many small inputs hashed side by side). */
+  blake3ManyMatch(data: Uint8Array[], digests: Uint8Array[]): number;
   /** fcntl(F_SETFL) with or without O_DIRECT: 0 or -errno (-EINVAL where the file system has no direct I/O). */
   setDirect(fd: number, on: boolean): number;
   /** flock(2): shared or exclusive, waiting or not; 0 or -errno (-EWOULDBLOCK: held elsewhere). */

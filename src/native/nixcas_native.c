@@ -394,6 +394,43 @@ static napi_value blake3_matches(napi_env env, napi_callback_info info) {
   return result;
 }
 
+// blake3ManyMatch(buffers, digests) -> the index of the first buffer whose
+// BLAKE3 is not its digest, or -1: nixcas_blake3_many, which hashes many
+// small inputs side by side (the C renderer's checks).
+static napi_value blake3_many_match(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  if (!get_args(env, info, 2, argv)) return NULL;
+  uint32_t count, digest_count;
+  CHECK(napi_get_array_length(env, argv[0], &count));
+  CHECK(napi_get_array_length(env, argv[1], &digest_count));
+  if (count != digest_count) {
+    napi_throw_range_error(env, NULL, "nixcas native: blake3ManyMatch takes as many digests as buffers");
+    return NULL;
+  }
+  int64_t mismatch = -1;
+  for (uint32_t first = 0; first < count && mismatch < 0; first += NIXCAS_BLAKE3_MANY_MAX) {
+    uint32_t taken = count - first < NIXCAS_BLAKE3_MANY_MAX ? count - first : NIXCAS_BLAKE3_MANY_MAX;
+    const void *inputs[NIXCAS_BLAKE3_MANY_MAX];
+    size_t lengths[NIXCAS_BLAKE3_MANY_MAX];
+    void *expected[NIXCAS_BLAKE3_MANY_MAX];
+    size_t expected_lengths[NIXCAS_BLAKE3_MANY_MAX];
+    for (uint32_t i = 0; i < taken; i++) {
+      napi_value buffer, digest;
+      void *data;
+      CHECK(napi_get_element(env, argv[0], first + i, &buffer));
+      CHECK(napi_get_element(env, argv[1], first + i, &digest));
+      CHECK(napi_get_buffer_info(env, buffer, &data, &lengths[i]));
+      CHECK(napi_get_buffer_info(env, digest, &expected[i], &expected_lengths[i]));
+      inputs[i] = data;
+    }
+    uint8_t found[NIXCAS_BLAKE3_MANY_MAX][BLAKE3_OUT_LEN];
+    nixcas_blake3_many(inputs, lengths, taken, found);
+    for (uint32_t i = 0; i < taken && mismatch < 0; i++)
+      if (expected_lengths[i] != BLAKE3_OUT_LEN || memcmp(found[i], expected[i], BLAKE3_OUT_LEN) != 0) mismatch = first + i;
+  }
+  return make_int(env, mismatch);
+}
+
 // setDirect(fd, on) -> 0 or -errno: turns O_DIRECT on or off for an open
 // file (fcntl F_SETFL), so a file can be written through the page cache at
 // first and around it later, or go back when its file system refuses direct
@@ -980,6 +1017,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"widenPipe", NULL, widen_pipe, NULL, NULL, NULL, napi_default, NULL},
       {"misalignment", NULL, misalignment, NULL, NULL, NULL, napi_default, NULL},
       {"blake3Matches", NULL, blake3_matches, NULL, NULL, NULL, napi_default, NULL},
+      {"blake3ManyMatch", NULL, blake3_many_match, NULL, NULL, NULL, napi_default, NULL},
       {"setDirect", NULL, set_direct, NULL, NULL, NULL, napi_default, NULL},
       {"flock", NULL, flock_fd, NULL, NULL, NULL, napi_default, NULL},
       {"notifySocket", NULL, notify_socket, NULL, NULL, NULL, napi_default, NULL},
