@@ -472,16 +472,15 @@ void nixcas_blake3_many(const void *const inputs[], const size_t lengths[], size
         chunks[queued] = input[i] + c * BLAKE3_CHUNK_LEN;
         counters[queued] = c;
         targets[queued++] = &cvs[i][c];
-        if (queued == lanes || (i == batch - 1 && c == whole[i] - 1)) {
+        if (queued == lanes) {
           uint32_t all[MAX_LANES][8];
-          for (size_t lane = queued; lane < lanes; lane++) chunks[lane] = chunks[0], counters[lane] = counters[0];
           fn(chunks, counters, all);
-          for (size_t lane = 0; lane < queued; lane++) memcpy(*targets[lane], all[lane], sizeof all[0]);
+          for (size_t lane = 0; lane < lanes; lane++) memcpy(*targets[lane], all[lane], sizeof all[0]);
           queued = 0;
         }
       }
     }
-    if (queued) {
+    if (queued) { // the rest, the spare lanes repeating the first chunk
       uint32_t all[MAX_LANES][8];
       for (size_t lane = queued; lane < lanes; lane++) chunks[lane] = chunks[0], counters[lane] = counters[0];
       fn(chunks, counters, all);

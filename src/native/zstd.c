@@ -7,13 +7,8 @@
 #include <stdlib.h>
 #include <zstd.h>
 
-#define CHECK(call)                                                  \
-  do {                                                               \
-    if ((call) != napi_ok) {                                         \
-      napi_throw_error(env, NULL, "nixcas zstd: " #call " failed"); \
-      return NULL;                                                   \
-    }                                                                \
-  } while (0)
+#define NAPI_CHECK_PREFIX "nixcas zstd: "
+#include "napi_check.h"
 
 typedef struct {
   ZSTD_DStream *stream;
