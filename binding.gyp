@@ -42,6 +42,21 @@
           "type": "none"
         }]
       ]
+    },
+    {
+      # Substituted NARs decoded, hashed, parsed and written on libuv's pool
+      # (src/store/nar/native/nar-ingest.c). SHA-256 is Node's own OpenSSL, whose symbols the node
+      # binary exports. Built where libzstd's header is; without it the TypeScript reader ingests.
+      "target_name": "nixcas_ingest",
+      "conditions": [
+        ["<!(test -f /usr/include/zstd.h && echo 1 || echo 0)==1", {
+          "sources": ["src/store/nar/native/nar-ingest.c", "src/native/blake3.c"],
+          "libraries": ["-lzstd"],
+          "cflags": ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-format-truncation"]
+        }, {
+          "type": "none"
+        }]
+      ]
     }
   ]
 }

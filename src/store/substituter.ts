@@ -15,6 +15,7 @@ import type { BinaryCache } from './binary-cache.js';
 import type { StoreServices } from './import.js';
 import { type NarCompression, decompress, isNarCompression } from './nar/decompress.js';
 import { ingestNar } from './nar/ingest.js';
+import { ingestNarNatively, nativeIngestTarget } from './nar/native-ingest.js';
 import { type NarInfo, formatNarHash, narInfoFingerprint } from './narinfo.js';
 import * as nixbase32 from './nixbase32.js';
 import type { PathInfo } from './pathinfo.js';
@@ -230,20 +231,36 @@ export class Substituter {
   private async downloadNar(cache: BinaryCache, narInfo: NarInfo): Promise<Node> {
     const { url, body } = cache.nar(narInfo.url);
     const compression = narInfo.compression as NarCompression;
-    const fileHash = narInfo.fileSha256 && compression !== 'none' ? createHash('sha256') : undefined;
+    const checksFile = narInfo.fileSha256 !== undefined && compression !== 'none';
     const file = limited(body, compression === 'none' ? narInfo.narSize : narInfo.fileSize, `${url} is longer than its narinfo's ${compression === 'none' ? 'NarSize' : 'FileSize'}`);
     let fileBytes = 0;
+    const native = nativeIngestTarget(this.local.blobs, compression);
+    const fileHash = checksFile && !native ? createHash('sha256') : undefined;
     const counted = tap(file, (chunk) => {
       fileBytes += chunk.length;
       fileHash?.update(chunk);
       this.options.onBytes?.(chunk.length);
     });
-    const nar = compression === 'none' ? counted : decompress(counted, compression, () => undefined);
-    const ingested = await ingestNar(limited(nar, narInfo.narSize, `${url} decompresses to more than its narinfo's NarSize`), this.local);
+    const tooLarge = `${url} decompresses to more than its narinfo's NarSize`;
+    let ingested: { root: Node; narSize: number; narSha256: Buffer; fileSha256?: Buffer };
+    if (native) {
+      ingested = await ingestNarNatively(counted, {
+        compression: compression as 'zstd' | 'none',
+        hashFile: checksFile,
+        narSizeMax: narInfo.narSize,
+        tooLarge: () => new SubstitutionError(tooLarge),
+        blobs: native,
+        directories: this.local.directories,
+      });
+    } else {
+      const nar = compression === 'none' ? counted : decompress(counted, compression, () => undefined);
+      ingested = await ingestNar(limited(nar, narInfo.narSize, tooLarge), this.local);
+      ingested.fileSha256 = fileHash?.digest();
+    }
     if (narInfo.fileSize !== undefined && compression !== 'none' && fileBytes !== narInfo.fileSize) {
       throw new SubstitutionError(`${url} is ${fileBytes} bytes, its narinfo's FileSize says ${narInfo.fileSize}`);
     }
-    if (fileHash && !fileHash.digest().equals(narInfo.fileSha256!)) {
+    if (checksFile && !ingested.fileSha256!.equals(narInfo.fileSha256!)) {
       throw new SubstitutionError(`${url} does not hash to its narinfo's FileHash`);
     }
     if (ingested.narSize !== narInfo.narSize) {

@@ -453,6 +453,27 @@ export class LocalBlobService implements BlobService {
     return digest;
   }
 
+  /**
+   * Where a writer outside this object (the native NAR ingest, store/nar/native-ingest.ts) makes
+   * its temp files: a fresh prefix, to which it appends a number, of names abandoned-file
+   * clean-up recognises (TEMP_NAME).
+   */
+  tempFilePrefix(): string {
+    return join(this.root, 'tmp', `${process.pid}-${randomBytes(6).toString('hex')}-`);
+  }
+
+  /** A complete, synced file made under tempFilePrefix(), which its writer hashed to `digest` as it wrote it: moved to its address. */
+  async adoptTempFile(tmpPath: string, digest: B3Digest): Promise<void> {
+    await this.lease?.hold();
+    await this.publish(tmpPath, digest);
+  }
+
+  /** A small blob whose digest its caller computed from these bytes (the native NAR ingest). */
+  putHashed(digest: B3Digest, data: Buffer): Promise<void> {
+    if (data.length > SMALL_BLOB_MAX) throw new RangeError(`a blob of ${data.length} bytes is not small`);
+    return this.publishSmall(digest, data);
+  }
+
   /** Stores a small blob in LMDB; puts made in the same tick share one commit. */
   private async publishSmall(digest: B3Digest, data: Buffer): Promise<void> {
     await this.lease?.hold();
