@@ -25,6 +25,7 @@ import { FuseServer, expectsReply } from '../src/fuse/protocol.js';
 import { decodeDirectory, encodeDirectory } from '../src/castore/wire.js';
 import { parseRange } from '../src/narbridge/range.js';
 import { ingestNar } from '../src/store/nar/ingest.js';
+import { narString } from './nar-samples.js';
 import { renderNar } from '../src/store/nar/render.js';
 import { parseNarInfo } from '../src/store/narinfo.js';
 import { GuestMemory as DeviceMemory, GuestMemoryError } from '../src/vhost-user/memory.js';
@@ -150,14 +151,6 @@ test(`fuzz: HTTP Range gives the whole, nothing, or a range inside the represent
 });
 
 // ---------------------------------------------------------------- NAR ingestion
-
-function narString(bytes: Buffer | string): Buffer {
-  const data = Buffer.from(bytes);
-  const out = Buffer.alloc(8 + Math.ceil(data.length / 8) * 8);
-  out.writeBigUInt64LE(BigInt(data.length));
-  data.copy(out, 8);
-  return out;
-}
 
 type Tree = { kind: 'file'; contents: Buffer; executable: boolean } | { kind: 'symlink'; target: string } | { kind: 'directory'; entries: [string, Tree][] };
 

@@ -12,6 +12,7 @@ import { removeDir, seededBytes, tempDir } from './helpers.js';
 import { InvalidInputError } from '../src/castore/errors.js';
 import { parseClosure, parseContentAddress, parseNixHash } from '../src/store/closure.js';
 import { NarEncoder } from '../src/store/nar/encoder.js';
+import { malformedNars, nar, narString, sampleNar } from './nar-samples.js';
 import { RecycledSlabs } from '../src/store/nar/recycled-slabs.js';
 import { NarFormatError, ingestNar } from '../src/store/nar/ingest.js';
 import * as nixbase32 from '../src/store/nixbase32.js';
@@ -84,24 +85,6 @@ test('closure descriptions: attrs.json, path-info list and object; bad entries r
   assert.throws(() => parseClosure({ name: 'nothing' }), /no closure entries found/);
 });
 
-/** A NAR of a small tree, written with the encoder. */
-function sampleNar(): Buffer {
-  const chunks: Buffer[] = [];
-  const e = new NarEncoder((c) => chunks.push(Buffer.from(c)));
-  e.directoryStart();
-  e.entryStart(Buffer.from('a'));
-  e.fileStart(true, 5);
-  e.fileData(Buffer.from('hello'));
-  e.fileEnd();
-  e.entryEnd();
-  e.entryStart(Buffer.from('b'));
-  e.symlink(Buffer.from('a'));
-  e.entryEnd();
-  e.directoryEnd();
-  e.flush();
-  return Buffer.concat(chunks);
-}
-
 test('NAR encoder: a file size above 4 GiB is written as a full little-endian u64', () => {
   const chunks: Buffer[] = [];
   const encoder = new NarEncoder((chunk) => chunks.push(Buffer.from(chunk)));
@@ -162,18 +145,6 @@ test('NAR encoder: recycled slabs are reused only once the consumer is past them
   const slabsWorth = Math.ceil(Buffer.concat(expected).length / 256);
   assert.ok(distinct.size < slabsWorth / 4, `${distinct.size} distinct slabs for ${slabsWorth} slabs' worth of NAR`);
 });
-
-function narString(text: string): Buffer {
-  const bytes = Buffer.from(text);
-  const out = Buffer.alloc(8 + Math.ceil(bytes.length / 8) * 8);
-  out.writeBigUInt64LE(BigInt(bytes.length));
-  bytes.copy(out, 8);
-  return out;
-}
-
-function nar(...tokens: (string | Buffer)[]): Buffer {
-  return Buffer.concat(tokens.map((t) => (typeof t === 'string' ? narString(t) : t)));
-}
 
 test('NAR reader: a NAR whose chunks the producer reuses (as decompression does) is stored as it is, small and large files alike, at every chunk size', async () => {
   // Files around the reader's 64 KiB limit for storing whole, and the local store's small-blob limit.
@@ -263,26 +234,7 @@ test('NAR reader: refuses malformed NARs with a clear error and registers no dir
   const ok = await ingestNar([good], services());
   assert.equal(ok.narSize, good.length);
 
-  const file = (contents: string, ...before: string[]) => ['(', 'type', 'regular', ...before, 'contents', narString(contents), ')'];
-  const dir = (...entries: (string | Buffer)[][]) => ['(', 'type', 'directory', ...entries.flat(), ')'];
-  const entry = (name: string | Buffer, node: (string | Buffer)[]) => ['entry', '(', 'name', typeof name === 'string' ? narString(name) : name, 'node', ...node, ')'];
-  const badPadding = Buffer.concat([Buffer.from([3, 0, 0, 0, 0, 0, 0, 0]), Buffer.from('abc'), Buffer.from([0, 0, 0, 0, 1])]);
-  const cases: [string, Buffer, RegExp][] = [
-    ['truncated', good.subarray(0, good.length - 9), /NAR is truncated/],
-    ['cut inside contents', good.subarray(0, 150), /NAR is truncated/],
-    ['not a NAR', nar('nix-archive-2', ...file('x')), /does not start with "nix-archive-1"/],
-    ['trailing data', Buffer.concat([good, narString('x')]), /trailing data/],
-    ['unsorted', nar('nix-archive-1', ...dir(entry('b', file('1')), entry('a', file('2')))), /entry "a" comes after "b"/],
-    ['duplicate', nar('nix-archive-1', ...dir(entry('a', file('1')), entry('a', file('2')))), /entry "a" appears twice/],
-    ['slash in name', nar('nix-archive-1', ...dir(entry('a/b', file('1')))), /entry name "a\/b"/],
-    ['dot-dot name', nar('nix-archive-1', ...dir(entry('..', file('1')))), /entry name "\.\."/],
-    ['empty name', nar('nix-archive-1', ...dir(entry('', file('1')))), /entry name/],
-    ['executable after contents', nar('nix-archive-1', '(', 'type', 'regular', 'contents', narString('x'), 'executable', '', ')'), /expected "\)", found "executable"/],
-    ['bad padding', nar('nix-archive-1', '(', 'type', 'symlink', 'target', badPadding, ')'), /non-zero padding/],
-    ['unknown type', nar('nix-archive-1', '(', 'type', 'fifo', ')'), /unknown node type "fifo"/],
-    ['huge length', nar('nix-archive-1', '(', 'type', 'regular', 'contents', Buffer.from([0, 0, 0, 0, 0, 0, 0, 0x80])), /too large/],
-    ['empty symlink target', nar('nix-archive-1', '(', 'type', 'symlink', 'target', '', ')'), /symlink target/],
-  ];
+  const cases = malformedNars();
   for (const [what, bytes, why] of cases) {
     const s = services();
     let puts = 0;

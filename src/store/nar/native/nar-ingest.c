@@ -112,7 +112,7 @@ typedef struct ingest {
   napi_deferred deferred;
   napi_async_work work;
   napi_ref self; // the handle, kept while its batch is on the pool
-  uint32_t batch_first_temp; // temp files numbered after this were made by the batch
+  uint32_t reported_temp; // the last temp file whose event reached JavaScript: those after it are removed if the batch fails
   napi_ref *chunk_refs;
   const uint8_t **chunk_data;
   size_t *chunk_lengths;
@@ -130,13 +130,19 @@ static void fail_with(ingest_t *in, const char *code, const char *format, ...) {
   va_end(args);
 }
 
-/** Appends `name` to `out` as the TypeScript reader shows it: printable ASCII as it is, other bytes as \xNN. */
+/** Writes `name` to `out` as castore/model.ts's displayName does inside its quotes: printable ASCII as it is, '"' as \", other bytes as \xNN. */
 static size_t show_name(char *out, size_t room, const uint8_t *name, size_t length) {
   size_t at = 0;
   for (size_t i = 0; i < length && at + 5 < room; i++) {
     uint8_t c = name[i];
-    if (c >= 0x20 && c < 0x7f && c != '\\') out[at++] = (char)c;
-    else at += (size_t)snprintf(out + at, room - at, "\\x%02x", c);
+    if (c == '"') {
+      out[at++] = '\\';
+      out[at++] = '"';
+    } else if (c >= 0x20 && c < 0x7f && c != '\\') {
+      out[at++] = (char)c;
+    } else {
+      at += (size_t)snprintf(out + at, room - at, "\\x%02x", c);
+    }
   }
   out[at] = 0;
   return at;
@@ -411,14 +417,14 @@ static void end_string(ingest_t *in) {
       const char *problem = name_problem(in->string, length);
       show_name(shown, sizeof shown, in->string, length);
       if (problem) {
-        malformed(in, "entry name '%s': %s", shown, problem);
+        malformed(in, "entry name \"%s\": %s", shown, problem);
         break;
       }
       if (level->has_last) {
         int order = compare_names(level->last, level->last_length, in->string, length);
         show_name(previous, sizeof previous, level->last, level->last_length);
-        if (order == 0) malformed(in, "entry '%s' appears twice", shown);
-        else if (order > 0) malformed(in, "entry '%s' comes after '%s': entries must be sorted", shown, previous);
+        if (order == 0) malformed(in, "entry \"%s\" appears twice", shown);
+        else if (order > 0) malformed(in, "entry \"%s\" comes after \"%s\": entries must be sorted", shown, previous);
         if (failed(in)) break;
       }
       memcpy(level->last, in->string, length);
@@ -602,11 +608,11 @@ static void drop_temp_file(ingest_t *in) {
 static void drop_batch_temp_files(ingest_t *in) {
   drop_temp_file(in);
   char path[NAR_TEMP_PATH_MAX];
-  for (uint32_t n = in->batch_first_temp + 1; n <= in->temp_count; n++) {
+  for (uint32_t n = in->reported_temp + 1; n <= in->temp_count; n++) {
     snprintf(path, sizeof path, "%s%u", in->temp_prefix, n);
     unlink(path);
   }
-  in->batch_first_temp = in->temp_count;
+  in->reported_temp = in->temp_count;
 }
 
 static void free_events(napi_env env, void *data, void *hint) { free(data); }
@@ -644,7 +650,7 @@ static void feed_complete(napi_env env, napi_status status, void *data) {
     free(in->events.data);
   }
   in->events = (bytes_t){0};
-  in->batch_first_temp = in->temp_count;
+  in->reported_temp = in->fd >= 0 ? in->temp_count - 1 : in->temp_count; // one still being written is not reported
   napi_resolve_deferred(env, in->deferred, result);
 }
 
