@@ -24,8 +24,12 @@ import { IN_HEADER_SIZE, Opcode } from '../src/fuse/abi.js';
 import { FuseServer, expectsReply } from '../src/fuse/protocol.js';
 import { decodeDirectory, encodeDirectory } from '../src/castore/wire.js';
 import { parseRange } from '../src/narbridge/range.js';
-import { ingestNar } from '../src/store/nar/ingest.js';
+import { NarFormatError, ingestNar } from '../src/store/nar/ingest.js';
+import { ingestNarNatively, nativeIngestTarget } from '../src/store/nar/native-ingest.js';
+import { narIngestAddon } from '../src/native/ingest.js';
 import { narString } from './nar-samples.js';
+import { readdirSync } from 'node:fs';
+import { LocalStore } from '../src/castore/backends/local.js';
 import { renderNar } from '../src/store/nar/render.js';
 import { parseNarInfo } from '../src/store/narinfo.js';
 import { GuestMemory as DeviceMemory, GuestMemoryError } from '../src/vhost-user/memory.js';
@@ -200,6 +204,41 @@ test(`fuzz: NAR ingestion refuses what is not a canonical NAR, and what it takes
     }),
     { ...params, numRuns: Math.max(1, Math.floor(RUNS / 2)) },
   );
+});
+
+test(`fuzz: the native NAR ingest accepts what the TypeScript reader accepts, with the same tree, and refuses the rest with NarFormatError (seed ${SEED})`, { skip: !narIngestAddon() && 'the nixcas_ingest addon is not built' }, async () => {
+  const dir = tempDir('fuzz-native-ingest');
+  const blobs = LocalStore.blobService(dir, { create: true });
+  const directories = LocalStore.directoryService(dir, { create: true });
+  const target = nativeIngestTarget(blobs, 'none')!;
+  try {
+    await fc.assert(
+      fc.asyncProperty(bytesAround(narArb), fc.integer({ min: 1, max: 64 }), fc.integer({ min: 1, max: 200 }), async (nar, piece, batchBytes) => {
+        const chunks: Buffer[] = [];
+        for (let at = 0; at < nar.length; at += piece) chunks.push(nar.subarray(at, at + piece));
+        const reference = await ingestNar(chunks, { blobs: new MemoryBlobService(), directories: new MemoryDirectoryService() }).catch((err: Error) => err);
+        async function* body() {
+          yield* chunks;
+        }
+        const native = await ingestNarNatively(body(), { compression: 'none', hashFile: false, narSizeMax: 1 << 20, tooLarge: () => new Error('too large'), blobs: target, directories, batchBytes }).catch((err: Error) => err);
+        if (reference instanceof Error) {
+          assert.ok(native instanceof NarFormatError, `the TypeScript reader refused (${reference.message}), the native ingest gave ${native instanceof Error ? native.message : 'a tree'}: ${nar.toString('hex').slice(0, 200)}`);
+        } else {
+          assert.ok(!(native instanceof Error), `the native ingest refused a NAR the TypeScript reader took: ${(native as Error).message}`);
+          assert.deepEqual(native.root, reference.root);
+          assert.equal(native.narSize, reference.narSize);
+          assert.ok(native.narSha256.equals(reference.narSha256));
+        }
+        assert.deepEqual(readdirSync(join(dir, 'tmp')), [], 'no temp file left behind');
+        return true;
+      }),
+      { ...params, numRuns: Math.max(1, Math.floor(RUNS / 4)) },
+    );
+  } finally {
+    await blobs.close();
+    await directories.close();
+    removeDir(dir);
+  }
 });
 
 // ---------------------------------------------------------------- virtqueue chain walking
