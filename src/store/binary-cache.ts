@@ -14,6 +14,7 @@ import { createBrotliDecompress, createGunzip, createInflate } from 'node:zlib';
 import { readFile } from 'node:fs/promises';
 import { fileURLToPath } from 'node:url';
 import { InvalidNarInfoError, type NarInfo, parseNarInfo } from './narinfo.js';
+import { PlainHttpFallback, PlainHttpTimeout, plainHttpBody } from './http-body.js';
 
 /** A narinfo larger than this is not one. */
 const MAX_NARINFO_BYTES = 1 << 20;
@@ -64,7 +65,8 @@ export class BinaryCache {
     if (url.protocol !== this.base.protocol || url.host !== this.base.host) {
       throw new UpstreamError(`${this.url}: a narinfo's URL ${JSON.stringify(narUrl)} points outside the cache`);
     }
-    return { url: url.href, body: this.base.protocol === 'file:' ? fileBody(url) : this.httpBody(url) };
+    const body = this.base.protocol === 'file:' ? fileBody(url) : url.protocol === 'http:' && process.env.NIXCAS_PLAIN_HTTP !== '0' ? this.plainHttpBody(url) : this.httpBody(url);
+    return { url: url.href, body };
   }
 
   /** Whether the cache may serve castore objects (a nixcas nar-bridge does, over http(s)). */
@@ -112,6 +114,26 @@ export class BinaryCache {
       throw upstreamError(url.href, response && stalled.has(response) ? new NoAnswerError() : err, this.options.timeoutMs);
     } finally {
       response?.destroy(); // a no-op once the body was read to its end
+    }
+  }
+
+  /**
+   * A NAR's body over plain HTTP read into lent slabs (http-body.ts); through node:http when the
+   * answer is not a plain 200 body. NIXCAS_PLAIN_HTTP=0 always uses node:http (to measure it).
+   */
+  private async *plainHttpBody(url: URL): AsyncGenerator<Uint8Array> {
+    let started = false;
+    try {
+      for await (const view of plainHttpBody(url, this.options.timeoutMs)) {
+        started = true;
+        yield view;
+      }
+    } catch (err) {
+      if (err instanceof PlainHttpFallback && !started) {
+        yield* this.httpBody(url);
+        return;
+      }
+      throw upstreamError(url.href, err instanceof PlainHttpTimeout ? new NoAnswerError() : err, this.options.timeoutMs);
     }
   }
 

@@ -9,6 +9,7 @@ import type { B3Digest } from '../../castore/digest.js';
 import type { DirectoryService } from '../../castore/directoryservice.js';
 import type { Node } from '../../castore/model.js';
 import { BlobWriteWindow, type PendingNode, finishTree } from '../../castore/tree-builder.js';
+import { lentSlabOf } from '../../castore/lent-slabs.js';
 import type { BlobService } from '../../castore/blobservice.js';
 import { type NarIngestAddon, type NarIngestSums, narIngestAddon } from '../../native/ingest.js';
 import { DecompressionError } from './decompress.js';
@@ -153,12 +154,24 @@ export async function ingestNarNatively(body: AsyncIterable<Uint8Array>, options
   const tree = new EventTree(options.blobs, window, tempPrefix);
   const batchBytes = options.batchBytes ?? BATCH_BYTES;
   let fed: Promise<Buffer> | undefined;
-  /** Waits for the batch on the pool and applies its events. */
+  /** The holds on lent slabs (a producer's memory: http-body.ts) of the batch on the pool, and of the one being gathered. */
+  let fedHolds: (() => void)[] = [];
+  let holds: (() => void)[] = [];
+  const feed = (batch: Buffer[]) => {
+    fed = addon.feed(handle, batch);
+    fedHolds = holds;
+    holds = [];
+  };
+  /** Waits for the batch on the pool, lets its slabs go, and applies its events. */
   const settle = async (): Promise<void> => {
     if (!fed) return;
-    const events = await fed;
-    fed = undefined;
-    await tree.apply(events);
+    try {
+      const events = await fed;
+      fed = undefined;
+      await tree.apply(events);
+    } finally {
+      for (const release of fedHolds.splice(0)) release();
+    }
   };
   try {
     let batch: Buffer[] = [];
@@ -166,16 +179,18 @@ export async function ingestNarNatively(body: AsyncIterable<Uint8Array>, options
     for await (const chunk of body) {
       if (chunk.length === 0) continue;
       batch.push(Buffer.isBuffer(chunk) ? chunk : Buffer.from(chunk.buffer, chunk.byteOffset, chunk.length));
+      const slab = lentSlabOf(chunk);
+      if (slab) holds.push(slab.hold());
       batched += chunk.length;
       if (batched < batchBytes) continue;
       await settle();
-      fed = addon.feed(handle, batch);
+      feed(batch);
       batch = [];
       batched = 0;
     }
     await settle();
     if (batch.length) {
-      fed = addon.feed(handle, batch);
+      feed(batch);
       await settle();
     }
     const sums = addon.finish(handle);
@@ -183,10 +198,11 @@ export async function ingestNarNatively(body: AsyncIterable<Uint8Array>, options
     const root = await finishTree(tree.root!, options.directories);
     return { root, ...sums };
   } catch (err) {
-    await fed?.catch(() => {}); // the pool must be done with the handle before it is released
+    await fed?.catch(() => {}); // the pool must be done with the handle (and the slabs) before they are released
     await window.drain().catch(() => {});
     throw translated(err, options);
   } finally {
+    for (const release of [...fedHolds, ...holds]) release();
     addon.release(handle);
   }
 }
