@@ -123,7 +123,8 @@ class Response {
           return end;
         }
         this.head(bytes.subarray(this.lineStart, this.lineStart + stop).toString('latin1'));
-        return (this.bodyFrom = this.lineStart + stop + 4);
+        this.lineStart = this.bodyFrom = this.lineStart + stop + 4;
+        return this.lineStart;
       }
       case 'length':
       case 'chunk-data': {
@@ -143,14 +144,13 @@ class Response {
         // From a byte back: a CR may have ended the last read.
         const from = Math.max(this.lineStart, at - 1);
         const found = bytes.subarray(from, end).indexOf('\r\n');
-        const stop = found < 0 ? -1 : from + found - at;
-        if (stop < 0) {
-          // A line split between slabs is carried over by the caller (retire); lines are short.
+        if (found < 0) {
+          // A line split between slabs is carried over by retire(); lines are short.
           if (end - this.lineStart > 4096) throw new Error('a chunk header longer than 4 KiB');
           return end;
         }
-        const line = bytes.subarray(this.lineStart, at + stop).toString('latin1');
-        at += stop + 2;
+        const line = bytes.subarray(this.lineStart, from + found).toString('latin1');
+        at = from + found + 2;
         this.lineStart = at;
         if (this.state === 'chunk-end') {
           if (line !== '') throw new Error('a chunk does not end with CRLF');
