@@ -102,13 +102,17 @@ class Response {
     this.filled = end;
     try {
       while (at < end && this.state !== 'done') at = this.step(at, end);
-      if (at < end) throw new Error('the upstream sent more than the response');
     } catch (err) {
       this.fail(err as Error);
       return;
     }
-    if (this.state === 'done') this.retire(true);
-    else if (this.filled === this.slab.bytes.length) this.retire(false);
+    if (this.state === 'done') {
+      this.retire(true);
+      // Bytes past the response: the body stands, the connection is not used again.
+      if (at < end) this.fail(new Error('the upstream sent more than the response'));
+    } else if (this.filled === this.slab.bytes.length) {
+      this.retire(false);
+    }
     this.signal();
   }
 
