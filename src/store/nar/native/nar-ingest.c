@@ -615,6 +615,15 @@ static void drop_batch_temp_files(ingest_t *in) {
   in->reported_temp = in->temp_count;
 }
 
+/**
+ * After a batch, its events taken: a failed batch's temp files are all removed (their events never
+ * reach JavaScript); after a good one, every finished temp file is JavaScript's to move or remove.
+ */
+static void end_batch(ingest_t *in) {
+  if (failed(in)) drop_batch_temp_files(in);
+  else in->reported_temp = in->fd >= 0 ? in->temp_count - 1 : in->temp_count; // one still being written is not reported
+}
+
 static void free_events(napi_env env, void *data, void *hint) { free(data); }
 
 static void feed_complete(napi_env env, napi_status status, void *data) {
@@ -631,26 +640,24 @@ static void feed_complete(napi_env env, napi_status status, void *data) {
   napi_delete_reference(env, in->self);
   in->busy = 0;
   napi_value result = NULL;
+  bytes_t events = in->events;
+  // The events go to JavaScript as they are, in memory it frees when the Buffer is collected.
+  if (!failed(in) && events.length && napi_create_external_buffer(env, events.length, events.data, free_events, NULL, &result) != napi_ok) {
+    fail_with(in, "ENOMEM", "the events could not be handed over");
+  }
   if (failed(in)) {
-    drop_batch_temp_files(in);
+    if (!result) free(events.data);
+    in->events = (bytes_t){0};
+    end_batch(in);
     napi_reject_deferred(env, in->deferred, error_value(env, in));
     return;
   }
-  // The events go to JavaScript as they are, in memory it frees when the Buffer is collected.
-  if (in->events.length == 0 || napi_create_external_buffer(env, in->events.length, in->events.data, free_events, NULL, &result) != napi_ok) {
-    if (in->events.length) {
-      napi_value error;
-      napi_value message;
-      napi_create_string_utf8(env, "nixcas ingest: the events could not be handed over", NAPI_AUTO_LENGTH, &message);
-      napi_create_error(env, NULL, message, &error);
-      napi_reject_deferred(env, in->deferred, error);
-      return;
-    }
+  if (!result) {
+    free(events.data);
     napi_create_buffer(env, 0, NULL, &result);
-    free(in->events.data);
   }
   in->events = (bytes_t){0};
-  in->reported_temp = in->fd >= 0 ? in->temp_count - 1 : in->temp_count; // one still being written is not reported
+  end_batch(in);
   napi_resolve_deferred(env, in->deferred, result);
 }
 
@@ -679,6 +686,44 @@ static void finalize(napi_env env, void *data, void *hint) {
   ingest_t *in = data;
   release_memory(in); // never while busy: the pending work holds a reference to the handle's owner
   free(in);
+}
+
+/** A new ingest, or NULL without memory (or without a digest from OpenSSL). */
+static ingest_t *ingest_new(int zstd, int hash_file, uint64_t nar_size_max, const char *temp_prefix) {
+  ingest_t *in = calloc(1, sizeof *in);
+  if (!in) return NULL;
+  in->fd = -1;
+  in->zstd = zstd;
+  in->nar_size_max = nar_size_max;
+  in->temp_prefix = strdup(temp_prefix);
+  in->temp_path = malloc(NAR_TEMP_PATH_MAX);
+  in->small = malloc(NAR_SMALL_FILE_MAX);
+  in->nar_sha256 = EVP_MD_CTX_new();
+  if (hash_file) in->file_sha256 = EVP_MD_CTX_new();
+  if (zstd) {
+    in->decoder = ZSTD_createDStream();
+    in->decoded = malloc(NAR_DECODE_STEP);
+  }
+  int ok = in->temp_prefix && in->temp_path && in->small && in->nar_sha256 && (!hash_file || in->file_sha256) && (!zstd || (in->decoder && in->decoded));
+  ok = ok && EVP_DigestInit_ex(in->nar_sha256, EVP_sha256(), NULL) == 1 && (!hash_file || EVP_DigestInit_ex(in->file_sha256, EVP_sha256(), NULL) == 1);
+  if (ok && zstd) ZSTD_initDStream(in->decoder);
+  if (!ok) {
+    release_memory(in);
+    free(in);
+    return NULL;
+  }
+  return in;
+}
+
+/** After the last batch: fails the ingest if the NAR or the zstd frame is incomplete. */
+static void check_complete(ingest_t *in) {
+  if (!failed(in) && in->zstd && in->decoder_last != 0) fail_with(in, "ZSTD", "it ends inside a frame");
+  if (failed(in) || in->grammar == G_END) return;
+  const char *what = in->grammar == G_CONTENTS && in->lexer == L_BODY ? "file contents" : in->lexer == L_PADDING ? "padding" : "a token";
+  if (in->grammar == G_ENTRY_NAME && in->lexer == L_BODY) what = "entry name";
+  if (in->grammar == G_TARGET && in->lexer == L_BODY) what = "symlink target";
+  if (in->grammar == G_MAGIC) what = "the NAR header";
+  fail_with(in, "NAR_FORMAT", "NAR is truncated: it ends at byte %llu inside %s", (unsigned long long)in->nar_size, what);
 }
 
 static ingest_t *get_ingest(napi_env env, napi_value value) {
@@ -718,31 +763,21 @@ static napi_value create(napi_env env, napi_callback_info info) {
     napi_throw_range_error(env, NULL, "nixcas ingest: the temp file prefix is too long");
     return NULL;
   }
-  ingest_t *in = calloc(1, sizeof *in);
-  if (!in) {
+  char *prefix = malloc(prefix_length + 1);
+  if (!prefix || napi_get_value_string_utf8(env, argv[3], prefix, prefix_length + 1, &prefix_length) != napi_ok) {
+    free(prefix);
     napi_throw_error(env, NULL, "nixcas ingest: out of memory");
     return NULL;
   }
-  in->fd = -1;
-  in->zstd = zstd;
-  in->nar_size_max = nar_size_max < 0 ? 0 : (uint64_t)nar_size_max;
-  in->temp_prefix = malloc(prefix_length + 1);
-  in->temp_path = malloc(NAR_TEMP_PATH_MAX);
-  in->small = malloc(NAR_SMALL_FILE_MAX);
-  in->nar_sha256 = EVP_MD_CTX_new();
-  if (hash_file) in->file_sha256 = EVP_MD_CTX_new();
-  if (zstd) {
-    in->decoder = ZSTD_createDStream();
-    in->decoded = malloc(NAR_DECODE_STEP);
-  }
-  int ok = in->temp_prefix && in->temp_path && in->small && in->nar_sha256 && (!hash_file || in->file_sha256) && (!zstd || (in->decoder && in->decoded));
-  ok = ok && EVP_DigestInit_ex(in->nar_sha256, EVP_sha256(), NULL) == 1 && (!hash_file || EVP_DigestInit_ex(in->file_sha256, EVP_sha256(), NULL) == 1);
-  if (ok && zstd) ZSTD_initDStream(in->decoder);
-  if (ok) ok = napi_get_value_string_utf8(env, argv[3], in->temp_prefix, prefix_length + 1, &prefix_length) == napi_ok;
+  ingest_t *in = ingest_new(zstd, hash_file, nar_size_max < 0 ? 0 : (uint64_t)nar_size_max, prefix);
+  free(prefix);
+  int ok = in != NULL;
   napi_value handle;
   if (!ok || napi_create_external(env, in, finalize, NULL, &handle) != napi_ok) {
-    release_memory(in);
-    free(in);
+    if (in) {
+      release_memory(in);
+      free(in);
+    }
     napi_throw_error(env, NULL, "nixcas ingest: out of memory");
     return NULL;
   }
@@ -822,14 +857,7 @@ static napi_value finish(napi_env env, napi_callback_info info) {
   CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   ingest_t *in = argc < 1 ? NULL : get_ingest(env, argv[0]);
   if (!in) return NULL;
-  if (!failed(in) && in->zstd && in->decoder_last != 0) fail_with(in, "ZSTD", "it ends inside a frame");
-  if (!failed(in) && in->grammar != G_END) {
-    const char *what = in->grammar == G_CONTENTS && in->lexer == L_BODY ? "file contents" : in->lexer == L_PADDING ? "padding" : "a token";
-    if (in->grammar == G_ENTRY_NAME && in->lexer == L_BODY) what = "entry name";
-    if (in->grammar == G_TARGET && in->lexer == L_BODY) what = "symlink target";
-    if (in->grammar == G_MAGIC) what = "the NAR header";
-    fail_with(in, "NAR_FORMAT", "NAR is truncated: it ends at byte %llu inside %s", (unsigned long long)in->nar_size, what);
-  }
+  check_complete(in);
   if (failed(in)) {
     napi_throw(env, error_value(env, in));
     return NULL;
