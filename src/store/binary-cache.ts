@@ -65,7 +65,7 @@ export class BinaryCache {
     if (url.protocol !== this.base.protocol || url.host !== this.base.host) {
       throw new UpstreamError(`${this.url}: a narinfo's URL ${JSON.stringify(narUrl)} points outside the cache`);
     }
-    const body = this.base.protocol === 'file:' ? fileBody(url) : url.protocol === 'http:' && process.env.NIXCAS_PLAIN_HTTP !== '0' ? this.plainHttpBody(url) : this.httpBody(url);
+    const body = this.base.protocol === 'file:' ? fileBody(url) : url.protocol === 'http:' && !url.username && !url.password && process.env.NIXCAS_PLAIN_HTTP !== '0' ? this.plainHttpBody(url) : this.httpBody(url);
     return { url: url.href, body };
   }
 
@@ -119,7 +119,8 @@ export class BinaryCache {
 
   /**
    * A NAR's body over plain HTTP read into lent slabs (http-body.ts); through node:http when the
-   * answer is not a plain 200 body. NIXCAS_PLAIN_HTTP=0 always uses node:http (to measure it).
+   * answer is not a plain 200 body, and for a URL with credentials (node:http sends them).
+   * NIXCAS_PLAIN_HTTP=0 always uses node:http (to measure it).
    */
   private async *plainHttpBody(url: URL): AsyncGenerator<Uint8Array> {
     let started = false;
