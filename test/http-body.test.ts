@@ -112,6 +112,10 @@ test('plain HTTP bodies from a raw server: a byte at a time with extensions and 
         case '/too-much':
           socket.write(Buffer.concat([Buffer.from(lengthHead), payload, Buffer.from('HTTP/1.1 200 OK\r\n')]));
           return;
+        case '/short-too-much':
+          // On a kept connection the first read lands in the connection's scratch buffer and is copied.
+          socket.write(Buffer.from('HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloHTTP/1.1 200 OK\r\n'));
+          return;
         case '/stall':
           socket.write(Buffer.concat([Buffer.from(lengthHead), payload.subarray(0, 1000)]));
           return;
@@ -133,6 +137,11 @@ test('plain HTTP bodies from a raw server: a byte at a time with extensions and 
     assert.ok((await body(`${base}/too-much`)).equals(payload));
     assert.ok((await body(`${base}/bytewise`)).equals(payload));
     assert.equal(connections, before + 2, 'a new connection after the one that sent too much (which itself needed a new one: /cut ended the last)');
+    assert.ok((await body(`${base}/bytewise`)).equals(payload));
+    const kept = connections;
+    assert.equal((await body(`${base}/short-too-much`)).toString(), 'hello', 'a short answer with bytes after it, on a kept connection');
+    assert.ok((await body(`${base}/bytewise`)).equals(payload));
+    assert.equal(connections, kept + 1, 'that connection was not used again');
     await assert.rejects(body(`${base}/stall`, 300), PlainHttpTimeout);
   } finally {
     server.close();

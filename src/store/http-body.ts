@@ -86,12 +86,15 @@ class Response {
       this.read(n);
       return;
     }
-    for (let at = 0; at < n && !this.failure; ) {
+    let at = 0;
+    while (at < n && !this.failure && !this.finished) {
       const take = Math.min(n - at, this.slab.bytes.length - this.filled);
       this.slab.bytes.set(buffer.subarray(at, at + take), this.filled);
       at += take;
       this.read(take);
     }
+    // Once complete, the slab is gone: what is left of the read is not copied anywhere.
+    if (at < n && this.finished) this.fail(new Error('the upstream sent more than the response'));
   }
 
   /** `n` more bytes are in the slab at `filled`. */
