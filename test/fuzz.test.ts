@@ -210,7 +210,7 @@ test(`fuzz: the native NAR ingest accepts what the TypeScript reader accepts, wi
   const dir = tempDir('fuzz-native-ingest');
   const blobs = LocalStore.blobService(dir, { create: true });
   const directories = LocalStore.directoryService(dir, { create: true });
-  const target = nativeIngestTarget(blobs, 'none')!;
+  const target = nativeIngestTarget(blobs)!;
   try {
     await fc.assert(
       fc.asyncProperty(bytesAround(narArb), fc.integer({ min: 1, max: 64 }), fc.integer({ min: 1, max: 200 }), async (nar, piece, batchBytes) => {

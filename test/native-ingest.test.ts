@@ -23,7 +23,7 @@ const addon = narIngestAddon();
 function openStore(dir: string) {
   const blobs = LocalStore.blobService(dir, { create: true });
   const directories = LocalStore.directoryService(dir, { create: true });
-  const target = nativeIngestTarget(blobs, 'zstd');
+  const target = nativeIngestTarget(blobs);
   assert.ok(target, 'the local blob service takes files from the native ingest');
   return { blobs: target as FileAdoptingBlobService, directories, close: async () => { await blobs.close(); await directories.close(); } };
 }

@@ -234,8 +234,11 @@ export class Substituter {
     const checksFile = narInfo.fileSha256 !== undefined && compression !== 'none';
     const file = limited(body, compression === 'none' ? narInfo.narSize : narInfo.fileSize, `${url} is longer than its narinfo's ${compression === 'none' ? 'NarSize' : 'FileSize'}`);
     let fileBytes = 0;
-    const native = nativeIngestTarget(this.local.blobs, compression);
-    const fileHash = checksFile && !native ? createHash('sha256') : undefined;
+    // Into the local store the native ingest parses the NAR, and decodes zstd itself; other
+    // compressions are decoded as before and the decoded bytes handed to it.
+    const native = nativeIngestTarget(this.local.blobs);
+    const nativeDecodes = native !== undefined && (compression === 'zstd' || compression === 'none');
+    const fileHash = checksFile && !nativeDecodes ? createHash('sha256') : undefined;
     const counted = tap(file, (chunk) => {
       fileBytes += chunk.length;
       fileHash?.update(chunk);
@@ -244,14 +247,16 @@ export class Substituter {
     const tooLarge = `${url} decompresses to more than its narinfo's NarSize`;
     let ingested: { root: Node; narSize: number; narSha256: Buffer; fileSha256?: Buffer };
     if (native) {
-      ingested = await ingestNarNatively(counted, {
-        compression: compression as 'zstd' | 'none',
-        hashFile: checksFile,
+      const input = compression === 'zstd' || compression === 'none' ? counted : decompress(counted, compression, () => undefined);
+      ingested = await ingestNarNatively(input, {
+        compression: compression === 'zstd' ? 'zstd' : 'none',
+        hashFile: checksFile && nativeDecodes,
         narSizeMax: narInfo.narSize,
         tooLarge: () => new SubstitutionError(tooLarge),
         blobs: native,
         directories: this.local.directories,
       });
+      if (!nativeDecodes) ingested.fileSha256 = fileHash?.digest();
     } else {
       const nar = compression === 'none' ? counted : decompress(counted, compression, () => undefined);
       ingested = await ingestNar(limited(nar, narInfo.narSize, tooLarge), this.local);

@@ -39,9 +39,8 @@ function adoptsFiles(blobs: BlobService): blobs is FileAdoptingBlobService {
   return typeof candidate.tempFilePrefix === 'function' && typeof candidate.adoptTempFile === 'function' && typeof candidate.putHashed === 'function';
 }
 
-/** The blob service, when the native ingest can write into it with this compression. */
-export function nativeIngestTarget(blobs: BlobService, compression: string): FileAdoptingBlobService | undefined {
-  if (compression !== 'zstd' && compression !== 'none') return undefined;
+/** The blob service, when the native ingest can write into it (the addon is built and it is the local store's). */
+export function nativeIngestTarget(blobs: BlobService): FileAdoptingBlobService | undefined {
   return narIngestAddon() && adoptsFiles(blobs) ? blobs : undefined;
 }
 
