@@ -66,6 +66,12 @@ function pieces(bytes: Buffer, size: number): Buffer[] {
   return Array.from({ length: Math.ceil(bytes.length / size) }, (_, i) => bytes.subarray(i * size, (i + 1) * size));
 }
 
+/** One byte at a time over the first and last `edge` bytes (where the tokens are), `size` bytes at a time between. */
+function bytewiseAtEdges(bytes: Buffer, edge: number, size: number): Buffer[] {
+  if (bytes.length <= 2 * edge) return pieces(bytes, 1);
+  return [...pieces(bytes.subarray(0, edge), 1), ...pieces(bytes.subarray(edge, bytes.length - edge), size), ...pieces(bytes.subarray(bytes.length - edge), 1)];
+}
+
 async function* yielded(chunks: Buffer[]): AsyncGenerator<Buffer> {
   yield* chunks;
 }
@@ -84,11 +90,12 @@ test('native ingest: the same tree as the TypeScript reader, whatever the chunks
     const store = openStore(dir);
     const bytes = richNar();
     const reference = await ingestNar([bytes], store);
-    // Every split of the first 600 bytes (the tokens around the first files) one byte at a time,
-    // and the whole NAR in pieces of several sizes, each fed as its own batch or gathered.
+    // One byte per batch where the tokens are (the first files, the symlink and the nested
+    // directory at the end), and the whole NAR in pieces of several sizes, each its own batch or gathered.
     const splits: [string, Buffer[], number][] = [
-      ['one byte per batch', pieces(bytes, 1), 1],
-      ['7 bytes per batch', pieces(bytes, 7), 1],
+      ['one byte per batch at both ends', bytewiseAtEdges(bytes, 2000, 4099), 1],
+      ['7 bytes per batch at both ends', bytewiseAtEdges(bytes, 20000, 7), 1],
+      ['1000 bytes per batch', pieces(bytes, 1000), 1],
       ['4 KiB chunks, 64 KiB batches', pieces(bytes, 4096), 65536],
       ['whole', [bytes], 1 << 20],
     ];
@@ -159,8 +166,8 @@ test('native ingest: zstd bodies from the zstd program, in one frame or two; cor
     const oneFrame = zstd(bytes);
     const twoFrames = Buffer.concat([zstd(bytes.subarray(0, 70_001)), zstd(bytes.subarray(70_001))]);
     for (const [what, body] of [['one frame', oneFrame], ['two frames', twoFrames]] as const) {
-      for (const size of [1, 1000, 1 << 20]) {
-        const got = await ingestNarNatively(yielded(pieces(body, size)), { compression: 'zstd', hashFile: true, narSizeMax: bytes.length, tooLarge, batchBytes: size, ...store });
+      for (const [size, chunks] of [[1, bytewiseAtEdges(body, 3000, 8191)], [1000, pieces(body, 1000)], [1 << 20, [body]]] as const) {
+        const got = await ingestNarNatively(yielded([...chunks]), { compression: 'zstd', hashFile: true, narSizeMax: bytes.length, tooLarge, batchBytes: size, ...store });
         assert.deepEqual(got.root, reference.root, `${what}, pieces of ${size}`);
         assert.ok(got.narSha256.equals(createHash('sha256').update(bytes).digest()), `${what}: NarHash`);
         assert.ok(got.fileSha256!.equals(createHash('sha256').update(body).digest()), `${what}: FileHash`);
