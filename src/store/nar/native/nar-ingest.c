@@ -295,6 +295,8 @@ static void contents(ingest_t *in, const uint8_t *data, size_t length) {
   }
   nixcas_blake3_update(&in->hasher, data, length);
   write_all(in, data, length);
+  // The disk starts on what was written now, so the fsync at the file's end waits only for the last of it.
+  if (!failed(in)) sync_file_range(in->fd, (off64_t)in->string_have, (off64_t)length, SYNC_FILE_RANGE_WRITE);
 }
 
 static void end_contents(ingest_t *in) {
