@@ -3,11 +3,12 @@
 // naming the store (`nixcas copy` likewise, per path), the daemon answers
 // RESOURCE_EXHAUSTED and the nar-bridge 507 while both keep serving reads,
 // writes work again once there is room, and every path registered before
-// still renders its NAR.
+// still renders its NAR. A substitution whose large files do not fit fails
+// the same way and leaves no temp file.
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { spawnSync } from 'node:child_process';
-import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { getBlob, putBlob } from '../src/castore/blobservice.js';
@@ -74,6 +75,24 @@ for (const kind of ['tmpfs', 'ext4'] as const) {
         assert.match(copied.stderr, /0 copied .* 1 failed/);
       } finally {
         spawnSync('nix-store', ['--delete', added], { stdio: 'ignore' });
+      }
+
+      // Substituted from a binary cache Nix wrote: large files (written by the native ingest) that do not fit.
+      const large = join(work, 'large');
+      mkdirSync(large);
+      for (let i = 0; i < 3; i++) writeFileSync(join(large, `l${i}`), seededBytes(9 * MB, 2000 + i));
+      const largePath = nix('nix-store', ['--add', large]).toString().trim();
+      try {
+        const cache = join(work, 'cache');
+        nix('nix', ['--extra-experimental-features', 'nix-command', '--option', 'substituters', '', 'copy', '--to', `file://${cache}?compression=zstd`, largePath]);
+        const substituted = nixcas(['copy', '--store', store, '--from', `file://${cache}`, '--no-require-sigs', largePath]);
+        assert.equal(substituted.status, 1, `the substitution fails: ${substituted.stderr}`);
+        assert.doesNotMatch(substituted.stderr, /\n\s+at /, 'without a stack trace');
+        assert.match(substituted.stderr, /No space left on device|is its file system full/, substituted.stderr);
+        assert.deepEqual(readdirSync(join(store, 'tmp')), [], 'no temp file left in the store');
+        assert.notEqual(nixcas(['path-info', '--store', store, largePath]).status, 0, 'nothing registered');
+      } finally {
+        spawnSync('nix-store', ['--delete', largePath], { stdio: 'ignore' });
       }
 
       const socket = join(work, 'd.sock');
