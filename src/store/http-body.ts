@@ -271,6 +271,9 @@ function nextBuffer(connection: Connection): Buffer {
 function connectionTo(url: URL, response: Response): { connection: Connection; reused: boolean } {
   const kept = idle.get(upstreamKey(url))?.pop();
   if (kept) {
+    // Its idle-time listeners go; net's own stay.
+    const forget = kept.forget!;
+    kept.socket.off('close', forget).off('error', forget).off('end', forget);
     kept.forget = undefined;
     kept.response = response;
     kept.socket.ref();
@@ -329,7 +332,6 @@ export async function* plainHttpBody(url: URL, timeoutMs: number): AsyncGenerato
     const response = new Response();
     const { connection, reused } = connectionTo(url, response);
     const socket = (response.socket = connection.socket);
-    socket.removeAllListeners('close').removeAllListeners('error').removeAllListeners('end');
     const onError = (err: Error) => response.fail(err);
     const onEnd = () => response.fail(new Error('the upstream closed the connection inside the response'));
     const onTimeout = () => response.fail(new PlainHttpTimeout(`no answer within ${timeoutMs / 1000} s`));
