@@ -51,10 +51,8 @@ static decoder_t *get_decoder(napi_env env, napi_value value) {
 // holds its window (2 MiB and more) outside V8's view, so without this it stays until a full
 // garbage collection, which a process streaming NARs may not have for dozens of them.
 static napi_value release(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
-  napi_value argv[1];
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  decoder_t *d = argc < 1 ? NULL : get_decoder(env, argv[0]);
+  CHECK_ARGS(1, "release(handle)");
+  decoder_t *d = get_decoder(env, argv[0]);
   if (!d) return NULL;
   ZSTD_freeDStream(d->stream);
   d->stream = NULL;
@@ -67,13 +65,7 @@ static napi_value release(napi_env env, napi_callback_info info) {
 // decoder). Writing into the caller's buffer (a lent slab) saves a copy and an allocation per
 // output step. Throws on corrupt input.
 static napi_value decode_into(napi_env env, napi_callback_info info) {
-  size_t argc = 5;
-  napi_value argv[5];
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  if (argc < 5) {
-    napi_throw_type_error(env, NULL, "nixcas zstd: decodeInto(handle, input, inputOffset, output, outputOffset)");
-    return NULL;
-  }
+  CHECK_ARGS(5, "decodeInto(handle, input, inputOffset, output, outputOffset)");
   decoder_t *d = get_decoder(env, argv[0]);
   if (!d) return NULL;
   void *input, *output;
@@ -112,10 +104,8 @@ static napi_value decode_into(napi_env env, napi_callback_info info) {
 
 // finished(handle) -> whether the input so far ends at the end of a frame.
 static napi_value finished(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
-  napi_value argv[1];
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  decoder_t *d = argc < 1 ? NULL : get_decoder(env, argv[0]);
+  CHECK_ARGS(1, "finished(handle)");
+  decoder_t *d = get_decoder(env, argv[0]);
   if (!d) return NULL;
   napi_value result;
   CHECK(napi_get_boolean(env, d->last == 0, &result));

@@ -247,7 +247,7 @@ export class Substituter {
     const tooLarge = `${url} decompresses to more than its narinfo's NarSize`;
     let ingested: { root: Node; narSize: number; narSha256: Buffer; fileSha256?: Buffer };
     if (native) {
-      const input = compression === 'zstd' || compression === 'none' ? counted : decompress(counted, compression, () => undefined);
+      const input = nativeDecodes ? counted : decompress(counted, compression as Exclude<NarCompression, 'none'>, () => undefined);
       ingested = await ingestNarNatively(input, {
         compression: compression === 'zstd' ? 'zstd' : 'none',
         hashFile: checksFile && nativeDecodes,

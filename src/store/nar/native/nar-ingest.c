@@ -747,13 +747,7 @@ static ingest_t *get_ingest(napi_env env, napi_value value) {
 
 // create(zstd, hashFile, narSizeMax, tempPrefix) -> handle
 static napi_value create(napi_env env, napi_callback_info info) {
-  size_t argc = 4;
-  napi_value argv[4];
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  if (argc < 4) {
-    napi_throw_type_error(env, NULL, "nixcas ingest: create(zstd, hashFile, narSizeMax, tempPrefix)");
-    return NULL;
-  }
+  CHECK_ARGS(4, "create(zstd, hashFile, narSizeMax, tempPrefix)");
   bool zstd, hash_file;
   int64_t nar_size_max;
   size_t prefix_length;
@@ -788,13 +782,7 @@ static napi_value create(napi_env env, napi_callback_info info) {
 
 // feed(handle, chunks: Buffer[]) -> Promise<Buffer>: the events of the batch (nar-ingest.h).
 static napi_value feed(napi_env env, napi_callback_info info) {
-  size_t argc = 2;
-  napi_value argv[2];
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  if (argc < 2) {
-    napi_throw_type_error(env, NULL, "nixcas ingest: feed(handle, chunks)");
-    return NULL;
-  }
+  CHECK_ARGS(2, "feed(handle, chunks)");
   ingest_t *in = get_ingest(env, argv[0]);
   if (!in) return NULL;
   if (failed(in)) {
@@ -854,10 +842,8 @@ static napi_value digest_value(napi_env env, EVP_MD_CTX *context) {
 
 // finish(handle) -> { narSize, narSha256, fileSize, fileSha256? }; throws if the NAR or the zstd frame is incomplete.
 static napi_value finish(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
-  napi_value argv[1];
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  ingest_t *in = argc < 1 ? NULL : get_ingest(env, argv[0]);
+  CHECK_ARGS(1, "finish(handle)");
+  ingest_t *in = get_ingest(env, argv[0]);
   if (!in) return NULL;
   check_complete(in);
   if (failed(in)) {
@@ -883,10 +869,8 @@ static napi_value finish(napi_env env, napi_callback_info info) {
 
 // release(handle): frees the ingest's memory now and removes a large file's unfinished temp file.
 static napi_value release(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
-  napi_value argv[1];
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  ingest_t *in = argc < 1 ? NULL : get_ingest(env, argv[0]);
+  CHECK_ARGS(1, "release(handle)");
+  ingest_t *in = get_ingest(env, argv[0]);
   if (in) release_memory(in);
   return NULL;
 }
